@@ -1,0 +1,301 @@
+"""The apply engine: put one release on this machine without ever leaving it broken.
+
+pre hooks → fetch + verify + extract (one streaming pass, into a hidden staging directory)
+→ activate (symlink swap, or stretcher's rsync / mv) → post hooks → success hooks → prune.
+A failure before activation changes nothing; a post-hook failure re-activates the previous
+release (symlink strategy) and runs the failure hooks, which get the deploy log on stdin.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deployer.errors import ArtifactError, DeployerError, HookFailed
+from deployer.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
+from deployer.fetch import open_source
+from deployer.fsutil import fsync_dir, swap_symlink
+from deployer.hooks import run_hooks, tail_of
+from deployer.manifest import Manifest, SyncStrategy
+from deployer.prune import releases_to_prune
+from deployer.retry import DEFAULT_POLICY, RetryPolicy
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+STAGING_PREFIX = ".incoming-"
+RELEASES_DIR = "releases"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    release_id: str
+    release_dir: Path | None
+    previous_dir: Path | None
+    reused: bool
+    output_tail: str
+
+
+@dataclass
+class DeployLog:
+    """What happened during one apply, fed to success/failure hooks on stdin (as stretcher does)."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class ApplyFailed(DeployerError):
+    """Raised when an apply failed; carries whether the machine was rolled back and the output tail."""
+
+    def __init__(self, message: str, *, permanent: bool, output_tail: str = "") -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.output_tail = output_tail
+
+
+class Applier:
+    def __init__(
+        self,
+        *,
+        s3: S3Client,
+        root_dir: Path = Path("/"),
+        hook_timeout: float = 600.0,
+        limits: ExtractLimits = DEFAULT_LIMITS,
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.s3 = s3
+        self.root_dir = root_dir
+        self.hook_timeout = hook_timeout
+        self.limits = limits
+        self.policy = policy
+
+    def resolve(self, path: str) -> Path:
+        """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
+        return self.root_dir / path.lstrip("/")
+
+    def apply(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
+        deploy_log = DeployLog()
+        try:
+            return self._apply(manifest, release_id, dict(env), deploy_log)
+        except ApplyFailed:
+            raise
+        except DeployerError as exc:
+            # Failed before anything was activated: run failure hooks, leave the machine as it was.
+            deploy_log.add(f"error: {exc}")
+            tail = getattr(exc, "output_tail", "")
+            self._failure_hooks(manifest, env, deploy_log)
+            raise ApplyFailed(str(exc), permanent=isinstance(exc, ArtifactError), output_tail=tail) from exc
+
+    def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
+        if manifest.src is None:
+            # stretcher allows a src-less manifest: it only runs the commands.
+            cwd = self.root_dir
+            env.setdefault("DEPLOYER_RELEASE_DIR", "")
+            env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
+            output = self._hooks(manifest, "pre", env, cwd, deploy_log)
+            output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
+            return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
+        if manifest.sync_strategy is SyncStrategy.SYMLINK:
+            return self._apply_symlink(manifest, release_id, env, deploy_log)
+        return self._apply_in_place(manifest, release_id, env, deploy_log)
+
+    # -- symlink strategy -------------------------------------------------------------------
+
+    def _apply_symlink(
+        self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
+    ) -> ApplyResult:
+        assert manifest.dest is not None
+        link = self.resolve(manifest.dest)
+        releases = link.parent / RELEASES_DIR
+        release_dir = releases / release_id
+        if link.exists() and not link.is_symlink():
+            raise DeployerError(
+                f"dest {manifest.dest} exists and is not a symlink; sync_strategy symlink will not replace it"
+            )
+        previous = _link_target(link)
+        env.update(DEPLOYER_RELEASE_DIR=str(release_dir), DEPLOYER_PREVIOUS_RELEASE_DIR=str(previous or ""))
+        releases.mkdir(parents=True, exist_ok=True)
+
+        output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
+        reused = release_dir.is_dir()
+        if reused:
+            deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
+            log.info("release_reused", release_dir=str(release_dir))
+        else:
+            self._stage(manifest, releases, release_dir, deploy_log)
+
+        swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
+        deploy_log.add(f"activated {release_dir}")
+        log.info("release_activated", release_dir=str(release_dir), previous_dir=str(previous or ""))
+
+        def rollback() -> None:
+            if previous is not None and previous != release_dir:
+                swap_symlink(link, f"{RELEASES_DIR}/{previous.name}")
+                deploy_log.add(f"rolled back to {previous}")
+                log.warning("release_rolled_back", release_dir=str(previous))
+            elif previous is None:
+                link.unlink(missing_ok=True)
+                deploy_log.add("rolled back: no previous release, current removed")
+
+        output += self._post_and_success(manifest, env, release_dir, deploy_log, rollback=rollback)
+        self._prune(
+            releases, active=release_id, previous=previous.name if previous else None, keep=manifest.keep_releases
+        )
+        return ApplyResult(release_id, release_dir, previous, reused=reused, output_tail=tail_of(output))
+
+    # -- stretcher's rsync / mv strategies ----------------------------------------------------
+
+    def _apply_in_place(
+        self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
+    ) -> ApplyResult:
+        assert manifest.dest is not None
+        dest = self.resolve(manifest.dest)
+        env.update(DEPLOYER_RELEASE_DIR=str(dest), DEPLOYER_PREVIOUS_RELEASE_DIR="")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
+        staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
+        self._stage(manifest, dest.parent, staged, deploy_log)
+        try:
+            if manifest.sync_strategy is SyncStrategy.RSYNC:
+                self._rsync(manifest, staged, dest)
+            else:
+                if dest.exists():
+                    raise DeployerError(f"sync_strategy mv needs dest {manifest.dest} not to exist (as in stretcher)")
+                os.replace(staged, dest)
+                fsync_dir(dest.parent)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        deploy_log.add(f"synced {release_id} into {dest} ({manifest.sync_strategy.value})")
+        output += self._post_and_success(manifest, env, dest, deploy_log, rollback=None)
+        return ApplyResult(release_id, dest, None, reused=False, output_tail=tail_of(output))
+
+    def _rsync(self, manifest: Manifest, staged: Path, dest: Path) -> None:
+        command = ["rsync", "-a", "--delete"]
+        command += [f"--exclude={pattern}" for pattern in manifest.excludes]
+        if manifest.exclude_from:
+            command.append(f"--exclude-from={manifest.exclude_from}")
+        command += [f"{staged}/", f"{dest}/"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise DeployerError("sync_strategy rsync needs the rsync command, which is not installed") from None
+        if result.returncode != 0:
+            raise DeployerError(f"rsync exited {result.returncode}: {result.stderr.strip()[-500:]}")
+
+    # -- shared steps ---------------------------------------------------------------------------
+
+    def _stage(self, manifest: Manifest, parent: Path, final: Path, deploy_log: DeployLog) -> None:
+        """Download, verify and extract into a hidden directory, then rename it to `final`."""
+        assert manifest.src is not None
+        assert manifest.checksum is not None
+        _remove_stale_staging(parent)
+        staging = parent / f"{STAGING_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            with open_source(manifest.src, self.s3, self.policy) as stream:
+                stats = extract_verified(
+                    stream,
+                    staging,
+                    hasher=manifest.new_hasher(),
+                    expected_digest=manifest.checksum,
+                    limits=self.limits,
+                    excludes=manifest.excludes if manifest.sync_strategy is SyncStrategy.SYMLINK else (),
+                )
+            if manifest.dest_mode is not None:
+                staging.chmod(manifest.dest_mode)
+            # The release must be durable before anything points at it: a power cut after the
+            # symlink swap must not find empty files.
+            os.sync()
+            os.replace(staging, final)
+            fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
+        log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
+
+    def _post_and_success(
+        self, manifest: Manifest, env: Mapping[str, str], cwd: Path, deploy_log: DeployLog, rollback: object
+    ) -> str:
+        try:
+            output = self._hooks(manifest, "post", env, cwd, deploy_log)
+        except HookFailed as exc:
+            if callable(rollback):
+                rollback()
+            deploy_log.add(f"error: {exc}")
+            self._failure_hooks(manifest, env, deploy_log)
+            raise ApplyFailed(str(exc), permanent=False, output_tail=exc.output_tail) from exc
+        try:
+            output += self._hooks(manifest, "success", env, cwd, deploy_log, stdin_text=deploy_log.text())
+        except HookFailed as exc:
+            # The release is live and healthy by its own post hooks; a failing notifier must not undo it.
+            log.warning("success_hook_failed", error=str(exc), next="the release stays active")
+        return output
+
+    def _failure_hooks(self, manifest: Manifest, env: Mapping[str, str], deploy_log: DeployLog) -> None:
+        try:
+            self._hooks(manifest, "failure", env, self.root_dir, deploy_log, stdin_text=deploy_log.text())
+        except HookFailed as exc:
+            log.warning("failure_hook_failed", error=str(exc))
+
+    def _hooks(
+        self,
+        manifest: Manifest,
+        phase: str,
+        env: Mapping[str, str],
+        cwd: Path,
+        deploy_log: DeployLog,
+        stdin_text: str | None = None,
+    ) -> str:
+        hooks = getattr(manifest.commands, phase)
+        if not hooks:
+            return ""
+        output = run_hooks(
+            hooks,
+            phase=phase,
+            env={**manifest.env, **env},
+            cwd=cwd if cwd.is_dir() else self.root_dir,
+            default_timeout=manifest.hook_timeout or self.hook_timeout,
+            stdin_text=stdin_text,
+        )
+        deploy_log.add(f"{phase} hooks ok")
+        if output:
+            deploy_log.add(output.rstrip("\n"))
+        return output
+
+    def _prune(self, releases: Path, *, active: str, previous: str | None, keep: int) -> None:
+        entries = [
+            (p.name, p.lstat().st_mtime) for p in releases.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ]
+        for name in releases_to_prune(entries, active=active, previous=previous, keep=keep):
+            shutil.rmtree(releases / name, ignore_errors=True)
+            log.info("release_pruned", release=name)
+
+
+def _link_target(link: Path) -> Path | None:
+    if not link.is_symlink():
+        return None
+    return (link.parent / os.readlink(link)).resolve()
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    # Leftovers of an apply killed mid-extraction; safe to remove because we hold the apply lock.
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Agent configuration: parsed once from YAML into a frozen dataclass, checked when built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployer.errors import ConfigError, InvalidMessage
+from deployer.limits import MAX_QUEUE_NAME_LENGTH, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS
+from deployer.protocol import Channel, check_name
+
+DEFAULT_METADATA_ENDPOINT = "http://169.254.169.254"
+_QUEUE_PART = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+DLQ_SUFFIX = "-dlq"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    stage: str
+    role: str
+    components: tuple[str, ...]
+    bucket: str
+    topic_arn: str
+    prefix: str = "deployer"
+    queue_prefix: str = "deployer"
+    region: str | None = None
+    endpoint_url: str | None = None
+    instance_id: str | None = None
+    metadata_endpoint: str = DEFAULT_METADATA_ENDPOINT
+    state_dir: Path = Path("/var/lib/deployer")
+    root_dir: Path = Path("/")
+    poll_wait_seconds: int = MAX_WAIT_TIME_SECONDS
+    visibility_timeout_seconds: int = 600
+    max_receive_count: int = 5
+    reconcile_interval_seconds: float = 300.0
+    heartbeat_interval_seconds: float = 900.0
+    hook_timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("stage", self.stage)
+            check_name("role", self.role)
+            for component in self.components:
+                check_name("component", component)
+        except InvalidMessage as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.components:
+            raise ConfigError("components must list at least one component (in boot order)")
+        if len(set(self.components)) != len(self.components):
+            raise ConfigError(f"components lists a component twice: {list(self.components)}")
+        if not _BUCKET.match(self.bucket):
+            raise ConfigError(f"bucket {self.bucket!r} is not a valid S3 bucket name")
+        if not _TOPIC_ARN.match(self.topic_arn):
+            raise ConfigError(f"topic_arn {self.topic_arn!r} is not an SNS topic ARN")
+        if not _QUEUE_PART.match(self.queue_prefix):
+            raise ConfigError(f"queue_prefix {self.queue_prefix!r} may hold only letters, digits, '-' and '_'")
+        if not 0 <= self.poll_wait_seconds <= MAX_WAIT_TIME_SECONDS:
+            raise ConfigError(
+                f"poll_wait_seconds {self.poll_wait_seconds} must be 0..{MAX_WAIT_TIME_SECONDS} (SQS limit)"
+            )
+        if not 30 <= self.visibility_timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
+            raise ConfigError(
+                f"visibility_timeout_seconds {self.visibility_timeout_seconds} must be 30..{MAX_VISIBILITY_TIMEOUT_SECONDS}"
+            )
+        if not 1 <= self.max_receive_count <= 1000:
+            raise ConfigError(f"max_receive_count {self.max_receive_count} must be 1..1000 (SQS redrive limit)")
+        for name in ("reconcile_interval_seconds", "heartbeat_interval_seconds", "hook_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
+            raise ConfigError("state_dir and root_dir must be absolute paths")
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        return tuple(Channel(self.stage, self.role, c) for c in self.components)
+
+    def queue_name(self, instance_id: str) -> str:
+        name = f"{self.queue_prefix}-{self.stage}-{self.role}-{instance_id}"
+        if not _QUEUE_PART.match(name) or len(name) + len(DLQ_SUFFIX) > MAX_QUEUE_NAME_LENGTH:
+            raise ConfigError(
+                f"queue name {name!r} (+{DLQ_SUFFIX!r}) must be at most {MAX_QUEUE_NAME_LENGTH} letters, digits, '-' or '_'"
+            )
+        return name
+
+    def with_instance_id(self, instance_id: str) -> AgentConfig:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["instance_id"] = instance_id
+        return AgentConfig(**values)
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return config_from_dict(doc, source=str(path))
+
+
+def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig:
+    known = {f.name: f for f in fields(AgentConfig)}
+    unknown = sorted(str(k) for k in set(doc) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s): {', '.join(unknown)}")
+    missing = [name for name in ("stage", "role", "components", "bucket", "topic_arn") if name not in doc]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+    values: dict[str, Any] = {}
+    for name, value in doc.items():
+        values[name] = _coerce(name, value, source)
+    return AgentConfig(**values)
+
+
+_INT_KEYS = {"poll_wait_seconds", "visibility_timeout_seconds", "max_receive_count"}
+_FLOAT_KEYS = {"reconcile_interval_seconds", "heartbeat_interval_seconds", "hook_timeout_seconds"}
+_PATH_KEYS = {"state_dir", "root_dir"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "components":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: components must be a list of names, got {value!r}")
+        return tuple(value)
+    if name in _INT_KEYS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        return value
+    if name in _FLOAT_KEYS:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be a number of seconds, got {value!r}")
+        return float(value)
+    if name in _PATH_KEYS:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {name} must be a path, got {value!r}")
+        return Path(value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+    return value

@@ -1,0 +1,88 @@
+"""Open a manifest `src` (s3://, https://, http://, file://) as a byte stream, and fetch small documents."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlparse
+
+from botocore.exceptions import ClientError
+
+from deployer.errors import FetchError
+from deployer.retry import DEFAULT_POLICY, RetryPolicy, TransientFetchError, is_transient
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+#: Per-read socket timeout for HTTP downloads; a stalled server fails instead of hanging the agent.
+HTTP_TIMEOUT_SECONDS = 30.0
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@contextlib.contextmanager
+def open_source(url: str, s3: S3Client, policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[Readable]:
+    """Yield a stream of the object at `url`. Opening is retried; a failure mid-stream is the caller's."""
+    parsed = urlparse(url)
+    stream: Readable
+    if parsed.scheme == "s3":
+        key = unquote(parsed.path.lstrip("/"))
+        stream = policy.call(_open_s3, s3, parsed.netloc, key)
+    elif parsed.scheme in ("http", "https"):
+        stream = policy.call(_open_http, url)
+    elif parsed.scheme == "file":
+        try:
+            stream = open(unquote(parsed.path), "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise FetchError(f"cannot open {url}: {exc.strerror}") from None
+    else:
+        raise FetchError(f"unsupported source scheme in {url!r}")
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def read_source(url: str, s3: S3Client, limit: int, policy: RetryPolicy = DEFAULT_POLICY) -> bytes:
+    """Fetch a whole small document (a manifest), refusing anything over `limit` bytes."""
+
+    def attempt() -> bytes:
+        with open_source(url, s3, policy) as stream:
+            data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise FetchError(f"{url} is larger than the {limit}-byte limit")
+        return data
+
+    return policy.call(attempt)
+
+
+def _open_s3(s3: S3Client, bucket: str, key: str) -> IO[bytes]:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        if is_transient(exc):
+            raise
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise FetchError(f"cannot get s3://{bucket}/{key}: {code}") from None
+    return body  # type: ignore[return-value]
+
+
+def _open_http(url: str) -> IO[bytes]:
+    try:
+        response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as exc:
+        # stretcher treated any response as the artifact; a non-2xx body is never one.
+        if exc.code == 429 or exc.code >= 500:
+            raise TransientFetchError(f"GET {url} answered HTTP {exc.code}") from None
+        raise FetchError(f"GET {url} answered HTTP {exc.code}") from None
+    if not 200 <= response.status < 300:
+        response.close()
+        raise FetchError(f"GET {url} answered HTTP {response.status}")
+    return response  # type: ignore[no-any-return]

@@ -1,0 +1,90 @@
+"""Run manifest hooks: `sh -c` each command in order, the first failure stops the list.
+
+Each hook runs in its own session so a timeout kills its whole process group (stretcher had
+no timeouts, and a hung hook wedged the node forever).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import structlog
+
+from deployer.errors import HookFailed
+from deployer.manifest import Hook
+
+#: How much hook output we keep for logs and status reports.
+OUTPUT_TAIL_BYTES = 4096
+#: After SIGTERM on timeout, how long the process group gets before SIGKILL.
+KILL_GRACE_SECONDS = 5.0
+
+log = structlog.get_logger(__name__)
+
+
+def run_hooks(
+    hooks: Sequence[Hook],
+    *,
+    phase: str,
+    env: Mapping[str, str],
+    cwd: Path,
+    default_timeout: float,
+    stdin_text: str | None = None,
+) -> str:
+    """Run hooks in order; return their combined output tail; raise HookFailed on the first failure."""
+    outputs: list[str] = []
+    for index, hook in enumerate(hooks):
+        timeout = hook.timeout or default_timeout
+        hook_env = {**os.environ, **env, **hook.env}
+        log.info("hook_started", phase=phase, index=index, command=hook.run, timeout_s=timeout)
+        code, output = _run_one(hook.run, hook_env, cwd, timeout, stdin_text)
+        outputs.append(output)
+        tail = tail_of("".join(outputs))
+        if code is None:
+            log.error("hook_timed_out", phase=phase, index=index, command=hook.run, timeout_s=timeout, output_tail=tail)
+            raise HookFailed(f"{phase} hook #{index} timed out after {timeout:g}s: {hook.run}", tail)
+        if code != 0:
+            log.error("hook_failed", phase=phase, index=index, command=hook.run, exit_code=code, output_tail=tail)
+            raise HookFailed(f"{phase} hook #{index} exited {code}: {hook.run}", tail)
+        log.info("hook_succeeded", phase=phase, index=index, command=hook.run)
+    return tail_of("".join(outputs))
+
+
+def tail_of(text: str, limit: int = OUTPUT_TAIL_BYTES) -> str:
+    return text[-limit:]
+
+
+def _run_one(
+    command: str, env: Mapping[str, str], cwd: Path, timeout: float, stdin_text: str | None
+) -> tuple[int | None, str]:
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(stdin_text.encode() if stdin_text is not None else None, timeout=timeout)
+        return proc.returncode, out.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        out = _kill_group(proc)
+        return None, out.decode(errors="replace")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> bytes:
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            out, _ = proc.communicate(timeout=wait)
+            return out or b""
+        except subprocess.TimeoutExpired:
+            continue
+    return b""

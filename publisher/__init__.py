@@ -1,0 +1,1 @@
+"""The CI side: create the bucket and topic, and publish releases."""

@@ -1,0 +1,262 @@
+"""`deployer publish`: immutable release → history → pointer → SNS, in that order (DESIGN.md invariant 2).
+
+The seq claim is lock-free. `history/<seq>.json` is written with If-None-Match: *, so exactly
+one publisher claims each seq; the pointer is then moved with If-Match on the etag it was read
+with. A publisher that finds seq N claimed but the pointer still behind (its claimant is slow
+or died) completes the pointer move for the claimant, then tries N+1. So two CI jobs racing
+never share a seq, never lose an update, and a crashed publisher never wedges the channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+from botocore.exceptions import ClientError
+
+from deployer.errors import AwsError, ConfigError, PublishError, ReleaseConflict
+from deployer.layout import Layout
+from deployer.limits import MAX_SNS_MESSAGE_BYTES
+from deployer.manifest import Manifest
+from deployer.pointers import PreconditionFailed, error_code, get_document, put_conditional, read_pointer
+from deployer.protocol import RELEASE_ID_PATTERN, Channel, Deploy, new_deploy_id, parse_deploy, utc_now_iso
+from deployer.retry import DEFAULT_POLICY, RetryPolicy
+from publisher.pack import sha256_file
+
+if TYPE_CHECKING:
+    from deployer.aws import Clients
+
+log = structlog.get_logger(__name__)
+
+#: Bound on seq-claim rounds; each lost round means another publisher made progress.
+MAX_CLAIM_ROUNDS = 100
+#: CI variables copied into the deploy's `origin`, so `history` can say who published.
+ORIGIN_ENV = (
+    "GITHUB_REPOSITORY",
+    "GITHUB_RUN_ID",
+    "GITHUB_SHA",
+    "GITHUB_ACTOR",
+    "CI_PROJECT_PATH",
+    "CI_PIPELINE_ID",
+    "CI_COMMIT_SHA",
+    "GITLAB_USER_LOGIN",
+    "BUILD_URL",
+)
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    deploy: Deploy
+    release_reused: bool
+    sns_message_id: str | None
+    sns_error: str | None
+
+
+def default_release_id(artifact_sha256: str, env: Mapping[str, str] = os.environ, now: datetime | None = None) -> str:
+    """`<UTC time>-<commit>`, the commit from CI variables, else the artifact's own hash."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    commit = next((env[k] for k in ("GITHUB_SHA", "CI_COMMIT_SHA") if _SHA.match(env.get(k, ""))), artifact_sha256)
+    return f"{stamp}-{commit[:7]}"
+
+
+def ci_origin(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    origin = {k.lower(): env[k][:256] for k in ORIGIN_ENV if env.get(k)}
+    origin["host"] = socket.gethostname()[:256]
+    with contextlib.suppress(KeyError, OSError):  # no passwd entry in some containers
+        origin["user"] = getpass.getuser()[:256]
+    return origin
+
+
+class Publisher:
+    def __init__(
+        self, clients: Clients, bucket: str, topic_arn: str, layout: Layout, policy: RetryPolicy = DEFAULT_POLICY
+    ):
+        self.clients = clients
+        self.bucket = bucket
+        self.topic_arn = topic_arn
+        self.layout = layout
+        self.policy = policy
+
+    def check_resources(self) -> None:
+        """One clear error for a missing bucket or topic, before anything is uploaded."""
+        try:
+            self.policy.call(self.clients.s3.head_bucket, Bucket=self.bucket)
+        except ClientError as exc:
+            raise ConfigError(
+                f"bucket {self.bucket!r} does not exist or is not accessible ({error_code(exc)}); run `deployer init`"
+            ) from None
+        try:
+            self.policy.call(self.clients.sns.get_topic_attributes, TopicArn=self.topic_arn)
+        except ClientError as exc:
+            raise ConfigError(
+                f"topic {self.topic_arn!r} does not exist or is not accessible ({error_code(exc)}); run `deployer init`"
+            ) from None
+
+    def publish(
+        self,
+        channel: Channel,
+        artifact: Path,
+        *,
+        template: Manifest,
+        release_id: str | None = None,
+        origin: Mapping[str, str] | None = None,
+    ) -> PublishResult:
+        self.check_resources()
+        checksum = sha256_file(artifact)
+        release_id = release_id or default_release_id(checksum)
+        if not RELEASE_ID_PATTERN.match(release_id):
+            raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
+        artifact_key = self.layout.artifact_key(channel.component, release_id)
+        manifest = replace(
+            template,
+            src=f"s3://{self.bucket}/{artifact_key}",
+            checksum=checksum,
+            dest=template.dest or f"/opt/{channel.component}/current",
+        )
+        manifest_body = manifest.to_yaml().encode()
+        manifest_key = self.layout.manifest_key(channel.component, release_id)
+
+        # 1. The release: immutable objects, artifact before the manifest that names it.
+        artifact_new = self._put_immutable(artifact_key, artifact.read_bytes, checksum, "application/gzip")
+        manifest_new = self._put_immutable(
+            manifest_key, lambda: manifest_body, hashlib.sha256(manifest_body).hexdigest(), "application/yaml"
+        )
+        template_deploy = Deploy(
+            deploy_id=new_deploy_id(),
+            stage=channel.stage,
+            role=channel.role,
+            component=channel.component,
+            seq=1,
+            release_id=release_id,
+            manifest_key=manifest_key,
+            manifest_sha256=hashlib.sha256(manifest_body).hexdigest(),
+            published_at=utc_now_iso(),
+            origin=dict(origin or {}),
+        )
+        if len(template_deploy.to_json()) + 32 > MAX_SNS_MESSAGE_BYTES:
+            raise PublishError("deploy message would exceed the SNS 256 KiB limit; shorten origin")
+        # 2 + 3. History (the seq claim), then the pointer.
+        deploy = self._claim_and_point(template_deploy)
+        # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
+        message_id, sns_error = self._notify(deploy)
+        return PublishResult(
+            deploy, release_reused=not (artifact_new or manifest_new), sns_message_id=message_id, sns_error=sns_error
+        )
+
+    def _put_immutable(self, key: str, body: object, sha256: str, content_type: str) -> bool:
+        """Create `key` once. Re-publishing identical content is a no-op; different content is refused."""
+        data = body() if callable(body) else body
+        try:
+            self.policy.call(
+                self.clients.s3.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                Metadata={"sha256": sha256},
+                IfNoneMatch="*",
+            )
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status not in (409, 412):
+                raise AwsError(f"cannot upload s3://{self.bucket}/{key}: {error_code(exc) or exc}") from None
+        existing = self.policy.call(self.clients.s3.head_object, Bucket=self.bucket, Key=key)
+        if existing.get("Metadata", {}).get("sha256") != sha256:
+            raise ReleaseConflict(
+                f"s3://{self.bucket}/{key} already exists with different content; releases are immutable, use a new release id"
+            )
+        log.info("release_object_exists", key=key, next="reusing the identical object")
+        return False
+
+    def _claim_and_point(self, template: Deploy) -> Deploy:
+        channel = template.channel
+        for _ in range(MAX_CLAIM_ROUNDS):
+            pointer = read_pointer(self.clients.s3, self.bucket, self.layout, channel, self.policy)
+            seq = pointer.deploy.seq + 1 if pointer else 1
+            deploy = replace(template, seq=seq)
+            history_key = self.layout.history_key(channel, seq)
+            try:
+                put_conditional(
+                    self.clients.s3, self.bucket, history_key, deploy.to_json().encode(), policy=self.policy
+                )
+            except PreconditionFailed:
+                claimed = self._history(channel, seq)
+                if claimed is None or claimed.deploy_id != deploy.deploy_id:
+                    # Another publisher owns seq; make sure its pointer move happens, then go on to seq+1.
+                    if claimed is not None:
+                        self._help(claimed, pointer.etag if pointer else None)
+                    log.info("seq_taken", seq=seq, next="re-reading the pointer and trying the next seq")
+                    continue
+                # Our own earlier attempt whose response was lost: the claim is ours.
+            if self._move_pointer(deploy, pointer.etag if pointer else None):
+                log.info("pointer_moved", channel=str(channel), seq=seq, deploy_id=deploy.deploy_id)
+                return deploy
+        raise PublishError(f"could not claim a seq on {channel} after {MAX_CLAIM_ROUNDS} rounds of contention")
+
+    def _move_pointer(self, deploy: Deploy, etag: str | None) -> bool:
+        """Point at our claimed seq. On a lost race, success if someone moved it there for us."""
+        while True:
+            try:
+                put_conditional(
+                    self.clients.s3,
+                    self.bucket,
+                    self.layout.pointer_key(deploy.channel),
+                    deploy.to_json().encode(),
+                    if_match=etag,
+                    policy=self.policy,
+                )
+                return True
+            except PreconditionFailed:
+                current = read_pointer(self.clients.s3, self.bucket, self.layout, deploy.channel, self.policy)
+                if current is not None and current.deploy.seq >= deploy.seq:
+                    # Only history/<seq> content is ever written to the pointer, and history/<seq> is ours.
+                    return True
+                etag = current.etag if current else None
+
+    def _help(self, claimed: Deploy, etag: str | None) -> None:
+        try:
+            put_conditional(
+                self.clients.s3,
+                self.bucket,
+                self.layout.pointer_key(claimed.channel),
+                claimed.to_json().encode(),
+                if_match=etag,
+                policy=self.policy,
+            )
+            log.info("pointer_completed_for_other_publisher", seq=claimed.seq, deploy_id=claimed.deploy_id)
+        except PreconditionFailed:
+            pass  # someone (probably the claimant) already moved it
+
+    def _history(self, channel: Channel, seq: int) -> Deploy | None:
+        found = get_document(self.clients.s3, self.bucket, self.layout.history_key(channel, seq), self.policy)
+        return parse_deploy(found[0]) if found else None
+
+    def _notify(self, deploy: Deploy) -> tuple[str | None, str | None]:
+        try:
+            response = self.policy.call(
+                self.clients.sns.publish,
+                TopicArn=self.topic_arn,
+                Message=deploy.to_json(),
+                MessageAttributes={
+                    name: {"DataType": "String", "StringValue": getattr(deploy, name)}
+                    for name in ("stage", "role", "component")
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - reported to the caller; the pointer already moved
+            log.error(
+                "sns_publish_failed", error=str(exc), seq=deploy.seq, next="agents converge at their next reconcile"
+            )
+            return None, f"{type(exc).__name__}: {exc}"
+        return response["MessageId"], None
