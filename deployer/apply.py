@@ -91,7 +91,7 @@ class Applier:
     def apply(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
         deploy_log = DeployLog()
         try:
-            return self._apply(manifest, release_id, dict(env), deploy_log)
+            return self._apply(manifest, release_id, {**env, "DEPLOYER_RELEASE_ID": release_id}, deploy_log)
         except ApplyFailed:
             raise
         except DeployerError as exc:

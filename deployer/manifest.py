@@ -138,6 +138,8 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
         scheme = urlparse(src).scheme
         if scheme not in SRC_SCHEMES:
             raise ManifestError(f"src {src!r}: scheme {scheme!r} is not one of {', '.join(SRC_SCHEMES)}")
+    if isinstance(doc.get("checksum"), int | float):
+        raise ManifestError("checksum was read as a number (all digits?); quote it in the YAML so no digit is lost")
     checksum = _optional_str(doc, "checksum")
     if checksum is not None:
         if not _HEX.match(checksum) or len(checksum) not in CHECKSUM_ALGORITHMS:

@@ -1,0 +1,175 @@
+"""The apply engine on local file:// artifacts: activation, rollback and failure paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deployer.apply import Applier, ApplyFailed
+from deployer.manifest import Commands, Hook, Manifest, SyncStrategy
+from tests.archives import write_release
+
+ENV = {"DEPLOYER_SEQ": "1"}
+
+
+def manifest_for(artifact: Path, checksum: str, **kwargs: object) -> Manifest:
+    values: dict[str, object] = {
+        "src": artifact.as_uri(),
+        "checksum": checksum,
+        "dest": "/opt/app/current",
+        "sync_strategy": SyncStrategy.SYMLINK,
+    }
+    values.update(kwargs)
+    return Manifest(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def applier(tmp_path: Path) -> Applier:
+    root = tmp_path / "root"
+    root.mkdir()
+    return Applier(s3=None, root_dir=root, hook_timeout=10)  # type: ignore[arg-type]
+
+
+def current(applier: Applier) -> Path:
+    return applier.resolve("/opt/app/current")
+
+
+def release(tmp_path: Path, name: str, files: dict[str, str]) -> tuple[Path, str]:
+    return write_release(tmp_path / f"{name}.tar.gz", files)
+
+
+def test_symlink_strategy_activates_the_release_atomically(tmp_path: Path, applier: Applier) -> None:
+    artifact, digest = release(tmp_path, "r1", {"index.html": "v1"})
+    result = applier.apply(manifest_for(artifact, digest), "r1", ENV)
+    link = current(applier)
+    assert link.is_symlink()
+    assert os.readlink(link) == "releases/r1"  # relative, so the tree can be moved or chrooted
+    assert (link / "index.html").read_text() == "v1"
+    assert result.previous_dir is None
+    assert not any(p.name.startswith(".") for p in (link.parent / "releases").iterdir())
+
+
+def test_a_second_release_swaps_current_and_keeps_the_first(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    result = applier.apply(manifest_for(a2, d2), "r2", ENV)
+    assert (current(applier) / "index.html").read_text() == "v2"
+    assert result.previous_dir is not None
+    assert result.previous_dir.name == "r1"
+    assert (current(applier).parent / "releases" / "r1" / "index.html").exists()
+
+
+def test_hooks_get_the_deployer_environment(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"x": "1"})
+    a2, d2 = release(tmp_path, "r2", {"x": "2"})
+    out = tmp_path / "env.txt"
+    hook = Hook(f'echo "$DEPLOYER_RELEASE_ID|$DEPLOYER_SEQ|$DEPLOYER_RELEASE_DIR|$DEPLOYER_PREVIOUS_RELEASE_DIR|$APP" > {out}')
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    applier.apply(manifest_for(a2, d2, commands=Commands(post=(hook,)), env={"APP": "demo"}), "r2", ENV)
+    releases = current(applier).parent / "releases"
+    assert out.read_text().strip() == f"r2|1|{releases / 'r2'}|{(releases / 'r1').resolve()}|demo"
+
+
+def test_a_failing_post_hook_rolls_back_to_the_previous_release_and_runs_failure_hooks(
+    tmp_path: Path, applier: Applier
+) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    failure_log = tmp_path / "failure.log"
+    bad = manifest_for(
+        a2,
+        d2,
+        commands=Commands(post=(Hook("echo smoke test broke; exit 1"),), failure=(Hook(f"cat > {failure_log}"),)),
+    )
+    with pytest.raises(ApplyFailed, match="post hook #0 exited 1") as info:
+        applier.apply(bad, "r2", ENV)
+    assert not info.value.permanent
+    assert "smoke test broke" in info.value.output_tail
+    assert (current(applier) / "index.html").read_text() == "v1"
+    log = failure_log.read_text()
+    assert "activated" in log
+    assert "rolled back" in log
+
+
+def test_a_failing_pre_hook_changes_nothing(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    with pytest.raises(ApplyFailed, match="pre hook"):
+        applier.apply(manifest_for(a2, d2, commands=Commands(pre=(Hook("exit 7"),))), "r2", ENV)
+    assert (current(applier) / "index.html").read_text() == "v1"
+    assert not (current(applier).parent / "releases" / "r2").exists()
+
+
+def test_a_checksum_mismatch_leaves_current_untouched_and_no_partial_release(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, _ = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    with pytest.raises(ApplyFailed, match="checksum mismatch") as info:
+        applier.apply(manifest_for(a2, "f" * 64), "r2", ENV)
+    assert info.value.permanent
+    releases = current(applier).parent / "releases"
+    assert sorted(p.name for p in releases.iterdir()) == ["r1"]
+    assert (current(applier) / "index.html").read_text() == "v1"
+
+
+def test_a_release_already_on_disk_is_reused_without_downloading(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    applier.apply(manifest_for(a2, d2), "r2", ENV)
+    a1.unlink()  # rolling back to r1 must not need the artifact
+    result = applier.apply(manifest_for(a1, d1), "r1", ENV)
+    assert result.reused
+    assert (current(applier) / "index.html").read_text() == "v1"
+
+
+def test_old_releases_beyond_keep_are_pruned(tmp_path: Path, applier: Applier) -> None:
+    for i in range(1, 6):
+        artifact, digest = release(tmp_path, f"r{i}", {"v": str(i)})
+        applier.apply(manifest_for(artifact, digest, keep_releases=3), f"r{i}", ENV)
+    releases = current(applier).parent / "releases"
+    assert sorted(p.name for p in releases.iterdir()) == ["r3", "r4", "r5"]
+
+
+def test_symlink_strategy_refuses_to_replace_a_real_directory(tmp_path: Path, applier: Applier) -> None:
+    current(applier).mkdir(parents=True)
+    (current(applier) / "keep.txt").write_text("precious")
+    artifact, digest = release(tmp_path, "r1", {"a": "1"})
+    with pytest.raises(ApplyFailed, match="is not a symlink"):
+        applier.apply(manifest_for(artifact, digest), "r1", ENV)
+    assert (current(applier) / "keep.txt").read_text() == "precious"
+
+
+def test_a_src_less_manifest_only_runs_its_commands(tmp_path: Path, applier: Applier) -> None:
+    marker = tmp_path / "ran"
+    applier.apply(Manifest(commands=Commands(post=(Hook(f"touch {marker}"),))), "r1", ENV)
+    assert marker.exists()
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed (CI installs it)")
+def test_rsync_strategy_syncs_into_dest_and_deletes_what_the_release_dropped(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1", "old.txt": "gone soon"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    dest = "/srv/app"
+    applier.apply(manifest_for(a1, d1, dest=dest, sync_strategy=SyncStrategy.RSYNC), "r1", ENV)
+    (applier.resolve(dest) / "app.pid").write_text("123")
+    applier.apply(manifest_for(a2, d2, dest=dest, sync_strategy=SyncStrategy.RSYNC, excludes=("*.pid",)), "r2", ENV)
+    target = applier.resolve(dest)
+    assert (target / "index.html").read_text() == "v2"
+    assert not (target / "old.txt").exists()
+    assert (target / "app.pid").exists()  # excluded from --delete, as in stretcher
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".incoming")]
+
+
+def test_mv_strategy_moves_the_release_into_a_fresh_dest(tmp_path: Path, applier: Applier) -> None:
+    artifact, digest = release(tmp_path, "r1", {"index.html": "v1"})
+    applier.apply(manifest_for(artifact, digest, dest="/srv/mv", sync_strategy=SyncStrategy.MV), "r1", ENV)
+    assert (applier.resolve("/srv/mv") / "index.html").read_text() == "v1"
+    with pytest.raises(ApplyFailed, match="needs dest /srv/mv not to exist"):
+        applier.apply(manifest_for(artifact, digest, dest="/srv/mv", sync_strategy=SyncStrategy.MV), "r1", ENV)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from deployer.errors import ArtifactError
+from deployer.extract import ExtractLimits, extract_verified
+from tests.archives import add_file, add_special, release_tarball, tar_bytes
+
+Builder = Callable[[tarfile.TarFile], None]
+
+MALICIOUS: list[tuple[str, Builder, str]] = [
+    ("absolute path", lambda t: add_file(t, "/etc/passwd"), "absolute path"),
+    ("dot-dot path", lambda t: add_file(t, "app/../../escape"), "'..'"),
+    ("symlink to absolute", lambda t: add_special(t, "link", tarfile.SYMTYPE, "/etc/shadow"), "absolute path"),
+    ("symlink escaping", lambda t: add_special(t, "a/link", tarfile.SYMTYPE, "../../outside"), "outside the release"),
+    ("hardlink escaping", lambda t: add_special(t, "hl", tarfile.LNKTYPE, "../outside"), "outside the release"),
+    ("character device", lambda t: add_special(t, "dev/tty", tarfile.CHRTYPE), "device node"),
+    ("block device", lambda t: add_special(t, "dev/sda", tarfile.BLKTYPE), "device node"),
+    ("fifo", lambda t: add_special(t, "pipe", tarfile.FIFOTYPE), "FIFO"),
+    ("setuid binary", lambda t: add_file(t, "bin/su", b"#!", mode=0o4755), "setuid/setgid"),
+    ("setgid binary", lambda t: add_file(t, "bin/sg", b"#!", mode=0o2755), "setuid/setgid"),
+]
+
+
+def extract(data: bytes, dest: Path, digest: str | None = None, limits: ExtractLimits = ExtractLimits()) -> object:
+    dest.mkdir(exist_ok=True)
+    return extract_verified(
+        io.BytesIO(data),
+        dest,
+        hasher=hashlib.sha256(),
+        expected_digest=digest or hashlib.sha256(data).hexdigest(),
+        limits=limits,
+    )
+
+
+@pytest.mark.parametrize(("case", "build", "expected"), MALICIOUS, ids=[c[0] for c in MALICIOUS])
+def test_a_malicious_archive_is_rejected_and_nothing_escapes(
+    tmp_path: Path, case: str, build: Builder, expected: str
+) -> None:
+    def add(archive: tarfile.TarFile) -> None:
+        add_file(archive, "ok.txt", b"fine")
+        build(archive)
+
+    with pytest.raises(ArtifactError) as info:
+        extract(tar_bytes(add), tmp_path / "release")
+    assert expected in str(info.value)
+    assert not (tmp_path / "outside").exists()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_too_many_members_is_rejected_as_a_bomb(tmp_path: Path) -> None:
+    data = release_tarball({f"f{i}": "x" for i in range(20)})
+    with pytest.raises(ArtifactError, match="more than 10 members"):
+        extract(data, tmp_path / "r", limits=ExtractLimits(max_members=10))
+
+
+def test_too_many_expanded_bytes_is_rejected_as_a_bomb(tmp_path: Path) -> None:
+    data = release_tarball({"big": "0" * 100_000})  # compresses to ~100 bytes
+    with pytest.raises(ArtifactError, match="expands to more than"):
+        extract(data, tmp_path / "r", limits=ExtractLimits(max_total_bytes=50_000))
+
+
+def test_a_good_archive_extracts_and_its_checksum_covers_every_downloaded_byte(tmp_path: Path) -> None:
+    data = release_tarball({"index.html": "hi", "lib/app.py": "print(1)"})
+    stats = extract(data, tmp_path / "r")
+    assert (tmp_path / "r" / "lib" / "app.py").read_text() == "print(1)"
+    assert stats.downloaded == len(data)  # type: ignore[attr-defined]
+
+
+def test_internal_symlinks_are_kept(tmp_path: Path) -> None:
+    def add(archive: tarfile.TarFile) -> None:
+        add_file(archive, "v1/app", b"x")
+        add_special(archive, "app", tarfile.SYMTYPE, "v1/app")
+
+    extract(tar_bytes(add), tmp_path / "r")
+    assert (tmp_path / "r" / "app").is_symlink()
+
+
+def test_a_checksum_mismatch_is_an_error(tmp_path: Path) -> None:
+    data = release_tarball({"a": "b"})
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        extract(data, tmp_path / "r", digest="0" * 64)
+
+
+def test_a_body_that_is_not_an_archive_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="not a readable tar archive"):
+        extract(b"<html>403 Forbidden</html>" * 40, tmp_path / "r")
+
+
+def test_a_truncated_download_is_an_error(tmp_path: Path) -> None:
+    data = release_tarball({f"file{i}": "content " * 500 for i in range(10)})
+    with pytest.raises(ArtifactError):
+        extract(data[: len(data) // 2], tmp_path / "r", digest=hashlib.sha256(data).hexdigest())
+
+
+def test_plain_tar_and_xz_are_accepted(tmp_path: Path) -> None:
+    for index, mode in enumerate(("w", "w:xz", "w:bz2")):
+        data = tar_bytes(lambda t: add_file(t, "a.txt", b"1"), mode=mode)
+        extract(data, tmp_path / f"r{index}")
+        assert (tmp_path / f"r{index}" / "a.txt").read_text() == "1"

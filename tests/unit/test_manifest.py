@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import pytest
+
+from deployer.errors import ManifestError
+from deployer.manifest import Hook, Manifest, SyncStrategy, parse_manifest
+
+STRETCHER_EXAMPLE = """\
+src: s3://example.com/app.tar.gz
+checksum: e0840daaa97cd2cf2175f9e5d133ffb3324a2b93
+dest: /home/foo/app
+dest_mode: 0755
+commands:
+  pre:
+    - echo 'staring deploy'
+  post:
+    - echo 'deploy done'
+  success:
+    - echo 'deploy success'
+  failure:
+    - echo 'deploy failed!!'
+    - cat >> /path/to/failure.log
+excludes:
+  - "*.pid"
+  - "*.socket"
+exclude_from: exclude.txt
+"""
+
+
+def test_a_stretcher_manifest_parses_with_stretchers_meaning() -> None:
+    manifest = parse_manifest(STRETCHER_EXAMPLE)
+    assert manifest.src == "s3://example.com/app.tar.gz"
+    assert manifest.checksum_algorithm == "sha1"
+    assert manifest.dest == "/home/foo/app"
+    assert manifest.dest_mode == 0o755
+    assert manifest.commands.failure == (Hook("echo 'deploy failed!!'"), Hook("cat >> /path/to/failure.log"))
+    assert manifest.excludes == ("*.pid", "*.socket")
+    assert manifest.exclude_from == "exclude.txt"
+    # No strategy named means stretcher's rsync, never our symlink.
+    assert manifest.sync_strategy is SyncStrategy.RSYNC
+
+
+@pytest.mark.parametrize(
+    ("digest", "algorithm"),
+    [("a" * 32, "md5"), ("B" * 40, "sha1"), ("c" * 64, "sha256"), ("D" * 128, "sha512")],
+)
+def test_the_checksum_algorithm_is_picked_by_length_case_insensitively(digest: str, algorithm: str) -> None:
+    manifest = parse_manifest(f"src: file:///x.tgz\nchecksum: {digest}\ndest: /x\n")
+    assert manifest.checksum_algorithm == algorithm
+    assert manifest.checksum == digest.lower()
+
+
+def test_a_src_less_manifest_only_runs_commands() -> None:
+    manifest = parse_manifest("commands:\n  post: [echo hi]\n")
+    assert manifest.src is None
+    assert manifest.commands.post == (Hook("echo hi"),)
+
+
+def test_extensions_parse_hook_mappings_env_and_symlink() -> None:
+    manifest = parse_manifest(
+        """
+src: s3://b/k.tar.gz
+checksum: %s
+dest: /opt/api/current
+sync_strategy: symlink
+keep_releases: 3
+hook_timeout: 30
+env: {APP_ENV: prod, WORKERS: 4}
+commands:
+  post:
+    - run: ./bin/migrate
+      timeout: 120
+      env: {VERBOSE: "1"}
+"""
+        % ("ab" * 32)
+    )
+    assert manifest.sync_strategy is SyncStrategy.SYMLINK
+    assert manifest.keep_releases == 3
+    assert manifest.env == {"APP_ENV": "prod", "WORKERS": "4"}
+    assert manifest.commands.post == (Hook("./bin/migrate", 120.0, {"VERBOSE": "1"}),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("srcc: x\n", "unknown key(s): srcc"),
+        ("src: ftp://x/y\nchecksum: " + "a" * 64 + "\ndest: /x\n", "scheme 'ftp'"),
+        ("src: s3://b/k\ndest: /x\n", "checksum is required"),
+        ("src: s3://b/k\nchecksum: " + "a" * 64 + "\n", "dest is required"),
+        ("checksum: abc\n", "checksum 'abc' is not a hex"),
+        ("checksum: " + "1" * 32 + "\n", "checksum was read as a number"),
+        ("checksum: " + "g" * 64 + "\n", "is not a hex"),
+        ("dest: relative/path\n", "must be an absolute path"),
+        ("dest_mode: '9999'\n", "dest_mode '9999' is not an octal"),
+        ("sync_strategy: copy\n", "sync_strategy 'copy' is not one of rsync, mv, symlink"),
+        ("keep_releases: 1\n", "keep_releases must be an integer >= 2"),
+        ("commands: [echo]\n", "commands must be a mapping"),
+        ("commands: {deploy: [x]}\n", "unknown phase(s): deploy"),
+        ("commands: {pre: echo}\n", "commands.pre must be a list"),
+        ("commands: {pre: [3]}\n", "commands.pre[0] must be a command string"),
+        ("commands: {pre: [{run: x, retries: 2}]}\n", "commands.pre[0] has unknown key(s): retries"),
+        ("commands: {pre: [{run: x, timeout: -1}]}\n", "commands.pre[0].timeout must be a positive number"),
+        ("env: {'1BAD': x}\n", "invalid variable name '1BAD'"),
+        ("excludes: '*.pid'\n", "excludes must be a list of strings"),
+        ("- a list\n", "must be a YAML mapping"),
+        ("key: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_a_bad_manifest_gets_an_error_naming_the_key(text: str, expected: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text)
+    assert expected in str(info.value)
+
+
+def test_to_yaml_round_trips_through_the_parser() -> None:
+    manifest = parse_manifest(STRETCHER_EXAMPLE.replace("dest_mode: 0755", "dest_mode: 0750") + "sync_strategy: mv\n")
+    again = parse_manifest(manifest.to_yaml())
+    assert again == manifest
+
+
+def test_the_default_manifest_object_means_stretchers_rsync() -> None:
+    assert Manifest().sync_strategy is SyncStrategy.RSYNC

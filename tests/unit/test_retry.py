@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from deployer.retry import RetryPolicy, is_transient
+
+FAST = RetryPolicy(max_attempts=4, base_seconds=0.001, cap_seconds=0.002, deadline_seconds=5)
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (client_error("SlowDown", 503), True),
+        (client_error("ThrottlingException", 400), True),
+        (client_error("InternalError", 500), True),
+        (client_error("Whatever", 502), True),
+        (client_error("TooMany", 429), True),
+        (client_error("AccessDenied", 403), False),
+        (client_error("NoSuchKey", 404), False),
+        (client_error("PreconditionFailed", 412), False),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (urllib.error.HTTPError("u", 503, "busy", None, None), True),  # type: ignore[arg-type]
+        (urllib.error.HTTPError("u", 404, "nope", None, None), False),  # type: ignore[arg-type]
+        (ValueError("bug"), False),
+    ],
+)
+def test_only_transient_errors_are_retried(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_a_transient_failure_is_retried_until_it_succeeds() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise client_error("SlowDown", 503)
+        return "ok"
+
+    assert FAST.call(flaky) == "ok"
+    assert len(calls) == 3
+
+
+def test_a_permanent_failure_is_raised_at_once() -> None:
+    calls = []
+
+    def denied() -> None:
+        calls.append(1)
+        raise client_error("AccessDenied", 403)
+
+    with pytest.raises(ClientError):
+        FAST.call(denied)
+    assert len(calls) == 1
+
+
+def test_retries_stop_after_max_attempts_and_raise_the_last_error() -> None:
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise ConnectionResetError("reset")
+
+    with pytest.raises(ConnectionResetError):
+        FAST.call(down)
+    assert len(calls) == 4

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from deployer.errors import DeployerError, LockBusy
+from deployer.fsutil import swap_symlink, write_atomic
+from deployer.protocol import Channel
+from deployer.state import AppliedRecord, ApplyLock, StateStore
+
+API = Channel("prod", "web", "api")
+
+
+def test_recorded_state_survives_a_reload(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    record = AppliedRecord(seq=3, deploy_id="d3", release_id="r3", applied_at="2026-11-26T00:00:00Z")
+    store.record(API, record)
+    assert StateStore(tmp_path).load() == {API: record}
+
+
+def test_a_corrupt_state_file_is_an_error_not_a_guess(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{truncated")
+    with pytest.raises(DeployerError, match="unreadable"):
+        StateStore(tmp_path).load()
+
+
+def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
+    write_atomic(tmp_path / "f.json", b"one")
+    write_atomic(tmp_path / "f.json", b"two")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    assert (tmp_path / "f.json").read_bytes() == b"two"
+
+
+def test_swap_symlink_replaces_the_link_in_place(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    swap_symlink(tmp_path / "current", "a")
+    swap_symlink(tmp_path / "current", "b")
+    assert (tmp_path / "current").readlink() == Path("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "current"]
+
+
+def _hold_lock(state_dir: str, ready: object, release: object) -> None:
+    with ApplyLock(Path(state_dir)):
+        ready.set()  # type: ignore[attr-defined]
+        release.wait(10)  # type: ignore[attr-defined]
+
+
+def test_only_one_process_holds_the_apply_lock(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(LockBusy, match="another apply holds"), ApplyLock(tmp_path, timeout_seconds=0.3):
+            pass
+    finally:
+        release.set()
+        holder.join(10)
+    with ApplyLock(tmp_path, timeout_seconds=1):
+        pass  # free again once the holder exited
