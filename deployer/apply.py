@@ -185,7 +185,9 @@ class Applier:
         return ApplyResult(release_id, dest, None, reused=False, output_tail=tail_of(output))
 
     def _rsync(self, manifest: Manifest, staged: Path, dest: Path) -> None:
-        command = ["rsync", "-a", "--delete"]
+        # --checksum: reproducible builds give every file the same mtime, and rsync's default
+        # size+mtime quick check would then skip a changed file of unchanged size.
+        command = ["rsync", "-a", "--delete", "--checksum"]
         command += [f"--exclude={pattern}" for pattern in manifest.excludes]
         if manifest.exclude_from:
             command.append(f"--exclude-from={manifest.exclude_from}")
