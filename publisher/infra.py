@@ -23,7 +23,16 @@ class InitResult:
 
 
 def init_resources(clients: Clients, bucket: str, topic_name: str, policy: RetryPolicy = DEFAULT_POLICY) -> InitResult:
-    created = True
+    # us-east-1 answers CreateBucket on a bucket you already own with 200, so ask first.
+    created = not _bucket_exists(clients, bucket, policy)
+    if created:
+        _create_bucket(clients, bucket, policy)
+    # CreateTopic is idempotent: it returns the existing topic's ARN.
+    topic_arn = policy.call(clients.sns.create_topic, Name=topic_name)["TopicArn"]
+    return InitResult(bucket=bucket, bucket_created=created, topic_arn=topic_arn)
+
+
+def _create_bucket(clients: Clients, bucket: str, policy: RetryPolicy) -> None:
     region = clients.s3.meta.region_name
     kwargs: dict[str, object] = {"Bucket": bucket}
     if region != "us-east-1":
@@ -32,9 +41,14 @@ def init_resources(clients: Clients, bucket: str, topic_name: str, policy: Retry
     try:
         policy.call(clients.s3.create_bucket, **kwargs)
     except ClientError as exc:
-        if error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise AwsError(f"cannot create bucket {bucket}: {error_code(exc) or exc}") from None
-        created = False
-    # CreateTopic is idempotent: it returns the existing topic's ARN.
-    topic_arn = policy.call(clients.sns.create_topic, Name=topic_name)["TopicArn"]
-    return InitResult(bucket=bucket, bucket_created=created, topic_arn=topic_arn)
+        raise AwsError(f"cannot create bucket {bucket}: {error_code(exc) or exc}") from None
+
+
+def _bucket_exists(clients: Clients, bucket: str, policy: RetryPolicy) -> bool:
+    try:
+        policy.call(clients.s3.head_bucket, Bucket=bucket)
+    except ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        raise AwsError(f"cannot check bucket {bucket}: {error_code(exc) or exc}") from None
+    return True

@@ -78,7 +78,7 @@ class Fleet:
     bucket: str
     topic_arn: str
     endpoint_url: str
-    layout: Layout = Layout()
+    layout: Layout = Layout("deployer")  # noqa: RUF009 - frozen, so sharing the default is safe
 
 
 @pytest.fixture

@@ -67,7 +67,9 @@ def test_hooks_get_the_deployer_environment(tmp_path: Path, applier: Applier) ->
     a1, d1 = release(tmp_path, "r1", {"x": "1"})
     a2, d2 = release(tmp_path, "r2", {"x": "2"})
     out = tmp_path / "env.txt"
-    hook = Hook(f'echo "$DEPLOYER_RELEASE_ID|$DEPLOYER_SEQ|$DEPLOYER_RELEASE_DIR|$DEPLOYER_PREVIOUS_RELEASE_DIR|$APP" > {out}')
+    hook = Hook(
+        f'echo "$DEPLOYER_RELEASE_ID|$DEPLOYER_SEQ|$DEPLOYER_RELEASE_DIR|$DEPLOYER_PREVIOUS_RELEASE_DIR|$APP" > {out}'
+    )
     applier.apply(manifest_for(a1, d1), "r1", ENV)
     applier.apply(manifest_for(a2, d2, commands=Commands(post=(hook,)), env={"APP": "demo"}), "r2", ENV)
     releases = current(applier).parent / "releases"

@@ -23,7 +23,9 @@ def test_a_minimal_config_gets_production_defaults() -> None:
 
 def test_load_config_reads_yaml(tmp_path: Path) -> None:
     path = tmp_path / "agent.yml"
-    path.write_text("stage: prod\nrole: web\ncomponents: api\nbucket: my-bucket\ntopic_arn: " + TOPIC + "\nstate_dir: /tmp/s\n")
+    path.write_text(
+        "stage: prod\nrole: web\ncomponents: api\nbucket: my-bucket\ntopic_arn: " + TOPIC + "\nstate_dir: /tmp/s\n"
+    )
     config = load_config(path)
     assert config.components == ("api",)
     assert config.state_dir == Path("/tmp/s")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deployer.errors import ArtifactError
-from deployer.extract import ExtractLimits, extract_verified
+from deployer.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
 from tests.archives import add_file, add_special, release_tarball, tar_bytes
 
 Builder = Callable[[tarfile.TarFile], None]
@@ -28,7 +28,7 @@ MALICIOUS: list[tuple[str, Builder, str]] = [
 ]
 
 
-def extract(data: bytes, dest: Path, digest: str | None = None, limits: ExtractLimits = ExtractLimits()) -> object:
+def extract(data: bytes, dest: Path, digest: str | None = None, limits: ExtractLimits = DEFAULT_LIMITS) -> object:
     dest.mkdir(exist_ok=True)
     return extract_verified(
         io.BytesIO(data),

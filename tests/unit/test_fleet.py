@@ -19,7 +19,12 @@ def report(instance: str, seq: int, state: str = "ok", heartbeat: str = "2026-11
 
 def test_summary_counts_instances_on_the_newest_seq_and_failures() -> None:
     rows = fleet_rows(
-        [report("i-1", 41), report("i-2", 41), report("i-3", 40, "failed"), report("i-4", 41, heartbeat="2026-11-26T09:00:00Z")],
+        [
+            report("i-1", 41),
+            report("i-2", 41),
+            report("i-3", 40, "failed"),
+            report("i-4", 41, heartbeat="2026-11-26T09:00:00Z"),
+        ],
         now=NOW,
     )
     assert summary(rows) == ["prod/web/api: 3/4 on seq 41, 1 failed, 1 stale"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from deployer.errors import HookFailed
-from deployer.manifest import Hook
 from deployer.hooks import run_hooks
+from deployer.manifest import Hook
 
 
 def run(hooks: list[Hook], tmp_path: Path, **kwargs: object) -> str:
@@ -34,7 +34,7 @@ def test_stdin_carries_the_deploy_log(tmp_path: Path) -> None:
 def test_a_hook_that_times_out_has_its_whole_process_group_killed(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     started = time.monotonic()
-    with pytest.raises(HookFailed, match="timed out after 0.5s"):
+    with pytest.raises(HookFailed, match=r"timed out after 0\.5s"):
         run([Hook(f"sleep 300 & echo $! > {pidfile}; wait", timeout=0.5)], tmp_path)
     assert time.monotonic() - started < 20
     child = int(pidfile.read_text())

@@ -1,0 +1,136 @@
+"""Publishing against the emulator over HTTP: objects, pointer, history, fan-out, races, bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from deployer.errors import ConfigError, ReleaseConflict
+from deployer.manifest import Manifest, SyncStrategy, parse_manifest
+from deployer.pointers import read_pointer
+from deployer.protocol import Channel, parse_deploy
+from publisher.infra import init_resources
+from publisher.publish import Publisher
+from tests.archives import write_release
+from tests.conftest import BUCKET, TOPIC, Fleet
+
+API = Channel("prod", "web", "api")
+SYMLINK = Manifest(sync_strategy=SyncStrategy.SYMLINK)
+
+
+def publisher(fleet: Fleet) -> Publisher:
+    return Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout)
+
+
+def subscribe_queue(fleet: Fleet, name: str = "probe") -> str:
+    sqs, sns = fleet.clients.sqs, fleet.clients.sns
+    url = sqs.create_queue(QueueName=name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=fleet.topic_arn, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"})
+    return url
+
+
+def test_init_is_idempotent(fleet: Fleet) -> None:
+    again = init_resources(fleet.clients, BUCKET, TOPIC)
+    assert not again.bucket_created
+    assert again.topic_arn == fleet.topic_arn
+
+
+def test_publish_writes_release_history_pointer_and_notifies_in_one_document(fleet: Fleet, tmp_path: Path) -> None:
+    queue = subscribe_queue(fleet)
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    result = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1", origin={"github_run_id": "9"})
+    deploy = result.deploy
+    assert deploy.seq == 1
+    s3 = fleet.clients.s3
+    manifest = parse_manifest(s3.get_object(Bucket=BUCKET, Key=deploy.manifest_key)["Body"].read())
+    assert manifest.checksum == digest
+    assert manifest.src == f"s3://{BUCKET}/deployer/releases/api/r1/artifact.tar.gz"
+    assert manifest.dest == "/opt/api/current"
+    assert manifest.sync_strategy is SyncStrategy.SYMLINK
+    pointer = read_pointer(s3, BUCKET, fleet.layout, API)
+    assert pointer is not None
+    assert pointer.deploy == deploy
+    history = s3.get_object(Bucket=BUCKET, Key=fleet.layout.history_key(API, 1))["Body"].read()
+    assert parse_deploy(history) == deploy
+    [message] = fleet.clients.sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=2)["Messages"]
+    assert parse_deploy(message["Body"]) == deploy
+    assert json.loads(message["Body"])["origin"] == {"github_run_id": "9"}
+
+
+def test_each_publish_takes_the_next_seq(fleet: Fleet, tmp_path: Path) -> None:
+    seqs = []
+    for i in range(3):
+        artifact, _ = write_release(tmp_path / f"a{i}.tar.gz", {"v": str(i)})
+        seqs.append(publisher(fleet).publish(API, artifact, template=SYMLINK).deploy.seq)
+    assert seqs == [1, 2, 3]
+
+
+def test_concurrent_publishers_never_share_a_seq_or_lose_an_update(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"v": "same"})
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for round_ in range(4):
+                release = f"w{index}-{round_}"
+                got.append(publisher(fleet).publish(API, artifact, template=SYMLINK, release_id=release).deploy.seq)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert sorted(got) == list(range(1, 17))
+    pointer = read_pointer(fleet.clients.s3, BUCKET, fleet.layout, API)
+    assert pointer is not None
+    assert pointer.deploy.seq == 16
+    listed = fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix=fleet.layout.history_prefix(API))["Contents"]
+    assert len(listed) == 16
+
+
+def test_a_publisher_that_died_after_claiming_a_seq_does_not_wedge_the_channel(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"v": "1"})
+    first = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1").deploy
+    # Simulate a publisher killed between its history write (the claim of seq 2) and its pointer move.
+    orphan = first.__class__(**{**first.__dict__, "seq": 2, "deploy_id": "orphan-deploy", "release_id": "r1"})
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=fleet.layout.history_key(API, 2), Body=orphan.to_json().encode())
+    third = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1").deploy
+    assert third.seq == 3
+    pointer = read_pointer(fleet.clients.s3, BUCKET, fleet.layout, API)
+    assert pointer is not None
+    assert pointer.deploy.deploy_id == third.deploy_id
+
+
+def test_a_release_id_is_immutable(fleet: Fleet, tmp_path: Path) -> None:
+    a1, _ = write_release(tmp_path / "a1.tar.gz", {"v": "1"})
+    a2, _ = write_release(tmp_path / "a2.tar.gz", {"v": "2"})
+    publisher(fleet).publish(API, a1, template=SYMLINK, release_id="fixed")
+    with pytest.raises(ReleaseConflict, match="already exists with different content"):
+        publisher(fleet).publish(API, a2, template=SYMLINK, release_id="fixed")
+    # Re-publishing identical content (a retried CI job) is fine and moves the channel on.
+    again = publisher(fleet).publish(API, a1, template=SYMLINK, release_id="fixed")
+    assert again.release_reused
+    assert again.deploy.seq == 2
+
+
+def test_a_missing_bucket_is_reported_before_anything_is_uploaded(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"v": "1"})
+    missing = Publisher(fleet.clients, "no-such-bucket", fleet.topic_arn, fleet.layout)
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist"):
+        missing.publish(API, artifact, template=SYMLINK)
+
+
+def test_a_missing_topic_is_reported_before_anything_is_uploaded(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"v": "1"})
+    topic = fleet.topic_arn.rsplit(":", 1)[0] + ":no-such-topic"
+    with pytest.raises(ConfigError, match="no-such-topic"):
+        Publisher(fleet.clients, BUCKET, topic, fleet.layout).publish(API, artifact, template=SYMLINK)
+    assert "Contents" not in fleet.clients.s3.list_objects_v2(Bucket=BUCKET)
