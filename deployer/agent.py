@@ -19,7 +19,7 @@ from types import FrameType
 
 import structlog
 
-from deployer.apply import Applier, ApplyFailed
+from deployer.apply import Applier, ApplyFailed, is_active
 from deployer.aws import Clients
 from deployer.config import AgentConfig
 from deployer.decide import Decision, Incoming, Verdict, decide_batch, decide_one
@@ -30,10 +30,10 @@ from deployer.layout import Layout
 from deployer.limits import MAX_MANIFEST_BYTES
 from deployer.manifest import Manifest, parse_manifest
 from deployer.pointers import read_pointer
-from deployer.protocol import Channel, Deploy, parse_deploy
+from deployer.protocol import Deploy, parse_deploy
 from deployer.queue import InstanceQueue, Received, unwrap_body
 from deployer.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.state import AppliedRecord, ApplyLock, StateStore
+from deployer.state import ApplyLock, DeployStatus, Milestone, StateStore
 from deployer.status import ComponentState, ComponentStatus, StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -63,9 +63,6 @@ class Agent:
         self.queue: InstanceQueue | None = None
         self.reporter: StatusReporter | None = None
         self._stop = threading.Event()
-        # deploy_id -> failed attempts seen by reconcile, so a deploy that keeps failing is not
-        # re-run every interval forever (the queue path has maxReceiveCount for that).
-        self._reconcile_failures: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -128,8 +125,8 @@ class Agent:
 
     def _seed_status(self) -> None:
         assert self.reporter is not None
-        for channel, record in self.state.load().items():
-            if channel.component in self.reporter.components and channel in self.config.channels:
+        for channel, record in self.state.load().channels.items():
+            if channel in self.config.channels:
                 self.reporter.components[channel.component] = ComponentStatus(
                     state=ComponentState.OK, release_id=record.release_id, seq=record.seq, deploy_id=record.deploy_id
                 )
@@ -155,24 +152,34 @@ class Agent:
                 log.info("pointer_absent", channel=str(channel), reason=reason)
                 continue
             deploy = pointer.deploy
-            verdict, _ = decide_one(deploy, self._applied(), self.config.channels)
+            verdict, _ = decide_one(deploy, self.state.applied(), self.config.channels)
             if verdict is not Verdict.APPLY:
                 log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
                 continue
-            if self._reconcile_failures.get(deploy.deploy_id, 0) >= self.config.max_receive_count:
-                log.warning(
-                    "reconcile_skipped_failing_deploy",
-                    deploy_id=deploy.deploy_id,
-                    seq=deploy.seq,
-                    next="publish a new deploy to retry",
-                )
+            if not self._worth_retrying(deploy):
                 continue
             log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
-            if self.apply_deploy(deploy) is ComponentState.FAILED:
-                self._reconcile_failures[deploy.deploy_id] = self._reconcile_failures.get(deploy.deploy_id, 0) + 1
+            self.apply_deploy(deploy)
 
-    def _applied(self) -> dict[Channel, tuple[int, str]]:
-        return {ch: (rec.seq, rec.deploy_id) for ch, rec in self.state.load().items()}
+    def _worth_retrying(self, deploy: Deploy) -> bool:
+        """Reconcile must not re-run a deploy that can never succeed, or one failing over and over
+        (the queue path bounds retries with maxReceiveCount; this is the same bound)."""
+        record = self.state.deploy_record(deploy.deploy_id)
+        if record is None:
+            return True
+        if record.status is DeployStatus.REJECTED or (
+            record.status is DeployStatus.FAILED and record.attempts >= self.config.max_receive_count
+        ):
+            log.warning(
+                "reconcile_skipped_failing_deploy",
+                deploy_id=deploy.deploy_id,
+                seq=deploy.seq,
+                status=record.status.value,
+                attempts=record.attempts,
+                next="publish a new deploy (or a rollback) to move this channel",
+            )
+            return False
+        return True
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -182,7 +189,7 @@ class Agent:
         if not messages:
             return
         by_receipt = {m.receipt_handle: m for m in messages}
-        decisions = decide_batch([self._parse(m) for m in messages], self._applied(), self.config.channels)
+        decisions = decide_batch([self._parse(m) for m in messages], self.state.applied(), self.config.channels)
         # Acknowledge and log everything that needs no apply first: it is cheap and final.
         pending: list[Decision] = []
         for decision in decisions:
@@ -275,7 +282,10 @@ class Agent:
         try:
             with ApplyLock(self.config.state_dir):
                 # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
-                verdict, why = decide_one(deploy, self._applied(), self.config.channels)
+                verdict, why = decide_one(deploy, self.state.applied(), self.config.channels)
+                if verdict is Verdict.REJECTED:
+                    log.error("apply_refused", reason=why)
+                    return ComponentState.REJECTED
                 if verdict is not Verdict.APPLY:
                     log.info("apply_skipped", verdict=verdict.value, reason=why)
                     return ComponentState.OK
@@ -285,22 +295,47 @@ class Agent:
 
     def _apply_locked(self, deploy: Deploy) -> ComponentState:
         assert self.reporter is not None
+        record = self.state.deploy_record(deploy.deploy_id)
+        if record is not None and record.payload_hash != deploy.payload_hash():
+            # Same idempotency key, different content: a forged or corrupted message. Never apply it.
+            error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
+            log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
+            self.reporter.update(deploy.component, state=ComponentState.REJECTED, error=error)
+            return ComponentState.REJECTED
+        if record is not None and record.status is DeployStatus.REJECTED:
+            log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
+            return ComponentState.REJECTED
         started = time.monotonic()
-        log.info("apply_started", release_id=deploy.release_id)
-        self.reporter.update(
-            deploy.component,
-            state=ComponentState.APPLYING,
-            error=None,
-            release_id=deploy.release_id,
-            seq=deploy.seq,
-            deploy_id=deploy.deploy_id,
-        )
         try:
             manifest = self._fetch_manifest(deploy)
-            result = self.applier.apply(manifest, deploy.release_id, self._hook_env(deploy))
+            if record is not None and record.status is DeployStatus.IN_PROGRESS:
+                # We hold the lock, so the process that wrote this record is dead: resume.
+                log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
+                if record.milestone is Milestone.POST_HOOKS_DONE and is_active(
+                    self.config.root_dir, manifest, deploy.release_id
+                ):
+                    return self._completed(deploy, started, reused=True, output_tail="")
+            log.info("apply_started", release_id=deploy.release_id)
+            self.state.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
+            self.reporter.update(
+                deploy.component,
+                state=ComponentState.APPLYING,
+                error=None,
+                release_id=deploy.release_id,
+                seq=deploy.seq,
+                deploy_id=deploy.deploy_id,
+            )
+            result = self.applier.apply(
+                manifest,
+                deploy.release_id,
+                self._hook_env(deploy),
+                on_milestone=lambda milestone: self.state.mark(deploy, DeployStatus.IN_PROGRESS, milestone),
+            )
         except (ApplyFailed, DeployerError) as exc:
-            permanent = getattr(exc, "permanent", True) if isinstance(exc, ApplyFailed) else _is_permanent(exc)
+            permanent = exc.permanent if isinstance(exc, ApplyFailed) else _is_permanent(exc)
             state = ComponentState.REJECTED if permanent else ComponentState.FAILED
+            status = DeployStatus.REJECTED if permanent else DeployStatus.FAILED
+            self.state.mark(deploy, status, Milestone.STARTED, error=str(exc))
             log.error(
                 "apply_failed",
                 error=str(exc),
@@ -308,22 +343,39 @@ class Agent:
                 next="left on the previous release" + ("" if permanent else "; will be retried"),
             )
             self.reporter.update(
-                deploy.component, state=state, error=str(exc), output_tail=getattr(exc, "output_tail", "") or None
+                deploy.component,
+                state=state,
+                error=str(exc),
+                release_id=deploy.release_id,
+                seq=deploy.seq,
+                deploy_id=deploy.deploy_id,
+                output_tail=getattr(exc, "output_tail", "") or None,
             )
             return state
         except Exception as exc:
             log.exception("apply_crashed", error=str(exc), next="will be retried")
+            self.state.mark(deploy, DeployStatus.FAILED, Milestone.STARTED, error=f"{type(exc).__name__}: {exc}")
             self.reporter.update(deploy.component, state=ComponentState.FAILED, error=f"{type(exc).__name__}: {exc}")
             return ComponentState.FAILED
-        self.state.record(deploy.channel, AppliedRecord.of(deploy))
+        return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
+
+    def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> ComponentState:
+        assert self.reporter is not None
+        self.state.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
         log.info(
             "apply_succeeded",
             release_id=deploy.release_id,
-            reused=result.reused,
+            reused=reused,
             duration_s=round(time.monotonic() - started, 3),
         )
         self.reporter.update(
-            deploy.component, state=ComponentState.OK, error=None, output_tail=result.output_tail or None
+            deploy.component,
+            state=ComponentState.OK,
+            error=None,
+            release_id=deploy.release_id,
+            seq=deploy.seq,
+            deploy_id=deploy.deploy_id,
+            output_tail=output_tail or None,
         )
         return ComponentState.OK
 

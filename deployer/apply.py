@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from deployer.hooks import run_hooks, tail_of
 from deployer.manifest import Manifest, SyncStrategy
 from deployer.prune import releases_to_prune
 from deployer.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.state import Milestone
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -83,13 +84,23 @@ class Applier:
         self.hook_timeout = hook_timeout
         self.limits = limits
         self.policy = policy
+        self._on_milestone: Callable[[Milestone], object] = lambda milestone: None
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
         return self.root_dir / path.lstrip("/")
 
-    def apply(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
+    def apply(
+        self,
+        manifest: Manifest,
+        release_id: str,
+        env: Mapping[str, str],
+        on_milestone: Callable[[Milestone], object] | None = None,
+    ) -> ApplyResult:
+        """Apply one release. `on_milestone` is told when the release went live and when its post
+        hooks finished, so a caller can record progress durably."""
         deploy_log = DeployLog()
+        self._on_milestone = on_milestone or (lambda milestone: None)
         try:
             return self._apply(manifest, release_id, {**env, "DEPLOYER_RELEASE_ID": release_id}, deploy_log)
         except ApplyFailed:
@@ -140,6 +151,7 @@ class Applier:
             self._stage(manifest, releases, release_dir, deploy_log)
 
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
+        self._on_milestone(Milestone.ACTIVATED)
         deploy_log.add(f"activated {release_dir}")
         log.info("release_activated", release_dir=str(release_dir), previous_dir=str(previous or ""))
 
@@ -242,6 +254,7 @@ class Applier:
             deploy_log.add(f"error: {exc}")
             self._failure_hooks(manifest, env, deploy_log)
             raise ApplyFailed(str(exc), permanent=False, output_tail=exc.output_tail) from exc
+        self._on_milestone(Milestone.POST_HOOKS_DONE)
         try:
             output += self._hooks(manifest, "success", env, cwd, deploy_log, stdin_text=deploy_log.text())
         except HookFailed as exc:
@@ -287,6 +300,15 @@ class Applier:
         for name in releases_to_prune(entries, active=active, previous=previous, keep=keep):
             shutil.rmtree(releases / name, ignore_errors=True)
             log.info("release_pruned", release=name)
+
+
+def is_active(root_dir: Path, manifest: Manifest, release_id: str) -> bool:
+    """Whether `dest` already points at this release (symlink strategy only; others cannot tell)."""
+    if manifest.sync_strategy is not SyncStrategy.SYMLINK or manifest.dest is None:
+        return False
+    link = root_dir / manifest.dest.lstrip("/")
+    target = _link_target(link)
+    return target is not None and target == (link.parent / RELEASES_DIR / release_id).resolve()
 
 
 def _link_target(link: Path) -> Path | None:

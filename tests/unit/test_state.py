@@ -8,7 +8,8 @@ import pytest
 from deployer.errors import DeployerError, LockBusy
 from deployer.fsutil import swap_symlink, write_atomic
 from deployer.protocol import Channel
-from deployer.state import AppliedRecord, ApplyLock, StateStore
+from deployer.state import AppliedRecord, ApplyLock, DeployStatus, Milestone, StateStore
+from tests.unit.test_protocol import make_deploy
 
 API = Channel("prod", "web", "api")
 
@@ -17,7 +18,33 @@ def test_recorded_state_survives_a_reload(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     record = AppliedRecord(seq=3, deploy_id="d3", release_id="r3", applied_at="2026-11-26T00:00:00Z")
     store.record(API, record)
-    assert StateStore(tmp_path).load() == {API: record}
+    assert StateStore(tmp_path).load().channels == {API: record}
+
+
+def test_completing_a_deploy_records_its_seq_in_the_same_write(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    deploy = make_deploy(seq=4)
+    store.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
+    assert store.applied() == {}
+    assert store.deploy_record(deploy.deploy_id).status is DeployStatus.IN_PROGRESS  # type: ignore[union-attr]
+    store.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+    reloaded = StateStore(tmp_path)
+    assert reloaded.applied() == {deploy.channel: (4, deploy.deploy_id)}
+    record = reloaded.deploy_record(deploy.deploy_id)
+    assert record is not None
+    assert (record.status, record.milestone, record.attempts) == (DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE, 1)
+    assert record.payload_hash == deploy.payload_hash()
+
+
+def test_attempts_count_only_real_attempts(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    deploy = make_deploy()
+    for _ in range(3):
+        store.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
+        store.mark(deploy, DeployStatus.FAILED, Milestone.STARTED, error="hook failed")
+    record = store.deploy_record(deploy.deploy_id)
+    assert record is not None
+    assert (record.attempts, record.error) == (3, "hook failed")
 
 
 def test_a_corrupt_state_file_is_an_error_not_a_guess(tmp_path: Path) -> None:
