@@ -23,7 +23,7 @@ from deployer.apply import Applier, ApplyFailed, is_active
 from deployer.aws import Clients
 from deployer.config import AgentConfig
 from deployer.decide import Decision, Incoming, Verdict, decide_batch, decide_one
-from deployer.errors import ArtifactError, DeployerError, InvalidMessage, ManifestError
+from deployer.errors import ArtifactError, AwsError, DeployerError, FetchError, InvalidMessage, ManifestError
 from deployer.fetch import read_source
 from deployer.identity import resolve_instance_id
 from deployer.layout import Layout
@@ -40,6 +40,10 @@ log = structlog.get_logger(__name__)
 
 #: Reconcile runs at interval × (1 ± this), so a fleet started together does not read S3 in lockstep.
 RECONCILE_JITTER = 0.1
+#: Longest pause between polls after repeated failures (each already retried by the policy).
+POLL_FAILURE_PAUSE_CAP_SECONDS = 60.0
+#: A message whose apply failed is retried after 30 s, 60 s, 120 s, … (by SQS visibility), at most this.
+RETRY_VISIBILITY_CAP_SECONDS = 900
 #: Log event per verdict for messages acknowledged without applying.
 SKIP_EVENTS = {
     Verdict.DUPLICATE: "message_duplicate",
@@ -93,8 +97,21 @@ class Agent:
         next_reconcile = self._next(self.config.reconcile_interval_seconds)
         next_heartbeat = self._next(self.config.heartbeat_interval_seconds, jitter=0.0)
         log.info("agent_serving", queue=self.queue.name if self.queue else None)
+        failures = 0
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the agent outlives any one failed poll
+                failures += 1
+                pause = min(POLL_FAILURE_PAUSE_CAP_SECONDS, 2.0**failures) * random.uniform(0.5, 1.0)
+                log.error(
+                    "poll_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    pause_s=round(pause, 2),
+                    next="polling again after the pause",
+                )
+                self._stop.wait(pause)
             now = time.monotonic()
             if not self._stop.is_set() and now >= next_reconcile:
                 self.reconcile(reason="periodic")
@@ -210,12 +227,16 @@ class Agent:
             with self._visibility_heartbeat(message.receipt_handle):
                 outcome = self.apply_deploy(decision.incoming.deploy)
             if outcome is ComponentState.FAILED:
-                # Not deleted: SQS redelivers after the visibility timeout, up to maxReceiveCount, then DLQ.
+                # Not deleted: SQS redelivers it after a backoff (set through its visibility), up to
+                # maxReceiveCount times, then moves it to the DLQ.
+                retry_in = min(RETRY_VISIBILITY_CAP_SECONDS, 30 * 2 ** (message.receive_count - 1))
+                self.queue.set_visibility(message.receipt_handle, retry_in)
                 log.warning(
                     "message_kept_for_retry",
                     message_id=message.message_id,
                     receive_count=message.receive_count,
-                    next="SQS redelivers it after the visibility timeout; the DLQ after maxReceiveCount",
+                    retry_in_s=retry_in,
+                    next="SQS redelivers it after retry_in_s; the DLQ after maxReceiveCount",
                 )
                 continue
             if outcome is ComponentState.REJECTED:
@@ -311,12 +332,14 @@ class Agent:
             if record is not None and record.status is DeployStatus.IN_PROGRESS:
                 # We hold the lock, so the process that wrote this record is dead: resume.
                 log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
+                # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
+                self.state.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True)
                 if record.milestone is Milestone.POST_HOOKS_DONE and is_active(
                     self.config.root_dir, manifest, deploy.release_id
                 ):
                     return self._completed(deploy, started, reused=True, output_tail="")
             log.info("apply_started", release_id=deploy.release_id)
-            self.state.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
+            self.state.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED)
             self.reporter.update(
                 deploy.component,
                 state=ComponentState.APPLYING,
@@ -335,7 +358,12 @@ class Agent:
             permanent = exc.permanent if isinstance(exc, ApplyFailed) else _is_permanent(exc)
             state = ComponentState.REJECTED if permanent else ComponentState.FAILED
             status = DeployStatus.REJECTED if permanent else DeployStatus.FAILED
-            self.state.mark(deploy, status, Milestone.STARTED, error=str(exc))
+            # A network or AWS failure is not held against the release: it does not use up attempts.
+            infrastructure = (
+                exc.infrastructure if isinstance(exc, ApplyFailed) else isinstance(exc, FetchError | AwsError)
+            )
+            blame = not infrastructure
+            self.state.mark(deploy, status, Milestone.STARTED, error=str(exc), attempt=blame)
             log.error(
                 "apply_failed",
                 error=str(exc),
@@ -354,7 +382,9 @@ class Agent:
             return state
         except Exception as exc:
             log.exception("apply_crashed", error=str(exc), next="will be retried")
-            self.state.mark(deploy, DeployStatus.FAILED, Milestone.STARTED, error=f"{type(exc).__name__}: {exc}")
+            self.state.mark(
+                deploy, DeployStatus.FAILED, Milestone.STARTED, error=f"{type(exc).__name__}: {exc}", attempt=True
+            )
             self.reporter.update(deploy.component, state=ComponentState.FAILED, error=f"{type(exc).__name__}: {exc}")
             return ComponentState.FAILED
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from deployer.errors import ArtifactError, DeployerError, HookFailed
+from deployer.errors import ArtifactError, AwsError, DeployerError, FetchError, HookFailed
 from deployer.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
 from deployer.fetch import open_source
 from deployer.fsutil import fsync_dir, swap_symlink
@@ -61,11 +61,13 @@ class DeployLog:
 
 
 class ApplyFailed(DeployerError):
-    """Raised when an apply failed; carries whether the machine was rolled back and the output tail."""
+    """Raised when an apply failed. `permanent`: the release can never succeed (bad artifact or
+    manifest); `infrastructure`: the network or AWS failed, not the release (not held against it)."""
 
-    def __init__(self, message: str, *, permanent: bool, output_tail: str = "") -> None:
+    def __init__(self, message: str, *, permanent: bool, infrastructure: bool = False, output_tail: str = "") -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.infrastructure = infrastructure
         self.output_tail = output_tail
 
 
@@ -110,7 +112,12 @@ class Applier:
             deploy_log.add(f"error: {exc}")
             tail = getattr(exc, "output_tail", "")
             self._failure_hooks(manifest, env, deploy_log)
-            raise ApplyFailed(str(exc), permanent=isinstance(exc, ArtifactError), output_tail=tail) from exc
+            raise ApplyFailed(
+                str(exc),
+                permanent=isinstance(exc, ArtifactError),
+                infrastructure=isinstance(exc, FetchError | AwsError),
+                output_tail=tail,
+            ) from exc
 
     def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
         if manifest.src is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import HTTPClientError
+from botocore.exceptions import HTTPClientError, IncompleteReadError
 
 from deployer.errors import ArtifactError
 from deployer.fetch import Readable
@@ -127,7 +127,7 @@ def extract_verified(
         reader.drain()
     except ArtifactError:
         raise
-    except (ConnectionError, TimeoutError, HTTPClientError) as exc:
+    except (ConnectionError, TimeoutError, HTTPClientError, IncompleteReadError) as exc:
         raise TransientFetchError(f"download interrupted after {reader.count} bytes: {exc}") from None
     except tarfile.FilterError as exc:
         raise ArtifactError(f"unsafe archive member: {exc}") from None

@@ -131,6 +131,56 @@ def iter_reports(
             yield report
 
 
+@dataclass
+class ReportCache:
+    """Repeated reads of the status prefix that GET only the reports whose ETag changed.
+
+    `publish --wait` polls every few seconds; listing is one request per 1000 instances, and
+    an idle fleet's reports change once per heartbeat, so most polls cost a LIST and no GET.
+    """
+
+    s3: S3Client
+    bucket: str
+    layout: Layout
+    stage: str | None = None
+    role: str | None = None
+    policy: RetryPolicy = DEFAULT_POLICY
+    _seen: dict[str, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
+
+    def refresh(self) -> dict[str, dict[str, Any]]:
+        """Every readable report by instance id (as listed now; deleted reports drop out)."""
+        listed: dict[str, str] = {}
+        paginator = self.s3.get_paginator("list_objects_v2")
+        prefix = self.layout.status_prefix(self.stage, self.role if self.stage else None)
+        for page in self.policy.call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix))):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith(".json"):
+                    listed[obj["Key"]] = obj.get("ETag", "")
+        fresh: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        for key, etag in listed.items():
+            cached = self._seen.get(key)
+            fresh[key] = cached if cached and cached[0] == etag else (etag, self._read(key))
+        self._seen = fresh
+        reports = {}
+        for _, report in fresh.values():
+            if report is None or (self.role and report.get("role") != self.role):
+                continue
+            reports[str(report.get("instance_id", "?"))] = report
+        return reports
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        try:
+            body = self.policy.call(self.s3.get_object, Bucket=self.bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None  # deleted between LIST and GET (gc, or an agent deregistering)
+        try:
+            report = json.loads(body)
+        except ValueError:
+            log.warning("status_report_unreadable", key=key, next="skipped until it is rewritten")
+            return None
+        return report if isinstance(report, dict) else None
+
+
 def age_seconds(timestamp: str | None, now: datetime | None = None) -> float | None:
     if not timestamp:
         return None
