@@ -1,0 +1,78 @@
+# The fleet-deployer base AMI: the distro + Python + the agent in its venv + systemd units.
+# No application inside: an instance converges by boot replay from the channel pointers.
+#
+#   packer init packer/ && packer build -var agent=dist/fleet_deployer-0.1.0-py3-none-any.whl packer/
+
+locals {
+  base       = var.base_ami_filters[var.distro]
+  build_time = formatdate("YYYYMMDDhhmmss", timestamp())
+  is_wheel   = try(substr(var.agent, -4, -1), "") == ".whl"
+  ami_tags = merge(
+    {
+      "Name"                      = "${var.ami_name_prefix}-${var.distro}"
+      "fleet-deployer:distro"     = var.distro
+      "fleet-deployer:agent"      = local.is_wheel ? basename(var.agent) : "fleet-deployer==${var.agent}"
+      "fleet-deployer:built-at"   = local.build_time
+      "fleet-deployer:source-ami" = "{{ .SourceAMI }}"
+    },
+    var.tags,
+  )
+  # HCL has no conditional provisioners: without a wheel the upload step sends a small
+  # harmless file instead, and provision.sh installs the version from the package index.
+  upload    = local.is_wheel ? var.agent : "${path.root}/../scripts/config/agent.yml.example"
+  agent_arg = local.is_wheel ? "--wheel /tmp/deployer-agent/${basename(var.agent)}" : "--version ${var.agent}"
+}
+
+source "amazon-ebs" "base" {
+  region        = var.region
+  ami_regions   = var.ami_regions
+  instance_type = var.instance_type
+  ami_name      = "${var.ami_name_prefix}-${var.distro}-${local.build_time}"
+  ssh_username  = local.base.ssh_username
+
+  source_ami_filter {
+    filters = {
+      name                = local.base.name
+      virtualization-type = "hvm"
+      root-device-type    = "ebs"
+    }
+    owners      = [local.base.owner]
+    most_recent = true
+  }
+
+  # IMDSv2 is required where it matters, on the fleet's instances, by the launch template
+  # (MetadataOptions.HttpTokens=required, see docs/). metadata_options / imds_support here
+  # would also cover the builder, but the Packer 1.6 CI validates with does not know them.
+
+  tags          = local.ami_tags
+  snapshot_tags = local.ami_tags
+}
+
+build {
+  sources = ["source.amazon-ebs.base"]
+
+  provisioner "shell" {
+    inline = ["mkdir -p /tmp/deployer-scripts /tmp/deployer-agent"]
+  }
+
+  provisioner "file" {
+    source      = "${path.root}/../scripts/"
+    destination = "/tmp/deployer-scripts"
+  }
+
+  provisioner "file" {
+    source      = local.upload
+    destination = "/tmp/deployer-agent/"
+  }
+
+  provisioner "shell" {
+    # Wait for cloud-init on the builder: it may still hold the package manager's lock.
+    inline = [
+      "cloud-init status --wait >/dev/null || true",
+      "sudo bash /tmp/deployer-scripts/provision.sh ${local.agent_arg}",
+      "sudo rm -rf /tmp/deployer-scripts /tmp/deployer-agent",
+      # The AMI must boot like a new machine: cloud-init runs again and no state is carried.
+      "sudo cloud-init clean --logs",
+    ]
+  }
+}
