@@ -129,6 +129,30 @@ def init(region: str | None, endpoint_url: str | None, bucket: str, topic_name: 
     help="Override the template's strategy [default: symlink].",
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Follow the deploy until the fleet converged. Exit codes with --wait: 0 every expected instance "
+    "converged, 4 some failed, were rejected or were lost, 5 timed out (1 error).",
+)
+@click.option(
+    "--timeout",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds --wait waits before exiting 5.",
+)
+@click.option(
+    "--heartbeat-ttl",
+    default=1860.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="An instance is live while its heartbeat is younger than this: expected if live at publish, lost if it stops being live.",
+)
+@click.option(
+    "--poll-interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Status poll period."
+)
+@click.option("--allow-lost", is_flag=True, help="Do not count instances lost mid-deploy as failures.")
 def publish(
     region: str | None,
     endpoint_url: str | None,
@@ -143,8 +167,18 @@ def publish(
     dest: str | None,
     sync_strategy: str | None,
     release_id: str | None,
+    wait: bool,
+    timeout: float,
+    heartbeat_ttl: float,
+    poll_interval: float,
+    allow_lost: bool,
 ) -> None:
-    """Upload a release, move the channel pointer and notify the fleet."""
+    """Upload a release, move the channel pointer and notify the fleet.
+
+    With --wait, then follow the instances that were live at publish time (status report lists
+    the component, heartbeat younger than --heartbeat-ttl) until each converged, failed, was
+    rejected or was lost; exit 0 all converged, 4 any failed/rejected/lost, 5 timeout.
+    """
     import tempfile
 
     from publisher.pack import check_artifact, pack_directory
@@ -175,7 +209,23 @@ def publish(
             "agents will still converge at their next reconcile",
             err=True,
         )
-        sys.exit(EXIT_NOTIFY_FAILED)
+        if not wait:
+            sys.exit(EXIT_NOTIFY_FAILED)
+    if wait:
+        from deployer.cli_ops import follow
+
+        sys.exit(
+            follow(
+                publisher.clients,
+                bucket,
+                prefix,
+                deploy,
+                timeout=timeout,
+                heartbeat_ttl=heartbeat_ttl,
+                poll_interval=poll_interval,
+                allow_lost=allow_lost,
+            )
+        )
 
 
 @main.command()
@@ -272,3 +322,7 @@ def demo(agents: int, workdir: Path | None) -> None:
 
     logs.configure(level="warning")
     run_demo(agents=agents, workdir=workdir, echo=click.echo)
+
+
+# Fleet operations (history, rollback, gc, iam-policy) register themselves on `main`.
+from deployer import cli_ops  # noqa: E402, F401

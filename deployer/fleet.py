@@ -22,6 +22,11 @@ class Row:
     error: str
     heartbeat_age_s: float | None
     stale: bool
+    deploy_id: str | None = None
+    output_tail: str | None = None
+    updated_at: str | None = None
+    agent_version: str | None = None
+    heartbeat_at: str | None = None
 
 
 def fleet_rows(
@@ -50,6 +55,11 @@ def fleet_rows(
                     error=status.get("error") or "",
                     heartbeat_age_s=age,
                     stale=stale,
+                    deploy_id=status.get("deploy_id"),
+                    output_tail=status.get("output_tail"),
+                    updated_at=status.get("updated_at"),
+                    agent_version=report.get("agent_version"),
+                    heartbeat_at=report.get("heartbeat_at"),
                 )
             )
     rows.sort(key=lambda r: (r.stage, r.role, r.component, r.instance_id))

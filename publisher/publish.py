@@ -132,6 +132,46 @@ class Publisher:
         manifest_new = self._put_immutable(
             manifest_key, lambda: manifest_body, hashlib.sha256(manifest_body).hexdigest(), "application/yaml"
         )
+        return self._deploy(
+            channel,
+            release_id,
+            manifest_key,
+            hashlib.sha256(manifest_body).hexdigest(),
+            origin,
+            release_reused=not (artifact_new or manifest_new),
+        )
+
+    def publish_existing(
+        self, channel: Channel, release_id: str, *, origin: Mapping[str, str] | None = None
+    ) -> PublishResult:
+        """Deploy a release that is already in S3 (a rollback, or a promotion) as the channel's next seq.
+
+        Nothing is uploaded; the manifest is read only to pin its sha256 in the deploy. Instances
+        that still keep `releases/<release_id>` on disk re-activate it without downloading.
+        """
+        self.check_resources()
+        if not RELEASE_ID_PATTERN.match(release_id):
+            raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
+        manifest_key = self.layout.manifest_key(channel.component, release_id)
+        found = get_document(self.clients.s3, self.bucket, manifest_key, self.policy)
+        if found is None:
+            raise PublishError(
+                f"release {release_id} of component {channel.component} does not exist (no s3://{self.bucket}/{manifest_key})"
+            )
+        return self._deploy(
+            channel, release_id, manifest_key, hashlib.sha256(found[0]).hexdigest(), origin, release_reused=True
+        )
+
+    def _deploy(
+        self,
+        channel: Channel,
+        release_id: str,
+        manifest_key: str,
+        manifest_sha256: str,
+        origin: Mapping[str, str] | None,
+        *,
+        release_reused: bool,
+    ) -> PublishResult:
         template_deploy = Deploy(
             deploy_id=new_deploy_id(),
             stage=channel.stage,
@@ -140,7 +180,7 @@ class Publisher:
             seq=1,
             release_id=release_id,
             manifest_key=manifest_key,
-            manifest_sha256=hashlib.sha256(manifest_body).hexdigest(),
+            manifest_sha256=manifest_sha256,
             published_at=utc_now_iso(),
             origin=dict(origin or {}),
         )
@@ -150,9 +190,7 @@ class Publisher:
         deploy = self._claim_and_point(template_deploy)
         # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
         message_id, sns_error = self._notify(deploy)
-        return PublishResult(
-            deploy, release_reused=not (artifact_new or manifest_new), sns_message_id=message_id, sns_error=sns_error
-        )
+        return PublishResult(deploy, release_reused=release_reused, sns_message_id=message_id, sns_error=sns_error)
 
     def _put_immutable(self, key: str, body: object, sha256: str, content_type: str) -> bool:
         """Create `key` once. Re-publishing identical content is a no-op; different content is refused."""

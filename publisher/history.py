@@ -1,0 +1,88 @@
+"""`deployer history`: the deploys of one channel, newest first, from `history/<seq>.json`.
+
+History objects are written once per seq by the publisher's claim (If-None-Match: *), so
+listing the history prefix gives every deploy in seq order (the keys are zero-padded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deployer.errors import InvalidMessage
+from deployer.layout import Layout
+from deployer.pointers import get_document
+from deployer.protocol import Channel, Deploy, parse_deploy
+from deployer.retry import DEFAULT_POLICY, RetryPolicy
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+
+def history_keys(
+    s3: S3Client, bucket: str, layout: Layout, channel: Channel, policy: RetryPolicy = DEFAULT_POLICY
+) -> list[str]:
+    """Every history key of the channel, oldest seq first (a LIST costs one request per 1000 keys)."""
+    paginator = s3.get_paginator("list_objects_v2")
+    pages = policy.call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=layout.history_prefix(channel))))
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", []) if obj["Key"].endswith(".json")]
+    return sorted(keys)
+
+
+def iter_history(
+    s3: S3Client, bucket: str, layout: Layout, channel: Channel, policy: RetryPolicy = DEFAULT_POLICY
+) -> Iterator[Deploy]:
+    """Deploys newest first, read lazily, so a caller that stops early GETs only what it used."""
+    for key in reversed(history_keys(s3, bucket, layout, channel, policy)):
+        found = get_document(s3, bucket, key, policy)
+        if found is None:
+            continue
+        try:
+            yield parse_deploy(found[0])
+        except InvalidMessage as exc:
+            log.warning("history_entry_invalid", key=key, error=str(exc), next="skipped")
+
+
+def describe_origin(origin: Mapping[str, str]) -> str:
+    """Who published and from where, in one short cell: CI run first, else user@host."""
+    parts = []
+    if "github_repository" in origin:
+        parts.append(
+            f"github:{origin['github_repository']}"
+            + (f"#{origin['github_run_id']}" if "github_run_id" in origin else "")
+        )
+    if "ci_project_path" in origin:
+        parts.append(
+            f"gitlab:{origin['ci_project_path']}"
+            + (f"#{origin['ci_pipeline_id']}" if "ci_pipeline_id" in origin else "")
+        )
+    if "build_url" in origin:
+        parts.append(origin["build_url"])
+    who = origin.get("github_actor") or origin.get("gitlab_user_login") or origin.get("user")
+    if who or "host" in origin:
+        parts.append(f"{who or '?'}@{origin.get('host', '?')}")
+    if origin.get("action") == "rollback":
+        parts.append(f"(rollback from seq {origin.get('rollback_from_seq', '?')})")
+    return " ".join(parts) or "-"
+
+
+def format_history(deploys: Sequence[Deploy], current_seq: int | None) -> str:
+    header = ("SEQ", "RELEASE", "DEPLOY", "PUBLISHED", "BY / FROM")
+    body = [
+        (
+            f"{d.seq}{' *' if d.seq == current_seq else ''}",
+            d.release_id,
+            d.deploy_id,
+            d.published_at,
+            describe_origin(d.origin),
+        )
+        for d in deploys
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
+    )
