@@ -23,7 +23,7 @@ user=deployer
 
 usage() {
   sed -n '6,7p' "$0" | sed 's/^# *//' >&2
-  exit 2
+  exit "${1:-2}"
 }
 
 while [ $# -gt 0 ]; do
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --version) version=$2; shift 2 ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
-    -h | --help) usage ;;
+    -h | --help) usage 0 ;;
     *) echo "provision: unknown argument $1" >&2; usage ;;
   esac
 done
