@@ -18,6 +18,9 @@ _QUEUE_PART = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOPIC_ARN = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DLQ_SUFFIX = "-dlq"
+#: Auto Scaling name rules: https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html
+_LIFECYCLE_HOOK = re.compile(r"^[A-Za-z0-9./_-]{1,255}$")
+_ASG_NAME = re.compile(r"^[^:\s][^:]{0,254}$")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class AgentConfig:
     reconcile_interval_seconds: float = 300.0
     heartbeat_interval_seconds: float = 900.0
     hook_timeout_seconds: float = 600.0
+    #: Auto Scaling launch hook to complete after boot replay (CONTINUE, or ABANDON on failure); off if unset.
+    lifecycle_hook_name: str | None = None
+    #: The instance's Auto Scaling group; looked up with DescribeAutoScalingInstances if unset.
+    lifecycle_asg_name: str | None = None
+    #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
+    deregister_on_shutdown: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -75,6 +84,12 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
             raise ConfigError("state_dir and root_dir must be absolute paths")
+        for name, pattern in (("lifecycle_hook_name", _LIFECYCLE_HOOK), ("lifecycle_asg_name", _ASG_NAME)):
+            value = getattr(self, name)
+            if value is not None and not pattern.match(value):
+                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
+        if self.lifecycle_asg_name and not self.lifecycle_hook_name:
+            raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
 
     @property
     def channels(self) -> tuple[Channel, ...]:
@@ -125,6 +140,7 @@ def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig
 _INT_KEYS = {"poll_wait_seconds", "visibility_timeout_seconds", "max_receive_count"}
 _FLOAT_KEYS = {"reconcile_interval_seconds", "heartbeat_interval_seconds", "hook_timeout_seconds"}
 _PATH_KEYS = {"state_dir", "root_dir"}
+_BOOL_KEYS = {"deregister_on_shutdown"}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -142,6 +158,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigError(f"{source}: {name} must be a number of seconds, got {value!r}")
         return float(value)
+    if name in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+        return value
     if name in _PATH_KEYS:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {name} must be a path, got {value!r}")

@@ -1,0 +1,154 @@
+"""`deployer gc` and clean deregistration against the emulator: only stale instances go, in a safe order."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from deployer.config import AgentConfig
+from deployer.layout import Layout
+from deployer.lifecycle import deregister
+from deployer.queue import InstanceQueue
+from deployer.status import StatusReporter
+from publisher.gc import Collector, Registration, select_stale
+from tests.conftest import BUCKET, FAST_POLICY, Fleet
+from tests.e2e.conftest import cli
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def config(fleet: Fleet, role: str = "web") -> AgentConfig:
+    return AgentConfig(stage="prod", role=role, components=("api",), bucket=BUCKET, topic_arn=fleet.topic_arn)
+
+
+def register(fleet: Fleet, instance_id: str, heartbeat_age_s: float = 0, role: str = "web") -> str:
+    """What an agent's boot leaves behind: queue + DLQ + subscription + status report. Returns the subscription ARN."""
+    cfg = config(fleet, role)
+    handle = InstanceQueue(fleet.clients.sqs, fleet.clients.sns, cfg, instance_id, FAST_POLICY).ensure()
+    reporter = StatusReporter(
+        fleet.clients.s3, BUCKET, Layout(), stage="prod", role=role, instance_id=instance_id, components=("api",)
+    )
+    reporter.write()
+    if heartbeat_age_s:
+        key = Layout().status_key("prod", role, instance_id)
+        doc = json.loads(fleet.clients.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        doc["heartbeat_at"] = (datetime.now(UTC) - timedelta(seconds=heartbeat_age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(doc).encode())
+    return handle.subscription_arn
+
+
+def queues(fleet: Fleet) -> set[str]:
+    return {url.rsplit("/", 1)[1] for url in fleet.clients.sqs.list_queues().get("QueueUrls", [])}
+
+
+def subscriptions(fleet: Fleet) -> set[str]:
+    subs = fleet.clients.sns.list_subscriptions_by_topic(TopicArn=fleet.topic_arn)["Subscriptions"]
+    return {s["Endpoint"].rsplit(":", 1)[1] for s in subs}
+
+
+def statuses(fleet: Fleet) -> set[str]:
+    listed = fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix="deployer/status/").get("Contents", [])
+    return {Path(o["Key"]).stem for o in listed}
+
+
+def collector(fleet: Fleet) -> Collector:
+    return Collector(fleet.clients, BUCKET, fleet.topic_arn, fleet.layout, policy=FAST_POLICY)
+
+
+def reg(instance: str, heartbeat: str | None, modified_age_s: float = 0) -> Registration:
+    return Registration(
+        instance, "prod", "web", f"k/{instance}", "e", heartbeat, NOW - timedelta(seconds=modified_age_s)
+    )
+
+
+def test_stale_means_a_heartbeat_older_than_the_ttl_or_an_unreadable_report_as_old_as_that() -> None:
+    regs = [
+        reg("fresh", "2026-11-26T11:59:00Z"),
+        reg("old", "2026-11-26T08:00:00Z"),
+        reg("older", "2026-11-25T08:00:00Z"),
+        reg("unreadable-old", None, modified_age_s=7200),
+        reg("unreadable-new", None, modified_age_s=10),
+    ]
+    assert [r.instance_id for r in select_stale(regs, NOW, 3600)] == ["older", "old", "unreadable-old"]
+
+
+def test_gc_removes_only_stale_instances_subscription_first_and_a_dry_run_removes_nothing(fleet: Fleet) -> None:
+    register(fleet, "i-alive")
+    register(fleet, "i-dead", heartbeat_age_s=4 * 3600)
+    register(fleet, "i-dead-worker", heartbeat_age_s=5 * 3600, role="worker")
+    before = (queues(fleet), subscriptions(fleet), statuses(fleet))
+    assert len(before[0]) == 6
+
+    dry = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove prod/worker/i-dead-worker: 1 subscription(s)" in dry.stdout
+    assert "2 stale instance(s) would be removed" in dry.stdout
+    assert (queues(fleet), subscriptions(fleet), statuses(fleet)) == before
+
+    real = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--json")
+    assert real.returncode == 0, real.stderr
+    removed = json.loads(real.stdout)["removed"]
+    assert {r["instance_id"] for r in removed} == {"i-dead", "i-dead-worker"}
+    assert queues(fleet) == {"deployer-prod-web-i-alive", "deployer-prod-web-i-alive-dlq"}
+    assert subscriptions(fleet) == {"deployer-prod-web-i-alive"}
+    assert statuses(fleet) == {"i-alive"}
+
+    # Idempotent: the next scheduled run finds nothing to do.
+    again = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn)
+    assert again.stdout.strip() == "0 stale instance(s) removed"
+    # And publishing still reaches the live instance (no subscription to a missing queue is left).
+    fleet.clients.sns.publish(TopicArn=fleet.topic_arn, Message="ping")
+
+
+def test_gc_refuses_a_ttl_short_enough_to_collect_instances_busy_in_a_hook(fleet: Fleet) -> None:
+    result = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--ttl", "60")
+    assert result.returncode == 2
+    assert "60" in result.stderr
+
+
+def test_gc_finishes_a_removal_that_was_interrupted_after_the_subscription_went(fleet: Fleet) -> None:
+    sub = register(fleet, "i-half", heartbeat_age_s=4 * 3600)
+    fleet.clients.sns.unsubscribe(SubscriptionArn=sub)
+    [removal] = collector(fleet).run(3600)
+    assert removal.subscriptions == ()
+    assert removal.queues == ("deployer-prod-web-i-half", "deployer-prod-web-i-half-dlq")
+    assert queues(fleet) == set()
+    assert statuses(fleet) == set()
+
+
+def test_gc_leaves_an_instance_that_heartbeated_between_the_scan_and_the_removal(fleet: Fleet) -> None:
+    register(fleet, "i-back", heartbeat_age_s=4 * 3600)
+
+    class RacingCollector(Collector):
+        def scan(self) -> list[Registration]:
+            found = super().scan()
+            register(fleet, "i-back")  # the instance comes back and rewrites its report
+            return found
+
+    racing = RacingCollector(fleet.clients, BUCKET, fleet.topic_arn, fleet.layout, policy=FAST_POLICY)
+    assert racing.run(3600) == []
+    assert statuses(fleet) == {"i-back"}
+    assert "deployer-prod-web-i-back" in queues(fleet)
+
+
+def test_an_agent_deregisters_itself_on_clean_shutdown(fleet: Fleet) -> None:
+    register(fleet, "i-other")
+    sub = register(fleet, "i-leaving")
+    calls: list[str] = []
+    for client in (fleet.clients.sns, fleet.clients.sqs, fleet.clients.s3):
+        client.meta.events.register("before-call", lambda model, **_: calls.append(model.name))
+    removal = deregister(fleet.clients, config(fleet), "i-leaving", subscription_arn=sub, policy=FAST_POLICY)
+    assert removal.subscriptions == (sub,)
+    # Subscription first, queues next, the status report last (so an interrupted run is finished by gc).
+    mutations = [c for c in calls if c in ("Unsubscribe", "DeleteQueue", "DeleteObject")]
+    assert mutations == ["Unsubscribe", "DeleteQueue", "DeleteQueue", "DeleteObject"]
+    assert subscriptions(fleet) == {"deployer-prod-web-i-other"}
+    assert queues(fleet) == {"deployer-prod-web-i-other", "deployer-prod-web-i-other-dlq"}
+    assert statuses(fleet) == {"i-other"}
+    # Without the subscription ARN it finds its own subscription by the queue's ARN; repeating is harmless.
+    register(fleet, "i-leaving")
+    deregister(fleet.clients, config(fleet), "i-leaving", policy=FAST_POLICY)
+    deregister(fleet.clients, config(fleet), "i-leaving", policy=FAST_POLICY)
+    assert statuses(fleet) == {"i-other"}
+    assert subscriptions(fleet) == {"deployer-prod-web-i-other"}
