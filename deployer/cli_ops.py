@@ -229,7 +229,7 @@ def gc(
             f"{verb} {r.stage}/{r.role}/{r.instance_id}: {len(r.subscriptions)} subscription(s), "
             f"queues {', '.join(r.queues) or '-'}, status report"
         )
-    click.echo(f"{len(removed)} stale instance(s) {verb}")
+    click.echo(f"{len(removed)} stale instance(s) {'would be removed' if dry_run else 'removed'}")
 
 
 @main.command("iam-policy")
@@ -258,7 +258,7 @@ def iam_policy(
     deregister: bool,
 ) -> None:
     """Print a least-privilege IAM policy (JSON) for CI, the instances or gc."""
-    from publisher.iam import Audience, Scope, policy_for
+    from publisher.iam import Audience, Scope, policy_for, render
 
     scope = Scope(
         bucket=bucket,
@@ -271,4 +271,4 @@ def iam_policy(
         lifecycle=lifecycle,
         deregister=deregister,
     )
-    click.echo(json.dumps(policy_for(Audience(audience), scope), indent=2))
+    click.echo(render(policy_for(Audience(audience), scope)))

@@ -1,0 +1,32 @@
+"""Status reports stay cheap: one write per change and per heartbeat, none in between."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from deployer.protocol import Deploy
+from tests.conftest import BUCKET, Fleet
+from tests.e2e.conftest import AgentProcess, wait_until
+
+
+def writes(fleet: Fleet, agent: AgentProcess) -> int:
+    key = fleet.layout.status_key("prod", "web", agent.instance_id or "")
+    listed = fleet.clients.s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])
+    return len(listed)
+
+
+def test_an_idle_agent_writes_its_status_once_per_heartbeat_and_a_deploy_adds_two_writes(
+    fleet: Fleet, start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy]
+) -> None:
+    # Versioning keeps every PUT of the status object, so the versions count the writes.
+    fleet.clients.s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    agent = start_agent(heartbeat_interval_seconds=3600)
+    time.sleep(2)
+    assert writes(fleet, agent) == 1  # the boot report; no pointer yet, nothing else to say
+    deploy = publish("counted")
+    wait_until(lambda: agent.on_seq(deploy.seq), "seq 1")
+    time.sleep(2)
+    assert writes(fleet, agent) == 3  # + applying, + ok
+    heartbeating = start_agent(heartbeat_interval_seconds=1)
+    wait_until(lambda: writes(fleet, heartbeating) >= 4, "three heartbeats after boot", timeout=15)
