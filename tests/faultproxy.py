@@ -139,10 +139,8 @@ def _reset(sock: socket.socket) -> None:
     # SO_LINGER 0 makes close() send RST: the client sees "connection reset by peer". shutdown()
     # first, because a pump thread blocked in recv() would otherwise keep the socket open.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RD)  # wakes the recv without sending FIN
-    except OSError:
-        pass
     sock.close()
 
 
