@@ -8,6 +8,7 @@ release (symlink strategy) and runs the failure hooks, which get the deploy log 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ import structlog
 from deployer.errors import ArtifactError, AwsError, DeployerError, FetchError, HookFailed
 from deployer.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
 from deployer.fetch import open_source
-from deployer.fsutil import fsync_dir, swap_symlink
+from deployer.fsutil import fsync_dir, swap_symlink, write_atomic
+from deployer.health import run_health_check
 from deployer.hooks import run_hooks, tail_of
 from deployer.manifest import Manifest, SyncStrategy
 from deployer.prune import releases_to_prune
@@ -36,6 +38,10 @@ log = structlog.get_logger(__name__)
 
 STAGING_PREFIX = ".incoming-"
 RELEASES_DIR = "releases"
+#: `releases/.meta/<id>.json` records which artifact (by checksum) a release directory holds, so
+#: a directory already on disk (an earlier deploy, or baked into the AMI) is reused only if it
+#: is the same artifact. Kept beside the tree, not in it, so the application never sees it.
+META_DIR = ".meta"
 
 
 @dataclass(frozen=True)
@@ -150,12 +156,18 @@ class Applier:
         releases.mkdir(parents=True, exist_ok=True)
 
         output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
-        reused = release_dir.is_dir()
+        reused = _verified_on_disk(releases, release_id, manifest)
         if reused:
             deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
             log.info("release_reused", release_dir=str(release_dir))
         else:
+            if release_dir.exists():
+                # On disk but not recorded as this artifact (a crash before the record, a hand-made
+                # directory, a different artifact under the same id): never trust it, fetch afresh.
+                log.warning("release_dir_unverified", release_dir=str(release_dir), next="downloading it again")
+                _discard(release_dir)
             self._stage(manifest, releases, release_dir, deploy_log)
+            _record_verified(releases, release_id, manifest)
 
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
         self._on_milestone(Milestone.ACTIVATED)
@@ -255,7 +267,12 @@ class Applier:
     ) -> str:
         try:
             output = self._hooks(manifest, "post", env, cwd, deploy_log)
-        except HookFailed as exc:
+            if manifest.health is not None:
+                output += run_health_check(
+                    manifest.health, env={**os.environ, **manifest.env, **env}, cwd=cwd, user=manifest.run_as
+                )
+                deploy_log.add("health check ok")
+        except HookFailed as exc:  # a failed health check is one too
             if callable(rollback):
                 rollback()
             deploy_log.add(f"error: {exc}")
@@ -294,6 +311,7 @@ class Applier:
             cwd=cwd if cwd.is_dir() else self.root_dir,
             default_timeout=manifest.hook_timeout or self.hook_timeout,
             stdin_text=stdin_text,
+            user=manifest.run_as,
         )
         deploy_log.add(f"{phase} hooks ok")
         if output:
@@ -305,6 +323,7 @@ class Applier:
             (p.name, p.lstat().st_mtime) for p in releases.iterdir() if p.is_dir() and not p.name.startswith(".")
         ]
         for name in releases_to_prune(entries, active=active, previous=previous, keep=keep):
+            (releases / META_DIR / f"{name}.json").unlink(missing_ok=True)
             shutil.rmtree(releases / name, ignore_errors=True)
             log.info("release_pruned", release=name)
 
@@ -322,6 +341,26 @@ def _link_target(link: Path) -> Path | None:
     if not link.is_symlink():
         return None
     return (link.parent / os.readlink(link)).resolve()
+
+
+def _verified_on_disk(releases: Path, release_id: str, manifest: Manifest) -> bool:
+    try:
+        meta = json.loads((releases / META_DIR / f"{release_id}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((releases / release_id).is_dir() and meta.get("checksum") == manifest.checksum)
+
+
+def _record_verified(releases: Path, release_id: str, manifest: Manifest) -> None:
+    meta = {"checksum": manifest.checksum, "algorithm": manifest.checksum_algorithm, "src": manifest.src}
+    write_atomic(releases / META_DIR / f"{release_id}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _discard(path: Path) -> None:
+    # Rename first so a crash mid-delete leaves a staging leftover (cleaned next time), not a half tree.
+    doomed = path.parent / f"{STAGING_PREFIX}discard-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _remove_stale_staging(parent: Path) -> None:

@@ -35,6 +35,10 @@ class HookFailed(DeployerError):
         self.output_tail = output_tail
 
 
+class HealthCheckFailed(HookFailed):
+    """Raised when a release's health check still fails after its last retry."""
+
+
 class AwsError(DeployerError):
     """Raised when an AWS call fails for a reason retrying will not fix (or retries ran out)."""
 

@@ -1,5 +1,7 @@
 """Safe, streaming extraction: download → hash → decompress → extract in one pass, no temp archive.
 
+Formats: .tar, .tar.gz, .tar.bz2, .tar.xz and .tar.zst, recognised by content, not by name.
+
 Every member is checked before it touches the disk (absolute paths, `..`, links leaving the
 release, device nodes, FIFOs, setuid/setgid, member count and total size), and tarfile's
 `data` filter runs as a second line of defence. The checksum covers every byte of the
@@ -24,6 +26,7 @@ from deployer.fetch import Readable
 from deployer.retry import TransientFetchError
 
 READ_CHUNK = 1024 * 1024
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def extract_verified(
     members = 0
     total = 0
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=_decompressed(reader), mode="r|*") as archive:  # type: ignore[call-overload]
             for member in archive:
                 members += 1
                 if members > limits.max_members:
@@ -131,7 +134,7 @@ def extract_verified(
         raise TransientFetchError(f"download interrupted after {reader.count} bytes: {exc}") from None
     except tarfile.FilterError as exc:
         raise ArtifactError(f"unsafe archive member: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, zstd_error()) as exc:
         # ReadError on a non-tar/non-gzip body, EOFError/"unexpected end of data" on truncation.
         if isinstance(exc, OSError) and exc.errno is not None:
             raise ArtifactError(f"cannot write release files: {exc}") from None
@@ -142,6 +145,44 @@ def extract_verified(
             f"checksum mismatch: expected {expected_digest.lower()}, downloaded {reader.count} bytes hashing to {digest}"
         )
     return ExtractStats(members=members, bytes=total, downloaded=reader.count)
+
+
+class _Prefixed:
+    """A stream with some already-read bytes put back in front (we peek at the magic number)."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self._head = head
+        self._rest = rest
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self._head:
+            return self._rest.read(size)
+        if size < 0:
+            data, self._head = self._head + self._rest.read(), b""
+            return data
+        data, self._head = self._head[:size], self._head[size:]
+        if len(data) < size:
+            data += self._rest.read(size - len(data))
+        return data
+
+
+def _decompressed(reader: Readable) -> Readable:
+    """tarfile's stream mode knows gzip, bzip2 and xz; zstd is unwrapped here (.tar.zst)."""
+    head = reader.read(len(ZSTD_MAGIC))
+    stream = _Prefixed(head, reader)
+    if head != ZSTD_MAGIC:
+        return stream
+    import zstandard  # only needed for .tar.zst; a well-kept binding to the reference library
+
+    return zstandard.ZstdDecompressor().stream_reader(stream, read_size=READ_CHUNK)  # type: ignore[arg-type]
+
+
+def zstd_error() -> type[Exception]:
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - zstandard is a declared dependency
+        return ValueError
+    return zstandard.ZstdError
 
 
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:

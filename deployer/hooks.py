@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ def run_hooks(
     cwd: Path,
     default_timeout: float,
     stdin_text: str | None = None,
+    user: str | None = None,
 ) -> str:
     """Run hooks in order; return their combined output tail; raise HookFailed on the first failure."""
     outputs: list[str] = []
@@ -41,7 +43,7 @@ def run_hooks(
         timeout = hook.timeout or default_timeout
         hook_env = {**os.environ, **env, **hook.env}
         log.info("hook_started", phase=phase, index=index, command=hook.run, timeout_s=timeout)
-        code, output = _run_one(hook.run, hook_env, cwd, timeout, stdin_text)
+        code, output = _run_one(hook.run, hook_env, cwd, timeout, stdin_text, user)
         outputs.append(output)
         tail = tail_of("".join(outputs))
         if code is None:
@@ -59,8 +61,16 @@ def tail_of(text: str, limit: int = OUTPUT_TAIL_BYTES) -> str:
 
 
 def _run_one(
-    command: str, env: Mapping[str, str], cwd: Path, timeout: float, stdin_text: str | None
+    command: str, env: Mapping[str, str], cwd: Path, timeout: float, stdin_text: str | None, user: str | None
 ) -> tuple[int | None, str]:
+    if user is not None:
+        try:
+            account = pwd.getpwnam(user)
+        except KeyError:
+            raise HookFailed(f"run_as user {user!r} does not exist on this machine") from None
+        if os.geteuid() not in (0, account.pw_uid):
+            raise HookFailed(f"run_as {user!r} needs the agent to run as root (it runs as uid {os.geteuid()})")
+        env = {**env, "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
     proc = subprocess.Popen(
         ["/bin/sh", "-c", command],
         cwd=cwd,
@@ -69,6 +79,9 @@ def _run_one(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        user=user,
+        group=pwd.getpwnam(user).pw_gid if user is not None else None,
+        extra_groups=[] if user is not None and os.geteuid() == 0 else None,
     )
     try:
         out, _ = proc.communicate(stdin_text.encode() if stdin_text is not None else None, timeout=timeout)

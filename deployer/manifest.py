@@ -11,7 +11,7 @@ import enum
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,7 +39,10 @@ _TOP_KEYS = {
     "keep_releases",
     "env",
     "hook_timeout",
+    "health",
+    "run_as",
 }
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 class SyncStrategy(enum.StrEnum):
@@ -66,6 +69,17 @@ class Commands:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """After activation: `command` (exit 0 = healthy) or `http` (2xx = healthy), tried `retries` times."""
+
+    command: str | None = None
+    http: str | None = None
+    retries: int = 3
+    interval: float = 2.0
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Manifest:
     src: str | None = None
     checksum: str | None = None
@@ -78,6 +92,8 @@ class Manifest:
     keep_releases: int = DEFAULT_KEEP_RELEASES
     env: Mapping[str, str] = field(default_factory=dict)
     hook_timeout: float | None = None
+    health: HealthCheck | None = None
+    run_as: str | None = None
 
     @property
     def checksum_algorithm(self) -> str | None:
@@ -112,6 +128,10 @@ class Manifest:
             doc["env"] = dict(self.env)
         if self.hook_timeout is not None:
             doc["hook_timeout"] = self.hook_timeout
+        if self.health is not None:
+            doc["health"] = {k: v for k, v in asdict(self.health).items() if v is not None}
+        if self.run_as is not None:
+            doc["run_as"] = self.run_as
         return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -179,7 +199,44 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
         keep_releases=keep,
         env=_env(doc.get("env"), "env"),
         hook_timeout=_timeout(doc.get("hook_timeout"), "hook_timeout"),
+        health=_health(doc.get("health")),
+        run_as=_run_as(doc.get("run_as")),
     )
+
+
+def _health(value: Any) -> HealthCheck | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError(f"health must be a mapping with command or http, got {value!r}")
+    unknown = sorted(str(k) for k in set(value) - {"command", "http", "retries", "interval", "timeout"})
+    if unknown:
+        raise ManifestError(f"health has unknown key(s): {', '.join(unknown)}")
+    command, http = value.get("command"), value.get("http")
+    if (command is None) == (http is None):
+        raise ManifestError("health needs exactly one of command or http")
+    if command is not None and (not isinstance(command, str) or not command.strip()):
+        raise ManifestError(f"health.command must be a command string, got {command!r}")
+    if http is not None and (not isinstance(http, str) or urlparse(http).scheme not in ("http", "https")):
+        raise ManifestError(f"health.http must be an http(s) URL, got {http!r}")
+    retries = value.get("retries", 3)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 1 <= retries <= 100:
+        raise ManifestError(f"health.retries must be an integer 1..100, got {retries!r}")
+    return HealthCheck(
+        command=command,
+        http=http,
+        retries=retries,
+        interval=_timeout(value.get("interval", 2.0), "health.interval") or 2.0,
+        timeout=_timeout(value.get("timeout", 5.0), "health.timeout") or 5.0,
+    )
+
+
+def _run_as(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _USER.match(value):
+        raise ManifestError(f"run_as must be a user name, got {value!r}")
+    return value
 
 
 def _optional_str(doc: Mapping[str, Any], key: str) -> str | None:

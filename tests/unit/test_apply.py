@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deployer.apply import Applier, ApplyFailed
-from deployer.manifest import Commands, Hook, Manifest, SyncStrategy
+from deployer.manifest import Commands, HealthCheck, Hook, Manifest, SyncStrategy
 from tests.archives import write_release
 
 ENV = {"DEPLOYER_SEQ": "1"}
@@ -33,6 +33,10 @@ def applier(tmp_path: Path) -> Applier:
     return Applier(s3=None, root_dir=root, hook_timeout=10)  # type: ignore[arg-type]
 
 
+def releases_on_disk(releases: Path) -> list[str]:
+    return sorted(p.name for p in releases.iterdir() if not p.name.startswith("."))
+
+
 def current(applier: Applier) -> Path:
     return applier.resolve("/opt/app/current")
 
@@ -49,7 +53,8 @@ def test_symlink_strategy_activates_the_release_atomically(tmp_path: Path, appli
     assert os.readlink(link) == "releases/r1"  # relative, so the tree can be moved or chrooted
     assert (link / "index.html").read_text() == "v1"
     assert result.previous_dir is None
-    assert not any(p.name.startswith(".") for p in (link.parent / "releases").iterdir())
+    assert releases_on_disk(link.parent / "releases") == ["r1"]
+    assert not any(p.name.startswith(".incoming") for p in (link.parent / "releases").iterdir())
 
 
 def test_a_second_release_swaps_current_and_keeps_the_first(tmp_path: Path, applier: Applier) -> None:
@@ -116,7 +121,8 @@ def test_a_checksum_mismatch_leaves_current_untouched_and_no_partial_release(tmp
         applier.apply(manifest_for(a2, "f" * 64), "r2", ENV)
     assert info.value.permanent
     releases = current(applier).parent / "releases"
-    assert sorted(p.name for p in releases.iterdir()) == ["r1"]
+    assert releases_on_disk(releases) == ["r1"]
+    assert not any(p.name.startswith(".incoming") for p in releases.iterdir())
     assert (current(applier) / "index.html").read_text() == "v1"
 
 
@@ -136,7 +142,8 @@ def test_old_releases_beyond_keep_are_pruned(tmp_path: Path, applier: Applier) -
         artifact, digest = release(tmp_path, f"r{i}", {"v": str(i)})
         applier.apply(manifest_for(artifact, digest, keep_releases=3), f"r{i}", ENV)
     releases = current(applier).parent / "releases"
-    assert sorted(p.name for p in releases.iterdir()) == ["r3", "r4", "r5"]
+    assert releases_on_disk(releases) == ["r3", "r4", "r5"]
+    assert sorted(p.name for p in (releases / ".meta").iterdir()) == ["r3.json", "r4.json", "r5.json"]
 
 
 def test_symlink_strategy_refuses_to_replace_a_real_directory(tmp_path: Path, applier: Applier) -> None:
@@ -175,3 +182,75 @@ def test_mv_strategy_moves_the_release_into_a_fresh_dest(tmp_path: Path, applier
     assert (applier.resolve("/srv/mv") / "index.html").read_text() == "v1"
     with pytest.raises(ApplyFailed, match="needs dest /srv/mv not to exist"):
         applier.apply(manifest_for(artifact, digest, dest="/srv/mv", sync_strategy=SyncStrategy.MV), "r1", ENV)
+
+
+def test_a_release_dir_not_recorded_as_this_artifact_is_fetched_again(tmp_path: Path, applier: Applier) -> None:
+    artifact, digest = release(tmp_path, "r1", {"index.html": "the real one"})
+    impostor = current(applier).parent / "releases" / "r1"
+    impostor.mkdir(parents=True)
+    (impostor / "index.html").write_text("left over by hand")
+    result = applier.apply(manifest_for(artifact, digest), "r1", ENV)
+    assert not result.reused
+    assert (current(applier) / "index.html").read_text() == "the real one"
+
+
+def test_a_zstd_artifact_is_applied(tmp_path: Path, applier: Applier) -> None:
+    import hashlib
+    import io
+    import tarfile
+
+    import zstandard
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as archive:
+        data = b"compressed with zstd"
+        info = tarfile.TarInfo("index.html")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    compressed = zstandard.ZstdCompressor().compress(raw.getvalue())
+    artifact = tmp_path / "r1.tar.zst"
+    artifact.write_bytes(compressed)
+    applier.apply(manifest_for(artifact, hashlib.sha256(compressed).hexdigest()), "r1", ENV)
+    assert (current(applier) / "index.html").read_text() == "compressed with zstd"
+
+
+def test_a_failing_health_check_rolls_back_and_reports_its_output(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    attempts = tmp_path / "attempts"
+    check = HealthCheck(command=f"echo try >> {attempts}; echo unhealthy; exit 1", retries=3, interval=0.01)
+    with pytest.raises(ApplyFailed, match="health check failed 3 time") as info:
+        applier.apply(manifest_for(a2, d2, health=check), "r2", ENV)
+    assert "unhealthy" in info.value.output_tail
+    assert attempts.read_text().count("try") == 3
+    assert (current(applier) / "index.html").read_text() == "v1"
+
+
+def test_an_http_health_check_passes_on_2xx(tmp_path: Path, applier: Applier) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+        applier.apply(manifest_for(a1, d1, health=HealthCheck(http=f"{base}/health")), "r1", ENV)
+        a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+        with pytest.raises(ApplyFailed, match="health check failed"):
+            applier.apply(
+                manifest_for(a2, d2, health=HealthCheck(http=f"{base}/broken", retries=2, interval=0.01)), "r2", ENV
+            )
+        assert (current(applier) / "index.html").read_text() == "v1"
+    finally:
+        server.shutdown()
+        server.server_close()

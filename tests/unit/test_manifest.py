@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from deployer.errors import ManifestError
-from deployer.manifest import Hook, Manifest, SyncStrategy, parse_manifest
+from deployer.manifest import HealthCheck, Hook, Manifest, SyncStrategy, parse_manifest
 
 STRETCHER_EXAMPLE = """\
 src: s3://example.com/app.tar.gz
@@ -104,6 +104,12 @@ commands:
         ("excludes: '*.pid'\n", "excludes must be a list of strings"),
         ("- a list\n", "must be a YAML mapping"),
         ("key: [unclosed\n", "not valid YAML"),
+        ("health: {retries: 2}\n", "health needs exactly one of command or http"),
+        ("health: {command: x, http: 'http://a'}\n", "health needs exactly one of command or http"),
+        ("health: {http: 'ftp://a'}\n", "health.http must be an http(s) URL"),
+        ("health: {command: x, retries: 0}\n", "health.retries must be an integer 1..100"),
+        ("health: {command: x, every: 3}\n", "health has unknown key(s): every"),
+        ("run_as: 'root; rm -rf /'\n", "run_as must be a user name"),
     ],
 )
 def test_a_bad_manifest_gets_an_error_naming_the_key(text: str, expected: str) -> None:
@@ -120,3 +126,12 @@ def test_to_yaml_round_trips_through_the_parser() -> None:
 
 def test_the_default_manifest_object_means_stretchers_rsync() -> None:
     assert Manifest().sync_strategy is SyncStrategy.RSYNC
+
+
+def test_health_and_run_as_parse_and_round_trip() -> None:
+    manifest = parse_manifest(
+        "health: {http: 'http://127.0.0.1:8080/health', retries: 5, interval: 1}\nrun_as: www-data\n"
+    )
+    assert manifest.health == HealthCheck(http="http://127.0.0.1:8080/health", retries=5, interval=1.0)
+    assert manifest.run_as == "www-data"
+    assert parse_manifest(manifest.to_yaml()) == manifest

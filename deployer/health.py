@@ -1,0 +1,56 @@
+"""The post-activation health check: a command or an HTTP GET, retried, each attempt time-bounded."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from deployer.errors import HealthCheckFailed, HookFailed
+from deployer.hooks import run_hooks, tail_of
+from deployer.manifest import HealthCheck, Hook
+
+log = structlog.get_logger(__name__)
+
+
+def run_health_check(check: HealthCheck, *, env: Mapping[str, str], cwd: Path, user: str | None = None) -> str:
+    """Return the last attempt's output once healthy; raise HealthCheckFailed after the last retry."""
+    last = ""
+    for attempt in range(1, check.retries + 1):
+        healthy, last = _attempt(check, env, cwd, user)
+        log.info("health_check", attempt=attempt, of=check.retries, healthy=healthy)
+        if healthy:
+            return last
+        if attempt < check.retries:
+            time.sleep(check.interval)
+    what = check.command or f"GET {check.http}"
+    raise HealthCheckFailed(f"health check failed {check.retries} time(s): {what}", tail_of(last))
+
+
+def _attempt(check: HealthCheck, env: Mapping[str, str], cwd: Path, user: str | None) -> tuple[bool, str]:
+    if check.command is not None:
+        try:
+            output = run_hooks(
+                [Hook(check.command, timeout=check.timeout)],
+                phase="health",
+                env=env,
+                cwd=cwd,
+                default_timeout=check.timeout,
+                user=user,
+            )
+        except HookFailed as exc:
+            return False, f"{exc}\n{exc.output_tail}"
+        return True, output
+    assert check.http is not None
+    try:
+        with urllib.request.urlopen(check.http, timeout=check.timeout) as response:
+            body = response.read(4096).decode(errors="replace")
+            return 200 <= response.status < 300, f"HTTP {response.status}: {body}"
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}: {exc.read(4096).decode(errors='replace')}"
+    except (urllib.error.URLError, OSError) as exc:
+        return False, f"GET {check.http} failed: {exc}"
