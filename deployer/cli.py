@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,56 @@ def status(
     click.echo()
     for line in summary(rows):
         click.echo(line)
+
+
+@main.command("apply")
+@_aws_options
+@click.option(
+    "--manifest",
+    "manifest_url",
+    help="Manifest URL (s3://, https://, file://); else read from stdin as stretcher does.",
+)
+@click.option(
+    "--state-dir",
+    default="/var/lib/deployer",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the apply lock lives (shared with the agent).",
+)
+@click.option(
+    "--root-dir",
+    default="/",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Prefix for the manifest's dest.",
+)
+@click.option("--release-id", help="Release directory name for the symlink strategy [default: from the checksum].")
+@click.option("--hook-timeout", default=600.0, show_default=True, help="Default per-hook timeout in seconds.")
+@_log_options
+def apply_command(
+    region: str | None,
+    endpoint_url: str | None,
+    manifest_url: str | None,
+    state_dir: Path,
+    root_dir: Path,
+    release_id: str | None,
+    hook_timeout: float,
+    log_json: bool | None,
+    log_level: str,
+) -> None:
+    """Apply one manifest now, like stretcher: `echo s3://bucket/manifest.yml | deployer apply`."""
+    from deployer.oneshot import apply_manifest_url, manifest_url_from_stdin
+
+    logs.configure(json=log_json, level=log_level)
+    url = manifest_url or manifest_url_from_stdin(sys.stdin.read())
+    if url is None:
+        click.echo("no event on stdin; nothing to apply", err=True)
+        return
+    # S3 redirects a GetObject to the bucket's region, so any region will do when none is set.
+    clients = make_clients(region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1", endpoint_url)
+    apply_manifest_url(
+        url, s3=clients.s3, root_dir=root_dir, state_dir=state_dir, hook_timeout=hook_timeout, release_id=release_id
+    )
 
 
 @main.command()

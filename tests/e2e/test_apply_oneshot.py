@@ -1,0 +1,156 @@
+"""`deployer apply`, stretcher's one-shot, as a real subprocess; and crash safety under SIGKILL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from deployer.manifest import Commands, Hook, Manifest, SyncStrategy
+from deployer.protocol import Deploy
+from publisher.pack import pack_directory
+from tests.conftest import BUCKET, Fleet, make_tree
+
+
+def deployer_apply(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deployer", "apply", "--log-json", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_manifest_url_on_stdin_is_applied_like_stretcher(
+    fleet: Fleet, tmp_path: Path, publish: Callable[..., Deploy]
+) -> None:
+    deploy = publish("from stdin")
+    url = f"s3://{BUCKET}/{deploy.manifest_key}"
+    root, state = tmp_path / "root", tmp_path / "state"
+    result = deployer_apply("--root-dir", str(root), "--state-dir", str(state), stdin=url + "\n")
+    assert result.returncode == 0, result.stderr
+    assert (root / "opt" / "api" / "current" / "index.html").read_text() == "from stdin"
+
+    # The Consul-event form of stdin, as `consul watch -type event` hands it to its handler.
+    second = publish("from consul")
+    events = json.dumps(
+        [{"ID": "1", "Payload": base64.b64encode(f"s3://{BUCKET}/{second.manifest_key}".encode()).decode()}]
+    )
+    result = deployer_apply("--root-dir", str(root), "--state-dir", str(state), stdin=events)
+    assert result.returncode == 0, result.stderr
+    assert (root / "opt" / "api" / "current" / "index.html").read_text() == "from consul"
+
+
+def test_a_failing_apply_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.yml"
+    manifest.write_text("commands:\n  pre: ['echo about to fail', 'exit 9']\n")
+    result = deployer_apply(
+        "--manifest", manifest.as_uri(), "--root-dir", str(tmp_path), "--state-dir", str(tmp_path / "s")
+    )
+    assert result.returncode == 1
+    assert "pre hook #1 exited 9" in result.stderr
+
+
+def test_a_missing_manifest_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    result = deployer_apply("--manifest", (tmp_path / "nope.yml").as_uri(), "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 1
+    assert "cannot open" in result.stderr
+
+
+# -- crash safety -------------------------------------------------------------------------------
+
+KILLS = 32
+
+
+def _tree(seed: int) -> dict[str, str]:
+    rng = random.Random(seed)
+    files = {
+        f"lib/mod{i:03d}.py": f"# release {seed}\n" + "".join(rng.choice("abcdefgh \n") for _ in range(6000))
+        for i in range(300)
+    }
+    files["index.html"] = f"release {seed}"
+    return files
+
+
+def _write_manifest(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
+    artifact = pack_directory(make_tree(tmp_path / f"build-{name}", files), tmp_path / f"{name}.tar.gz")
+    manifest = Manifest(
+        src=artifact.as_uri(),
+        checksum=hashlib.sha256(artifact.read_bytes()).hexdigest(),
+        dest="/opt/app/current",
+        sync_strategy=SyncStrategy.SYMLINK,
+        commands=Commands(pre=(Hook("sleep 0.05"),), post=(Hook("sleep 0.2"),), success=(Hook("sleep 0.1"),)),
+    )
+    path = tmp_path / f"{name}.yml"
+    path.write_text(manifest.to_yaml())
+    return path
+
+
+def _complete(current: Path, files: dict[str, str]) -> bool:
+    return all((current / name).is_file() and (current / name).read_text() == text for name, text in files.items())
+
+
+def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(tmp_path: Path) -> None:
+    old_files, new_files = _tree(1), _tree(2)
+    old_manifest, new_manifest = (
+        _write_manifest(tmp_path, "old", old_files),
+        _write_manifest(tmp_path, "new", new_files),
+    )
+    baseline = tmp_path / "baseline"
+    assert deployer_apply("--manifest", old_manifest.as_uri(), "--root-dir", str(baseline / "root"),
+                          "--state-dir", str(baseline / "state")).returncode == 0  # fmt: skip
+
+    def start(home: Path) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "deployer", "apply", "--manifest", new_manifest.as_uri(),
+                   "--root-dir", str(home / "root"), "--state-dir", str(home / "state")]  # fmt: skip
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    # Calibrate: how long an uninterrupted apply of the new release takes here, start to exit.
+    calibration = tmp_path / "calibration"
+    shutil.copytree(baseline, calibration, symlinks=True)
+    began = time.monotonic()
+    assert start(calibration).wait(60) == 0
+    duration = time.monotonic() - began
+    # Killing during interpreter start-up proves little; spread the kills over the apply itself
+    # (fetch, extraction, hooks, activation, state write), from just before it begins.
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-m", "deployer", "--version"], capture_output=True, check=True)
+    startup = time.monotonic() - began
+
+    rng = random.Random(20261126)
+    outcomes = {"old": 0, "new": 0}
+    for kill in range(KILLS):
+        home = tmp_path / f"kill-{kill}"
+        shutil.copytree(baseline, home, symlinks=True)
+        process = start(home)
+        time.sleep(rng.uniform(startup * 0.9, duration * 1.05))
+        os.killpg(process.pid, signal.SIGKILL)  # the apply and any hook it was running
+        process.wait(10)
+        current = home / "root" / "opt" / "app" / "current"
+        target = os.readlink(current)
+        if _complete(current, old_files):
+            outcomes["old"] += 1
+        else:
+            assert _complete(current, new_files), f"kill {kill}: current -> {target} is not a complete release"
+            outcomes["new"] += 1
+        # Restart: the same apply runs to completion over whatever the kill left behind.
+        rerun = deployer_apply("--manifest", new_manifest.as_uri(), "--root-dir", str(home / "root"),
+                               "--state-dir", str(home / "state"))  # fmt: skip
+        assert rerun.returncode == 0, f"kill {kill}: {rerun.stderr}"
+        assert _complete(current, new_files)
+        leftovers = [p.name for p in (current.parent / "releases").iterdir() if p.name.startswith(".incoming")]
+        assert leftovers == [], f"kill {kill}: staging left behind: {leftovers}"
+        shutil.rmtree(home)
+    assert sum(outcomes.values()) == KILLS
+    print(f"kill outcomes over {KILLS} kills in a {duration:.2f}s apply ({startup:.2f}s start-up): {outcomes}")
