@@ -63,20 +63,41 @@ def lifecycle_proxy(upstream: str) -> Iterator[LifecycleFake]:
                 status, text = fake.handle(params)
                 self._reply(status, text.encode(), "text/xml")
                 return
+            self._forward(body)
+
+        def do_GET(self) -> None:
+            self._forward(None)
+
+        def do_HEAD(self) -> None:
+            self._forward(None)
+
+        def do_PUT(self) -> None:
+            self._forward(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+
+        def do_DELETE(self) -> None:
+            self._forward(None)
+
+        def _forward(self, body: bytes | None) -> None:
+            """Everything else (S3, SQS, SNS, the rest of Auto Scaling) goes to moto unchanged."""
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-            request = urllib.request.Request(upstream + self.path, data=body, headers=headers, method="POST")
+            request = urllib.request.Request(upstream + self.path, data=body, headers=headers, method=self.command)
             try:
                 with urllib.request.urlopen(request, timeout=30) as response:
-                    self._reply(response.status, response.read(), response.headers.get("Content-Type", "text/xml"))
+                    self._reply(response.status, response.read(), dict(response.headers.items()))
             except urllib.error.HTTPError as exc:
-                self._reply(exc.code, exc.read(), exc.headers.get("Content-Type", "text/xml"))
+                self._reply(exc.code, exc.read(), dict(exc.headers.items()))
 
-        def _reply(self, status: int, data: bytes, content_type: str) -> None:
+        def _reply(self, status: int, data: bytes, headers: dict[str, str] | str) -> None:
+            if isinstance(headers, str):
+                headers = {"Content-Type": headers}
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            for name, value in headers.items():
+                if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                    self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def log_message(self, format: str, *args: object) -> None:
             pass
