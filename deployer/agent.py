@@ -9,6 +9,7 @@ removes the overlap. Periodic reconcile covers what SNS delays or drops.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import threading
@@ -25,6 +26,7 @@ from deployer.config import AgentConfig
 from deployer.decide import Decision, Incoming, Verdict, decide_batch, decide_one
 from deployer.errors import ArtifactError, AwsError, DeployerError, FetchError, InvalidMessage, ManifestError
 from deployer.fetch import read_source
+from deployer.hooks import kill_running_hooks
 from deployer.identity import resolve_instance_id
 from deployer.layout import Layout
 from deployer.limits import MAX_MANIFEST_BYTES
@@ -67,6 +69,7 @@ class Agent:
         self.queue: InstanceQueue | None = None
         self.reporter: StatusReporter | None = None
         self._stop = threading.Event()
+        self._applying = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -131,10 +134,22 @@ class Agent:
                 signal=signal.Signals(signum).name,
                 next="finishing the current step, handing back unprocessed messages",
             )
+            if not self._stop.is_set() and self._applying.is_set():
+                timer = threading.Timer(self.config.shutdown_grace_seconds, self._abandon_apply)
+                timer.daemon = True
+                timer.start()
             self._stop.set()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+    def _abandon_apply(self) -> None:
+        """The grace period ran out mid-apply: stop now. Every on-disk step is crash-safe (temp file +
+        rename, atomic symlink swap, idempotency record), so this leaves what a kill -9 would, and
+        the restarted agent resumes; the in-flight message comes back after its visibility timeout."""
+        killed = kill_running_hooks()
+        log.warning("apply_abandoned", grace_s=self.config.shutdown_grace_seconds, hooks_killed=killed, next="exit 0")
+        os._exit(0)
 
     @staticmethod
     def _next(interval: float, jitter: float = RECONCILE_JITTER) -> float:
@@ -271,6 +286,14 @@ class Agent:
         self.queue.delete(message.receipt_handle)
 
     @contextmanager
+    def _marked_applying(self) -> Iterator[None]:
+        self._applying.set()
+        try:
+            yield
+        finally:
+            self._applying.clear()
+
+    @contextmanager
     def _visibility_heartbeat(self, receipt_handle: str) -> Iterator[None]:
         """Keep extending the message's visibility while it is being applied, so SQS never hands it
         to anyone again mid-apply however long the hooks take."""
@@ -301,7 +324,7 @@ class Agent:
         assert self.reporter is not None
         structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
         try:
-            with ApplyLock(self.config.state_dir):
+            with ApplyLock(self.config.state_dir), self._marked_applying():
                 # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
                 verdict, why = decide_one(deploy, self.state.applied(), self.config.channels)
                 if verdict is Verdict.REJECTED:

@@ -44,6 +44,9 @@ class AgentConfig:
     reconcile_interval_seconds: float = 300.0
     heartbeat_interval_seconds: float = 900.0
     hook_timeout_seconds: float = 600.0
+    #: After SIGTERM, how long a running apply may go on before it is abandoned (hooks killed,
+    #: exit 0); the on-disk state is then exactly what a kill -9 leaves, which is crash-safe.
+    shutdown_grace_seconds: float = 60.0
     #: Auto Scaling launch hook to complete after boot replay (CONTINUE, or ABANDON on failure); off if unset.
     lifecycle_hook_name: str | None = None
     #: The instance's Auto Scaling group; looked up with DescribeAutoScalingInstances if unset.
@@ -79,7 +82,12 @@ class AgentConfig:
             )
         if not 1 <= self.max_receive_count <= 1000:
             raise ConfigError(f"max_receive_count {self.max_receive_count} must be 1..1000 (SQS redrive limit)")
-        for name in ("reconcile_interval_seconds", "heartbeat_interval_seconds", "hook_timeout_seconds"):
+        for name in (
+            "reconcile_interval_seconds",
+            "heartbeat_interval_seconds",
+            "hook_timeout_seconds",
+            "shutdown_grace_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
@@ -138,7 +146,12 @@ def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig
 
 
 _INT_KEYS = {"poll_wait_seconds", "visibility_timeout_seconds", "max_receive_count"}
-_FLOAT_KEYS = {"reconcile_interval_seconds", "heartbeat_interval_seconds", "hook_timeout_seconds"}
+_FLOAT_KEYS = {
+    "reconcile_interval_seconds",
+    "heartbeat_interval_seconds",
+    "hook_timeout_seconds",
+    "shutdown_grace_seconds",
+}
 _PATH_KEYS = {"state_dir", "root_dir"}
 _BOOL_KEYS = {"deregister_on_shutdown"}
 

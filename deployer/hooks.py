@@ -26,6 +26,18 @@ KILL_GRACE_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
 
+#: Process groups of hooks running right now, so a shutdown can take them down with the agent.
+_RUNNING: set[int] = set()
+
+
+def kill_running_hooks() -> int:
+    """SIGKILL every running hook's process group; returns how many there were."""
+    running = list(_RUNNING)
+    for pgid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    return len(running)
+
 
 def run_hooks(
     hooks: Sequence[Hook],
@@ -83,12 +95,15 @@ def _run_one(
         group=pwd.getpwnam(user).pw_gid if user is not None else None,
         extra_groups=[] if user is not None and os.geteuid() == 0 else None,
     )
+    _RUNNING.add(proc.pid)  # start_new_session: the hook's pid is its process group id
     try:
         out, _ = proc.communicate(stdin_text.encode() if stdin_text is not None else None, timeout=timeout)
         return proc.returncode, out.decode(errors="replace")
     except subprocess.TimeoutExpired:
         out = _kill_group(proc)
         return None, out.decode(errors="replace")
+    finally:
+        _RUNNING.discard(proc.pid)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> bytes:
