@@ -30,3 +30,29 @@ def test_an_idle_agent_writes_its_status_once_per_heartbeat_and_a_deploy_adds_tw
     assert writes(fleet, agent) == 3  # + applying, + ok
     heartbeating = start_agent(heartbeat_interval_seconds=1)
     wait_until(lambda: writes(fleet, heartbeating) >= 4, "three heartbeats after boot", timeout=15)
+
+
+def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet) -> None:
+    from deployer.status import ReportCache, StatusReporter
+
+    reporters = [
+        StatusReporter(
+            fleet.clients.s3, BUCKET, fleet.layout, stage="prod", role="web", instance_id=i, components=("api",)
+        )
+        for i in ("i-a", "i-b", "i-c")
+    ]
+    for reporter in reporters:
+        reporter.write()
+    gets: list[str] = []
+    fleet.clients.s3.meta.events.register("provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"]))
+    cache = ReportCache(fleet.clients.s3, BUCKET, fleet.layout, "prod", "web")
+    assert set(cache.refresh()) == {"i-a", "i-b", "i-c"}
+    assert len(gets) == 3
+    assert set(cache.refresh()) == {"i-a", "i-b", "i-c"}
+    assert len(gets) == 3  # nothing changed: one LIST, no GET
+    reporters[1].update("api", seq=1)
+    fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key("prod", "web", "i-c"))
+    reports = cache.refresh()
+    assert gets[3:] == [fleet.layout.status_key("prod", "web", "i-b")]
+    assert set(reports) == {"i-a", "i-b"}
+    assert reports["i-b"]["components"]["api"]["seq"] == 1
