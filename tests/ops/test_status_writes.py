@@ -44,7 +44,9 @@ def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet)
     for reporter in reporters:
         reporter.write()
     gets: list[str] = []
-    fleet.clients.s3.meta.events.register("provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"]))
+    fleet.clients.s3.meta.events.register(
+        "provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"])
+    )
     cache = ReportCache(fleet.clients.s3, BUCKET, fleet.layout, "prod", "web")
     assert set(cache.refresh()) == {"i-a", "i-b", "i-c"}
     assert len(gets) == 3
