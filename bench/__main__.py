@@ -1,0 +1,93 @@
+"""`python -m bench` (or `scripts/bench`): run the figures, print the tables, write docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import apply, boot, fanout, idle, publish
+from bench.common import REPO, Bench, aws_env, install_loopback_guard
+from bench.report import Section, print_section, render
+from deployer import logs
+from deployer.emulator import Emulator
+
+FIGURES: dict[str, Callable[[Bench], Section]] = {
+    "fanout": fanout.run,
+    "apply": apply.run,
+    "boot": boot.run,
+    "idle": idle.run,
+    "publish": publish.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument(
+        "--only", default=",".join(FIGURES), help=f"comma-separated subset of: {', '.join(FIGURES)} [default: all]"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer agents/deploys/reps, 20 MB artifact")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown output [default: docs/benchmarks.md; docs/benchmarks-quick.md with --quick or --only]",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/fleet-bench"), help="scratch space (artifacts are cached here)"
+    )
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+    partial = args.quick or chosen != list(FIGURES)
+    out = args.out or REPO / "docs" / ("benchmarks-quick.md" if partial else "benchmarks.md")
+    command = "scripts/bench" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + shlex.join(argv if argv is not None else sys.argv[1:])
+    )
+
+    install_loopback_guard()
+    logs.configure(json=False, level="warning")  # the in-process publisher's info lines would drown the tables
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(args.workdir)
+    started = time.monotonic()
+    sections: list[Section] = []
+    failed = False
+    with Emulator(log_path=args.workdir / "moto.log") as emulator:
+        os.environ.update(aws_env(emulator.url))
+        bench = Bench(emulator=emulator, workdir=args.workdir, quick=args.quick)
+        print(
+            f"emulator on {emulator.url}; workdir {args.workdir}; figures {chosen}{' (quick)' if args.quick else ''}",
+            flush=True,
+        )
+        for name in chosen:
+            print(f"\n-- {name}", flush=True)
+            t0 = time.monotonic()
+            try:
+                section = FIGURES[name](bench)
+            except Exception:  # noqa: BLE001 - one broken figure must not lose the others' numbers
+                failed = True
+                traceback.print_exc()
+                section = Section(
+                    name,
+                    f"{name} (FAILED)",
+                    "This figure failed in this run:\n\n```\n" + traceback.format_exc()[-2000:] + "```",
+                )
+            section.seconds = time.monotonic() - t0
+            sections.append(section)
+            print_section(section)
+    total = time.monotonic() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(sections, command=command, quick=args.quick, total_seconds=total))
+    print(f"wrote {out} ({total / 60:.1f} min)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Child process for figure 2: one apply of an S3 artifact through `deployer.apply.Applier`, nothing else.
+
+Run as its own process so the parent can read this apply's peak RSS and CPU with wait4.
+Prints one JSON line: the time spent inside `Applier.apply` (the rest of the wall is interpreter start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--sha256", required=True)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--release-id", required=True)
+    parser.add_argument("--profile", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    from deployer import logs
+    from deployer.apply import Applier
+    from deployer.aws import make_clients
+    from deployer.manifest import Manifest, SyncStrategy
+
+    logs.configure(json=True, level="warning")  # logs to stderr; stdout carries only the result
+    clients = make_clients()
+    manifest = Manifest(
+        src=args.src, checksum=args.sha256, dest="/opt/bench/current", sync_strategy=SyncStrategy.SYMLINK
+    )
+    applier = Applier(s3=clients.s3, root_dir=args.root)
+    imported = time.perf_counter()
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+    applier.apply(manifest, args.release_id, env={})
+    if args.profile:
+        profiler.disable()
+        with open(args.profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+    done = time.perf_counter()
+    json.dump({"setup_s": imported - started, "apply_s": done - imported}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Figure 1: publish → every agent applied the new release, vs the floor (bare boto3 long-poll loops)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from bench.common import (
+    BUCKET,
+    REGION,
+    ROLE,
+    STAGE,
+    AgentProc,
+    Bench,
+    event_time,
+    median,
+    ms,
+    percentile,
+    small_artifact,
+    stop_all,
+    wait_for,
+)
+from bench.report import Section, Table, Target
+from deployer.manifest import Manifest, SyncStrategy
+from deployer.protocol import Channel
+from publisher.publish import Publisher
+
+FLOOR_KEY = "floor/artifact.tar.gz"
+
+
+@dataclass
+class Samples:
+    n: int
+    floor: list[float]
+    ours: list[float]
+    ours_from_sns: list[float]
+
+
+def _pause(n: int) -> None:
+    # Let every agent finish its tail (status PUT, DeleteMessage) and go back to its long poll.
+    time.sleep(0.3 + 0.01 * n + random.uniform(0, 0.2))
+
+
+def measure_floor(bench: Bench, n: int, deploys: int) -> list[float]:
+    """N bare loops in threads: ReceiveMessage(20 s) → one S3 GET of the artifact → DeleteMessage."""
+    bench.fresh()
+    body = small_artifact(bench.workdir).read_bytes()
+    bench.clients.s3.put_object(Bucket=BUCKET, Key=FLOOR_KEY, Body=body)
+    config = Config(max_pool_connections=n + 10, retries={"total_max_attempts": 1}, read_timeout=40)
+    session = boto3.session.Session(region_name=REGION)
+    sqs = session.client("sqs", endpoint_url=bench.emulator.url, config=config)
+    s3 = session.client("s3", endpoint_url=bench.emulator.url, config=config)
+    sns = bench.clients.sns
+    urls = []
+    for i in range(n):
+        url = sqs.create_queue(QueueName=f"floor-{i}")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        sns.subscribe(TopicArn=bench.topic_arn, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"})
+        urls.append(url)
+    done: list[dict[int, float]] = [{} for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def loop(i: int, url: str) -> None:
+        try:
+            while True:
+                for message in sqs.receive_message(QueueUrl=url, WaitTimeSeconds=20, MaxNumberOfMessages=10).get(
+                    "Messages", []
+                ):
+                    doc = json.loads(message["Body"])
+                    if doc.get("stop"):
+                        sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                        return
+                    s3.get_object(Bucket=BUCKET, Key=FLOOR_KEY)["Body"].read()
+                    done[i][doc["k"]] = time.time()
+                    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(i, url), daemon=True) for i, url in enumerate(urls)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # every loop is in its long poll
+    # A deploy-sized message (~450 bytes, like the real deploy document).
+    filler = "x" * 300
+    results = []
+    for k in range(deploys + 1):  # k = 0 is a warm-up
+        started = time.time()
+        sns.publish(TopicArn=bench.topic_arn, Message=json.dumps({"k": k, "filler": filler}))
+        wait_for(lambda: all(k in d for d in done) or bool(errors), f"floor deploy {k} on {n} queues", 60)  # noqa: B023
+        if errors:
+            raise RuntimeError(f"floor loop failed: {errors[0]!r}")
+        if k:
+            results.append(max(d[k] for d in done) - started)
+        _pause(n)
+    sns.publish(TopicArn=bench.topic_arn, Message=json.dumps({"stop": True}))
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def measure_agents(bench: Bench, n: int, deploys: int) -> tuple[list[float], list[float]]:
+    """N real `deployer agent` processes (poll_wait_seconds 20); converged = each logged apply_succeeded."""
+    bench.fresh()
+    artifact = small_artifact(bench.workdir)
+    home = bench.dir(f"fanout-{n}")
+    agents = [AgentProc(bench, home / f"a{i:02d}", f"i-bench{n:03d}{i:09d}", ["api"]) for i in range(n)]
+    sns_at: list[float] = []
+
+    def on_publish(**_: Any) -> None:
+        sns_at.append(time.time())
+
+    bench.clients.sns.meta.events.register("before-call.sns.Publish", on_publish)
+    publisher = Publisher(bench.clients, BUCKET, bench.topic_arn, bench.layout)
+    template = Manifest(dest="/opt/api/current", sync_strategy=SyncStrategy.SYMLINK)
+    channel = Channel(STAGE, ROLE, "api")
+    ours: list[float] = []
+    from_sns: list[float] = []
+    try:
+        for agent in agents:
+            agent.start()
+        wait_for(lambda: all(a.watcher.find("agent_serving") for a in agents), f"{n} agents to boot", 240, agents)
+        time.sleep(1.0)
+        for k in range(deploys + 1):  # k = 0 is a warm-up
+            started = time.time()
+            deploy = publisher.publish(channel, artifact, template=template, release_id=f"fan-{n}-{k}").deploy
+            seq = deploy.seq
+            wait_for(
+                lambda: all(a.watcher.find("apply_succeeded", seq=seq) for a in agents),  # noqa: B023
+                f"seq {seq} on {n} agents",
+                120,
+                agents,
+            )
+            last = max(event_time(a.watcher.find("apply_succeeded", seq=seq) or {}) for a in agents)
+            if k:
+                ours.append(last - started)
+                from_sns.append(last - sns_at[-1])
+            _pause(n)
+    finally:
+        bench.clients.sns.meta.events.unregister("before-call.sns.Publish", on_publish)
+        stop_all(agents, timeout=30)
+    return ours, from_sns
+
+
+def run(bench: Bench) -> Section:
+    sizes = (1, 10) if bench.quick else (1, 10, 50)
+    deploys = 3 if bench.quick else 10
+    samples: list[Samples] = []
+    for n in sizes:
+        print(f"  fan-out N={n}: floor ...", flush=True)
+        floor = measure_floor(bench, n, deploys)
+        print(f"  fan-out N={n}: agents ...", flush=True)
+        ours, from_sns = measure_agents(bench, n, deploys)
+        samples.append(Samples(n, floor, ours, from_sns))
+        print(f"  N={n}: floor p50 {ms(median(floor))}, ours p50 {ms(median(ours))}", flush=True)
+
+    table = Table(
+        [
+            "N agents",
+            "floor p50",
+            "floor p95",
+            "deployer p50",
+            "deployer p95",
+            "p50 ratio",
+            "p95 ratio",
+            "deployer p50 from SNS publish",
+        ],
+        [],
+        caption=f"{deploys} measured deploys per N (after one warm-up), small artifact "
+        f"({small_artifact(bench.workdir).stat().st_size // 1024} KiB), agents with poll_wait_seconds 20.",
+    )
+    for s in samples:
+        table.rows.append(
+            [
+                str(s.n),
+                ms(median(s.floor)),
+                ms(percentile(s.floor, 95)),
+                ms(median(s.ours)),
+                ms(percentile(s.ours, 95)),
+                f"{median(s.ours) / median(s.floor):.2f}×",
+                f"{percentile(s.ours, 95) / percentile(s.floor, 95):.2f}×",
+                ms(median(s.ours_from_sns)),
+            ]
+        )
+    by_n = {s.n: s for s in samples}
+    targets = []
+    at10 = by_n[10]
+    r10 = median(at10.ours) / median(at10.floor)
+    targets.append(
+        Target(
+            "p50 ≤ 2× the floor at N = 10",
+            r10 <= 2.0,
+            f"{ms(median(at10.ours))} vs floor {ms(median(at10.floor))} = {r10:.2f}×",
+        )
+    )
+    growth = Table(
+        ["N from → to", "floor growth", "deployer growth", "floor ms per added agent", "deployer ms per added agent"],
+        [],
+    )
+    for a, b in itertools.pairwise(samples):
+        fg = median(b.floor) / median(a.floor)
+        og = median(b.ours) / median(a.ours)
+        fs = (median(b.floor) - median(a.floor)) / (b.n - a.n)
+        os_ = (median(b.ours) - median(a.ours)) / (b.n - a.n)
+        growth.rows.append([f"{a.n} → {b.n}", f"{fg:.2f}×", f"{og:.2f}×", f"{fs * 1000:.1f}", f"{os_ * 1000:.1f}"])
+    last, first = samples[-1], samples[0]
+    fg = median(last.floor) / median(first.floor)
+    og = median(last.ours) / median(first.ours)
+    fslope = (median(last.floor) - median(first.floor)) / (last.n - first.n)
+    oslope = (median(last.ours) - median(first.ours)) / (last.n - first.n)
+    targets.append(
+        Target(
+            f"growth with N no worse than the floor's (p50, N = {first.n} → {last.n}, relative)",
+            og <= fg * 1.1,
+            f"deployer ×{og:.2f} vs floor ×{fg:.2f} (10 % noise allowance); in absolute terms "
+            f"{oslope * 1000:.1f} vs {fslope * 1000:.1f} ms per added agent ({oslope / fslope:.1f}×)",
+        )
+    )
+    meaning = (
+        "How long from `Publisher.publish()` being called (artifact + manifest upload, history, pointer, SNS) "
+        "until the last of N real `deployer agent` processes logged `apply_succeeded` for the new seq — the "
+        "release is live on every instance (symlink swapped, state recorded; the status report is written "
+        "right after). Convergence is read from the agents' JSON logs (`timestamp` of `apply_succeeded`), "
+        "not by polling their S3 status reports, so the benchmark adds no load to the emulator while it "
+        "waits; the agents and the benchmark share the machine's clock. The last column starts the clock at "
+        "the SNS Publish call instead (caught by a botocore `before-call` hook), i.e. without the publisher's "
+        "own uploads. The **floor** is what no deployer can beat on this emulator: N bare boto3 loops (threads "
+        "in one process) long-polling N raw-delivery queues subscribed to the same topic; clock from "
+        "`sns.publish` to the last loop having received the message and done one S3 GET of the same artifact."
+    )
+    notes = [
+        "Why the deployer sits above the floor: per deploy and per agent the floor makes 3 requests "
+        "(ReceiveMessage, GetObject, DeleteMessage); an agent makes about 7 (ReceiveMessage, GetObject of the "
+        "manifest, GetObject of the artifact, PutObject status `applying`, PutObject status `ok`, DeleteMessage, "
+        "plus its long poll re-issued) and does real work between them: extract into a staging dir, `os.sync()`, "
+        "fsync'd state writes (two milestones), a symlink swap — in its own Python process, 2 cores shared by N "
+        "agents and the emulator. The emulator serialises requests (~400–500 req/s here), so at N = 50 "
+        "every extra request per agent costs ~2 ms of convergence, and the two status writes and the "
+        "manifest GET are on the critical path of the last agent. The publisher's own ~8 requests "
+        "(head bucket, topic attributes, artifact, manifest, pointer read, history, pointer, SNS) come first.",
+        "Growth table (p50s between consecutive N):",
+        "",
+        growth.markdown(),
+    ]
+    moves = (
+        "fewer requests per agent per deploy (write the `applying` status only for applies expected to take "
+        "long, or coalesce it with the `ok` write; skip the manifest GET when the deploy message carries a "
+        "small manifest inline), jittering agents less against each other (they all hit the emulator at the same "
+        "instant), and on real AWS the request latency (tens of ms, but in parallel: AWS does not serialise "
+        "across queues, so the N-growth seen here is an emulator artefact). A bigger artifact moves it by the "
+        "apply time (figure 2)."
+    )
+    return Section("fanout", "1. Fan-out convergence", meaning, [table], targets, notes, moves)
