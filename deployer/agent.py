@@ -29,6 +29,7 @@ from deployer.fetch import read_source
 from deployer.hooks import kill_running_hooks
 from deployer.identity import resolve_instance_id
 from deployer.layout import Layout
+from deployer.lifecycle import autoscaling_client, deregister, finish_launch
 from deployer.limits import MAX_MANIFEST_BYTES
 from deployer.manifest import Manifest, parse_manifest
 from deployer.pointers import read_pointer
@@ -59,16 +60,17 @@ class Agent:
     def __init__(self, config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POLICY) -> None:
         self.config = config
         self.clients = clients
-        self.policy = policy
+        self._stop = threading.Event()
+        self.policy = policy.interruptible(self._stop)
+        self._shutdown_policy = policy
         self.layout = Layout(config.prefix)
         self.state = StateStore(config.state_dir)
         self.applier = Applier(
-            s3=clients.s3, root_dir=config.root_dir, hook_timeout=config.hook_timeout_seconds, policy=policy
+            s3=clients.s3, root_dir=config.root_dir, hook_timeout=config.hook_timeout_seconds, policy=self.policy
         )
         self.instance_id = ""
         self.queue: InstanceQueue | None = None
         self.reporter: StatusReporter | None = None
-        self._stop = threading.Event()
         self._applying = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -92,6 +94,15 @@ class Agent:
         self._seed_status()
         self.reporter.write()
         self.reconcile(reason="boot")
+        if self.config.lifecycle_hook_name and not self._stop.is_set():
+            # Enter service only on the current release: CONTINUE, or ABANDON if a component failed.
+            finish_launch(
+                autoscaling_client(self.config),
+                self.config,
+                self.instance_id,
+                {name: status.state for name, status in self.reporter.components.items()},
+                self.policy,
+            )
 
     def run(self) -> None:
         """Boot, then serve until SIGTERM/SIGINT. Returns normally on a requested stop."""
@@ -122,6 +133,17 @@ class Agent:
             if now >= next_heartbeat and self.reporter:
                 self.reporter.write()
                 next_heartbeat = self._next(self.config.heartbeat_interval_seconds, jitter=0.0)
+        if self.config.deregister_on_shutdown and self.queue is not None and self.queue.handle is not None:
+            try:
+                deregister(
+                    self.clients,
+                    self.config,
+                    self.instance_id,
+                    subscription_arn=self.queue.handle.subscription_arn,
+                    policy=self._shutdown_policy,  # the stop flag is set; this must still retry
+                )
+            except Exception as exc:  # noqa: BLE001 - whatever is left, `deployer gc` removes after its TTL
+                log.error("deregister_failed", error=str(exc), next="deployer gc removes the rest after its TTL")
         log.info("agent_stopped", next="exit 0")
 
     def stop(self) -> None:

@@ -8,9 +8,11 @@ that this is the only layer that retries (two layers would multiply attempts).
 from __future__ import annotations
 
 import socket
+import threading
+import time
 import urllib.error
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import structlog
@@ -72,12 +74,28 @@ class RetryPolicy:
     base_seconds: float = 0.2
     cap_seconds: float = 10.0
     deadline_seconds: float = 120.0
+    #: Set on shutdown: backoff sleeps end at once and no further attempt is made, so SIGTERM
+    #: is honoured promptly even while the network is down.
+    interrupt: threading.Event | None = field(default=None, compare=False)
+
+    def interruptible(self, event: threading.Event) -> RetryPolicy:
+        return replace(self, interrupt=event)
 
     def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        stop = tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_after_delay(self.deadline_seconds)
+        sleep: Callable[[float], None] = time.sleep
+        if self.interrupt is not None:
+            event = self.interrupt
+            stop = stop | tenacity.stop_when_event_set(event)
+
+            def sleep(seconds: float) -> None:
+                event.wait(seconds)
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(is_transient),
             wait=tenacity.wait_random_exponential(multiplier=self.base_seconds, max=self.cap_seconds),
-            stop=tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_after_delay(self.deadline_seconds),
+            stop=stop,
+            sleep=sleep,
             before_sleep=_log_retry,
             reraise=True,
         )

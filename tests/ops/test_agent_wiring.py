@@ -18,8 +18,6 @@ from tests.conftest import REGION, Fleet
 from tests.e2e.conftest import AgentProcess, wait_until
 from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
 
-pytestmark = pytest.mark.skip(reason="needs the deployer/agent.py wiring for lifecycle and deregistration (issue 5)")
-
 
 @pytest.fixture
 def asg_instance(aws_env: Emulator) -> Iterator[tuple[LifecycleFake, str]]:

@@ -72,3 +72,24 @@ def test_retries_stop_after_max_attempts_and_raise_the_last_error() -> None:
     with pytest.raises(ConnectionResetError):
         FAST.call(down)
     assert len(calls) == 4
+
+
+def test_an_interrupted_policy_stops_retrying_and_sleeping_at_once() -> None:
+    import threading
+    import time
+
+    stop = threading.Event()
+    slow = RetryPolicy(max_attempts=50, base_seconds=1, cap_seconds=1, deadline_seconds=300).interruptible(stop)
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            stop.set()  # SIGTERM arrives while the network is down
+        raise ConnectionResetError("reset")
+
+    began = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        slow.call(down)
+    assert len(calls) == 2
+    assert time.monotonic() - began < 3  # one backoff sleep at most, not 49
