@@ -14,14 +14,11 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from deployer import __version__, logs
 from deployer.aws import make_clients
+from deployer.cli_wait import conclude, wait_options
 from deployer.errors import DeployerError
 from deployer.layout import Layout
 from deployer.manifest import Manifest, SyncStrategy, parse_manifest
 from deployer.protocol import Channel, check_name
-
-#: Exit codes CI can branch on.
-EXIT_ERROR = 1
-EXIT_NOTIFY_FAILED = 3
 
 
 class _Group(click.Group):
@@ -130,30 +127,7 @@ def init(region: str | None, endpoint_url: str | None, bucket: str, topic_name: 
     help="Override the template's strategy [default: symlink].",
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
-@click.option(
-    "--wait",
-    is_flag=True,
-    help="Follow the deploy until the fleet converged. Exit codes with --wait: 0 every expected instance "
-    "converged, 4 some failed, were rejected or were lost, 5 timed out (1 error).",
-)
-@click.option(
-    "--timeout",
-    default=900.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds --wait waits before exiting 5.",
-)
-@click.option(
-    "--heartbeat-ttl",
-    default=1860.0,
-    show_default=True,
-    type=click.FloatRange(min=1),
-    help="An instance is live while its heartbeat is younger than this: expected if live at publish, lost if it stops being live.",
-)
-@click.option(
-    "--poll-interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Status poll period."
-)
-@click.option("--allow-lost", is_flag=True, help="Do not count instances lost mid-deploy as failures.")
+@wait_options
 def publish(
     region: str | None,
     endpoint_url: str | None,
@@ -204,29 +178,17 @@ def publish(
     click.echo(
         f"published {deploy.channel} release {deploy.release_id} as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    if result.sns_error:
-        click.echo(
-            f"error: the pointer moved to seq {deploy.seq} but the SNS publish failed ({result.sns_error}); "
-            "agents will still converge at their next reconcile",
-            err=True,
-        )
-        if not wait:
-            sys.exit(EXIT_NOTIFY_FAILED)
-    if wait:
-        from deployer.cli_ops import follow
-
-        sys.exit(
-            follow(
-                publisher.clients,
-                bucket,
-                prefix,
-                deploy,
-                timeout=timeout,
-                heartbeat_ttl=heartbeat_ttl,
-                poll_interval=poll_interval,
-                allow_lost=allow_lost,
-            )
-        )
+    conclude(
+        result,
+        publisher.clients,
+        bucket,
+        prefix,
+        wait=wait,
+        timeout=timeout,
+        heartbeat_ttl=heartbeat_ttl,
+        poll_interval=poll_interval,
+        allow_lost=allow_lost,
+    )
 
 
 @main.command()
