@@ -8,7 +8,6 @@ removes the overlap. Periodic reconcile covers what SNS delays or drops.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -20,23 +19,20 @@ from types import FrameType
 
 import structlog
 
-from deployer.apply import Applier, ApplyFailed, is_active
 from deployer.aws import Clients
 from deployer.config import AgentConfig
 from deployer.decide import Decision, Incoming, Verdict, decide_batch, decide_one
-from deployer.errors import ArtifactError, AwsError, DeployerError, FetchError, InvalidMessage, ManifestError
-from deployer.fetch import read_source
+from deployer.errors import InvalidMessage
 from deployer.hooks import kill_running_hooks
 from deployer.identity import resolve_instance_id
 from deployer.layout import Layout
 from deployer.lifecycle import autoscaling_client, deregister, finish_launch
-from deployer.limits import MAX_MANIFEST_BYTES
-from deployer.manifest import Manifest, parse_manifest
 from deployer.pointers import read_pointer
-from deployer.protocol import Deploy, parse_deploy
+from deployer.protocol import parse_deploy
 from deployer.queue import InstanceQueue, Received, unwrap_body
 from deployer.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.state import ApplyLock, DeployStatus, Milestone, StateStore
+from deployer.runner import DeployRunner
+from deployer.state import StateStore
 from deployer.status import ComponentState, ComponentStatus, StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -65,13 +61,10 @@ class Agent:
         self._shutdown_policy = policy
         self.layout = Layout(config.prefix)
         self.state = StateStore(config.state_dir)
-        self.applier = Applier(
-            s3=clients.s3, root_dir=config.root_dir, hook_timeout=config.hook_timeout_seconds, policy=self.policy
-        )
         self.instance_id = ""
         self.queue: InstanceQueue | None = None
         self.reporter: StatusReporter | None = None
-        self._applying = threading.Event()
+        self.runner: DeployRunner | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,6 +83,14 @@ class Agent:
             instance_id=self.instance_id,
             components=self.config.components,
             policy=self.policy,
+        )
+        self.runner = DeployRunner(
+            self.config,
+            self.clients,
+            self.policy,
+            state=self.state,
+            reporter=self.reporter,
+            instance_id=self.instance_id,
         )
         self._seed_status()
         self.reporter.write()
@@ -156,7 +157,7 @@ class Agent:
                 signal=signal.Signals(signum).name,
                 next="finishing the current step, handing back unprocessed messages",
             )
-            if not self._stop.is_set() and self._applying.is_set():
+            if not self._stop.is_set() and self.runner is not None and self.runner.applying.is_set():
                 timer = threading.Timer(self.config.shutdown_grace_seconds, self._abandon_apply)
                 timer.daemon = True
                 timer.start()
@@ -189,6 +190,7 @@ class Agent:
 
     def reconcile(self, reason: str) -> None:
         """Read every component's pointer (in boot order) and apply whatever we are behind on."""
+        assert self.runner is not None
         for channel in self.config.channels:
             if self._stop.is_set():
                 return
@@ -210,35 +212,16 @@ class Agent:
             if verdict is not Verdict.APPLY:
                 log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
                 continue
-            if not self._worth_retrying(deploy):
+            if not self.runner.worth_retrying(deploy):
                 continue
             log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
-            self.apply_deploy(deploy)
-
-    def _worth_retrying(self, deploy: Deploy) -> bool:
-        """Reconcile must not re-run a deploy that can never succeed, or one failing over and over
-        (the queue path bounds retries with maxReceiveCount; this is the same bound)."""
-        record = self.state.deploy_record(deploy.deploy_id)
-        if record is None:
-            return True
-        if record.status is DeployStatus.REJECTED or (
-            record.status is DeployStatus.FAILED and record.attempts >= self.config.max_receive_count
-        ):
-            log.warning(
-                "reconcile_skipped_failing_deploy",
-                deploy_id=deploy.deploy_id,
-                seq=deploy.seq,
-                status=record.status.value,
-                attempts=record.attempts,
-                next="publish a new deploy (or a rollback) to move this channel",
-            )
-            return False
-        return True
+            self.runner.apply(deploy)
 
     # -- queue -----------------------------------------------------------------------------
 
     def poll_once(self) -> None:
         assert self.queue is not None
+        assert self.runner is not None
         messages = self.queue.receive(self.config.poll_wait_seconds)
         if not messages:
             return
@@ -262,7 +245,7 @@ class Agent:
                 return
             assert decision.incoming.deploy is not None
             with self._visibility_heartbeat(message.receipt_handle):
-                outcome = self.apply_deploy(decision.incoming.deploy)
+                outcome = self.runner.apply(decision.incoming.deploy)
             if outcome is ComponentState.FAILED:
                 # Not deleted: SQS redelivers it after a backoff (set through its visibility), up to
                 # maxReceiveCount times, then moves it to the DLQ.
@@ -308,14 +291,6 @@ class Agent:
         self.queue.delete(message.receipt_handle)
 
     @contextmanager
-    def _marked_applying(self) -> Iterator[None]:
-        self._applying.set()
-        try:
-            yield
-        finally:
-            self._applying.clear()
-
-    @contextmanager
     def _visibility_heartbeat(self, receipt_handle: str) -> Iterator[None]:
         """Keep extending the message's visibility while it is being applied, so SQS never hands it
         to anyone again mid-apply however long the hooks take."""
@@ -338,145 +313,3 @@ class Agent:
         finally:
             done.set()
             thread.join()
-
-    # -- apply -----------------------------------------------------------------------------
-
-    def apply_deploy(self, deploy: Deploy) -> ComponentState:
-        """Apply one deploy under the machine lock; record state and status. Returns the outcome."""
-        assert self.reporter is not None
-        structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
-        try:
-            with ApplyLock(self.config.state_dir), self._marked_applying():
-                # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
-                verdict, why = decide_one(deploy, self.state.applied(), self.config.channels)
-                if verdict is Verdict.REJECTED:
-                    log.error("apply_refused", reason=why)
-                    return ComponentState.REJECTED
-                if verdict is not Verdict.APPLY:
-                    log.info("apply_skipped", verdict=verdict.value, reason=why)
-                    return ComponentState.OK
-                return self._apply_locked(deploy)
-        finally:
-            structlog.contextvars.unbind_contextvars("deploy_id", "seq", "component")
-
-    def _apply_locked(self, deploy: Deploy) -> ComponentState:
-        assert self.reporter is not None
-        record = self.state.deploy_record(deploy.deploy_id)
-        if record is not None and record.payload_hash != deploy.payload_hash():
-            # Same idempotency key, different content: a forged or corrupted message. Never apply it.
-            error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
-            log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
-            self.reporter.update(deploy.component, state=ComponentState.REJECTED, error=error)
-            return ComponentState.REJECTED
-        if record is not None and record.status is DeployStatus.REJECTED:
-            log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
-            return ComponentState.REJECTED
-        started = time.monotonic()
-        try:
-            manifest = self._fetch_manifest(deploy)
-            if record is not None and record.status is DeployStatus.IN_PROGRESS:
-                # We hold the lock, so the process that wrote this record is dead: resume.
-                log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
-                # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
-                self.state.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True)
-                if record.milestone is Milestone.POST_HOOKS_DONE and is_active(
-                    self.config.root_dir, manifest, deploy.release_id
-                ):
-                    return self._completed(deploy, started, reused=True, output_tail="")
-            log.info("apply_started", release_id=deploy.release_id)
-            self.state.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED)
-            self.reporter.update(
-                deploy.component,
-                state=ComponentState.APPLYING,
-                error=None,
-                release_id=deploy.release_id,
-                seq=deploy.seq,
-                deploy_id=deploy.deploy_id,
-            )
-            result = self.applier.apply(
-                manifest,
-                deploy.release_id,
-                self._hook_env(deploy),
-                on_milestone=lambda milestone: self.state.mark(deploy, DeployStatus.IN_PROGRESS, milestone),
-            )
-        except (ApplyFailed, DeployerError) as exc:
-            permanent = exc.permanent if isinstance(exc, ApplyFailed) else _is_permanent(exc)
-            state = ComponentState.REJECTED if permanent else ComponentState.FAILED
-            status = DeployStatus.REJECTED if permanent else DeployStatus.FAILED
-            # A network or AWS failure is not held against the release: it does not use up attempts.
-            infrastructure = (
-                exc.infrastructure if isinstance(exc, ApplyFailed) else isinstance(exc, FetchError | AwsError)
-            )
-            blame = not infrastructure
-            self.state.mark(deploy, status, Milestone.STARTED, error=str(exc), attempt=blame)
-            log.error(
-                "apply_failed",
-                error=str(exc),
-                state=state.value,
-                next="left on the previous release" + ("" if permanent else "; will be retried"),
-            )
-            self.reporter.update(
-                deploy.component,
-                state=state,
-                error=str(exc),
-                release_id=deploy.release_id,
-                seq=deploy.seq,
-                deploy_id=deploy.deploy_id,
-                output_tail=getattr(exc, "output_tail", "") or None,
-            )
-            return state
-        except Exception as exc:
-            log.exception("apply_crashed", error=str(exc), next="will be retried")
-            self.state.mark(
-                deploy, DeployStatus.FAILED, Milestone.STARTED, error=f"{type(exc).__name__}: {exc}", attempt=True
-            )
-            self.reporter.update(deploy.component, state=ComponentState.FAILED, error=f"{type(exc).__name__}: {exc}")
-            return ComponentState.FAILED
-        return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
-
-    def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> ComponentState:
-        assert self.reporter is not None
-        self.state.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
-        log.info(
-            "apply_succeeded",
-            release_id=deploy.release_id,
-            reused=reused,
-            duration_s=round(time.monotonic() - started, 3),
-        )
-        self.reporter.update(
-            deploy.component,
-            state=ComponentState.OK,
-            error=None,
-            release_id=deploy.release_id,
-            seq=deploy.seq,
-            deploy_id=deploy.deploy_id,
-            output_tail=output_tail or None,
-        )
-        return ComponentState.OK
-
-    def _fetch_manifest(self, deploy: Deploy) -> Manifest:
-        expected_key = self.layout.manifest_key(deploy.component, deploy.release_id)
-        if deploy.manifest_key != expected_key:
-            raise InvalidMessage(f"manifest_key {deploy.manifest_key!r} is not {expected_key!r}")
-        url = f"s3://{self.config.bucket}/{deploy.manifest_key}"
-        data = read_source(url, self.clients.s3, MAX_MANIFEST_BYTES, self.policy)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != deploy.manifest_sha256:
-            raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")
-        return parse_manifest(data)
-
-    def _hook_env(self, deploy: Deploy) -> dict[str, str]:
-        return {
-            "DEPLOYER_RELEASE_ID": deploy.release_id,
-            "DEPLOYER_SEQ": str(deploy.seq),
-            "DEPLOYER_DEPLOY_ID": deploy.deploy_id,
-            "DEPLOYER_COMPONENT": deploy.component,
-            "DEPLOYER_STAGE": deploy.stage,
-            "DEPLOYER_ROLE": deploy.role,
-            "DEPLOYER_INSTANCE_ID": self.instance_id,
-        }
-
-
-def _is_permanent(exc: DeployerError) -> bool:
-    """Input that can never succeed however often it is retried."""
-    return isinstance(exc, InvalidMessage | ManifestError | ArtifactError)
