@@ -28,20 +28,7 @@ class Readable(Protocol):
 @contextlib.contextmanager
 def open_source(url: str, s3: S3Client, policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[Readable]:
     """Yield a stream of the object at `url`. Opening is retried; a failure mid-stream is the caller's."""
-    parsed = urlparse(url)
-    stream: Readable
-    if parsed.scheme == "s3":
-        key = unquote(parsed.path.lstrip("/"))
-        stream = policy.call(_open_s3, s3, parsed.netloc, key)
-    elif parsed.scheme in ("http", "https"):
-        stream = policy.call(_open_http, url)
-    elif parsed.scheme == "file":
-        try:
-            stream = open(unquote(parsed.path), "rb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise FetchError(f"cannot open {url}: {exc.strerror}") from None
-    else:
-        raise FetchError(f"unsupported source scheme in {url!r}")
+    stream = policy.call(_open, url, s3)
     try:
         yield stream
     finally:
@@ -51,16 +38,38 @@ def open_source(url: str, s3: S3Client, policy: RetryPolicy = DEFAULT_POLICY) ->
 
 
 def read_source(url: str, s3: S3Client, limit: int, policy: RetryPolicy = DEFAULT_POLICY) -> bytes:
-    """Fetch a whole small document (a manifest), refusing anything over `limit` bytes."""
+    """Fetch a whole small document (a manifest), refusing anything over `limit` bytes.
+
+    Small enough to read whole, so open and read form one attempt under the policy.
+    """
 
     def attempt() -> bytes:
-        with open_source(url, s3, policy) as stream:
+        stream = _open(url, s3)
+        try:
             data = stream.read(limit + 1)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
         if len(data) > limit:
             raise FetchError(f"{url} is larger than the {limit}-byte limit")
         return data
 
     return policy.call(attempt)
+
+
+def _open(url: str, s3: S3Client) -> Readable:
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return _open_s3(s3, parsed.netloc, unquote(parsed.path.lstrip("/")))
+    if parsed.scheme in ("http", "https"):
+        return _open_http(url)
+    if parsed.scheme == "file":
+        try:
+            return open(unquote(parsed.path), "rb")  # the caller closes it
+        except OSError as exc:
+            raise FetchError(f"cannot open {url}: {exc.strerror}") from None
+    raise FetchError(f"unsupported source scheme in {url!r}")
 
 
 def _open_s3(s3: S3Client, bucket: str, key: str) -> IO[bytes]:
@@ -78,6 +87,7 @@ def _open_http(url: str) -> IO[bytes]:
     try:
         response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)
     except urllib.error.HTTPError as exc:
+        exc.close()  # the error carries the open response; we never read its body
         # stretcher treated any response as the artifact; a non-2xx body is never one.
         if exc.code == 429 or exc.code >= 500:
             raise TransientFetchError(f"GET {url} answered HTTP {exc.code}") from None

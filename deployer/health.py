@@ -51,6 +51,7 @@ def _attempt(check: HealthCheck, env: Mapping[str, str], cwd: Path, user: str | 
             body = response.read(4096).decode(errors="replace")
             return 200 <= response.status < 300, f"HTTP {response.status}: {body}"
     except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}: {exc.read(4096).decode(errors='replace')}"
+        with exc:  # the error is the open response; close it once its body is read
+            return False, f"HTTP {exc.code}: {exc.read(4096).decode(errors='replace')}"
     except (urllib.error.URLError, OSError) as exc:
         return False, f"GET {check.http} failed: {exc}"
