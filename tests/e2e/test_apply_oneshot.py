@@ -154,3 +154,48 @@ def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(
         shutil.rmtree(home)
     assert sum(outcomes.values()) == KILLS
     print(f"kill outcomes over {KILLS} kills in a {duration:.2f}s apply ({startup:.2f}s start-up): {outcomes}")
+
+
+def test_a_write_failure_mid_extraction_removes_the_partial_release_and_keeps_current(tmp_path: Path) -> None:
+    """Disk full, simulated with RLIMIT_FSIZE: a write past the limit fails with EFBIG, as ENOSPC would."""
+    import resource
+
+    old = _write_manifest(tmp_path, "small", {"index.html": "still serving"})
+    big_files = {"index.html": "too big", "blob.bin": "x" * (4 * 1024 * 1024)}
+    big = _write_manifest(tmp_path, "big", big_files)
+    root, state = tmp_path / "root", tmp_path / "state"
+    assert (
+        deployer_apply("--manifest", old.as_uri(), "--root-dir", str(root), "--state-dir", str(state)).returncode == 0
+    )
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deployer",
+            "apply",
+            "--log-json",
+            "--manifest",
+            big.as_uri(),
+            "--root-dir",
+            str(root),
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_file_size,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot write release files" in result.stderr
+    releases = root / "opt" / "app" / "releases"
+    assert sorted(p.name for p in releases.iterdir() if not p.name.startswith(".meta")) == [
+        os.readlink(root / "opt" / "app" / "current").split("/")[-1]
+    ]
+    assert (root / "opt" / "app" / "current" / "index.html").read_text() == "still serving"
