@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             print(f"\n-- {name}", flush=True)
             t0 = time.monotonic()
+            load_before = os.getloadavg()[0]
             try:
                 section = FIGURES[name](bench)
             except Exception:  # noqa: BLE001 - one broken figure must not lose the others' numbers
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     "This figure failed in this run:\n\n```\n" + traceback.format_exc()[-2000:] + "```",
                 )
             section.seconds = time.monotonic() - t0
+            section.load = (load_before, os.getloadavg()[0])
             sections.append(section)
             print_section(section)
     total = time.monotonic() - started

@@ -42,6 +42,7 @@ def main() -> None:
     applier.apply(manifest, args.release_id, env={})
     if args.profile:
         profiler.disable()
+        profiler.dump_stats(f"{args.profile}.prof")
         with open(args.profile, "w") as out:
             pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)

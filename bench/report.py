@@ -45,7 +45,7 @@ class Target:
 
     @property
     def verdict(self) -> str:
-        return {True: "**met**", False: "**missed**", None: "not measured"}[self.met]
+        return {True: "**met**", False: "**missed**", None: "reported (no numeric target)"}[self.met]
 
 
 @dataclass
@@ -58,6 +58,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
     moves: str = ""
     seconds: float = 0.0
+    #: 1-minute load average before and after: anything else running on the machine shows here.
+    load: tuple[float, float] = (0.0, 0.0)
 
 
 def machine() -> list[tuple[str, str]]:
@@ -136,7 +138,12 @@ def render(sections: list[Section], *, command: str, quick: bool, total_seconds:
             out.append("")
         if section.moves:
             out += [f"**What would move it.** {section.moves}", ""]
-        out += [f"_(this figure took {section.seconds:.0f} s to measure)_", ""]
+        out += [
+            f"_(this figure took {section.seconds:.0f} s to measure; 1-minute load average "
+            f"{section.load[0]:.1f} before, {section.load[1]:.1f} after — above ~2 on 2 cores means other work "
+            "shared the machine)_",
+            "",
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 
