@@ -10,11 +10,14 @@ download, so the caller activates nothing until `extract_verified` returned.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hmac
 import posixpath
+import queue
 import stat
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from deployer.fetch import Readable
 from deployer.retry import TransientFetchError
 
 READ_CHUNK = 1024 * 1024
+#: Chunks read ahead of the extraction: bounds the prefetcher's memory to 8 MiB.
+PREFETCH_DEPTH = 8
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -110,10 +115,23 @@ def extract_verified(
     checksum mismatch; the caller removes `dest` then.
     """
     reader = HashingReader(raw, hasher)
+    with Prefetcher(reader) as prefetch:
+        stats = _extract(prefetch, reader, dest, limits, excludes)
+    digest = reader.hasher.hexdigest()
+    if not hmac.compare_digest(digest, expected_digest.lower()):
+        raise ArtifactError(
+            f"checksum mismatch: expected {expected_digest.lower()}, downloaded {reader.count} bytes hashing to {digest}"
+        )
+    return stats
+
+
+def _extract(
+    prefetch: Prefetcher, reader: HashingReader, dest: Path, limits: ExtractLimits, excludes: tuple[str, ...]
+) -> ExtractStats:
     members = 0
     total = 0
     try:
-        with tarfile.open(fileobj=_decompressed(reader), mode="r|*") as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=_decompressed(prefetch), mode="r|*") as archive:  # type: ignore[call-overload]
             for member in archive:
                 members += 1
                 if members > limits.max_members:
@@ -127,7 +145,7 @@ def extract_verified(
                 if _excluded(member.name, excludes):
                     continue
                 archive.extract(member, dest, filter="data")
-        reader.drain()
+        prefetch.drain()
     except ArtifactError:
         raise
     except (ConnectionError, TimeoutError, HTTPClientError, IncompleteReadError) as exc:
@@ -139,12 +157,85 @@ def extract_verified(
         if isinstance(exc, OSError) and exc.errno is not None:
             raise ArtifactError(f"cannot write release files: {exc}") from None
         raise ArtifactError(f"artifact is not a readable tar archive (tar, tar.gz, tar.bz2, tar.xz): {exc}") from None
-    digest = reader.hasher.hexdigest()
-    if not hmac.compare_digest(digest, expected_digest.lower()):
-        raise ArtifactError(
-            f"checksum mismatch: expected {expected_digest.lower()}, downloaded {reader.count} bytes hashing to {digest}"
-        )
     return ExtractStats(members=members, bytes=total, downloaded=reader.count)
+
+
+class Prefetcher:
+    """Reads ahead in a background thread, so the download (and its hashing) overlaps extraction.
+
+    Bounded: at most PREFETCH_DEPTH chunks of READ_CHUNK bytes wait in memory. Socket reads,
+    sha256 and zlib all release the GIL, so on two cores the transfer and the untar really run
+    side by side. An error in the reader thread is raised from the next read().
+    """
+
+    def __init__(self, source: Readable) -> None:
+        self._source = source
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=PREFETCH_DEPTH)
+        self._closed = threading.Event()
+        self._buffer = b""
+        self._pos = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def __enter__(self) -> Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._closed.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # unblock a reader thread waiting for room
+                self._chunks.get_nowait()
+        self._thread.join()
+
+    def _run(self) -> None:
+        item: bytes | BaseException
+        while not self._closed.is_set():
+            try:
+                item = self._source.read(READ_CHUNK)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                item = exc
+            while not self._closed.is_set():
+                try:
+                    self._chunks.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def _next_chunk(self) -> bytes:
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        if not item:
+            self._eof = True
+        return item
+
+    def read(self, size: int = -1, /) -> bytes:
+        # Slice the current chunk without copying the rest of it: tarfile reads ~10 KiB at a time.
+        parts: list[bytes] = []
+        wanted = size if size >= 0 else None
+        while wanted is None or wanted > 0:
+            if self._pos >= len(self._buffer):
+                if self._eof:
+                    break
+                self._buffer, self._pos = self._next_chunk(), 0
+                continue
+            end = len(self._buffer) if wanted is None else self._pos + wanted
+            piece = self._buffer[self._pos : end]
+            self._pos += len(piece)
+            parts.append(piece)
+            if wanted is not None:
+                wanted -= len(piece)
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Read to the end, so every byte of the download has passed through the hash."""
+        while not self._eof:
+            self._next_chunk()
+        self._buffer, self._pos = b"", 0
 
 
 class _Prefixed:
