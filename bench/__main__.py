@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import sys
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import apply, boot, fanout, idle, publish
-from bench.common import REPO, Bench, aws_env, install_loopback_guard
+from bench.common import REPO, Bench, aws_env, cpu_seconds, install_loopback_guard
 from bench.report import Section, print_section, render
 from deployer import logs
 from deployer.emulator import Emulator
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             print(f"\n-- {name}", flush=True)
             t0 = time.monotonic()
-            load_before = os.getloadavg()[0]
+            cpu_before = _cpu_snapshot(emulator)
             try:
                 section = FIGURES[name](bench)
             except Exception:  # noqa: BLE001 - one broken figure must not lose the others' numbers
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     "This figure failed in this run:\n\n```\n" + traceback.format_exc()[-2000:] + "```",
                 )
             section.seconds = time.monotonic() - t0
-            section.load = (load_before, os.getloadavg()[0])
+            section.others_cpu = _others_cpu(cpu_before, _cpu_snapshot(emulator), section.seconds)
             sections.append(section)
             print_section(section)
     total = time.monotonic() - started
@@ -89,6 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(render(sections, command=command, quick=args.quick, total_seconds=total))
     print(f"wrote {out} ({total / 60:.1f} min)")
     return 1 if failed else 0
+
+
+def _cpu_snapshot(emulator: Emulator) -> tuple[float, float]:
+    """(machine busy CPU seconds, this benchmark's own CPU seconds: itself, reaped children, the emulator)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    if emulator.process is not None and emulator.process.poll() is None:
+        own += cpu_seconds(emulator.process.pid)
+    return busy, own
+
+
+def _others_cpu(before: tuple[float, float], after: tuple[float, float], seconds: float) -> float:
+    """Share of the machine's CPU capacity used by processes that are not this benchmark's, over a figure."""
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (seconds * (os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

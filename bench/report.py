@@ -58,8 +58,8 @@ class Section:
     notes: list[str] = field(default_factory=list)
     moves: str = ""
     seconds: float = 0.0
-    #: 1-minute load average before and after: anything else running on the machine shows here.
-    load: tuple[float, float] = (0.0, 0.0)
+    #: Share of the machine's CPU used by processes other than this benchmark while the figure ran.
+    others_cpu: float = 0.0
 
 
 def machine() -> list[tuple[str, str]]:
@@ -139,9 +139,9 @@ def render(sections: list[Section], *, command: str, quick: bool, total_seconds:
         if section.moves:
             out += [f"**What would move it.** {section.moves}", ""]
         out += [
-            f"_(this figure took {section.seconds:.0f} s to measure; 1-minute load average "
-            f"{section.load[0]:.1f} before, {section.load[1]:.1f} after — above ~2 on 2 cores means other work "
-            "shared the machine)_",
+            f"_(this figure took {section.seconds:.0f} s to measure; other processes on the machine used "
+            f"{100 * section.others_cpu:.0f} % of its CPU meanwhile — kernel threads writing back the benchmark's "
+            "own files count here too, so a few % is normal; much more is noise from outside the benchmark)_",
             "",
         ]
     return "\n".join(out).rstrip() + "\n"
