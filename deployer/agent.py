@@ -27,6 +27,7 @@ from deployer.hooks import kill_running_hooks
 from deployer.identity import resolve_instance_id
 from deployer.layout import Layout
 from deployer.lifecycle import autoscaling_client, deregister, finish_launch
+from deployer.memory import release_free_memory
 from deployer.pointers import read_pointer
 from deployer.protocol import parse_deploy
 from deployer.queue import InstanceQueue, Received, unwrap_body
@@ -111,6 +112,7 @@ class Agent:
         self.boot()
         next_reconcile = self._next(self.config.reconcile_interval_seconds)
         next_heartbeat = self._next(self.config.heartbeat_interval_seconds, jitter=0.0)
+        release_free_memory()  # boot parsed service models and applied releases; keep idle RSS low
         log.info("agent_serving", queue=self.queue.name if self.queue else None)
         failures = 0
         while not self._stop.is_set():
@@ -263,6 +265,8 @@ class Agent:
                 self.queue.dead_letter(message, "apply rejected the release")
                 continue
             self.queue.delete(message.receipt_handle)
+        if pending:
+            release_free_memory()  # an apply's buffers (prefetch, tar, hooks' output) are garbage now
 
     def _parse(self, message: Received) -> Incoming:
         try:

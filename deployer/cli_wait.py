@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from deployer.aws import Clients
 from deployer.layout import Layout
 from deployer.protocol import Deploy
-from publisher.publish import PublishResult
 from publisher.wait import DEFAULT_HEARTBEAT_TTL_SECONDS, DEFAULT_POLL_SECONDS, DEFAULT_WAIT_TIMEOUT_SECONDS
+
+if TYPE_CHECKING:  # the agent imports this module too; it never needs the publisher loaded
+    from deployer.aws import Clients
+    from publisher.publish import PublishResult
 
 #: Exit codes CI can branch on (the --wait ones are decided by publisher.wait).
 EXIT_NOTIFY_FAILED = 3
