@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench import apply, boot, fanout, idle, publish
 from bench.common import REPO, Bench, aws_env, cpu_seconds, install_loopback_guard
-from bench.report import Section, print_section, render
+from bench.report import Section, code_state, print_section, render
 from deployer import logs
 from deployer.emulator import Emulator
 
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = str(args.workdir)
     started = time.monotonic()
+    code_at_start = code_state()
     sections: list[Section] = []
     failed = False
     with Emulator(log_path=args.workdir / "moto.log") as emulator:
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             print_section(section)
     total = time.monotonic() - started
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(sections, command=command, quick=args.quick, total_seconds=total))
+    out.write_text(
+        render(sections, command=command, quick=args.quick, total_seconds=total, code=(code_at_start, code_state()))
+    )
     print(f"wrote {out} ({total / 60:.1f} min)")
     return 1 if failed else 0
 

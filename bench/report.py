@@ -73,12 +73,6 @@ def machine() -> list[tuple[str, str]]:
     )
     from importlib.metadata import version
 
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
     return [
         ("CPU", f"{os.cpu_count()} × {cpu} (nproc {len(os.sched_getaffinity(0))})"),
         ("memory", f"{mem_kib / 1024**2:.1f} GiB"),
@@ -86,8 +80,25 @@ def machine() -> list[tuple[str, str]]:
         ("Python", platform.python_version()),
         ("moto", version("moto")),
         ("boto3 / botocore", f"{version('boto3')} / {version('botocore')}"),
-        ("commit", commit),
     ]
+
+
+def code_state() -> str:
+    """HEAD and whether the measured code (deployer/, publisher/) differs from it in the working tree."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "deployer", "publisher"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split("\n")
+    except OSError:
+        return "unknown"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return head + (f" + uncommitted changes to {', '.join(changed)}" if changed else "")
 
 
 def _os_name() -> str:
@@ -100,7 +111,7 @@ def _os_name() -> str:
     return "unknown"
 
 
-def render(sections: list[Section], *, command: str, quick: bool, total_seconds: float) -> str:
+def render(sections: list[Section], *, command: str, quick: bool, total_seconds: float, code: tuple[str, str]) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Benchmarks",
@@ -119,6 +130,13 @@ def render(sections: list[Section], *, command: str, quick: bool, total_seconds:
         ]
     out += [f"- **command**: `{command}`", f"- **date**: {now}, whole run {total_seconds / 60:.1f} min"]
     out += [f"- **{k}**: {v}" for k, v in machine()]
+    if code[0] == code[1]:
+        out.append(f"- **code measured**: {code[0]}")
+    else:
+        out.append(
+            f"- **code measured**: **changed during the run** (others commit to the same tree): {code[0]} at "
+            f"the start, {code[1]} at the end; agents and children import the code when they start"
+        )
     out += ["", "## Summary", ""]
     summary = Table(["figure", "target", "result", "detail"], [])
     for section in sections:
