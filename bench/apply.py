@@ -188,8 +188,8 @@ def run(bench: Bench) -> Section:
         "and the decompression; tarfile's streaming mode still reads members in order, but writing need not be "
         "serial); replace tarfile's `data` filter, which resolves the real path of every member, by the checks "
         "`check_member` already makes plus one realpath of the staging root; `os.sync()` → `os.syncfs()` on the "
-        "release's filesystem (same durability, without flushing the rest of the machine); and a reader thread "
-        "prefetching the S3 body to overlap the network. On a real instance with gp3 EBS the double write hurts "
+        "release's filesystem (same durability, without flushing the rest of the machine); and overlapping the "
+        "network with the extraction (read-ahead). On a real instance with gp3 EBS the double write hurts "
         "the baseline more than here."
     )
     return Section("apply", "2. Apply throughput", meaning, [table], targets, notes, moves)
