@@ -112,7 +112,7 @@ class Agent:
         self.boot()
         next_reconcile = self._next(self.config.reconcile_interval_seconds)
         next_heartbeat = self._next(self.config.heartbeat_interval_seconds, jitter=0.0)
-        release_free_memory()  # boot parsed service models and applied releases; keep idle RSS low
+        release_free_memory(freeze=True)  # boot parsed service models and applied releases; keep idle RSS low
         log.info("agent_serving", queue=self.queue.name if self.queue else None)
         failures = 0
         while not self._stop.is_set():

@@ -23,8 +23,15 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _load_malloc_trim()
 
 
-def release_free_memory() -> None:
-    """Collect garbage and return free arenas to the OS (after boot and after each apply)."""
+def release_free_memory(*, freeze: bool = False) -> None:
+    """Collect garbage and return free heap to the OS (after boot, and after each apply batch).
+
+    `freeze` (once, after boot) moves every surviving object — boto3's service models, the
+    clients, the modules — out of the collector's sight: a full collection of those costs
+    ~40 ms on these machines, while collections after the freeze cost well under 1 ms.
+    """
     gc.collect()
+    if freeze:
+        gc.freeze()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
