@@ -223,8 +223,9 @@ def _profile_shares(path: Path) -> Table:
         ["part of `Applier.apply`", "seconds (profiled)", "share"],
         rows,
         caption=f"Where our apply's time goes: cProfile of one extra run ({sec(total)} profiled; profiling "
-        "inflates the pure-Python parts, not the system calls). The `data` filter row is cumulative and overlaps "
-        "the lstat row.",
+        "inflates the pure-Python parts, not the system calls; cProfile sees only the thread that called "
+        "`apply`, so work done in a read-ahead thread — network reads, hashing — shows as ~0 here). The `data` "
+        "filter row is cumulative and overlaps the lstat row.",
     )
 
 
