@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hmac
+import os
 import posixpath
 import queue
 import stat
@@ -130,6 +131,7 @@ def _extract(
 ) -> ExtractStats:
     members = 0
     total = 0
+    data_filter = DataFilter(dest)
     try:
         with tarfile.open(fileobj=_decompressed(prefetch), mode="r|*") as archive:  # type: ignore[call-overload]
             for member in archive:
@@ -144,7 +146,7 @@ def _extract(
                     raise ArtifactError(f"unsafe archive member: {problem}")
                 if _excluded(member.name, excludes):
                     continue
-                archive.extract(member, dest, filter="data")
+                archive.extract(member, dest, filter=data_filter)
         prefetch.drain()
     except ArtifactError:
         raise
@@ -158,6 +160,62 @@ def _extract(
             raise ArtifactError(f"cannot write release files: {exc}") from None
         raise ArtifactError(f"artifact is not a readable tar archive (tar, tar.gz, tar.bz2, tar.xz): {exc}") from None
     return ExtractStats(members=members, bytes=total, downloaded=reader.count)
+
+
+class DataFilter:
+    """tarfile's `data` filter, without its two realpath() walks per member where they cannot matter.
+
+    The staging directory starts empty and is ours, so the only symlinks in it are the ones this
+    archive created. A path that passes through none of them resolves exactly as it reads, and
+    check_member has already checked it lexically (no absolute paths, no `..`, links inside).
+    Only a member whose own path or link target passes through an extracted symlink can resolve
+    somewhere else; those go through tarfile's full `data` filter, which resolves them on disk.
+    Either way the attributes are the `data` filter's: no owner, no high mode bits, no go-w.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self._symlinks: set[str] = set()
+        self._dest = os.path.realpath(dest)
+
+    def __call__(self, member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
+        name = posixpath.normpath(member.name)
+        risky = self._passes_symlink(name.split("/"))
+        if member.issym():
+            risky = risky or self._passes_symlink([*posixpath.dirname(name).split("/"), *member.linkname.split("/")])
+            self._symlinks.add(name)
+        elif member.islnk():
+            risky = risky or self._passes_symlink(member.linkname.split("/"))
+        if risky:
+            return tarfile.data_filter(member, self._dest)
+        return member.replace(**_data_attrs(member), deep=False)
+
+    def _passes_symlink(self, parts: list[str]) -> bool:
+        """Whether walking `parts` from the root of the release steps on an extracted symlink."""
+        stack: list[str] = []
+        for part in parts:
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if stack:
+                    stack.pop()
+                continue
+            stack.append(part)
+            if "/".join(stack) in self._symlinks:
+                return True
+        return False
+
+
+def _data_attrs(member: tarfile.TarInfo) -> dict[str, Any]:
+    """The attribute changes tarfile's `data` filter makes (Python 3.12 `_get_filtered_attrs`)."""
+    mode: int | None = member.mode & 0o755  # no setuid/setgid/sticky, no group/other write
+    if member.isreg() or member.islnk():
+        assert mode is not None
+        if not mode & 0o100:
+            mode &= ~0o111  # not executable by its owner: executable by nobody
+        mode |= 0o600
+    else:
+        mode = None  # directories and symlinks get the default mode
+    return {"mode": mode, "uid": None, "gid": None, "uname": None, "gname": None}
 
 
 class Prefetcher:

@@ -54,6 +54,57 @@ def test_a_malicious_archive_is_rejected_and_nothing_escapes(
     assert not (tmp_path / "escape").exists()
 
 
+SYMLINK_CHAINS: list[tuple[str, Builder]] = [
+    (
+        "a file written through a chain of symlinks that each look inside",
+        lambda t: (
+            add_special(t, "sub/link", tarfile.SYMTYPE, ".."),
+            add_special(t, "sub/link/link2", tarfile.SYMTYPE, ".."),
+            add_file(t, "sub/link/link2/escape", b"pwned"),
+        ),
+    ),
+    (
+        "a symlink whose target steps through another symlink",
+        lambda t: (
+            add_special(t, "a", tarfile.SYMTYPE, "."),
+            add_special(t, "c", tarfile.SYMTYPE, "a/.."),
+            add_file(t, "c/escape", b"pwned"),
+        ),
+    ),
+    (
+        "a hardlink whose target steps through a symlink",
+        lambda t: (
+            add_special(t, "sub/link", tarfile.SYMTYPE, ".."),
+            add_special(t, "sub/link/link2", tarfile.SYMTYPE, ".."),
+            add_special(t, "h", tarfile.LNKTYPE, "sub/link/link2/outside-file"),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "build"), SYMLINK_CHAINS, ids=[c[0] for c in SYMLINK_CHAINS])
+def test_symlink_chains_that_only_escape_on_disk_are_rejected(tmp_path: Path, case: str, build: Builder) -> None:
+    (tmp_path / "outside-file").write_text("secret")
+    release = tmp_path / "deep" / "release"
+    release.parent.mkdir()
+    with pytest.raises(ArtifactError, match="unsafe archive member"):
+        extract(tar_bytes(build), release)
+    assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "deep" / "escape").exists()
+    assert (tmp_path / "outside-file").read_text() == "secret"
+
+
+def test_modes_are_sanitised_like_tarfiles_data_filter(tmp_path: Path) -> None:
+    def add(archive: tarfile.TarFile) -> None:
+        add_file(archive, "world-writable", b"x", mode=0o777)
+        add_file(archive, "not-owner-exec", b"x", mode=0o054)
+        add_file(archive, "script", b"x", mode=0o750)
+
+    extract(tar_bytes(add), tmp_path / "r")
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in (tmp_path / "r").iterdir()}
+    assert modes == {"world-writable": 0o755, "not-owner-exec": 0o644, "script": 0o750}
+
+
 def test_too_many_members_is_rejected_as_a_bomb(tmp_path: Path) -> None:
     data = release_tarball({f"f{i}": "x" for i in range(20)})
     with pytest.raises(ArtifactError, match="more than 10 members"):
