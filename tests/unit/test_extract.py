@@ -155,3 +155,29 @@ def test_plain_tar_and_xz_are_accepted(tmp_path: Path) -> None:
         data = tar_bytes(lambda t: add_file(t, "a.txt", b"1"), mode=mode)
         extract(data, tmp_path / f"r{index}")
         assert (tmp_path / f"r{index}" / "a.txt").read_text() == "1"
+
+
+def test_a_name_repeated_in_the_archive_ends_with_the_last_copy_like_tar(tmp_path: Path) -> None:
+    def add(archive: tarfile.TarFile) -> None:
+        add_file(archive, "config.ini", b"first")
+        add_file(archive, "other", b"x")
+        add_file(archive, "config.ini", b"second")
+
+    extract(tar_bytes(add), tmp_path / "r")
+    assert (tmp_path / "r" / "config.ini").read_text() == "second"
+
+
+def test_many_files_hardlinks_and_dirs_extract_exactly(tmp_path: Path) -> None:
+    files = {f"d{i % 7}/sub{i % 3}/f{i}.txt": f"content {i}" * (i % 50 + 1) for i in range(400)}
+
+    def add(archive: tarfile.TarFile) -> None:
+        for name, text in files.items():
+            add_file(archive, name, text.encode())
+        add_special(archive, "hard", tarfile.LNKTYPE, "d1/sub1/f1.txt")
+        add_file(archive, "big.bin", b"z" * (5 * 1024 * 1024))  # over the writer threads' size: main thread
+
+    extract(tar_bytes(add), tmp_path / "r")
+    for name, text in files.items():
+        assert (tmp_path / "r" / name).read_text() == text
+    assert (tmp_path / "r" / "hard").read_text() == files["d1/sub1/f1.txt"]
+    assert (tmp_path / "r" / "big.bin").stat().st_size == 5 * 1024 * 1024
