@@ -3,9 +3,13 @@
 Formats: .tar, .tar.gz, .tar.bz2, .tar.xz and .tar.zst, recognised by content, not by name.
 
 Every member is checked before it touches the disk (absolute paths, `..`, links leaving the
-release, device nodes, FIFOs, setuid/setgid, member count and total size), and tarfile's
-`data` filter runs as a second line of defence. The checksum covers every byte of the
-download, so the caller activates nothing until `extract_verified` returned.
+release, device nodes, FIFOs, setuid/setgid, member count and total size); a member whose
+path passes through a symlink the archive created is also resolved on disk by tarfile's
+`data` filter (DataFilter). The checksum covers every byte of the download, so the caller
+activates nothing until `extract_verified` returned.
+
+Three threads share the work: one downloads and hashes ahead (Prefetcher), the main one
+decompresses and parses, two more create the files (FileWriter); all bounded in memory.
 """
 
 from __future__ import annotations
