@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import structlog
 
@@ -144,15 +145,7 @@ class DeployRunner:
                 state=state.value,
                 next="left on the previous release" + ("" if permanent else "; will be retried"),
             )
-            self.reporter.update(
-                deploy.component,
-                state=state,
-                error=str(exc),
-                release_id=deploy.release_id,
-                seq=deploy.seq,
-                deploy_id=deploy.deploy_id,
-                output_tail=getattr(exc, "output_tail", "") or None,
-            )
+            self._report(deploy, state, error=str(exc), output_tail=getattr(exc, "output_tail", "") or None)
             return state
         except Exception as exc:
             log.exception("apply_crashed", error=str(exc), next="will be retried")
@@ -171,16 +164,20 @@ class DeployRunner:
             reused=reused,
             duration_s=round(time.monotonic() - started, 3),
         )
+        self._report(deploy, ComponentState.OK, output_tail=output_tail or None)
+        return ComponentState.OK
+
+    def _report(self, deploy: Deploy, state: ComponentState, *, error: str | None = None, **extra: Any) -> None:
+        """This deploy's component status: its state, and which deploy that state is about."""
         self.reporter.update(
             deploy.component,
-            state=ComponentState.OK,
-            error=None,
+            state=state,
+            error=error,
             release_id=deploy.release_id,
             seq=deploy.seq,
             deploy_id=deploy.deploy_id,
-            output_tail=output_tail or None,
+            **extra,
         )
-        return ComponentState.OK
 
     def _fetch_manifest(self, deploy: Deploy) -> Manifest:
         expected_key = self.layout.manifest_key(deploy.component, deploy.release_id)
@@ -224,14 +221,7 @@ class DeployRunner:
         def report() -> None:
             with lock:
                 if not finished:
-                    self.reporter.update(
-                        deploy.component,
-                        state=ComponentState.APPLYING,
-                        error=None,
-                        release_id=deploy.release_id,
-                        seq=deploy.seq,
-                        deploy_id=deploy.deploy_id,
-                    )
+                    self._report(deploy, ComponentState.APPLYING)
 
         timer = threading.Timer(APPLYING_REPORT_DELAY_SECONDS, report)
         timer.daemon = True
