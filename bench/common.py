@@ -11,7 +11,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from deployer.aws import Clients, make_clients
 from deployer.emulator import Emulator
 from deployer.layout import Layout
 from publisher.infra import init_resources
+from publisher.pack import pack_directory
 
 REGION = "us-east-1"
 BUCKET = "deployer-bench"
@@ -161,23 +161,6 @@ def make_tree(root: Path, *, files: int, total_bytes: int, random_share: float, 
     return root
 
 
-def pack(tree: Path, out: Path) -> Path:
-    """tar.gz with zeroed owners and sorted names (what `deployer publish DIR` would make, faster)."""
-
-    def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        return info
-
-    with tarfile.open(out, "w:gz", compresslevel=6) as archive:
-        for dirpath, dirs, names in os.walk(tree):
-            dirs.sort()
-            for name in sorted(dirs) + sorted(names):
-                path = Path(dirpath) / name
-                archive.add(path, arcname=str(path.relative_to(tree)), recursive=False, filter=normalise)
-    return out
-
-
 def tree_stats(tree: Path) -> tuple[int, int]:
     count = size = 0
     for dirpath, _, names in os.walk(tree):
@@ -212,7 +195,7 @@ def big_artifact(workdir: Path, quick: bool) -> BigArtifact:
         shutil.rmtree(tree, ignore_errors=True)
         # About half the bytes random: the artifact is then ~half incompressible, like binaries + assets.
         make_tree(tree, files=files, total_bytes=total, random_share=0.5, seed=7)
-        pack(tree, out)
+        pack_directory(tree, out)
         marker.write_text("ok\n")
     count, size = tree_stats(tree)
     return BigArtifact(out, count, size, sha256_file(out))
@@ -229,7 +212,7 @@ def small_artifact(workdir: Path) -> Path:
         (tree / "index.html").write_text("small release\n")
         (tree / "app.txt").write_text("".join(" ".join(rng.choices(WORDS, k=12)) + "\n" for _ in range(200)))
         (tree / "asset.bin").write_bytes(rng.randbytes(48 * 1024))
-        pack(tree, out)
+        pack_directory(tree, out)
     return out
 
 
