@@ -16,7 +16,7 @@ from bench import apply, boot, fanout, idle, publish
 from bench.common import REPO, Bench, aws_env, cpu_seconds, install_loopback_guard
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
-from deployer.emulator import Emulator
+from deployer.local.emulator import Emulator
 
 FIGURES: dict[str, Callable[[Bench], Section]] = {
     "fanout": fanout.run,

@@ -25,9 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     from deployer import logs
-    from deployer.apply import Applier
-    from deployer.aws import make_clients
-    from deployer.manifest import Manifest, SyncStrategy
+    from deployer.apply.engine import Applier
+    from deployer.aws.clients import make_clients
+    from deployer.protocol.manifest import Manifest, SyncStrategy
 
     logs.configure(json=True, level="warning")  # logs to stderr; stdout carries only the result
     clients = make_clients()

@@ -21,8 +21,8 @@ from bench.common import (
     small_artifact,
 )
 from bench.report import Section, Table, Target
-from deployer.manifest import Commands, Hook, Manifest, SyncStrategy
-from deployer.protocol import Channel
+from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
+from deployer.protocol.names import Channel
 from publisher.publish import Publisher
 
 COMPONENTS = ["provision", "api"]

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from deployer.aws import Clients, make_clients
-from deployer.emulator import Emulator
-from deployer.layout import Layout
+from deployer.aws.clients import Clients, make_clients
+from deployer.local.emulator import Emulator
+from deployer.protocol.layout import Layout
 from publisher.infra import init_resources
 from publisher.pack import pack_directory
 

@@ -29,8 +29,8 @@ from bench.common import (
     wait_for,
 )
 from bench.report import Section, Table, Target
-from deployer.manifest import Manifest, SyncStrategy
-from deployer.protocol import Channel
+from deployer.protocol.manifest import Manifest, SyncStrategy
+from deployer.protocol.names import Channel
 from publisher.publish import Publisher
 
 FLOOR_KEY = "floor/artifact.tar.gz"

@@ -27,11 +27,12 @@ from bench.common import (
     wait_for,
 )
 from bench.report import Section, Table, Target
-from deployer.agent import Agent
-from deployer.aws import make_clients
-from deployer.config import load_config
-from deployer.manifest import Manifest, SyncStrategy
-from deployer.protocol import Channel
+from deployer.agent.config import load_config
+from deployer.agent.loop import Booted, boot
+from deployer.agent.shutdown import Shutdown
+from deployer.aws.clients import make_clients
+from deployer.protocol.manifest import Manifest, SyncStrategy
+from deployer.protocol.names import Channel
 from publisher.publish import Publisher
 
 COMPONENTS = ["provision", "api"]
@@ -95,14 +96,19 @@ def run(bench: Bench) -> Section:
     counter = OpCounter()
     for client in (clients.s3, clients.sns, clients.sqs):
         client.meta.events.register("before-call", counter)
-    agent = Agent(load_config(counted.config_path), clients)
-    agent._install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
-    thread = threading.Thread(target=agent.run, name="counted-agent", daemon=True)
+    shutdown = Shutdown(60.0)  # no signal handlers: this agent runs in a thread, stopped by its flag
+    booted: list[Booted] = []
+
+    def run_counted() -> None:
+        booted.append(boot(load_config(counted.config_path), clients, shutdown))
+        booted[0].agent.serve()
+
+    thread = threading.Thread(target=run_counted, name="counted-agent", daemon=True)
     try:
         wait_for(lambda: proc.watcher.find("agent_serving") is not None, "the idle agent to boot", 60, [proc])
         thread.start()
         wait_for(
-            lambda: agent.queue is not None and agent.reporter is not None and counter.ops["ReceiveMessage"] > 0,
+            lambda: bool(booted) and counter.ops["ReceiveMessage"] > 0,
             "the counted agent to boot",
             60,
         )
@@ -123,25 +129,21 @@ def run(bench: Bench) -> Section:
         rss_end = rss_kib(proc.pid)
         # Cost of one periodic reconcile and one heartbeat, triggered directly (at the defaults they
         # happen every 300 s and 900 s, so a window of a minute or two would not see them).
+        agent, reporter = booted[0].agent, booted[0].reporter
         agent.reconcile(reason="periodic")
         reconcile_ops = Counter({k: v for k, v in counter.take().items() if k != "ReceiveMessage"})
-        assert agent.reporter is not None
-        agent.reporter.write()
+        reporter.write()
         heartbeat_ops = Counter({k: v for k, v in counter.take().items() if k != "ReceiveMessage"})
         # One small deploy through the counted agent: what applying costs in requests.
         seq = _publish(bench, publisher, "api", "idle-deploy")
         wait_for(
-            lambda: (
-                agent.reporter is not None
-                and agent.reporter.components["api"].seq == seq
-                and agent.reporter.components["api"].state.value == "ok"
-            ),
+            lambda: reporter.components["api"].seq == seq and reporter.components["api"].state.value == "ok",
             "the counted agent to apply",
             60,
         )
         time.sleep(1.0)  # the DeleteMessage and the next long poll
         deploy_ops = counter.take()
-        agent.stop()
+        shutdown.stop.set()
         print(f"  idle window {elapsed:.0f}s: {dict(window_ops)}; RSS {mib(rss_end)}", flush=True)
 
         # C: growth after many deploys (poll_wait_seconds 1 so the agent turns round fast; say so).

@@ -27,11 +27,11 @@ def main() -> None:
     import boto3  # noqa: F401
 
     steps.append(("+ import boto3 / botocore", rss_mib()))
-    from deployer.aws import make_clients
+    from deployer.aws.clients import make_clients
 
     make_clients(os.environ.get("AWS_REGION", "us-east-1"), os.environ.get("AWS_ENDPOINT_URL"))
     steps.append(("+ the three clients (S3, SNS, SQS: models, endpoint rules)", rss_mib()))
-    import deployer.agent
+    import deployer.agent.loop
     import deployer.cli  # noqa: F401
 
     steps.append(("+ the deployer's own modules", rss_mib()))

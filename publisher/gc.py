@@ -3,7 +3,8 @@
 Every agent writes `status/<stage>/<role>/<instance>.json` at boot and at least once per
 heartbeat interval. An instance whose heartbeat is older than the TTL is gone (terminated by
 Auto Scaling, or long stopped); gc removes its subscription, then its queue and DLQ, then its
-status report (`deployer.lifecycle.remove_registration`, same order as a clean deregistration).
+status report (`deployer.aws.registration.remove_registration`, the order a clean
+deregistration uses too).
 
 Safe on a schedule: every step is idempotent, two overlapping runs only skip each other's
 work, an interrupted run leaves the status report (deleted last) for the next run to finish,
@@ -14,49 +15,38 @@ subscription at its next boot and replays the pointers, so nothing is lost, only
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from botocore.exceptions import ClientError
 
-from deployer.aws import Clients
-from deployer.layout import Layout
-from deployer.lifecycle import Removal, queue_arn, remove_registration, subscriptions_by_endpoint
-from deployer.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.status import age_seconds
+from deployer.aws.clients import Clients
+from deployer.aws.registration import Removal, remove_registration, subscriptions_by_endpoint
+from deployer.aws.reports import ReportReader
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.s3 import head
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.names import DEFAULT_QUEUE_PREFIX, TopicArn, queue_name
+from deployer.protocol.timestamps import age_seconds
 
 log = structlog.get_logger(__name__)
-
-#: Default TTL: 12 missed heartbeats at the default 15-minute interval.
-DEFAULT_TTL_SECONDS = 3 * 3600.0
-#: Refuse TTLs this short: they would collect healthy instances mid-apply (no heartbeat while hooks run).
-MIN_TTL_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class Registration:
     """One instance as seen under status/: where its report is and when it last heartbeated."""
 
-    instance_id: str
-    stage: str
-    role: str
+    who: ReportKey
     key: str
     etag: str
-    heartbeat_at: str | None
+    heartbeat_at: datetime | None
     last_modified: datetime
 
     def age_s(self, now: datetime) -> float:
         """Heartbeat age, or the object's age when the report is unreadable."""
-        age = None
-        if self.heartbeat_at:
-            try:
-                age = age_seconds(self.heartbeat_at, now)
-            except ValueError:
-                age = None
-        return age if age is not None else (now - self.last_modified).total_seconds()
+        return age_seconds(self.heartbeat_at or self.last_modified, now)
 
 
 def select_stale(registrations: Iterable[Registration], now: datetime, ttl_s: float) -> list[Registration]:
@@ -72,81 +62,59 @@ class Collector:
         bucket: str,
         topic_arn: str,
         layout: Layout,
-        queue_prefix: str = "deployer",
+        queue_prefix: str = DEFAULT_QUEUE_PREFIX,
         policy: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         self.clients = clients
         self.bucket = bucket
-        self.topic_arn = topic_arn
+        self.topic = TopicArn.parse(topic_arn)
         self.layout = layout
         self.queue_prefix = queue_prefix
         self.policy = policy
 
     def scan(self) -> list[Registration]:
-        prefix = self.layout.status_prefix()
-        paginator = self.clients.s3.get_paginator("list_objects_v2")
-        pages = self.policy.call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
-        found = []
-        for page in pages:
-            for obj in page.get("Contents", []):
-                parts = obj["Key"][len(prefix) :].split("/")
-                if len(parts) != 3 or not parts[2].endswith(".json"):
-                    continue
-                stage, role, name = parts
-                found.append(
-                    Registration(
-                        instance_id=name.removesuffix(".json"),
-                        stage=stage,
-                        role=role,
-                        key=obj["Key"],
-                        etag=obj.get("ETag", ""),
-                        heartbeat_at=self._heartbeat(obj["Key"]),
-                        last_modified=obj["LastModified"],
-                    )
-                )
-        return found
+        entries = ReportReader(self.clients.s3, self.bucket, self.layout, policy=self.policy).refresh()
+        return [
+            Registration(
+                who=entry.who,
+                key=entry.s3_key,
+                etag=entry.etag,
+                heartbeat_at=entry.report.heartbeat_at if entry.report else None,
+                last_modified=entry.last_modified,
+            )
+            for entry in entries.values()
+        ]
 
     def run(self, ttl_s: float, *, dry_run: bool = False, now: datetime | None = None) -> list[Removal]:
         now = now or datetime.now(UTC)
         stale = select_stale(self.scan(), now, ttl_s)
         if not stale:
             return []
-        subscriptions = subscriptions_by_endpoint(self.clients, self.topic_arn, self.policy)
+        subscriptions = subscriptions_by_endpoint(self.clients, str(self.topic), self.policy)
         removed = []
         for reg in stale:
             if not dry_run and not self._unchanged(reg):
-                log.info("gc_skipped_instance_came_back", instance_id=reg.instance_id, key=reg.key)
+                log.info("gc_skipped_instance_came_back", instance_id=reg.who.instance_id, key=reg.key)
                 continue
-            name = f"{self.queue_prefix}-{reg.stage}-{reg.role}-{reg.instance_id}"
+            try:
+                name = queue_name(self.queue_prefix, reg.who.stage, reg.who.role, reg.who.instance_id)
+            except ConfigError as exc:  # no agent could have made this queue: not an agent's report
+                log.warning("gc_skipped_foreign_report", key=reg.key, error=str(exc), next="left alone")
+                continue
             removed.append(
                 remove_registration(
                     self.clients,
                     bucket=self.bucket,
                     layout=self.layout,
-                    topic_arn=self.topic_arn,
+                    who=reg.who,
                     queue_name=name,
-                    stage=reg.stage,
-                    role=reg.role,
-                    instance_id=reg.instance_id,
-                    subscription_arns=subscriptions.get(queue_arn(self.topic_arn, name), []),
+                    subscription_arns=subscriptions.get(self.topic.queue_arn(name), []),
                     dry_run=dry_run,
                     policy=self.policy,
                 )
             )
         return removed
 
-    def _heartbeat(self, key: str) -> str | None:
-        try:
-            body = self.policy.call(self.clients.s3.get_object, Bucket=self.bucket, Key=key)["Body"].read()
-            report = json.loads(body)
-        except (ClientError, ValueError):
-            return None
-        value = report.get("heartbeat_at") if isinstance(report, dict) else None
-        return value if isinstance(value, str) else None
-
     def _unchanged(self, reg: Registration) -> bool:
-        try:
-            head = self.policy.call(self.clients.s3.head_object, Bucket=self.bucket, Key=reg.key)
-        except ClientError:
-            return True  # already gone: finish removing the queues
-        return head.get("ETag", "") == reg.etag
+        found = head(self.clients.s3, self.bucket, reg.key, self.policy)
+        return found is None or found.get("ETag", "") == reg.etag  # gone already: finish removing the queues

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from deployer.errors import InvalidMessage
-from deployer.layout import Layout
-from deployer.pointers import get_document
-from deployer.protocol import Channel, Deploy, parse_deploy
-from deployer.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.s3 import get_document
+from deployer.protocol.deploy import Deploy, parse_deploy
+from deployer.protocol.errors import InvalidMessage
+from deployer.protocol.layout import Layout
+from deployer.protocol.names import Channel
+from publisher.text import render_table
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,7 +84,4 @@ def format_history(deploys: Sequence[Deploy], current_seq: int | None) -> str:
         )
         for d in deploys
     ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
-    )
+    return render_table(header, body)

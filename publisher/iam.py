@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.errors import ConfigError
+from deployer.protocol.layout import CHANNELS, RELEASES, STATUS, Layout
+from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, TopicArn, queue_name_pattern
 
 POLICY_VERSION = "2012-10-17"
 
@@ -27,55 +28,47 @@ class Audience(enum.StrEnum):
 class Scope:
     bucket: str
     topic_arn: str
-    prefix: str = "deployer"
-    queue_prefix: str = "deployer"
+    prefix: str = DEFAULT_PREFIX
+    queue_prefix: str = DEFAULT_QUEUE_PREFIX
     stage: str | None = None
     role: str | None = None
-    asg_name: str | None = (
-        None  # instance: allow completing launch hooks of this group ("*" if lifecycle without a name)
-    )
+    #: Instance: allow completing launch hooks of this group ("*" if `lifecycle` without a name).
+    asg_name: str | None = None
     lifecycle: bool = False
     deregister: bool = False
 
     @property
+    def topic(self) -> TopicArn:
+        return TopicArn.parse(self.topic_arn)
+
+    @property
     def region(self) -> str:
-        return self._arn_parts()[3]
+        return self.topic.region
 
     @property
     def account(self) -> str:
-        return self._arn_parts()[4]
+        return self.topic.account
 
     @property
     def partition(self) -> str:
-        return self._arn_parts()[1]
-
-    def _arn_parts(self) -> list[str]:
-        parts = self.topic_arn.split(":")
-        if len(parts) != 6 or parts[0] != "arn" or parts[2] != "sns":
-            raise ConfigError(f"topic ARN {self.topic_arn!r} is not arn:aws:sns:REGION:ACCOUNT:NAME")
-        return parts
+        return self.topic.partition
 
     def objects(self, *parts: str) -> str:
-        base = self.prefix.strip("/")
-        return f"arn:{self.partition}:s3:::{self.bucket}/" + "/".join([base, *parts] if base else parts)
+        """Object ARN pattern for `<prefix>/<parts…>`, keys built by the same Layout the code writes with."""
+        return f"{self.bucket_arn}/{Layout(self.prefix).key(*parts)}"
 
     @property
     def bucket_arn(self) -> str:
-        return f"arn:{self.partition}:s3:::{self.bucket}"
+        return self.topic.bucket_arn(self.bucket)
 
     @property
     def status_objects(self) -> str:
-        return self.objects("status", *([self.stage, self.role or "*", "*"] if self.stage else ["*"]))
+        return self.objects(STATUS, *([self.stage, self.role or "*", "*"] if self.stage else ["*"]))
 
     @property
     def queues(self) -> str:
         """`<queue_prefix>-<stage>-<role>-*`, narrowed as far as stage and role are given."""
-        parts = [
-            self.queue_prefix,
-            *([self.stage] if self.stage else []),
-            *([self.role] if self.stage and self.role else []),
-        ]
-        return f"arn:{self.partition}:sqs:{self.region}:{self.account}:{'-'.join(parts)}-*"
+        return self.topic.queue_arn(queue_name_pattern(self.queue_prefix, self.stage, self.role))
 
 
 def _statement(sid: str, actions: list[str], resources: str | list[str]) -> dict[str, Any]:
@@ -88,9 +81,9 @@ def policy_for(audience: Audience, scope: Scope) -> dict[str, Any]:
             _statement(
                 "ReleasesAndChannels",
                 ["s3:GetObject", "s3:PutObject"],
-                [scope.objects("releases", "*"), scope.objects("channels", "*")],
+                [scope.objects(RELEASES, "*"), scope.objects(CHANNELS, "*")],
             ),
-            _statement("ReadStatus", ["s3:GetObject"], scope.objects("status", "*")),
+            _statement("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, "*")),
             # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
             _statement("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
             _statement("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
@@ -100,7 +93,7 @@ def policy_for(audience: Audience, scope: Scope) -> dict[str, Any]:
             _statement(
                 "ReadReleasesAndPointers",
                 ["s3:GetObject"],
-                [scope.objects("releases", "*"), scope.objects("channels", "*")],
+                [scope.objects(RELEASES, "*"), scope.objects(CHANNELS, "*")],
             ),
             # Without s3:ListBucket, S3 answers 403 instead of 404 for a pointer never published.
             _statement("ListBucket", ["s3:ListBucket"], scope.bucket_arn),

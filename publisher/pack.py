@@ -8,8 +8,8 @@ import os
 import tarfile
 from pathlib import Path
 
-from deployer.errors import PublishError
-from deployer.extract import check_member
+from deployer.protocol.artifact import check_member
+from deployer.protocol.errors import PublishError
 
 GZIP_MAGIC = b"\x1f\x8b"
 HASH_CHUNK = 1024 * 1024

@@ -1,4 +1,4 @@
-"""`deployer publish`: immutable release → history → pointer → SNS, in that order (DESIGN.md invariant 2).
+"""`deployer publish`: immutable release → history → pointer → SNS, in that order (docs/design.md, "Publish order").
 
 The seq claim is lock-free. `history/<seq>.json` is written with If-None-Match: *, so exactly
 one publisher claims each seq; the pointer is then moved with If-Match on the etag it was read
@@ -15,26 +15,24 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
-from botocore.exceptions import ClientError
 
-from deployer.errors import AwsError, ConfigError, PublishError, ReleaseConflict
-from deployer.layout import Layout
-from deployer.limits import MAX_SNS_MESSAGE_BYTES
-from deployer.manifest import Manifest
-from deployer.pointers import PreconditionFailed, error_code, get_document, put_conditional, read_pointer
-from deployer.protocol import RELEASE_ID_PATTERN, Channel, Deploy, new_deploy_id, parse_deploy, utc_now_iso
-from deployer.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.clients import Clients
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.s3 import bucket_exists, get_document, head, put_conditional, read_pointer
+from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, new_deploy_id, parse_deploy
+from deployer.protocol.errors import AwsError, ConfigError, PreconditionFailed, PublishError, ReleaseConflict
+from deployer.protocol.layout import Layout
+from deployer.protocol.limits import MAX_SNS_MESSAGE_BYTES
+from deployer.protocol.manifest import Manifest
+from deployer.protocol.names import Channel
+from deployer.protocol.timestamps import utc_now_iso
 from publisher.pack import sha256_file
-
-if TYPE_CHECKING:
-    from deployer.aws import Clients
 
 log = structlog.get_logger(__name__)
 
@@ -91,16 +89,18 @@ class Publisher:
     def check_resources(self) -> None:
         """One clear error for a missing bucket or topic, before anything is uploaded."""
         try:
-            self.policy.call(self.clients.s3.head_bucket, Bucket=self.bucket)
-        except ClientError as exc:
+            exists = bucket_exists(self.clients.s3, self.bucket, self.policy)
+        except AwsError as exc:
             raise ConfigError(
-                f"bucket {self.bucket!r} does not exist or is not accessible ({error_code(exc)}); run `deployer init`"
+                f"bucket {self.bucket!r} does not exist or is not accessible ({exc.code}); run `deployer init`"
             ) from None
+        if not exists:
+            raise ConfigError(f"bucket {self.bucket!r} does not exist or is not accessible (404); run `deployer init`")
         try:
             self.policy.call(self.clients.sns.get_topic_attributes, TopicArn=self.topic_arn)
-        except ClientError as exc:
+        except AwsError as exc:
             raise ConfigError(
-                f"topic {self.topic_arn!r} does not exist or is not accessible ({error_code(exc)}); run `deployer init`"
+                f"topic {self.topic_arn!r} does not exist or is not accessible ({exc.code}); run `deployer init`"
             ) from None
 
     def publish(
@@ -192,26 +192,24 @@ class Publisher:
         message_id, sns_error = self._notify(deploy)
         return PublishResult(deploy, release_reused=release_reused, sns_message_id=message_id, sns_error=sns_error)
 
-    def _put_immutable(self, key: str, body: object, sha256: str, content_type: str) -> bool:
+    def _put_immutable(self, key: str, body: Callable[[], bytes], sha256: str, content_type: str) -> bool:
         """Create `key` once. Re-publishing identical content is a no-op; different content is refused."""
-        data = body() if callable(body) else body
         try:
-            self.policy.call(
-                self.clients.s3.put_object,
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType=content_type,
-                Metadata={"sha256": sha256},
-                IfNoneMatch="*",
+            put_conditional(
+                self.clients.s3,
+                self.bucket,
+                key,
+                body(),
+                policy=self.policy,
+                content_type=content_type,
+                metadata={"sha256": sha256},
             )
             return True
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if status not in (409, 412):
-                raise AwsError(f"cannot upload s3://{self.bucket}/{key}: {error_code(exc) or exc}") from None
-        existing = self.policy.call(self.clients.s3.head_object, Bucket=self.bucket, Key=key)
-        if existing.get("Metadata", {}).get("sha256") != sha256:
+        except PreconditionFailed:
+            pass
+        existing = head(self.clients.s3, self.bucket, key, self.policy) or {}
+        metadata = existing.get("Metadata")
+        if not isinstance(metadata, dict) or metadata.get("sha256") != sha256:
             raise ReleaseConflict(
                 f"s3://{self.bucket}/{key} already exists with different content; releases are immutable, use a new release id"
             )

@@ -1,6 +1,6 @@
 """`deployer rollback`: publish an earlier release as the channel's next seq.
 
-A rollback is an ordinary deploy (DESIGN.md: "an older release at a newer seq"), so it gets
+A rollback is an ordinary deploy of an older release at a newer seq (docs/design.md), so it gets
 the same ordering, idempotency and fan-out as any publish; agents that still keep the release
 on disk (symlink strategy, `keep_releases`) re-activate it without downloading.
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from deployer.errors import PublishError
-from deployer.pointers import read_pointer
-from deployer.protocol import Channel, Deploy
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import PublishError
+from deployer.protocol.names import Channel
 from publisher.history import iter_history
 from publisher.publish import Publisher, PublishResult
 

@@ -8,6 +8,10 @@ heartbeat grows older than the TTL during the wait, or whose report disappears (
 deregistration), is *lost*: it died or was terminated mid-deploy, and CI cannot know whether
 the release was the cause, so it counts as a failure unless the caller allows lost instances.
 
+A report that cannot be parsed is never taken as converged: an instance whose report is
+unreadable is expected if the object was written within the TTL, and stays `unreadable` (not
+settled) until it reads again, so a wait it holds up ends in a timeout, not in a false OK.
+
 The classification is pure (`classify`, `assess`); `Waiter` is the thin polling loop.
 """
 
@@ -18,12 +22,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Protocol, TextIO
 
 import structlog
 
-from deployer.protocol import Deploy
-from deployer.status import ReportCache, age_seconds
+from deployer.aws.reports import ReportEntry
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.report import ComponentState
+from deployer.protocol.timestamps import age_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -32,10 +39,15 @@ EXIT_CONVERGED = 0
 EXIT_FAILED = 4
 EXIT_TIMEOUT = 5
 
-#: Default heartbeat TTL: two default heartbeat intervals (900 s) plus a minute of slack.
-DEFAULT_HEARTBEAT_TTL_SECONDS = 2 * 900 + 60
-DEFAULT_WAIT_TIMEOUT_SECONDS = 900.0
-DEFAULT_POLL_SECONDS = 5.0
+
+@dataclass(frozen=True)
+class WaitOptions:
+    """The --wait flags as one value (their defaults live with the flags, in `deployer.cli.options`)."""
+
+    timeout_s: float
+    heartbeat_ttl_s: float
+    poll_s: float
+    allow_lost: bool = False
 
 
 class Outcome(enum.StrEnum):
@@ -44,41 +56,46 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     LOST = "lost"  # heartbeat older than the TTL, or the report is gone
+    UNREADABLE = "unreadable"  # the report does not parse: not converged, not settled
 
 
 #: Outcomes after which the wait stops watching an instance.
 SETTLED = frozenset({Outcome.CONVERGED, Outcome.FAILED, Outcome.REJECTED, Outcome.LOST})
 
 
-def is_live(report: Mapping[str, Any], now: datetime, ttl_s: float) -> bool:
-    age = age_seconds(report.get("heartbeat_at"), now)
-    return age is not None and age <= ttl_s
+def is_live(entry: ReportEntry, now: datetime, ttl_s: float) -> bool:
+    """Heartbeat younger than the TTL; for an unreadable report, the object's own age."""
+    written = entry.report.heartbeat_at if entry.report is not None else entry.last_modified
+    return age_seconds(written, now) <= ttl_s
 
 
 def expected_instances(
-    reports: Mapping[str, Mapping[str, Any]], deploy: Deploy, now: datetime, ttl_s: float
+    entries: Mapping[str, ReportEntry], deploy: Deploy, now: datetime, ttl_s: float
 ) -> frozenset[str]:
-    """Instances of the deploy's stage/role that list its component and heartbeat within the TTL."""
+    """Live instances of the deploy's stage/role that list its component (or whose report is unreadable)."""
     return frozenset(
         instance
-        for instance, report in reports.items()
-        if report.get("stage") == deploy.stage
-        and report.get("role") == deploy.role
-        and deploy.component in report.get("components", {})
-        and is_live(report, now, ttl_s)
+        for instance, entry in entries.items()
+        if (entry.who.stage, entry.who.role) == (deploy.stage, deploy.role)
+        and (entry.report is None or deploy.component in entry.report.components)
+        and is_live(entry, now, ttl_s)
     )
 
 
-def classify(report: Mapping[str, Any] | None, deploy: Deploy, now: datetime, ttl_s: float) -> Outcome:
-    if report is None:
+def classify(entry: ReportEntry | None, deploy: Deploy, now: datetime, ttl_s: float) -> Outcome:
+    if entry is None:
         return Outcome.LOST
-    status = report.get("components", {}).get(deploy.component, {})
-    seq, state = status.get("seq"), status.get("state")
-    if isinstance(seq, int) and seq >= deploy.seq and state == "ok":
+    if entry.report is None:
+        return Outcome.UNREADABLE if is_live(entry, now, ttl_s) else Outcome.LOST
+    status = entry.report.components.get(deploy.component)
+    seq, state = (status.seq, status.state) if status else (None, None)
+    if seq is not None and seq >= deploy.seq and state is ComponentState.OK:
         return Outcome.CONVERGED
-    if seq == deploy.seq and state in (Outcome.FAILED.value, Outcome.REJECTED.value):
-        return Outcome(state)
-    if not is_live(report, now, ttl_s):
+    if seq == deploy.seq and state is ComponentState.FAILED:
+        return Outcome.FAILED
+    if seq == deploy.seq and state is ComponentState.REJECTED:
+        return Outcome.REJECTED
+    if not is_live(entry, now, ttl_s):
         return Outcome.LOST
     return Outcome.PENDING
 
@@ -108,7 +125,9 @@ class Progress:
         return (
             f"{self.deploy.channel} seq {self.deploy.seq}: {self.count(Outcome.CONVERGED)}/{total} converged, "
             f"{self.count(Outcome.FAILED, Outcome.REJECTED)} failed, {self.count(Outcome.LOST)} lost, "
-            f"{self.count(Outcome.PENDING)} pending ({self.elapsed_s:.0f}s)"
+            f"{self.count(Outcome.PENDING)} pending"
+            + (f", {unreadable} unreadable" if (unreadable := self.count(Outcome.UNREADABLE)) else "")
+            + f" ({self.elapsed_s:.0f}s)"
         )
 
     def exit_code(self, timed_out: bool) -> int:
@@ -123,22 +142,32 @@ class Progress:
 def assess(
     deploy: Deploy,
     expected: frozenset[str],
-    reports: Mapping[str, Mapping[str, Any]],
+    entries: Mapping[str, ReportEntry],
     now: datetime,
     ttl_s: float,
     elapsed_s: float,
     allow_lost: bool = False,
 ) -> Progress:
-    outcomes = {i: classify(reports.get(i), deploy, now, ttl_s) for i in sorted(expected)}
+    outcomes = {i: classify(entries.get(i), deploy, now, ttl_s) for i in sorted(expected)}
     errors = {}
     for instance, outcome in outcomes.items():
-        if outcome in (Outcome.FAILED, Outcome.REJECTED):
-            status = reports[instance].get("components", {}).get(deploy.component, {})
-            errors[instance] = str(status.get("error") or "")
+        entry = entries.get(instance)
+        if outcome in (Outcome.FAILED, Outcome.REJECTED) and entry is not None and entry.report is not None:
+            status = entry.report.components.get(deploy.component)
+            errors[instance] = (status.error if status else None) or ""
+        elif outcome is Outcome.UNREADABLE and entry is not None:
+            errors[instance] = f"unreadable report: {entry.error}"
         elif outcome is Outcome.LOST:
-            report = reports.get(instance)
-            errors[instance] = f"no heartbeat since {report.get('heartbeat_at')}" if report else "status report removed"
+            errors[instance] = _lost_reason(entry)
     return Progress(deploy, outcomes, errors, elapsed_s, allow_lost)
+
+
+def _lost_reason(entry: ReportEntry | None) -> str:
+    if entry is None:
+        return "status report removed"
+    if entry.report is None:
+        return f"unreadable report not rewritten since {entry.last_modified:%Y-%m-%dT%H:%M:%SZ}"
+    return f"no heartbeat since {entry.report.heartbeat_at:%Y-%m-%dT%H:%M:%SZ}"
 
 
 @dataclass(frozen=True)
@@ -151,33 +180,45 @@ class WaitResult:
         return self.progress.exit_code(self.timed_out)
 
 
+class Snapshots(Protocol):
+    """Where the waiter reads the fleet from (`deployer.aws.reports.ReportReader`)."""
+
+    def refresh(self) -> Mapping[ReportKey, ReportEntry]: ...
+
+
 @dataclass
 class Waiter:
     """Polls the status reports (GETting only changed ones) until the deploy settles or times out."""
 
-    cache: ReportCache
-    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_SECONDS
-    poll_s: float = DEFAULT_POLL_SECONDS
-    allow_lost: bool = False
+    reader: Snapshots
+    options: WaitOptions
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
-    def wait(self, deploy: Deploy, timeout_s: float, on_progress: Callable[[Progress], None]) -> WaitResult:
+    def wait(self, deploy: Deploy, on_progress: Callable[[Progress], None]) -> WaitResult:
         started = self.clock()
-        reports = self.cache.refresh()
-        expected = expected_instances(reports, deploy, self.now(), self.heartbeat_ttl_s)
+        ttl, timeout = self.options.heartbeat_ttl_s, self.options.timeout_s
+        entries = self._snapshot(deploy)
+        expected = expected_instances(entries, deploy, self.now(), ttl)
         log.info("wait_started", seq=deploy.seq, channel=str(deploy.channel), expected=sorted(expected))
         while True:
             elapsed = self.clock() - started
-            progress = assess(deploy, expected, reports, self.now(), self.heartbeat_ttl_s, elapsed, self.allow_lost)
+            progress = assess(deploy, expected, entries, self.now(), ttl, elapsed, self.options.allow_lost)
             on_progress(progress)
             if progress.settled:
                 return WaitResult(progress, timed_out=False)
-            if elapsed >= timeout_s:
+            if elapsed >= timeout:
                 return WaitResult(progress, timed_out=True)
-            self.sleep(min(self.poll_s, max(0.0, timeout_s - elapsed)))
-            reports = self.cache.refresh()
+            self.sleep(min(self.options.poll_s, max(0.0, timeout - elapsed)))
+            entries = self._snapshot(deploy)
+
+    def _snapshot(self, deploy: Deploy) -> dict[str, ReportEntry]:
+        return {
+            who.instance_id: entry
+            for who, entry in self.reader.refresh().items()
+            if (who.stage, who.role) == (deploy.stage, deploy.role)
+        }
 
 
 class ProgressPrinter:
@@ -226,7 +267,7 @@ def verdict_line(result: WaitResult) -> str:
     if result.exit_code == EXIT_FAILED:
         return f"FAILED: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.failed} failed or lost"
     if result.exit_code == EXIT_TIMEOUT:
-        return f"TIMEOUT after {progress.elapsed_s:.0f}s: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.count(Outcome.PENDING)} pending"
+        return f"TIMEOUT after {progress.elapsed_s:.0f}s: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.count(Outcome.PENDING, Outcome.UNREADABLE)} pending"
     lost = progress.count(Outcome.LOST)
     return f"OK: {converged}/{total} converged on seq {progress.deploy.seq}" + (
         f" ({lost} lost, allowed)" if lost else ""

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deployer.manifest import Commands, Hook, Manifest, SyncStrategy
-from deployer.protocol import Deploy
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from publisher.pack import pack_directory
-from tests.conftest import BUCKET, Fleet, make_tree
+from tests.support import BUCKET, Fleet, make_tree
 
 
 def deployer_apply(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

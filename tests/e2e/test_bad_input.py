@@ -6,11 +6,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from deployer.manifest import Hook
-from deployer.pointers import read_pointer
-from deployer.protocol import Channel, Deploy
-from tests.conftest import BUCKET, Fleet
-from tests.e2e.conftest import AgentProcess, cli, wait_until
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.manifest import Hook
+from deployer.protocol.names import Channel
+from deployer.protocol.report import ComponentState
+from tests.support import BUCKET, AgentProcess, Fleet, cli, wait_until
 
 
 def dlq_bodies(fleet: Fleet, agent: AgentProcess) -> list[str]:
@@ -37,7 +38,10 @@ def test_poison_messages_go_to_the_dlq_and_good_deploys_still_apply(
     reasons = [e["reason"] for e in agent.events("message_rejected")]
     assert any("not JSON" in r for r in reasons)
     assert any("unsupported protocol version v=99" in r for r in reasons)
-    assert (agent.status() or {})["last_rejection"]["reason"] in reasons
+    report = agent.status()
+    assert report is not None
+    assert report.last_rejection is not None
+    assert report.last_rejection.reason in reasons
 
     after = publish("still serving")
     wait_until(lambda: agent.on_seq(after.seq), "the next good deploy")
@@ -51,11 +55,11 @@ def test_a_failing_post_hook_keeps_the_previous_release_and_reports_failed(
     publish("stable")
     wait_until(lambda: agent.on_seq(1), "seq 1")
     publish("broken", post=(Hook("echo migration exploded >&2; exit 4"),))
-    wait_until(lambda: agent.component().get("state") == "failed", "a failed status")
+    wait_until(lambda: agent.component().state is ComponentState.FAILED, "a failed status")
     status = agent.component()
-    assert status["seq"] == 2
-    assert "post hook #0 exited 4" in status["error"]
-    assert "migration exploded" in status["output_tail"]
+    assert status.seq == 2
+    assert "post hook #0 exited 4" in (status.error or "")
+    assert "migration exploded" in (status.output_tail or "")
     assert agent.served() == "stable"
     assert agent.alive()
 
@@ -69,8 +73,8 @@ def test_a_tampered_manifest_is_rejected_and_changes_nothing(
     # A deploy whose manifest hash does not match what is stored (tampering or corruption).
     forged = Deploy(**{**agent_deploy(fleet).__dict__, "seq": 2, "deploy_id": "forged", "manifest_sha256": "0" * 64})
     fleet.clients.sqs.send_message(QueueUrl=agent.queue_url(), MessageBody=forged.to_json())
-    wait_until(lambda: agent.component().get("state") == "rejected", "a rejected status")
-    assert "does not match" in agent.component()["error"]
+    wait_until(lambda: agent.component().state is ComponentState.REJECTED, "a rejected status")
+    assert "does not match" in (agent.component().error or "")
     assert agent.served() == "original"
     assert "forged" not in agent.hook_runs()
 

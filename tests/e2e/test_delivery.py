@@ -17,17 +17,18 @@ from typing import Any
 
 import pytest
 
-from deployer.agent import Agent
-from deployer.aws import Clients, make_clients
-from deployer.config import config_from_dict
-from deployer.manifest import Hook
-from deployer.pointers import read_pointer
-from deployer.protocol import Channel, Deploy
+from deployer.agent.config import config_from_dict
+from deployer.agent.loop import Agent, boot
+from deployer.agent.shutdown import Shutdown
+from deployer.aws.clients import Clients, make_clients
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.manifest import Hook
+from deployer.protocol.names import Channel
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
-from tests.conftest import BUCKET, FAST_POLICY, REGION, Fleet, make_tree
-from tests.e2e.conftest import AgentProcess, release_template, wait_until
 from tests.faultproxy import Fault, FaultProxy, aws_operation
+from tests.support import BUCKET, FAST_POLICY, REGION, AgentProcess, Fleet, make_tree, release_template, wait_until
 
 API = Channel("prod", "web", "api")
 WORKER = Channel("prod", "web", "worker")
@@ -125,7 +126,7 @@ def test_boot_race_a_deploy_published_before_the_agent_subscribes_is_replayed(
 
 
 def test_boot_race_b_a_deploy_published_between_subscription_and_replay_is_applied_once(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = config_from_dict(
         {
@@ -141,24 +142,23 @@ def test_boot_race_b_a_deploy_published_between_subscription_and_replay_is_appli
             "poll_wait_seconds": 1,
         }
     )
-    agent = Agent(config, make_clients(REGION, fleet.endpoint_url), FAST_POLICY)
     publisher = Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout)
-    replay = agent.reconcile
+    replay = Agent.reconcile
     published: list[Deploy] = []
 
-    def publish_then_replay(reason: str) -> None:
+    def publish_then_replay(agent: Agent, reason: str) -> None:
         # The queue and subscription exist now; replay has not read the pointer yet.
         published.append(publish_on(publisher, API, artifact(tmp_path, "b", "between"), "between"))
-        replay(reason)
+        replay(agent, reason)
 
-    agent.reconcile = publish_then_replay  # type: ignore[method-assign]
-    agent.boot()
-    assert agent.state.applied() == {API: (1, published[0].deploy_id)}  # applied by the replay
+    monkeypatch.setattr(Agent, "reconcile", publish_then_replay)
+    booted = boot(config, make_clients(REGION, fleet.endpoint_url), Shutdown(60), FAST_POLICY)
+    assert booted.agent.ledger.applied() == {API: (1, published[0].deploy_id)}  # applied by the replay
     for _ in range(3):
-        agent.poll_once()  # the same deploy also arrives through the queue: a duplicate
+        booted.agent.poll_once()  # the same deploy also arrives through the queue: a duplicate
     hooks = (tmp_path / "root" / "opt" / "api" / "hooks.log").read_text().split()
     assert hooks == [published[0].deploy_id]
-    attrs = fleet.clients.sqs.get_queue_attributes(QueueUrl=agent.queue.handle.url, AttributeNames=["All"])  # type: ignore[union-attr]
+    attrs = fleet.clients.sqs.get_queue_attributes(QueueUrl=booted.queue.handle.url, AttributeNames=["All"])
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
 
 

@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deployer.manifest import Hook
-from deployer.protocol import Deploy
-from tests.e2e.conftest import AgentProcess, wait_until
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.manifest import Hook
+from tests.support import AgentProcess, wait_until
 
 
 def test_sigterm_while_idle_exits_zero_within_one_poll(start_agent: Callable[..., AgentProcess]) -> None:

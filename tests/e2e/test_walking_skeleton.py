@@ -6,9 +6,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from deployer.protocol import Deploy
-from tests.conftest import BUCKET, Fleet, make_tree
-from tests.e2e.conftest import AgentProcess, cli, wait_until
+from deployer.protocol.deploy import Deploy
+from tests.support import BUCKET, AgentProcess, Fleet, cli, make_tree, wait_until
 
 
 def test_a_publish_from_the_cli_reaches_every_instance(

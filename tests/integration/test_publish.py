@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from deployer.errors import ConfigError, ReleaseConflict
-from deployer.manifest import Manifest, SyncStrategy, parse_manifest
-from deployer.pointers import read_pointer
-from deployer.protocol import Channel, parse_deploy
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import parse_deploy
+from deployer.protocol.errors import ConfigError, ReleaseConflict
+from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
+from deployer.protocol.names import Channel
 from publisher.infra import init_resources
 from publisher.publish import Publisher
-from tests.archives import write_release
-from tests.conftest import BUCKET, TOPIC, Fleet
+from tests.support import BUCKET, TOPIC, Fleet, write_release
 
 API = Channel("prod", "web", "api")
 SYMLINK = Manifest(sync_strategy=SyncStrategy.SYMLINK)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 
-from deployer.config import config_from_dict
-from deployer.queue import InstanceQueue, Received, unwrap_body
-from tests.conftest import BUCKET, Fleet
+from deployer.agent.config import config_from_dict
+from deployer.agent.queue import Received, SqsQueue
+from deployer.protocol.deploy import unwrap_body
+from tests.support import BUCKET, Fleet
 
 
-def make_queue(fleet: Fleet, instance: str = "i-0queue") -> InstanceQueue:
+def make_queue(fleet: Fleet, instance: str = "i-0queue") -> SqsQueue:
     config = config_from_dict(
         {"stage": "prod", "role": "web", "components": ["api"], "bucket": BUCKET, "topic_arn": fleet.topic_arn}
     )
-    return InstanceQueue(fleet.clients.sqs, fleet.clients.sns, config, instance)
+    return SqsQueue(fleet.clients.sqs, fleet.clients.sns, config, instance)
 
 
 def test_ensure_is_idempotent_and_sets_redrive_policy_and_source_arn(fleet: Fleet) -> None:

@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator
 import boto3
 import pytest
 
-from deployer.emulator import Emulator
-from deployer.protocol import Deploy
-from tests.conftest import REGION, Fleet
-from tests.e2e.conftest import AgentProcess, wait_until
+from deployer.local.emulator import Emulator
+from deployer.protocol.deploy import Deploy
 from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.support import REGION, AgentProcess, Fleet, wait_until
 
 
 @pytest.fixture

@@ -6,14 +6,15 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from deployer.config import AgentConfig
-from deployer.layout import Layout
-from deployer.lifecycle import deregister
-from deployer.queue import InstanceQueue
-from deployer.status import StatusReporter
+from deployer.agent.config import AgentConfig
+from deployer.agent.queue import SqsQueue
+from deployer.agent.reporter import StatusReporter
+from deployer.aws.registration import Removal, remove_registration, subscriptions_by_endpoint
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.names import TopicArn
+from deployer.protocol.timestamps import parse_timestamp
 from publisher.gc import Collector, Registration, select_stale
-from tests.conftest import BUCKET, FAST_POLICY, Fleet
-from tests.e2e.conftest import cli
+from tests.support import BUCKET, FAST_POLICY, Fleet, cli
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -25,16 +26,10 @@ def config(fleet: Fleet, role: str = "web") -> AgentConfig:
 def register(fleet: Fleet, instance_id: str, heartbeat_age_s: float = 0, role: str = "web") -> str:
     """What an agent's boot leaves behind: queue + DLQ + subscription + status report. Returns the subscription ARN."""
     cfg = config(fleet, role)
-    handle = InstanceQueue(fleet.clients.sqs, fleet.clients.sns, cfg, instance_id, FAST_POLICY).ensure()
-    reporter = StatusReporter(
-        fleet.clients.s3, BUCKET, Layout(), stage="prod", role=role, instance_id=instance_id, components=("api",)
-    )
-    reporter.write()
-    if heartbeat_age_s:
-        key = Layout().status_key("prod", role, instance_id)
-        doc = json.loads(fleet.clients.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-        doc["heartbeat_at"] = (datetime.now(UTC) - timedelta(seconds=heartbeat_age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(doc).encode())
+    handle = SqsQueue(fleet.clients.sqs, fleet.clients.sns, cfg, instance_id, FAST_POLICY).ensure()
+    reporter = StatusReporter(fleet.clients.s3, BUCKET, Layout(), ReportKey("prod", role, instance_id), ("api",))
+    back_then = datetime.now(UTC) - timedelta(seconds=heartbeat_age_s)
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=reporter.key, Body=reporter.report(now=back_then).to_json())
     return handle.subscription_arn
 
 
@@ -58,7 +53,27 @@ def collector(fleet: Fleet) -> Collector:
 
 def reg(instance: str, heartbeat: str | None, modified_age_s: float = 0) -> Registration:
     return Registration(
-        instance, "prod", "web", f"k/{instance}", "e", heartbeat, NOW - timedelta(seconds=modified_age_s)
+        ReportKey("prod", "web", instance),
+        f"k/{instance}",
+        "e",
+        parse_timestamp(heartbeat),
+        NOW - timedelta(seconds=modified_age_s),
+    )
+
+
+def leave(fleet: Fleet, instance_id: str, subscription_arn: str | None = None) -> Removal:
+    """What a deregistering agent does; without the ARN from boot, its subscription is looked up by queue ARN."""
+    name = config(fleet).queue_name(instance_id)
+    found = subscriptions_by_endpoint(fleet.clients, fleet.topic_arn, FAST_POLICY)
+    arns = [subscription_arn] if subscription_arn else found.get(TopicArn.parse(fleet.topic_arn).queue_arn(name), [])
+    return remove_registration(
+        fleet.clients,
+        bucket=BUCKET,
+        layout=fleet.layout,
+        who=ReportKey("prod", "web", instance_id),
+        queue_name=name,
+        subscription_arns=arns,
+        policy=FAST_POLICY,
     )
 
 
@@ -70,7 +85,7 @@ def test_stale_means_a_heartbeat_older_than_the_ttl_or_an_unreadable_report_as_o
         reg("unreadable-old", None, modified_age_s=7200),
         reg("unreadable-new", None, modified_age_s=10),
     ]
-    assert [r.instance_id for r in select_stale(regs, NOW, 3600)] == ["older", "old", "unreadable-old"]
+    assert [r.who.instance_id for r in select_stale(regs, NOW, 3600)] == ["older", "old", "unreadable-old"]
 
 
 def test_gc_removes_only_stale_instances_subscription_first_and_a_dry_run_removes_nothing(fleet: Fleet) -> None:
@@ -138,7 +153,7 @@ def test_an_agent_deregisters_itself_on_clean_shutdown(fleet: Fleet) -> None:
     calls: list[str] = []
     for client in (fleet.clients.sns, fleet.clients.sqs, fleet.clients.s3):
         client.meta.events.register("before-call", lambda model, **_: calls.append(model.name))
-    removal = deregister(fleet.clients, config(fleet), "i-leaving", subscription_arn=sub, policy=FAST_POLICY)
+    removal = leave(fleet, "i-leaving", sub)
     assert removal.subscriptions == (sub,)
     # Subscription first, queues next, the status report last (so an interrupted run is finished by gc).
     mutations = [c for c in calls if c in ("Unsubscribe", "DeleteQueue", "DeleteObject")]
@@ -148,7 +163,7 @@ def test_an_agent_deregisters_itself_on_clean_shutdown(fleet: Fleet) -> None:
     assert statuses(fleet) == {"i-other"}
     # Without the subscription ARN it finds its own subscription by the queue's ARN; repeating is harmless.
     register(fleet, "i-leaving")
-    deregister(fleet.clients, config(fleet), "i-leaving", policy=FAST_POLICY)
-    deregister(fleet.clients, config(fleet), "i-leaving", policy=FAST_POLICY)
+    leave(fleet, "i-leaving")
+    leave(fleet, "i-leaving")
     assert statuses(fleet) == {"i-other"}
     assert subscriptions(fleet) == {"deployer-prod-web-i-other"}

@@ -9,11 +9,11 @@ from typing import Any
 
 from click.testing import CliRunner
 
+from deployer.agent.config import AgentConfig
+from deployer.agent.queue import SqsQueue
 from deployer.cli import main
-from deployer.config import AgentConfig
-from deployer.queue import InstanceQueue
 from publisher.iam import Audience, Scope, policy_for
-from tests.conftest import BUCKET, FAST_POLICY, Fleet
+from tests.support import BUCKET, FAST_POLICY, Fleet
 
 README = Path(__file__).parents[2] / "README.md"
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:deployer"
@@ -91,7 +91,7 @@ def test_the_readme_shows_exactly_what_iam_policy_prints() -> None:
 
 def test_the_queue_policy_the_agent_sets_admits_only_the_topic(fleet: Fleet) -> None:
     config = AgentConfig(stage="prod", role="web", components=("api",), bucket=BUCKET, topic_arn=fleet.topic_arn)
-    handle = InstanceQueue(fleet.clients.sqs, fleet.clients.sns, config, "i-policy", FAST_POLICY).ensure()
+    handle = SqsQueue(fleet.clients.sqs, fleet.clients.sns, config, "i-policy", FAST_POLICY).ensure()
     attrs = fleet.clients.sqs.get_queue_attributes(QueueUrl=handle.url, AttributeNames=["Policy"])["Attributes"]
     [statement] = json.loads(attrs["Policy"])["Statement"]
     assert statement["Principal"] == {"Service": "sns.amazonaws.com"}

@@ -7,20 +7,14 @@ from collections.abc import Iterator
 import boto3
 import pytest
 
-from deployer.config import AgentConfig, config_from_dict
-from deployer.emulator import Emulator
-from deployer.errors import ConfigError
-from deployer.lifecycle import (
-    LaunchResult,
-    LifecycleAction,
-    autoscaling_client,
-    complete_launch_action,
-    finish_launch,
-    launch_result,
-)
-from deployer.status import ComponentState
-from tests.conftest import BUCKET, FAST_POLICY, REGION, Fleet
+from deployer.agent.config import AgentConfig, config_from_dict
+from deployer.agent.launch import LaunchResult, LifecycleAction, complete_launch_action, finish_launch, launch_result
+from deployer.aws.clients import autoscaling_client
+from deployer.local.emulator import Emulator
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.report import ComponentState
 from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.support import BUCKET, FAST_POLICY, REGION, Fleet
 
 HOOK = "deployer-boot"
 OK, FAILED = ComponentState.OK, ComponentState.FAILED
@@ -41,7 +35,6 @@ def test_lifecycle_settings_are_optional_and_checked(fleet: Fleet) -> None:
     assert plain.deregister_on_shutdown is False
     full = config_from_dict({**base, "lifecycle_hook_name": HOOK, "deregister_on_shutdown": True})
     assert full.lifecycle_hook_name == HOOK
-    assert full.with_instance_id("i-1").deregister_on_shutdown is True
     with pytest.raises(ConfigError, match="deregister_on_shutdown must be true or false"):
         config_from_dict({**base, "deregister_on_shutdown": "yes"})
     with pytest.raises(ConfigError, match="lifecycle_hook_name 'no spaces' is not a valid"):
@@ -93,7 +86,7 @@ def test_a_healthy_boot_completes_the_launch_hook_with_continue_finding_its_grou
 ) -> None:
     fake, instance = asg
     cfg = agent_config(fleet, fake.url, lifecycle_hook_name=HOOK)
-    client = autoscaling_client(cfg)
+    client = autoscaling_client(cfg.region, cfg.endpoint_url)
     outcome = finish_launch(client, cfg, instance, {"provision": OK, "api": OK}, FAST_POLICY)
     assert outcome.action is LifecycleAction.COMPLETED
     assert outcome.asg_name == "web-asg"  # found with DescribeAutoScalingInstances, answered by moto
@@ -111,7 +104,9 @@ def test_a_failed_boot_abandons_the_launch_so_auto_scaling_replaces_the_instance
 ) -> None:
     fake, instance = asg
     cfg = agent_config(fleet, fake.url, lifecycle_hook_name=HOOK, lifecycle_asg_name="web-asg")
-    outcome = finish_launch(autoscaling_client(cfg), cfg, instance, {"provision": OK, "api": FAILED}, FAST_POLICY)
+    outcome = finish_launch(
+        autoscaling_client(cfg.region, cfg.endpoint_url), cfg, instance, {"provision": OK, "api": FAILED}, FAST_POLICY
+    )
     assert outcome.action is LifecycleAction.COMPLETED
     assert outcome.result is LaunchResult.ABANDON
     assert fake.completed[0]["LifecycleActionResult"] == "ABANDON"
@@ -122,7 +117,7 @@ def test_nothing_is_called_when_disabled_and_an_instance_outside_any_group_is_sk
 ) -> None:
     fake, _ = asg
     disabled = agent_config(fleet, fake.url)
-    client = autoscaling_client(disabled)
+    client = autoscaling_client(disabled.region, disabled.endpoint_url)
     assert complete_launch_action(client, disabled, "i-x", LaunchResult.CONTINUE).action is LifecycleAction.DISABLED
     cfg = agent_config(fleet, fake.url, lifecycle_hook_name=HOOK)
     outcome = complete_launch_action(client, cfg, "i-notinagroup0001", LaunchResult.CONTINUE, FAST_POLICY)
@@ -133,6 +128,6 @@ def test_nothing_is_called_when_disabled_and_an_instance_outside_any_group_is_sk
 def test_aws_trouble_never_takes_the_agent_down(fleet: Fleet, asg: tuple[LifecycleFake, str], closed_port: int) -> None:
     _, instance = asg
     cfg = agent_config(fleet, f"http://127.0.0.1:{closed_port}", lifecycle_hook_name=HOOK, lifecycle_asg_name="web-asg")
-    outcome = finish_launch(autoscaling_client(cfg), cfg, instance, {"api": OK}, FAST_POLICY)
+    outcome = finish_launch(autoscaling_client(cfg.region, cfg.endpoint_url), cfg, instance, {"api": OK}, FAST_POLICY)
     assert outcome.action is LifecycleAction.NOT_WAITING
     assert outcome.result is LaunchResult.CONTINUE

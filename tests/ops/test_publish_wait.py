@@ -9,17 +9,31 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from deployer.aws import make_clients
-from deployer.layout import Layout
-from deployer.manifest import Manifest, SyncStrategy
-from deployer.protocol import Channel, Deploy
-from deployer.status import ReportCache
+from deployer.aws.clients import make_clients
+from deployer.aws.reports import ReportReader
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import Layout
+from deployer.protocol.manifest import Manifest, SyncStrategy
+from deployer.protocol.names import Channel
+from deployer.protocol.report import ComponentState
 from publisher.publish import Publisher
-from publisher.wait import EXIT_CONVERGED, EXIT_FAILED, EXIT_TIMEOUT, Outcome, Waiter
-from tests.archives import add_file, tar_bytes
-from tests.conftest import BUCKET, REGION, Fleet, make_tree
-from tests.e2e.conftest import AgentProcess, cli, wait_until
-from tests.ops.conftest import FAST_AGENT, kill_hard, kill_pid_file, publish_args, template_file
+from publisher.wait import EXIT_CONVERGED, EXIT_FAILED, EXIT_TIMEOUT, Outcome, Waiter, WaitOptions
+from tests.support import (
+    BUCKET,
+    FAST_AGENT,
+    REGION,
+    AgentProcess,
+    Fleet,
+    add_file,
+    cli,
+    kill_hard,
+    kill_pid_file,
+    make_tree,
+    publish_args,
+    tar_bytes,
+    template_file,
+    wait_until,
+)
 
 FAST_WAIT = ("--wait", "--poll-interval", "0.3")
 
@@ -101,7 +115,9 @@ def test_an_instance_that_dies_mid_deploy_is_reported_lost_and_fails_the_wait(
         env=dict(os.environ),
     )  # fmt: skip
     try:
-        wait_until(lambda: doomed.component().get("state") == "applying" and pid_file.exists(), "the hook to hang")
+        wait_until(
+            lambda: doomed.component().state is ComponentState.APPLYING and pid_file.exists(), "the hook to hang"
+        )
         kill_hard(doomed)
         out, err = waiting.communicate(timeout=30)
     finally:
@@ -133,11 +149,10 @@ def test_a_rejected_release_is_reported_rejected_by_status_and_wait(
         release_id="evil",
     ).deploy
     waiter = Waiter(
-        ReportCache(make_clients(REGION, fleet.endpoint_url).s3, BUCKET, Layout(), "prod", "web"),
-        heartbeat_ttl_s=20,
-        poll_s=0.3,
+        ReportReader(make_clients(REGION, fleet.endpoint_url).s3, BUCKET, Layout(), "prod", "web"),
+        WaitOptions(timeout_s=30, heartbeat_ttl_s=20, poll_s=0.3),
     )
-    result = waiter.wait(deploy, 30, lambda progress: None)
+    result = waiter.wait(deploy, lambda progress: None)
     assert result.exit_code == EXIT_FAILED
     assert result.progress.outcomes == {agent.instance_id: Outcome.REJECTED}
     [row] = status_rows()

@@ -7,13 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from deployer.errors import PublishError
-from deployer.protocol import Deploy
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import PublishError
 from publisher.history import describe_origin
 from publisher.rollback import pick_previous
-from tests.conftest import BUCKET, Fleet
-from tests.e2e.conftest import AgentProcess, cli, wait_until
-from tests.unit.test_protocol import make_deploy
+from tests.support import BUCKET, AgentProcess, Fleet, cli, make_deploy, wait_until
 
 CHANNEL = ("--stage", "prod", "--role", "web", "--component", "api")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from deployer.manifest import Hook
-from deployer.protocol import Deploy
-from tests.conftest import BUCKET, Fleet
-from tests.e2e.conftest import AgentProcess, wait_until
+from deployer.agent.reporter import StatusReporter
+from deployer.aws.reports import ReportReader
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.manifest import Hook
+from tests.support import BUCKET, AgentProcess, Fleet, wait_until
 
 
 def writes(fleet: Fleet, agent: AgentProcess) -> int:
@@ -37,12 +39,8 @@ def test_an_idle_agent_writes_its_status_once_per_heartbeat_and_a_fast_deploy_ad
 
 
 def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet) -> None:
-    from deployer.status import ReportCache, StatusReporter
-
     reporters = [
-        StatusReporter(
-            fleet.clients.s3, BUCKET, fleet.layout, stage="prod", role="web", instance_id=i, components=("api",)
-        )
+        StatusReporter(fleet.clients.s3, BUCKET, fleet.layout, ReportKey("prod", "web", i), ("api",))
         for i in ("i-a", "i-b", "i-c")
     ]
     for reporter in reporters:
@@ -51,14 +49,17 @@ def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet)
     fleet.clients.s3.meta.events.register(
         "provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"])
     )
-    cache = ReportCache(fleet.clients.s3, BUCKET, fleet.layout, "prod", "web")
-    assert set(cache.refresh()) == {"i-a", "i-b", "i-c"}
+    reader = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, "prod", "web")
+    everyone = {ReportKey("prod", "web", i) for i in ("i-a", "i-b", "i-c")}
+    assert set(reader.refresh()) == everyone
     assert len(gets) == 3
-    assert set(cache.refresh()) == {"i-a", "i-b", "i-c"}
+    assert set(reader.refresh()) == everyone
     assert len(gets) == 3  # nothing changed: one LIST, no GET
     reporters[1].update("api", seq=1)
     fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key("prod", "web", "i-c"))
-    reports = cache.refresh()
+    entries = reader.refresh()
     assert gets[3:] == [fleet.layout.status_key("prod", "web", "i-b")]
-    assert set(reports) == {"i-a", "i-b"}
-    assert reports["i-b"]["components"]["api"]["seq"] == 1
+    assert {who.instance_id for who in entries} == {"i-a", "i-b"}
+    report = entries[ReportKey("prod", "web", "i-b")].report
+    assert report is not None
+    assert report.components["api"].seq == 1

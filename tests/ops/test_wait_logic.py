@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from deployer.protocol import Deploy
+from deployer.aws.reports import ReportEntry
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.report import ComponentState, ComponentStatus
 from publisher.wait import (
     EXIT_CONVERGED,
     EXIT_FAILED,
@@ -14,31 +16,29 @@ from publisher.wait import (
     Outcome,
     ProgressPrinter,
     Waiter,
+    WaitOptions,
     WaitResult,
     assess,
     classify,
     expected_instances,
 )
-from tests.unit.test_protocol import make_deploy
+from tests.support import make_deploy, report_entry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 TTL = 60.0
 
 
-def stamp(seconds_ago: float) -> str:
-    return (NOW - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def report(
-    instance: str, seq: int | None = 1, state: str = "ok", age: float = 5, role: str = "web", **extra: Any
-) -> dict[str, Any]:
-    return {
-        "instance_id": instance,
-        "stage": "prod",
-        "role": role,
-        "heartbeat_at": stamp(age),
-        "components": {"api": {"seq": seq, "state": state, "release_id": "r", "error": extra.get("error")}},
-    }
+    instance: str,
+    seq: int | None = 1,
+    state: str = "ok",
+    age: float = 5,
+    role: str = "web",
+    error: str | None = None,
+    components: dict[str, ComponentStatus] | None = None,
+) -> ReportEntry:
+    status = ComponentStatus(state=ComponentState(state), seq=seq, release_id="r", error=error)
+    return report_entry(instance, components or {"api": status}, NOW - timedelta(seconds=age), role=role)
 
 
 def deploy(seq: int = 2) -> Deploy:
@@ -50,7 +50,7 @@ def test_expected_instances_are_the_live_ones_of_the_channel_that_run_the_compon
         "i-live": report("i-live"),
         "i-stale": report("i-stale", age=TTL + 1),
         "i-other-role": report("i-other-role", role="worker"),
-        "i-no-api": {**report("i-no-api"), "components": {"provision": {}}},
+        "i-no-api": report("i-no-api", components={"provision": ComponentStatus()}),
     }
     assert expected_instances(reports, deploy(), NOW, TTL) == {"i-live"}
 
@@ -103,11 +103,12 @@ def test_lost_instances_fail_the_wait_unless_allowed() -> None:
 
 
 class FakeCache:
-    def __init__(self, *snapshots: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, *snapshots: dict[str, ReportEntry]) -> None:
         self.snapshots = list(snapshots)
 
-    def refresh(self) -> dict[str, dict[str, Any]]:
-        return self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+    def refresh(self) -> dict[ReportKey, ReportEntry]:
+        snapshot = self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+        return {entry.who: entry for entry in snapshot.values()}
 
 
 class FakeClock:
@@ -123,9 +124,10 @@ class FakeClock:
 
 def run_wait(cache: FakeCache, timeout: float) -> tuple[WaitResult, list[str]]:
     clock = FakeClock()
-    waiter = Waiter(cache, heartbeat_ttl_s=TTL, poll_s=1.0, clock=clock, sleep=clock.sleep, now=lambda: NOW)  # type: ignore[arg-type]
+    options = WaitOptions(timeout_s=timeout, heartbeat_ttl_s=TTL, poll_s=1.0)
+    waiter = Waiter(cache, options, clock=clock, sleep=clock.sleep, now=lambda: NOW)
     lines: list[str] = []
-    result = waiter.wait(deploy(2), timeout, lambda p: lines.append(p.line()))
+    result = waiter.wait(deploy(2), lambda p: lines.append(p.line()))
     return result, lines
 
 
@@ -172,3 +174,22 @@ def test_progress_is_a_live_line_on_a_tty_and_plain_lines_elsewhere() -> None:
         "prod/web/api seq 2: 1/1 converged, 0 failed, 0 lost, 0 pending (3s)",
         "OK: 1/1 converged on seq 2",
     ]
+
+
+def test_an_unreadable_report_is_expected_while_fresh_and_never_counts_as_converged() -> None:
+    unreadable = report_entry("i-bad", {}, NOW - timedelta(seconds=5), error="heartbeat_at 'soon' is not a timestamp")
+    entries = {"i-ok": report("i-ok", seq=2), "i-bad": unreadable}
+    expected = expected_instances(entries, deploy(2), NOW, TTL)
+    assert expected == {"i-ok", "i-bad"}
+    progress = assess(deploy(2), expected, entries, NOW, TTL, 1)
+    assert progress.outcomes == {"i-bad": Outcome.UNREADABLE, "i-ok": Outcome.CONVERGED}
+    assert not progress.settled
+    assert progress.errors == {"i-bad": "unreadable report: heartbeat_at 'soon' is not a timestamp"}
+    assert progress.exit_code(timed_out=True) == EXIT_TIMEOUT
+    assert "1 unreadable" in progress.line()
+
+
+def test_the_waiter_times_out_on_an_unreadable_report_instead_of_saying_ok() -> None:
+    unreadable = report_entry("i-bad", {}, NOW - timedelta(seconds=5), error="not JSON")
+    result, _ = run_wait(FakeCache({"a": report("a", seq=2), "i-bad": unreadable}), timeout=3)
+    assert result.exit_code == EXIT_TIMEOUT

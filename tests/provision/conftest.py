@@ -111,8 +111,3 @@ def provisioned(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Provis
     result = run(provision_command(root, wheel), timeout=PROVISION_TIMEOUT_SECONDS, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     return Provisioned(root=root, wheel=wheel, output=result.stdout)
-
-
-# The e2e helpers' publish fixture (releases with a hook that logs each deploy id), registered
-# here by import so the image tests publish exactly as the agent tests do.
-from tests.e2e.conftest import publish  # noqa: E402, F401

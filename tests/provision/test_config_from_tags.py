@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.config import load_config
+from deployer.agent.config import load_config
 from tests.provision.conftest import SCRIPTS, require_tool, run
 
 TOKEN = "fake-token"

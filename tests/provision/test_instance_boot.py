@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.protocol import Deploy
-from tests.conftest import Fleet
-from tests.e2e.conftest import AgentProcess, wait_until
+from deployer.protocol.deploy import Deploy
 from tests.provision.conftest import Provisioned, run
+from tests.support import AgentProcess, Fleet, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployer.config import config_from_dict
+from deployer.agent.config import config_from_dict
 from tests.provision.conftest import PACKER, REPO, SCRIPTS, UNITS, require_tool, run
 
 USER_DATA = sorted((SCRIPTS / "cloud-init").glob("*.yml"))

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from deployer.apply import Applier, ApplyFailed
-from deployer.manifest import Commands, HealthCheck, Hook, Manifest, SyncStrategy
-from tests.archives import write_release
+from deployer.apply.engine import Applier
+from deployer.protocol.errors import (
+    ActivationFailed,
+    ArtifactError,
+    HealthCheckFailed,
+    HookFailed,
+    RejectedInput,
+    ReleaseFailed,
+)
+from deployer.protocol.manifest import Commands, HealthCheck, Hook, Manifest, SyncStrategy
+from tests.support import write_release
 
 ENV = {"DEPLOYER_SEQ": "1"}
 
@@ -93,9 +101,9 @@ def test_a_failing_post_hook_rolls_back_to_the_previous_release_and_runs_failure
         d2,
         commands=Commands(post=(Hook("echo smoke test broke; exit 1"),), failure=(Hook(f"cat > {failure_log}"),)),
     )
-    with pytest.raises(ApplyFailed, match="post hook #0 exited 1") as info:
+    with pytest.raises(HookFailed, match="post hook #0 exited 1") as info:
         applier.apply(bad, "r2", ENV)
-    assert not info.value.permanent
+    assert isinstance(info.value, ReleaseFailed)  # retried with backoff, counted against the release
     assert "smoke test broke" in info.value.output_tail
     assert (current(applier) / "index.html").read_text() == "v1"
     log = failure_log.read_text()
@@ -107,7 +115,7 @@ def test_a_failing_pre_hook_changes_nothing(tmp_path: Path, applier: Applier) ->
     a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
     a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
     applier.apply(manifest_for(a1, d1), "r1", ENV)
-    with pytest.raises(ApplyFailed, match="pre hook"):
+    with pytest.raises(HookFailed, match="pre hook"):
         applier.apply(manifest_for(a2, d2, commands=Commands(pre=(Hook("exit 7"),))), "r2", ENV)
     assert (current(applier) / "index.html").read_text() == "v1"
     assert not (current(applier).parent / "releases" / "r2").exists()
@@ -117,9 +125,9 @@ def test_a_checksum_mismatch_leaves_current_untouched_and_no_partial_release(tmp
     a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
     a2, _ = release(tmp_path, "r2", {"index.html": "v2"})
     applier.apply(manifest_for(a1, d1), "r1", ENV)
-    with pytest.raises(ApplyFailed, match="checksum mismatch") as info:
+    with pytest.raises(ArtifactError, match="checksum mismatch") as info:
         applier.apply(manifest_for(a2, "f" * 64), "r2", ENV)
-    assert info.value.permanent
+    assert isinstance(info.value, RejectedInput)  # never retried
     releases = current(applier).parent / "releases"
     assert releases_on_disk(releases) == ["r1"]
     assert not any(p.name.startswith(".incoming") for p in releases.iterdir())
@@ -150,7 +158,7 @@ def test_symlink_strategy_refuses_to_replace_a_real_directory(tmp_path: Path, ap
     current(applier).mkdir(parents=True)
     (current(applier) / "keep.txt").write_text("precious")
     artifact, digest = release(tmp_path, "r1", {"a": "1"})
-    with pytest.raises(ApplyFailed, match="is not a symlink"):
+    with pytest.raises(ActivationFailed, match="is not a symlink"):
         applier.apply(manifest_for(artifact, digest), "r1", ENV)
     assert (current(applier) / "keep.txt").read_text() == "precious"
 
@@ -180,7 +188,7 @@ def test_mv_strategy_moves_the_release_into_a_fresh_dest(tmp_path: Path, applier
     artifact, digest = release(tmp_path, "r1", {"index.html": "v1"})
     applier.apply(manifest_for(artifact, digest, dest="/srv/mv", sync_strategy=SyncStrategy.MV), "r1", ENV)
     assert (applier.resolve("/srv/mv") / "index.html").read_text() == "v1"
-    with pytest.raises(ApplyFailed, match="needs dest /srv/mv not to exist"):
+    with pytest.raises(ActivationFailed, match="needs dest /srv/mv not to exist"):
         applier.apply(manifest_for(artifact, digest, dest="/srv/mv", sync_strategy=SyncStrategy.MV), "r1", ENV)
 
 
@@ -220,7 +228,7 @@ def test_a_failing_health_check_rolls_back_and_reports_its_output(tmp_path: Path
     applier.apply(manifest_for(a1, d1), "r1", ENV)
     attempts = tmp_path / "attempts"
     check = HealthCheck(command=f"echo try >> {attempts}; echo unhealthy; exit 1", retries=3, interval=0.01)
-    with pytest.raises(ApplyFailed, match="health check failed 3 time") as info:
+    with pytest.raises(HealthCheckFailed, match="health check failed 3 time") as info:
         applier.apply(manifest_for(a2, d2, health=check), "r2", ENV)
     assert "unhealthy" in info.value.output_tail
     assert attempts.read_text().count("try") == 3
@@ -246,7 +254,7 @@ def test_an_http_health_check_passes_on_2xx(tmp_path: Path, applier: Applier) ->
         a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
         applier.apply(manifest_for(a1, d1, health=HealthCheck(http=f"{base}/health")), "r1", ENV)
         a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
-        with pytest.raises(ApplyFailed, match="health check failed"):
+        with pytest.raises(HealthCheckFailed, match="health check failed"):
             applier.apply(
                 manifest_for(a2, d2, health=HealthCheck(http=f"{base}/broken", retries=2, interval=0.01)), "r2", ENV
             )

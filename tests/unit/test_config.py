@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.config import AgentConfig, config_from_dict, load_config
-from deployer.errors import ConfigError
-from deployer.protocol import Channel
+from deployer.agent.config import config_from_dict, load_config
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.names import Channel
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:deployer"
 BASE = {"stage": "prod", "role": "web", "components": ["provision", "api"], "bucket": "my-bucket", "topic_arn": TOPIC}
@@ -68,10 +68,3 @@ def test_an_over_long_queue_name_is_refused() -> None:
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yml")
-
-
-def test_with_instance_id_returns_a_new_config() -> None:
-    config = config_from_dict(dict(BASE))
-    assert isinstance(config.with_instance_id("i-1"), AgentConfig)
-    assert config.with_instance_id("i-1").instance_id == "i-1"
-    assert config.instance_id is None

@@ -3,9 +3,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployer.decide import Incoming, Verdict, decide_batch, decide_one
-from deployer.protocol import Channel
-from tests.unit.test_protocol import make_deploy
+from deployer.agent.decide import Incoming, Verdict, decide_batch, decide_one
+from deployer.protocol.names import Channel
+from tests.support import make_deploy
 
 API = Channel("prod", "web", "api")
 WORKER = Channel("prod", "web", "worker")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.errors import ArtifactError
-from deployer.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
-from tests.archives import add_file, add_special, release_tarball, tar_bytes
+from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
+from deployer.protocol.errors import ArtifactError
+from tests.support import add_file, add_special, release_tarball, tar_bytes
 
 Builder = Callable[[tarfile.TarFile], None]
 

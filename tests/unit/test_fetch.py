@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from deployer.errors import FetchError
-from deployer.fetch import read_source
-from tests.conftest import FAST_POLICY
+from deployer.apply.fetch import read_source
+from deployer.protocol.errors import FetchError
+from tests.support import FAST_POLICY
 
 
 class Flaky(BaseHTTPRequestHandler):

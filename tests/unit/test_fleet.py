@@ -1,29 +1,27 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from deployer.fleet import fleet_rows, format_table, summary
+from deployer.protocol.report import ComponentState, ComponentStatus
+from publisher.fleet import fleet_rows, format_table, summary
+from tests.support import report_entry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+RECENT = NOW - timedelta(seconds=60)
+HOURS_AGO = NOW - timedelta(hours=3)
 
 
-def report(instance: str, seq: int, state: str = "ok", heartbeat: str = "2026-11-26T11:59:00Z") -> dict[str, object]:
-    return {
-        "instance_id": instance,
-        "stage": "prod",
-        "role": "web",
-        "heartbeat_at": heartbeat,
-        "components": {"api": {"release_id": f"r{seq}", "seq": seq, "state": state, "error": None}},
-    }
+def api(seq: int, state: ComponentState = ComponentState.OK) -> dict[str, ComponentStatus]:
+    return {"api": ComponentStatus(state=state, release_id=f"r{seq}", seq=seq)}
 
 
 def test_summary_counts_instances_on_the_newest_seq_and_failures() -> None:
     rows = fleet_rows(
         [
-            report("i-1", 41),
-            report("i-2", 41),
-            report("i-3", 40, "failed"),
-            report("i-4", 41, heartbeat="2026-11-26T09:00:00Z"),
+            report_entry("i-1", api(41), RECENT),
+            report_entry("i-2", api(41), RECENT),
+            report_entry("i-3", api(40, ComponentState.FAILED), RECENT),
+            report_entry("i-4", api(41), HOURS_AGO),
         ],
         now=NOW,
     )
@@ -31,7 +29,7 @@ def test_summary_counts_instances_on_the_newest_seq_and_failures() -> None:
 
 
 def test_the_table_marks_stale_instances_and_shows_ages() -> None:
-    rows = fleet_rows([report("i-1", 2), report("i-2", 2, heartbeat="2026-11-26T09:00:00Z")], now=NOW)
+    rows = fleet_rows([report_entry("i-1", api(2), RECENT), report_entry("i-2", api(2), HOURS_AGO)], now=NOW)
     table = format_table(rows)
     assert "INSTANCE" in table.splitlines()[0]
     assert "ok (stale)" in table.splitlines()[2]
@@ -39,6 +37,18 @@ def test_the_table_marks_stale_instances_and_shows_ages() -> None:
 
 
 def test_a_component_filter_keeps_only_that_component() -> None:
-    doc = report("i-1", 1)
-    doc["components"]["web"] = {"release_id": "w", "seq": 9, "state": "ok"}  # type: ignore[index]
-    assert [r.component for r in fleet_rows([doc], component="web", now=NOW)] == ["web"]
+    both = {**api(1), "web": ComponentStatus(state=ComponentState.OK, release_id="w", seq=9)}
+    assert [r.component for r in fleet_rows([report_entry("i-1", both, RECENT)], component="web", now=NOW)] == ["web"]
+
+
+def test_an_unreadable_report_is_a_row_of_its_own_and_counted_in_the_summary() -> None:
+    rows = fleet_rows(
+        [report_entry("i-1", api(3), RECENT), report_entry("i-bad", {}, RECENT, error="heartbeat_at 'x' is not…")],
+        now=NOW,
+    )
+    bad = next(r for r in rows if r.instance_id == "i-bad")
+    assert (bad.state, bad.error, bad.stale) == ("unreadable", "heartbeat_at 'x' is not…", False)
+    assert summary(rows) == [
+        "prod/web/api: 1/1 on seq 3, 0 failed",
+        "prod/web: 1 unreadable report(s) (see the ERROR column)",
+    ]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from deployer.errors import HookFailed
-from deployer.hooks import run_hooks
-from deployer.manifest import Hook
+from deployer.apply.hooks import run_hooks
+from deployer.protocol.errors import HookFailed
+from deployer.protocol.manifest import Hook
 
 
 def run(hooks: list[Hook], tmp_path: Path, **kwargs: object) -> str:

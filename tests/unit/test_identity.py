@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.errors import IdentityError
-from deployer.identity import resolve_instance_id
-from deployer.retry import RetryPolicy
+from deployer.agent.identity import resolve_instance_id
+from deployer.aws.retry import RetryPolicy
+from deployer.protocol.errors import IdentityError
 
 NO_WAIT = RetryPolicy(max_attempts=2, base_seconds=0.01, cap_seconds=0.01, deadline_seconds=2)
 

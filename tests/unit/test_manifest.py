@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployer.errors import ManifestError
-from deployer.manifest import HealthCheck, Hook, Manifest, SyncStrategy, parse_manifest
+from deployer.protocol.errors import ManifestError
+from deployer.protocol.manifest import HealthCheck, Hook, Manifest, SyncStrategy, parse_manifest
 
 STRETCHER_EXAMPLE = """\
 src: s3://example.com/app.tar.gz

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from deployer.errors import ConfigError
-from deployer.oneshot import default_release_id, manifest_url_from_stdin
+from deployer.apply.oneshot import default_release_id, manifest_url_from_stdin
+from deployer.protocol.errors import ConfigError
 
 URL = "s3://bucket/deployer/releases/api/r1/manifest.yml"
 

@@ -6,26 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployer.errors import InvalidMessage
-from deployer.layout import Layout
-from deployer.limits import MAX_DEPLOY_MESSAGE_BYTES
-from deployer.protocol import Channel, Deploy, deploy_from_dict, parse_deploy
-
-
-def make_deploy(**overrides: object) -> Deploy:
-    values: dict[str, object] = {
-        "deploy_id": "0b7c7c55-1d1e-4c39-9a55-5a1c1f2e0001",
-        "stage": "prod",
-        "role": "web",
-        "component": "api",
-        "seq": 7,
-        "release_id": "20261126T0150Z-3f2a9c1",
-        "manifest_key": "deployer/releases/api/20261126T0150Z-3f2a9c1/manifest.yml",
-        "manifest_sha256": "a" * 64,
-        "published_at": "2026-11-26T01:50:00Z",
-    }
-    values.update(overrides)
-    return Deploy(**values)  # type: ignore[arg-type]
+from deployer.protocol.deploy import deploy_from_dict, parse_deploy
+from deployer.protocol.errors import InvalidMessage
+from deployer.protocol.layout import Layout
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
+from deployer.protocol.names import Channel
+from tests.support import make_deploy
 
 
 def test_a_deploy_survives_a_json_round_trip_unchanged() -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from deployer.prune import releases_to_prune
+from deployer.apply.prune import releases_to_prune
 
 
 def test_the_oldest_releases_beyond_keep_are_pruned() -> None:

@@ -5,30 +5,35 @@ from pathlib import Path
 
 import pytest
 
-from deployer.errors import DeployerError, LockBusy
-from deployer.fsutil import swap_symlink, write_atomic
-from deployer.protocol import Channel
-from deployer.state import AppliedRecord, ApplyLock, DeployStatus, Milestone, StateStore
-from tests.unit.test_protocol import make_deploy
+from deployer.agent.ledger import AppliedRecord, DeployStatus, Ledger
+from deployer.apply.engine import Milestone
+from deployer.apply.fsutil import swap_symlink, write_atomic
+from deployer.apply.lock import ApplyLock
+from deployer.protocol.errors import DeployerError, LockBusy
+from deployer.protocol.names import Channel
+from tests.support import make_deploy
 
 API = Channel("prod", "web", "api")
 
 
 def test_recorded_state_survives_a_reload(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
-    record = AppliedRecord(seq=3, deploy_id="d3", release_id="r3", applied_at="2026-11-26T00:00:00Z")
-    store.record(API, record)
-    assert StateStore(tmp_path).load().channels == {API: record}
+    store = Ledger(tmp_path)
+    deploy = make_deploy(seq=3)
+    store.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+    [(channel, record)] = Ledger(tmp_path).load().channels.items()
+    assert channel == API
+    assert (record.seq, record.deploy_id, record.release_id) == (3, deploy.deploy_id, deploy.release_id)
+    assert isinstance(record, AppliedRecord)
 
 
 def test_completing_a_deploy_records_its_seq_in_the_same_write(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
+    store = Ledger(tmp_path)
     deploy = make_deploy(seq=4)
     store.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
     assert store.applied() == {}
     assert store.deploy_record(deploy.deploy_id).status is DeployStatus.IN_PROGRESS  # type: ignore[union-attr]
     store.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
-    reloaded = StateStore(tmp_path)
+    reloaded = Ledger(tmp_path)
     assert reloaded.applied() == {deploy.channel: (4, deploy.deploy_id)}
     record = reloaded.deploy_record(deploy.deploy_id)
     assert record is not None
@@ -37,7 +42,7 @@ def test_completing_a_deploy_records_its_seq_in_the_same_write(tmp_path: Path) -
 
 
 def test_attempts_count_only_real_attempts(tmp_path: Path) -> None:
-    store = StateStore(tmp_path)
+    store = Ledger(tmp_path)
     deploy = make_deploy()
     for _ in range(3):
         store.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, attempt=True)
@@ -50,7 +55,7 @@ def test_attempts_count_only_real_attempts(tmp_path: Path) -> None:
 def test_a_corrupt_state_file_is_an_error_not_a_guess(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{truncated")
     with pytest.raises(DeployerError, match="unreadable"):
-        StateStore(tmp_path).load()
+        Ledger(tmp_path).load()
 
 
 def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:

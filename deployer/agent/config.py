@@ -1,0 +1,184 @@
+"""Agent configuration: parsed once from YAML into a frozen dataclass, checked when built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS
+from deployer.apply.lock import DEFAULT_STATE_DIR
+from deployer.protocol.errors import ConfigError, InvalidMessage
+from deployer.protocol.limits import MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS
+from deployer.protocol.names import (
+    BUCKET_PATTERN,
+    DEFAULT_PREFIX,
+    DEFAULT_QUEUE_PREFIX,
+    QUEUE_NAME_PART,
+    Channel,
+    TopicArn,
+    check_name,
+    queue_name,
+)
+from deployer.protocol.report import DEFAULT_HEARTBEAT_INTERVAL_SECONDS
+
+DEFAULT_METADATA_ENDPOINT = "http://169.254.169.254"
+#: Auto Scaling name rules: https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html
+_LIFECYCLE_HOOK = re.compile(r"^[A-Za-z0-9./_-]{1,255}$")
+_ASG_NAME = re.compile(r"^[^:\s][^:]{0,254}$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    stage: str
+    role: str
+    components: tuple[str, ...]
+    bucket: str
+    topic_arn: str
+    prefix: str = DEFAULT_PREFIX
+    queue_prefix: str = DEFAULT_QUEUE_PREFIX
+    region: str | None = None
+    endpoint_url: str | None = None
+    instance_id: str | None = None
+    metadata_endpoint: str = DEFAULT_METADATA_ENDPOINT
+    state_dir: Path = DEFAULT_STATE_DIR
+    root_dir: Path = Path("/")
+    poll_wait_seconds: int = MAX_WAIT_TIME_SECONDS
+    visibility_timeout_seconds: int = 600
+    max_receive_count: int = 5
+    reconcile_interval_seconds: float = 300.0
+    heartbeat_interval_seconds: float = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
+    hook_timeout_seconds: float = DEFAULT_HOOK_TIMEOUT_SECONDS
+    #: After SIGTERM, how long a running apply may go on before it is abandoned (hooks killed,
+    #: exit 0); the on-disk state is then exactly what a kill -9 leaves, which is crash-safe.
+    shutdown_grace_seconds: float = 60.0
+    #: Auto Scaling launch hook to complete after boot replay (CONTINUE, or ABANDON on failure); off if unset.
+    lifecycle_hook_name: str | None = None
+    #: The instance's Auto Scaling group; looked up with DescribeAutoScalingInstances if unset.
+    lifecycle_asg_name: str | None = None
+    #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
+    deregister_on_shutdown: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("stage", self.stage)
+            check_name("role", self.role)
+            for component in self.components:
+                check_name("component", component)
+        except InvalidMessage as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.components:
+            raise ConfigError("components must list at least one component (in boot order)")
+        if len(set(self.components)) != len(self.components):
+            raise ConfigError(f"components lists a component twice: {list(self.components)}")
+        if not BUCKET_PATTERN.match(self.bucket):
+            raise ConfigError(f"bucket {self.bucket!r} is not a valid S3 bucket name")
+        try:
+            TopicArn.parse(self.topic_arn)
+        except ConfigError:
+            raise ConfigError(f"topic_arn {self.topic_arn!r} is not an SNS topic ARN") from None
+        if not QUEUE_NAME_PART.match(self.queue_prefix):
+            raise ConfigError(f"queue_prefix {self.queue_prefix!r} may hold only letters, digits, '-' and '_'")
+        if not 0 <= self.poll_wait_seconds <= MAX_WAIT_TIME_SECONDS:
+            raise ConfigError(
+                f"poll_wait_seconds {self.poll_wait_seconds} must be 0..{MAX_WAIT_TIME_SECONDS} (SQS limit)"
+            )
+        if not 30 <= self.visibility_timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
+            raise ConfigError(
+                f"visibility_timeout_seconds {self.visibility_timeout_seconds} must be 30..{MAX_VISIBILITY_TIMEOUT_SECONDS}"
+            )
+        if not 1 <= self.max_receive_count <= 1000:
+            raise ConfigError(f"max_receive_count {self.max_receive_count} must be 1..1000 (SQS redrive limit)")
+        for name in (
+            "reconcile_interval_seconds",
+            "heartbeat_interval_seconds",
+            "hook_timeout_seconds",
+            "shutdown_grace_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
+            raise ConfigError("state_dir and root_dir must be absolute paths")
+        for name, pattern in (("lifecycle_hook_name", _LIFECYCLE_HOOK), ("lifecycle_asg_name", _ASG_NAME)):
+            value = getattr(self, name)
+            if value is not None and not pattern.match(value):
+                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
+        if self.lifecycle_asg_name and not self.lifecycle_hook_name:
+            raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        return tuple(Channel(self.stage, self.role, c) for c in self.components)
+
+    def queue_name(self, instance_id: str) -> str:
+        return queue_name(self.queue_prefix, self.stage, self.role, instance_id)
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return config_from_dict(doc, source=str(path))
+
+
+def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig:
+    known = {f.name: f for f in fields(AgentConfig)}
+    unknown = sorted(str(k) for k in set(doc) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s): {', '.join(unknown)}")
+    missing = [name for name in ("stage", "role", "components", "bucket", "topic_arn") if name not in doc]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+    values: dict[str, Any] = {}
+    for name, value in doc.items():
+        values[name] = _coerce(name, value, source)
+    return AgentConfig(**values)
+
+
+_INT_KEYS = {"poll_wait_seconds", "visibility_timeout_seconds", "max_receive_count"}
+_FLOAT_KEYS = {
+    "reconcile_interval_seconds",
+    "heartbeat_interval_seconds",
+    "hook_timeout_seconds",
+    "shutdown_grace_seconds",
+}
+_PATH_KEYS = {"state_dir", "root_dir"}
+_BOOL_KEYS = {"deregister_on_shutdown"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "components":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: components must be a list of names, got {value!r}")
+        return tuple(value)
+    if name in _INT_KEYS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        return value
+    if name in _FLOAT_KEYS:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be a number of seconds, got {value!r}")
+        return float(value)
+    if name in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+        return value
+    if name in _PATH_KEYS:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {name} must be a path, got {value!r}")
+        return Path(value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
+    return value

@@ -1,0 +1,157 @@
+"""The agent's pure decisions over data; no I/O here.
+
+Should this message be applied? SQS standard queues deliver at least once and in any order,
+so every message is judged against what this instance already applied (`seq > applied_seq`
+per channel) and against the rest of its receive batch (only the highest seq per channel is
+applied). And once an apply ended, what becomes of its message: acknowledged, retried after
+a backoff, dead-lettered, or handed back (docs/design.md, "Delivery").
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from deployer.aws.retry import backoff_seconds
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import InfrastructureError, Interrupted, RejectedInput
+from deployer.protocol.names import Channel
+
+#: A message whose apply failed is retried after 30 s, 60 s, 120 s, … (by SQS visibility), at most this.
+RETRY_VISIBILITY_BASE_SECONDS = 30
+RETRY_VISIBILITY_CAP_SECONDS = 900
+
+
+class Verdict(enum.StrEnum):
+    APPLY = "apply"
+    DUPLICATE = "duplicate"  # this exact deploy was already applied
+    STALE = "stale"  # an older seq than the one applied
+    SUPERSEDED = "superseded"  # a newer seq for the same channel is in the same batch
+    NOT_MINE = "not_mine"  # another stage/role/component (filter policies are only an optimisation)
+    REJECTED = "rejected"  # not a valid deploy document, or contradicts what we applied
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received message: its deploy if it parsed, else why it did not."""
+
+    message_id: str
+    receipt_handle: str
+    deploy: Deploy | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    incoming: Incoming
+    verdict: Verdict
+    reason: str
+
+
+def decide_one(
+    deploy: Deploy, applied: Mapping[Channel, tuple[int, str]], mine: Collection[Channel]
+) -> tuple[Verdict, str]:
+    """Verdict for one deploy against `applied` (channel → (seq, deploy_id))."""
+    if deploy.channel not in mine:
+        return Verdict.NOT_MINE, f"channel {deploy.channel} is not served by this instance"
+    current = applied.get(deploy.channel)
+    if current is None or deploy.seq > current[0]:
+        return Verdict.APPLY, "newer than applied"
+    seq, deploy_id = current
+    if deploy.seq == seq:
+        if deploy.deploy_id == deploy_id:
+            return Verdict.DUPLICATE, f"seq {seq} already applied"
+        # Invariant 1 says one seq has one deploy; two different ones means tampering or a bug.
+        return Verdict.REJECTED, f"seq {seq} was applied as deploy {deploy_id}, message claims {deploy.deploy_id}"
+    return Verdict.STALE, f"seq {deploy.seq} is older than applied seq {seq}"
+
+
+def decide_batch(
+    batch: Sequence[Incoming], applied: Mapping[Channel, tuple[int, str]], mine: Collection[Channel]
+) -> list[Decision]:
+    """One decision per message, in batch order; at most one APPLY per channel (its highest seq)."""
+    decisions: list[Decision] = []
+    best: dict[Channel, int] = {}  # channel -> index in decisions of the current APPLY
+    for incoming in batch:
+        deploy = incoming.deploy
+        if deploy is None:
+            decisions.append(Decision(incoming, Verdict.REJECTED, incoming.error or "unparseable message"))
+            continue
+        verdict, reason = decide_one(deploy, applied, mine)
+        if verdict is Verdict.APPLY and deploy.channel in best:
+            rival_index = best[deploy.channel]
+            rival = decisions[rival_index].incoming.deploy
+            assert rival is not None
+            if deploy.seq == rival.seq and deploy.deploy_id == rival.deploy_id:
+                verdict, reason = Verdict.DUPLICATE, f"seq {deploy.seq} appears twice in this batch"
+            elif deploy.seq == rival.seq:
+                verdict, reason = Verdict.REJECTED, f"two different deploys claim seq {deploy.seq}"
+            elif deploy.seq < rival.seq:
+                verdict, reason = Verdict.SUPERSEDED, f"seq {rival.seq} is in the same batch"
+            else:
+                decisions[rival_index] = Decision(
+                    decisions[rival_index].incoming, Verdict.SUPERSEDED, f"seq {deploy.seq} is in the same batch"
+                )
+                best[deploy.channel] = len(decisions)
+        elif verdict is Verdict.APPLY:
+            best[deploy.channel] = len(decisions)
+        decisions.append(Decision(incoming, verdict, reason))
+    return decisions
+
+
+class Outcome(enum.StrEnum):
+    """How one apply of one deploy ended, as far as its message is concerned."""
+
+    APPLIED = "applied"  # live on this instance (or found already applied under the lock)
+    FAILED = "failed"  # the release failed here (hook, health check, activation): counted
+    UNAVAILABLE = "unavailable"  # the network or AWS failed: retried, never counted against the release
+    REJECTED = "rejected"  # can never succeed
+    INTERRUPTED = "interrupted"  # a shutdown stopped it; nothing was decided
+
+
+class Action(enum.StrEnum):
+    ACK = "ack"  # delete the message
+    RETRY = "retry"  # leave it; SQS redelivers it after `delay_s` (0: hand it back now)
+    DEAD_LETTER = "dead_letter"  # copy it to the DLQ with the reason, then delete it
+
+
+@dataclass(frozen=True)
+class Disposition:
+    action: Action
+    delay_s: int = 0
+
+
+#: What a stopping agent does with messages it will not process: visible again at once.
+HAND_BACK = Disposition(Action.RETRY, 0)
+
+
+def outcome_of(exc: BaseException) -> Outcome:
+    """The outcome an apply that raised `exc` had; the error tree decides, by type. Pure."""
+    if isinstance(exc, Interrupted):
+        return Outcome.INTERRUPTED
+    if isinstance(exc, RejectedInput):
+        return Outcome.REJECTED
+    if isinstance(exc, InfrastructureError):
+        return Outcome.UNAVAILABLE
+    # ReleaseFailed, and anything unexpected (a bug, an OS error): counted, so it cannot loop forever.
+    return Outcome.FAILED
+
+
+def dispose(outcome: Outcome, receive_count: int) -> Disposition:
+    """What becomes of a message after its apply. Pure.
+
+    A failed apply is not deleted: SQS redelivers it after a backoff set through its
+    visibility (30 s, 60 s, 120 s, … capped), up to maxReceiveCount times, then moves it to
+    the DLQ by its redrive policy. A rejected one goes to the DLQ at once.
+    """
+    if outcome is Outcome.APPLIED:
+        return Disposition(Action.ACK)
+    if outcome is Outcome.REJECTED:
+        return Disposition(Action.DEAD_LETTER)
+    if outcome is Outcome.INTERRUPTED:
+        return HAND_BACK
+    delay = backoff_seconds(
+        receive_count, base=RETRY_VISIBILITY_BASE_SECONDS, cap=RETRY_VISIBILITY_CAP_SECONDS, jitter=0.0
+    )
+    return Disposition(Action.RETRY, int(delay))

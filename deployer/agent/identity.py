@@ -1,0 +1,54 @@
+"""Instance identity from IMDSv2, behind a configurable endpoint (tests fake it on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from deployer.aws.retry import RetryPolicy
+from deployer.protocol.errors import IdentityError
+from deployer.protocol.names import INSTANCE_ID_PATTERN
+
+#: IMDSv2 session token lifetime; we only need it for one lookup.
+TOKEN_TTL_SECONDS = 60
+#: IMDS answers in milliseconds on EC2; anything slower means we are not on EC2.
+IMDS_TIMEOUT_SECONDS = 2.0
+IMDS_POLICY = RetryPolicy(max_attempts=3, base_seconds=0.2, cap_seconds=1.0, deadline_seconds=10.0)
+
+
+def resolve_instance_id(configured: str | None, endpoint: str, policy: RetryPolicy = IMDS_POLICY) -> str:
+    """The configured id if set, else IMDSv2's instance-id."""
+    if configured:
+        instance_id = configured
+    else:
+        try:
+            instance_id = policy.call(_imds_instance_id, endpoint.rstrip("/"))
+        except OSError as exc:  # URLError, refused, timeout: IMDS is not there
+            raise IdentityError(
+                f"cannot reach instance metadata at {endpoint} ({exc}); set instance_id in the config"
+            ) from None
+    if not INSTANCE_ID_PATTERN.match(instance_id):
+        raise IdentityError(f"instance id {instance_id!r} must be 1-40 letters, digits, '-' or '_'")
+    return instance_id
+
+
+def _imds_instance_id(endpoint: str) -> str:
+    try:
+        token_request = urllib.request.Request(
+            f"{endpoint}/latest/api/token",
+            method="PUT",
+            headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
+        )
+        with urllib.request.urlopen(token_request, timeout=IMDS_TIMEOUT_SECONDS) as response:
+            token = response.read().decode()
+        id_request = urllib.request.Request(
+            f"{endpoint}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token}
+        )
+        with urllib.request.urlopen(id_request, timeout=IMDS_TIMEOUT_SECONDS) as response:
+            return str(response.read().decode().strip())
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise
+        raise IdentityError(
+            f"instance metadata at {endpoint} answered HTTP {exc.code}; set instance_id in the config"
+        ) from None

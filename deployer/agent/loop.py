@@ -1,0 +1,374 @@
+"""The instance agent: boot (queue first, then replay), then long-poll, decide, apply, report.
+
+Boot order is the no-lost-deploy argument (docs/design.md, "No deploy lost across boot"): the
+queue and its subscription exist before the pointers are read, so a deploy published before
+subscribing is seen by the replay, one published after is delivered to the queue, and the seq
+check removes the overlap. Periodic reconcile covers what SNS delays or drops.
+
+`boot` wires the real parts (SQS, S3, the ledger, the runner) into an `Agent`; the `Agent`
+itself only sees ports (`InstanceQueue`, `Runner`, `Reporter`, a pointer reader), so unit tests
+drive it with `MemoryQueue` and small fakes.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from deployer.agent.config import AgentConfig
+from deployer.agent.decide import (
+    HAND_BACK,
+    Action,
+    Decision,
+    Disposition,
+    Incoming,
+    Outcome,
+    Verdict,
+    decide_batch,
+    decide_one,
+    dispose,
+)
+from deployer.agent.identity import resolve_instance_id
+from deployer.agent.launch import finish_launch
+from deployer.agent.ledger import Ledger
+from deployer.agent.memory import release_free_memory
+from deployer.agent.queue import InstanceQueue, Received, SqsQueue
+from deployer.agent.reporter import StatusReporter
+from deployer.agent.runner import DeployRunner
+from deployer.agent.shutdown import Shutdown
+from deployer.aws.clients import Clients, autoscaling_client
+from deployer.aws.registration import remove_registration
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, backoff_seconds
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import Deploy, parse_deploy, unwrap_body
+from deployer.protocol.errors import Interrupted, InvalidMessage
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.names import Channel
+from deployer.protocol.report import ComponentState, ComponentStatus
+
+log = structlog.get_logger(__name__)
+
+#: Reconcile runs at interval × (1 ± this), so a fleet started together does not read S3 in lockstep.
+RECONCILE_JITTER = 0.1
+#: Pause between polls after repeated failures (each already retried by the policy): 2 s, 4 s, … this.
+POLL_FAILURE_PAUSE_BASE_SECONDS = 2.0
+POLL_FAILURE_PAUSE_CAP_SECONDS = 60.0
+#: Log event per verdict for messages acknowledged without applying.
+SKIP_EVENTS = {
+    Verdict.DUPLICATE: "message_duplicate",
+    Verdict.STALE: "message_stale",
+    Verdict.SUPERSEDED: "message_superseded",
+    Verdict.NOT_MINE: "message_not_mine",
+}
+
+
+class Runner(Protocol):
+    """What the loop needs of `DeployRunner` (the port unit tests fake)."""
+
+    def apply(self, deploy: Deploy) -> Outcome: ...
+
+    def worth_retrying(self, deploy: Deploy) -> bool: ...
+
+
+class Reporter(Protocol):
+    """What the loop needs of `StatusReporter`."""
+
+    def write(self) -> None: ...
+
+    def reject_message(self, message_id: str, reason: str) -> None: ...
+
+
+class Agent:
+    """The long-poll loop over ports: receive, decide, apply, settle; reconcile and heartbeat on timers."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        queue: InstanceQueue,
+        runner: Runner,
+        reporter: Reporter,
+        ledger: Ledger,
+        pointer: Callable[[Channel], Deploy | None],
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.runner = runner
+        self.reporter = reporter
+        self.ledger = ledger
+        self.pointer = pointer
+        self.stop = stop
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Poll until the stop flag is set; reconcile and heartbeat on their timers."""
+        next_reconcile = _next(self.config.reconcile_interval_seconds)
+        next_heartbeat = _next(self.config.heartbeat_interval_seconds, jitter=0.0)
+        release_free_memory(freeze=True)  # boot parsed service models and applied releases; keep idle RSS low
+        log.info("agent_serving", queue=self.queue.name)
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                self.poll_once()
+                failures = 0
+            except Interrupted:
+                break
+            except Exception as exc:  # noqa: BLE001 - the agent outlives any one failed poll
+                failures += 1
+                pause = backoff_seconds(
+                    failures, base=POLL_FAILURE_PAUSE_BASE_SECONDS, cap=POLL_FAILURE_PAUSE_CAP_SECONDS, jitter=0.5
+                )
+                log.error(
+                    "poll_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    pause_s=round(pause, 2),
+                    next="polling again after the pause",
+                )
+                self.stop.wait(pause)
+            now = time.monotonic()
+            if not self.stop.is_set() and now >= next_reconcile:
+                self.reconcile(reason="periodic")
+                next_reconcile = _next(self.config.reconcile_interval_seconds)
+            if now >= next_heartbeat:
+                self.reporter.write()
+                next_heartbeat = _next(self.config.heartbeat_interval_seconds, jitter=0.0)
+
+    # -- reconcile -------------------------------------------------------------------------
+
+    def reconcile(self, reason: str) -> None:
+        """Read every component's pointer (in boot order) and apply whatever we are behind on."""
+        for channel in self.config.channels:
+            if self.stop.is_set():
+                return
+            try:
+                deploy = self.pointer(channel)
+            except InvalidMessage as exc:
+                log.error("pointer_invalid", channel=str(channel), error=str(exc), next="ignored until it is rewritten")
+                continue
+            except Interrupted:
+                return
+            except Exception as exc:  # noqa: BLE001 - one unreadable channel must not stop the others
+                log.warning(
+                    "pointer_unreadable", channel=str(channel), error=str(exc), next="retried at the next reconcile"
+                )
+                continue
+            if deploy is None:
+                log.info("pointer_absent", channel=str(channel), reason=reason)
+                continue
+            verdict, _ = decide_one(deploy, self.ledger.applied(), self.config.channels)
+            if verdict is not Verdict.APPLY:
+                log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
+                continue
+            if not self.runner.worth_retrying(deploy):
+                continue
+            log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
+            self.runner.apply(deploy)
+
+    # -- queue -----------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        """One receive: settle what needs no apply, then apply the rest in boot order, one by one."""
+        messages = self.queue.receive(self.config.poll_wait_seconds)
+        if not messages:
+            return
+        by_receipt = {m.receipt_handle: m for m in messages}
+        decisions = decide_batch([_parse(m) for m in messages], self.ledger.applied(), self.config.channels)
+        # Acknowledge and log everything that needs no apply first: it is cheap and final.
+        pending: list[Decision] = []
+        for decision in decisions:
+            if decision.verdict is Verdict.APPLY:
+                pending.append(decision)
+            else:
+                self._settle_unapplied(by_receipt[decision.incoming.receipt_handle], decision)
+        order = {c: i for i, c in enumerate(self.config.components)}
+        pending.sort(key=lambda d: order[d.incoming.deploy.component] if d.incoming.deploy else 0)
+        for index, decision in enumerate(pending):
+            message = by_receipt[decision.incoming.receipt_handle]
+            if self.stop.is_set():
+                for later in pending[index:]:
+                    self._settle(by_receipt[later.incoming.receipt_handle], HAND_BACK, "not started: shutting down")
+                log.info("messages_handed_back", count=len(pending) - index, next="SQS delivers them again at once")
+                return
+            assert decision.incoming.deploy is not None
+            with self._visibility_heartbeat(message.receipt_handle):
+                outcome = self.runner.apply(decision.incoming.deploy)
+            self._settle(message, dispose(outcome, message.receive_count), "apply rejected the release")
+        if pending:
+            release_free_memory()  # an apply's buffers (prefetch, tar, hooks' output) are garbage now
+
+    def _settle(self, message: Received, disposition: Disposition, reason: str) -> None:
+        if disposition.action is Action.ACK:
+            self.queue.delete(message.receipt_handle)
+        elif disposition.action is Action.DEAD_LETTER:
+            self.queue.dead_letter(message, reason)
+        else:
+            self.queue.set_visibility(message.receipt_handle, disposition.delay_s)
+            if disposition.delay_s:
+                log.warning(
+                    "message_kept_for_retry",
+                    message_id=message.message_id,
+                    receive_count=message.receive_count,
+                    retry_in_s=disposition.delay_s,
+                    next="SQS redelivers it after retry_in_s; the DLQ after maxReceiveCount",
+                )
+
+    def _settle_unapplied(self, message: Received, decision: Decision) -> None:
+        deploy = decision.incoming.deploy
+        fields: dict[str, object] = {
+            "message_id": message.message_id,
+            "verdict": decision.verdict.value,
+            "reason": decision.reason,
+        }
+        if deploy is not None:
+            fields.update(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
+        if decision.verdict is Verdict.REJECTED:
+            log.error("message_rejected", **fields, next="moved to the DLQ; it will never be applied")
+            self.queue.dead_letter(message, decision.reason)
+            self.reporter.reject_message(message.message_id, decision.reason)
+            return
+        log.info(SKIP_EVENTS[decision.verdict], **fields, next="acknowledged without applying")
+        self.queue.delete(message.receipt_handle)
+
+    @contextmanager
+    def _visibility_heartbeat(self, receipt_handle: str) -> Iterator[None]:
+        """Keep extending the message's visibility while it is being applied, so SQS never hands it
+        to anyone again mid-apply however long the hooks take."""
+        queue = self.queue
+        timeout = self.config.visibility_timeout_seconds
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(timeout / 3):
+                try:
+                    queue.set_visibility(receipt_handle, timeout)
+                except Exception as exc:  # noqa: BLE001 - a missed beat only risks a duplicate, which is harmless
+                    log.warning("visibility_extend_failed", error=str(exc), next="extended again at the next beat")
+
+        thread = threading.Thread(target=beat, name="visibility-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+@dataclass(frozen=True)
+class Booted:
+    """What boot built: the loop and the parts a clean shutdown needs. No optional parts."""
+
+    agent: Agent
+    instance_id: str
+    queue: SqsQueue
+    reporter: StatusReporter
+    runner: DeployRunner
+
+
+def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: RetryPolicy = DEFAULT_POLICY) -> Booted:
+    """Identity, queue + subscription FIRST, then replay the pointers in component order."""
+    stoppable = policy.interruptible(shutdown.stop)
+    instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
+    structlog.contextvars.bind_contextvars(instance_id=instance_id)
+    layout = Layout(config.prefix)
+    queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable)
+    queue.ensure()
+    ledger = Ledger(config.state_dir)
+    reporter = StatusReporter(
+        clients.s3,
+        config.bucket,
+        layout,
+        ReportKey(config.stage, config.role, instance_id),
+        config.components,
+        stoppable,
+    )
+    runner = DeployRunner(
+        config, clients.s3, policy, ledger=ledger, reporter=reporter, instance_id=instance_id, shutdown=shutdown
+    )
+    for channel, record in ledger.load().channels.items():
+        if channel in config.channels:
+            reporter.seed(
+                channel.component,
+                ComponentStatus(
+                    state=ComponentState.OK, release_id=record.release_id, seq=record.seq, deploy_id=record.deploy_id
+                ),
+            )
+    reporter.write()
+
+    def pointer(channel: Channel) -> Deploy | None:
+        found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable)
+        return found.deploy if found else None
+
+    agent = Agent(
+        config, queue=queue, runner=runner, reporter=reporter, ledger=ledger, pointer=pointer, stop=shutdown.stop
+    )
+    agent.reconcile(reason="boot")
+    if config.lifecycle_hook_name and not shutdown.stop.is_set():
+        # Enter service only on the current release: CONTINUE, or ABANDON if a component failed.
+        finish_launch(
+            autoscaling_client(config.region, config.endpoint_url),
+            config,
+            instance_id,
+            reporter.states(),
+            stoppable,
+        )
+    return Booted(agent, instance_id, queue, reporter, runner)
+
+
+def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+    """`deployer agent`: boot, then serve until SIGTERM/SIGINT. Returns normally on a requested stop."""
+    shutdown = Shutdown(config.shutdown_grace_seconds)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "shutdown_requested",
+            signal=signal.Signals(signum).name,
+            next="finishing the current step, handing back unprocessed messages",
+        )
+        shutdown.request()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    booted = boot(config, clients, shutdown, policy)
+    booted.agent.serve()
+    if config.deregister_on_shutdown:
+        _deregister(config, clients, booted, policy)  # the stop flag is set; this must still retry
+    log.info("agent_stopped", next="exit 0")
+
+
+def _deregister(config: AgentConfig, clients: Clients, booted: Booted, policy: RetryPolicy) -> None:
+    """An agent leaving the fleet on clean shutdown (opt-in: `deregister_on_shutdown`)."""
+    try:
+        remove_registration(
+            clients,
+            bucket=config.bucket,
+            layout=Layout(config.prefix),
+            who=booted.reporter.who,
+            queue_name=booted.queue.name,
+            subscription_arns=[booted.queue.handle.subscription_arn],
+            policy=policy,
+        )
+    except Exception as exc:  # noqa: BLE001 - whatever is left, `deployer gc` removes after its TTL
+        log.error("deregister_failed", error=str(exc), next="deployer gc removes the rest after its TTL")
+
+
+def _parse(message: Received) -> Incoming:
+    try:
+        deploy = parse_deploy(unwrap_body(message.body))
+    except InvalidMessage as exc:
+        return Incoming(message.message_id, message.receipt_handle, None, str(exc))
+    return Incoming(message.message_id, message.receipt_handle, deploy)
+
+
+def _next(interval: float, jitter: float = RECONCILE_JITTER) -> float:
+    return time.monotonic() + interval * random.uniform(1 - jitter, 1 + jitter)

@@ -1,0 +1,79 @@
+"""An in-memory `InstanceQueue` for unit tests of the agent loop: no emulator, no subprocess.
+
+It keeps SQS's visible behaviour that the loop depends on: a received message is invisible
+until deleted or its visibility runs out, `ApproximateReceiveCount` grows on every receive,
+a visibility of 0 makes it receivable again at once, and a dead-lettered message moves to a
+separate list with its reason. Time is an injected clock, so tests step it instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deployer.agent.queue import Received, clamp_visibility
+from deployer.protocol.limits import MAX_RECEIVE_BATCH
+
+
+@dataclass
+class StubMessage:
+    message_id: str
+    body: str
+    receive_count: int = 0
+    visible_at: float = 0.0
+    receipt_handle: str = ""
+
+
+@dataclass
+class MemoryQueue:
+    """The port over a list. `visibility_s` is the queue's default visibility timeout."""
+
+    clock: Callable[[], float]
+    visibility_s: int = 600
+    queue_name: str = "memory-queue"
+    messages: list[StubMessage] = field(default_factory=list)
+    dead_letters: list[tuple[str, str]] = field(default_factory=list)  # (body, reason)
+    #: Every visibility change, as (message_id, seconds), in order.
+    visibility_changes: list[tuple[str, int]] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def name(self) -> str:
+        return self.queue_name
+
+    def send(self, body: str) -> str:
+        message_id = f"m-{next(self._ids)}"
+        self.messages.append(StubMessage(message_id, body))
+        return message_id
+
+    def receive(self, wait_seconds: int) -> list[Received]:
+        now = self.clock()
+        batch: list[Received] = []
+        for message in self.messages:
+            if len(batch) == MAX_RECEIVE_BATCH:
+                break
+            if message.visible_at > now:
+                continue
+            message.receive_count += 1
+            message.visible_at = now + self.visibility_s
+            message.receipt_handle = f"{message.message_id}#{message.receive_count}"
+            batch.append(Received(message.message_id, message.receipt_handle, message.body, message.receive_count))
+        return batch
+
+    def delete(self, receipt_handle: str) -> None:
+        self.messages = [m for m in self.messages if m.receipt_handle != receipt_handle]
+
+    def set_visibility(self, receipt_handle: str, seconds: int) -> None:
+        for message in self.messages:
+            if message.receipt_handle == receipt_handle:
+                message.visible_at = self.clock() + clamp_visibility(seconds)
+                self.visibility_changes.append((message.message_id, clamp_visibility(seconds)))
+
+    def dead_letter(self, message: Received, reason: str) -> None:
+        self.dead_letters.append((message.body, reason))
+        self.delete(message.receipt_handle)
+
+    def pending(self) -> list[str]:
+        """Bodies still in the queue (visible or not)."""
+        return [m.body for m in self.messages]

@@ -1,0 +1,87 @@
+"""This instance's status report: kept in memory, written whole to S3 on every change and as a heartbeat.
+
+The document itself is `deployer.protocol.report.StatusReport`; this is its only writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from deployer import __version__
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.report import ComponentState, ComponentStatus, Rejection, StatusReport
+from deployer.protocol.timestamps import utc_now_iso
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+
+class StatusReporter:
+    """Keeps this instance's report in memory and writes it whole on every change."""
+
+    def __init__(
+        self,
+        s3: S3Client,
+        bucket: str,
+        layout: Layout,
+        who: ReportKey,
+        components: tuple[str, ...],
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.who = who
+        self.key = layout.status_key(who.stage, who.role, who.instance_id)
+        self.policy = policy
+        self.started_at = utc_now_iso()
+        self.components: dict[str, ComponentStatus] = {c: ComponentStatus(updated_at=utc_now_iso()) for c in components}
+        self.last_rejection: Rejection | None = None
+
+    def states(self) -> Mapping[str, ComponentState]:
+        return {name: status.state for name, status in self.components.items()}
+
+    def seed(self, component: str, status: ComponentStatus) -> None:
+        """Set a component's status without writing (boot, from the local ledger)."""
+        self.components[component] = status
+
+    def update(self, component: str, **changes: Any) -> None:
+        current = self.components.get(component, ComponentStatus())
+        self.components[component] = replace(current, updated_at=utc_now_iso(), **changes)
+        self.write()
+
+    def reject_message(self, message_id: str, reason: str) -> None:
+        self.last_rejection = Rejection(message_id=message_id, reason=reason, at=utc_now_iso())
+        self.write()
+
+    def report(self, now: datetime | None = None) -> StatusReport:
+        return StatusReport(
+            key=self.who,
+            heartbeat_at=(now or datetime.now(UTC)).replace(microsecond=0),
+            agent_version=__version__,
+            started_at=self.started_at,
+            components=dict(self.components),
+            last_rejection=self.last_rejection,
+        )
+
+    def write(self) -> None:
+        """Best effort: a status write failure is logged, never allowed to fail a deploy."""
+        try:
+            self.policy.call(
+                self.s3.put_object,
+                Bucket=self.bucket,
+                Key=self.key,
+                Body=self.report().to_json(),
+                ContentType="application/json",
+            )
+        except Exception as exc:  # noqa: BLE001 - reporting must never take the agent down
+            log.warning(
+                "status_write_failed", key=self.key, error=str(exc), next="retried at the next change or heartbeat"
+            )

@@ -1,0 +1,285 @@
+"""Apply one deploy on this instance, exactly once: idempotency records, lock, status, outcome.
+
+The loop decides *which* deploys to apply (queue batches, reconcile); this module applies one,
+under the machine-wide lock, and turns whatever happened into an `Outcome` the loop acts on
+(`decide.dispose`). What to do with an existing record is `ledger.plan_start`; what an error
+means is `decide.outcome_of`; both are pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from deployer.agent.config import AgentConfig
+from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
+from deployer.agent.ledger import DeployStatus, Ledger, Start, plan_start
+from deployer.agent.reporter import StatusReporter
+from deployer.agent.shutdown import Shutdown
+from deployer.apply.engine import Applier, Milestone, is_active
+from deployer.apply.fetch import read_source
+from deployer.apply.lock import ApplyLock
+from deployer.aws.retry import RetryPolicy
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import DeployerError, HookFailed, Interrupted, InvalidMessage
+from deployer.protocol.layout import Layout
+from deployer.protocol.limits import MAX_MANIFEST_BYTES
+from deployer.protocol.manifest import Manifest, parse_manifest
+from deployer.protocol.report import ComponentState
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+#: An apply still running after this long is reported as `applying` (see _report_applying_if_slow).
+APPLYING_REPORT_DELAY_SECONDS = 1.0
+#: The status report's state for each outcome that changes it.
+REPORTED_STATE = {
+    Outcome.APPLIED: ComponentState.OK,
+    Outcome.FAILED: ComponentState.FAILED,
+    Outcome.UNAVAILABLE: ComponentState.FAILED,
+    Outcome.REJECTED: ComponentState.REJECTED,
+}
+
+
+class DeployRunner:
+    def __init__(
+        self,
+        config: AgentConfig,
+        s3: S3Client,
+        policy: RetryPolicy,
+        *,
+        ledger: Ledger,
+        reporter: StatusReporter,
+        instance_id: str,
+        shutdown: Shutdown,
+    ) -> None:
+        """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
+        ran out) ends the running apply's hooks, health-check waits and download retries."""
+        self.config = config
+        self.s3 = s3
+        self.policy = policy.interruptible(shutdown.abandon)
+        self.ledger = ledger
+        self.reporter = reporter
+        self.instance_id = instance_id
+        self.shutdown = shutdown
+        self.layout = Layout(config.prefix)
+        self.applier = Applier(
+            s3=s3,
+            root_dir=config.root_dir,
+            hook_timeout=config.hook_timeout_seconds,
+            policy=self.policy,
+            interrupt=shutdown.abandon,
+        )
+
+    def worth_retrying(self, deploy: Deploy) -> bool:
+        """Reconcile must not re-run a deploy that can never succeed, or one failing over and over
+        (the queue path bounds retries with maxReceiveCount; this is the same bound)."""
+        record = self.ledger.deploy_record(deploy.deploy_id)
+        if record is None:
+            return True
+        if record.status is DeployStatus.REJECTED or (
+            record.status is DeployStatus.FAILED and record.attempts >= self.config.max_receive_count
+        ):
+            log.warning(
+                "reconcile_skipped_failing_deploy",
+                deploy_id=deploy.deploy_id,
+                seq=deploy.seq,
+                status=record.status.value,
+                attempts=record.attempts,
+                next="publish a new deploy (or a rollback) to move this channel",
+            )
+            return False
+        return True
+
+    def apply(self, deploy: Deploy) -> Outcome:
+        """Apply one deploy under the machine lock; record state and status. Returns the outcome."""
+        structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
+        try:
+            with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop), self._marked_applying():
+                # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
+                verdict, why = decide_one(deploy, self.ledger.applied(), self.config.channels)
+                if verdict is Verdict.REJECTED:
+                    log.error("apply_refused", reason=why, next="the message goes to the DLQ")
+                    return Outcome.REJECTED
+                if verdict is not Verdict.APPLY:
+                    log.info("apply_skipped", verdict=verdict.value, reason=why)
+                    return Outcome.APPLIED
+                return self._apply_locked(deploy)
+        except Interrupted as exc:  # stopped while waiting for another apply to release the lock
+            log.info("apply_interrupted", reason=str(exc), next="the message is handed back; the next start applies it")
+            return Outcome.INTERRUPTED
+        finally:
+            structlog.contextvars.unbind_contextvars("deploy_id", "seq", "component")
+
+    def _apply_locked(self, deploy: Deploy) -> Outcome:
+        record = self.ledger.deploy_record(deploy.deploy_id)
+        started = time.monotonic()
+        fetched: list[Manifest] = []
+
+        def manifest() -> Manifest:
+            if not fetched:
+                fetched.append(self._fetch_manifest(deploy))
+            return fetched[0]
+
+        try:
+            start = plan_start(
+                record,
+                deploy.payload_hash(),
+                release_active=lambda: is_active(self.config.root_dir, manifest(), deploy.release_id),
+            )
+            if start is Start.REJECT:
+                # Same idempotency key, different content: a forged or corrupted message. Never apply it.
+                error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
+                log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
+                self.reporter.update(deploy.component, state=ComponentState.REJECTED, error=error)
+                return Outcome.REJECTED
+            if start is Start.SKIP_REJECTED:
+                assert record is not None
+                log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
+                return Outcome.REJECTED
+            if start in (Start.RESUME, Start.FINISH):
+                assert record is not None
+                # We hold the lock, so the process that wrote this record is dead: resume.
+                log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
+                # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
+                self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True)
+                if start is Start.FINISH:
+                    return self._completed(deploy, started, reused=True, output_tail="")
+            release = manifest()
+            log.info("apply_started", release_id=deploy.release_id)
+            self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED)
+            with self._report_applying_if_slow(deploy):
+                result = self.applier.apply(
+                    release,
+                    deploy.release_id,
+                    self._hook_env(deploy),
+                    on_milestone=lambda milestone: self._record_progress(deploy, milestone),
+                )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
+            return self._failed(deploy, exc)
+        return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
+
+    def _failed(self, deploy: Deploy, exc: Exception) -> Outcome:
+        outcome = outcome_of(exc)
+        expected = isinstance(exc, DeployerError)
+        error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        if outcome is Outcome.INTERRUPTED:
+            # Abandoned at shutdown: nothing is decided about the release. The ledger is left as a
+            # kill -9 would leave it (in progress), so the next start resumes it.
+            log.warning("apply_interrupted", error=error, next="the message is handed back; the next start resumes it")
+            return outcome
+        rejected = outcome is Outcome.REJECTED
+        # A network or AWS failure is not held against the release: it does not use up attempts.
+        self.ledger.mark(
+            deploy,
+            DeployStatus.REJECTED if rejected else DeployStatus.FAILED,
+            Milestone.STARTED,
+            error=error,
+            attempt=outcome is Outcome.FAILED,
+        )
+        if expected:
+            log.error(
+                "apply_failed",
+                error=error,
+                outcome=outcome.value,
+                next="left on the previous release" + ("" if rejected else "; will be retried"),
+            )
+        else:
+            log.exception("apply_crashed", error=error, next="will be retried")
+        tail = exc.output_tail if isinstance(exc, HookFailed) else None
+        self._report(deploy, REPORTED_STATE[outcome], error=error, output_tail=tail or None)
+        return outcome
+
+    def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> Outcome:
+        self.ledger.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+        log.info(
+            "apply_succeeded",
+            release_id=deploy.release_id,
+            reused=reused,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        self._report(deploy, ComponentState.OK, output_tail=output_tail or None)
+        return Outcome.APPLIED
+
+    def _report(self, deploy: Deploy, state: ComponentState, *, error: str | None = None, **extra: Any) -> None:
+        """This deploy's component status: its state, and which deploy that state is about."""
+        self.reporter.update(
+            deploy.component,
+            state=state,
+            error=error,
+            release_id=deploy.release_id,
+            seq=deploy.seq,
+            deploy_id=deploy.deploy_id,
+            **extra,
+        )
+
+    def _fetch_manifest(self, deploy: Deploy) -> Manifest:
+        expected_key = self.layout.manifest_key(deploy.component, deploy.release_id)
+        if deploy.manifest_key != expected_key:
+            raise InvalidMessage(f"manifest_key {deploy.manifest_key!r} is not {expected_key!r}")
+        url = f"s3://{self.config.bucket}/{deploy.manifest_key}"
+        data = read_source(url, self.s3, MAX_MANIFEST_BYTES, self.policy)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != deploy.manifest_sha256:
+            raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")
+        return parse_manifest(data)
+
+    def _hook_env(self, deploy: Deploy) -> dict[str, str]:
+        return {
+            "DEPLOYER_RELEASE_ID": deploy.release_id,
+            "DEPLOYER_SEQ": str(deploy.seq),
+            "DEPLOYER_DEPLOY_ID": deploy.deploy_id,
+            "DEPLOYER_COMPONENT": deploy.component,
+            "DEPLOYER_STAGE": deploy.stage,
+            "DEPLOYER_ROLE": deploy.role,
+            "DEPLOYER_INSTANCE_ID": self.instance_id,
+        }
+
+    def _record_progress(self, deploy: Deploy, milestone: Milestone) -> None:
+        # Only POST_HOOKS_DONE changes what a resume does (it skips the finished hooks); the other
+        # milestones are not worth an fsync'd write on every deploy's critical path.
+        if milestone is Milestone.POST_HOOKS_DONE:
+            self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, milestone)
+
+    @contextmanager
+    def _report_applying_if_slow(self, deploy: Deploy) -> Iterator[None]:
+        """Report `applying` only once an apply has run for APPLYING_REPORT_DELAY_SECONDS.
+
+        Most applies finish sooner, and their final report follows at once; skipping the
+        intermediate write takes one S3 PUT per instance off every fast deploy. The lock makes
+        sure a late `applying` write can never land after the final one.
+        """
+        lock = threading.Lock()
+        finished = False
+
+        def report() -> None:
+            with lock:
+                if not finished:
+                    self._report(deploy, ComponentState.APPLYING)
+
+        timer = threading.Timer(APPLYING_REPORT_DELAY_SECONDS, report)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            with lock:
+                finished = True
+            timer.cancel()
+
+    @contextmanager
+    def _marked_applying(self) -> Iterator[None]:
+        """While set, a shutdown grants the apply its grace period instead of stopping it at once."""
+        self.shutdown.applying.set()
+        try:
+            yield
+        finally:
+            self.shutdown.applying.clear()

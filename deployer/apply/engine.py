@@ -1,0 +1,378 @@
+"""The apply engine: put one release on this machine without ever leaving it broken.
+
+pre hooks → fetch + verify + extract (one streaming pass, into a hidden staging directory)
+→ activate (symlink swap, or stretcher's rsync / mv) → post hooks → success hooks → prune.
+A failure before activation changes nothing; a post-hook failure re-activates the previous
+release (symlink strategy) and runs the failure hooks, which get the deploy log on stdin.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
+from deployer.apply.fetch import open_source
+from deployer.apply.fsutil import fsync_dir, swap_symlink, write_atomic
+from deployer.apply.health import run_health_check
+from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS, run_hooks, tail_of
+from deployer.apply.prune import releases_to_prune
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.protocol.errors import ActivationFailed, DeployerError, HookFailed, Interrupted
+from deployer.protocol.manifest import Manifest, SyncStrategy
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+STAGING_PREFIX = ".incoming-"
+RELEASES_DIR = "releases"
+#: `releases/.meta/<id>.json` records which artifact (by checksum) a release directory holds, so
+#: a directory already on disk (an earlier deploy, or baked into the AMI) is reused only if it
+#: is the same artifact. Kept beside the tree, not in it, so the application never sees it.
+META_DIR = ".meta"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    release_id: str
+    release_dir: Path | None
+    previous_dir: Path | None
+    reused: bool
+    output_tail: str
+
+
+@dataclass
+class DeployLog:
+    """What happened during one apply, fed to success/failure hooks on stdin (as stretcher does)."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class Milestone(enum.StrEnum):
+    """How far an apply got, so a restart after a crash neither redoes finished hooks nor skips work."""
+
+    STARTED = "started"
+    ACTIVATED = "activated"
+    POST_HOOKS_DONE = "post_hooks_done"
+
+
+class Applier:
+    def __init__(
+        self,
+        *,
+        s3: S3Client,
+        root_dir: Path = Path("/"),
+        hook_timeout: float = DEFAULT_HOOK_TIMEOUT_SECONDS,
+        limits: ExtractLimits = DEFAULT_LIMITS,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        interrupt: threading.Event | None = None,
+    ) -> None:
+        self.s3 = s3
+        self.root_dir = root_dir
+        self.hook_timeout = hook_timeout
+        self.limits = limits
+        self.policy = policy
+        #: Set when the apply is abandoned at shutdown: hooks and health-check waits end with Interrupted.
+        self.interrupt = interrupt
+        self._on_milestone: Callable[[Milestone], object] = lambda milestone: None
+
+    def resolve(self, path: str) -> Path:
+        """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
+        return self.root_dir / path.lstrip("/")
+
+    def apply(
+        self,
+        manifest: Manifest,
+        release_id: str,
+        env: Mapping[str, str],
+        on_milestone: Callable[[Milestone], object] | None = None,
+    ) -> ApplyResult:
+        """Apply one release. `on_milestone` is told when the release went live and when its post
+        hooks finished, so a caller can record progress durably.
+
+        Raises the error of the tree that says what happens next (docs/design.md, "Errors and
+        what happens next"), after the failure hooks ran and the previous release was
+        re-activated; an `Interrupted` apply runs no failure hook and decides nothing.
+        """
+        deploy_log = DeployLog()
+        self._on_milestone = on_milestone or (lambda milestone: None)
+        # One dict, filled in as the apply learns its release directories, so failure hooks
+        # see the same DEPLOYER_* variables as the hook that failed.
+        hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
+        try:
+            return self._apply(manifest, release_id, hook_env, deploy_log)
+        except Interrupted:
+            raise
+        except DeployerError as exc:
+            deploy_log.add(f"error: {exc}")
+            self._failure_hooks(manifest, hook_env, deploy_log)
+            raise
+
+    def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
+        if manifest.src is None:
+            # stretcher allows a src-less manifest: it only runs the commands.
+            cwd = self.root_dir
+            env.setdefault("DEPLOYER_RELEASE_DIR", "")
+            env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
+            output = self._hooks(manifest, "pre", env, cwd, deploy_log)
+            output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
+            return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
+        if manifest.sync_strategy is SyncStrategy.SYMLINK:
+            return self._apply_symlink(manifest, release_id, env, deploy_log)
+        return self._apply_in_place(manifest, release_id, env, deploy_log)
+
+    # -- symlink strategy -------------------------------------------------------------------
+
+    def _apply_symlink(
+        self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
+    ) -> ApplyResult:
+        assert manifest.dest is not None
+        link = self.resolve(manifest.dest)
+        releases = link.parent / RELEASES_DIR
+        release_dir = releases / release_id
+        if link.exists() and not link.is_symlink():
+            raise ActivationFailed(
+                f"dest {manifest.dest} exists and is not a symlink; sync_strategy symlink will not replace it"
+            )
+        previous = _link_target(link)
+        env.update(DEPLOYER_RELEASE_DIR=str(release_dir), DEPLOYER_PREVIOUS_RELEASE_DIR=str(previous or ""))
+        releases.mkdir(parents=True, exist_ok=True)
+
+        output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
+        reused = _verified_on_disk(releases, release_id, manifest)
+        if reused:
+            deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
+            log.info("release_reused", release_dir=str(release_dir))
+        else:
+            if release_dir.exists():
+                # On disk but not recorded as this artifact (a crash before the record, a hand-made
+                # directory, a different artifact under the same id): never trust it, fetch afresh.
+                log.warning("release_dir_unverified", release_dir=str(release_dir), next="downloading it again")
+                _discard(release_dir)
+            self._stage(manifest, releases, release_dir, deploy_log)
+            _record_verified(releases, release_id, manifest)
+
+        swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
+        self._on_milestone(Milestone.ACTIVATED)
+        deploy_log.add(f"activated {release_dir}")
+        log.info("release_activated", release_dir=str(release_dir), previous_dir=str(previous or ""))
+
+        def rollback() -> None:
+            if previous is not None and previous != release_dir:
+                swap_symlink(link, f"{RELEASES_DIR}/{previous.name}")
+                deploy_log.add(f"rolled back to {previous}")
+                log.warning("release_rolled_back", release_dir=str(previous))
+            elif previous is None:
+                link.unlink(missing_ok=True)
+                deploy_log.add("rolled back: no previous release, current removed")
+
+        output += self._post_and_success(manifest, env, release_dir, deploy_log, rollback=rollback)
+        self._prune(
+            releases, active=release_id, previous=previous.name if previous else None, keep=manifest.keep_releases
+        )
+        return ApplyResult(release_id, release_dir, previous, reused=reused, output_tail=tail_of(output))
+
+    # -- stretcher's rsync / mv strategies ----------------------------------------------------
+
+    def _apply_in_place(
+        self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
+    ) -> ApplyResult:
+        assert manifest.dest is not None
+        dest = self.resolve(manifest.dest)
+        env.update(DEPLOYER_RELEASE_DIR=str(dest), DEPLOYER_PREVIOUS_RELEASE_DIR="")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
+        staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
+        self._stage(manifest, dest.parent, staged, deploy_log)
+        try:
+            if manifest.sync_strategy is SyncStrategy.RSYNC:
+                self._rsync(manifest, staged, dest)
+            else:
+                if dest.exists():
+                    raise ActivationFailed(
+                        f"sync_strategy mv needs dest {manifest.dest} not to exist (as in stretcher)"
+                    )
+                os.replace(staged, dest)
+                fsync_dir(dest.parent)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        deploy_log.add(f"synced {release_id} into {dest} ({manifest.sync_strategy.value})")
+        output += self._post_and_success(manifest, env, dest, deploy_log, rollback=None)
+        return ApplyResult(release_id, dest, None, reused=False, output_tail=tail_of(output))
+
+    def _rsync(self, manifest: Manifest, staged: Path, dest: Path) -> None:
+        # --checksum: reproducible builds give every file the same mtime, and rsync's default
+        # size+mtime quick check would then skip a changed file of unchanged size.
+        command = ["rsync", "-a", "--delete", "--checksum"]
+        command += [f"--exclude={pattern}" for pattern in manifest.excludes]
+        if manifest.exclude_from:
+            command.append(f"--exclude-from={manifest.exclude_from}")
+        command += [f"{staged}/", f"{dest}/"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            raise ActivationFailed("sync_strategy rsync needs the rsync command, which is not installed") from None
+        if result.returncode != 0:
+            raise ActivationFailed(f"rsync exited {result.returncode}: {result.stderr.strip()[-500:]}")
+
+    # -- shared steps ---------------------------------------------------------------------------
+
+    def _stage(self, manifest: Manifest, parent: Path, final: Path, deploy_log: DeployLog) -> None:
+        """Download, verify and extract into a hidden directory, then rename it to `final`."""
+        assert manifest.src is not None
+        assert manifest.checksum is not None
+        _remove_stale_staging(parent)
+        staging = parent / f"{STAGING_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            with open_source(manifest.src, self.s3, self.policy) as stream:
+                stats = extract_verified(
+                    stream,
+                    staging,
+                    hasher=manifest.new_hasher(),
+                    expected_digest=manifest.checksum,
+                    limits=self.limits,
+                    excludes=manifest.excludes if manifest.sync_strategy is SyncStrategy.SYMLINK else (),
+                )
+            if manifest.dest_mode is not None:
+                staging.chmod(manifest.dest_mode)
+            # The release must be durable before anything points at it: a power cut after the
+            # symlink swap must not find empty files.
+            os.sync()
+            os.replace(staging, final)
+            fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
+        log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
+
+    def _post_and_success(
+        self, manifest: Manifest, env: Mapping[str, str], cwd: Path, deploy_log: DeployLog, rollback: object
+    ) -> str:
+        try:
+            output = self._hooks(manifest, "post", env, cwd, deploy_log)
+            if manifest.health is not None:
+                output += run_health_check(
+                    manifest.health,
+                    env={**os.environ, **manifest.env, **env},
+                    cwd=cwd,
+                    user=manifest.run_as,
+                    interrupt=self.interrupt,
+                )
+                deploy_log.add("health check ok")
+        except HookFailed:  # a failed health check is one too; apply() runs the failure hooks
+            if callable(rollback):
+                rollback()
+            raise
+        self._on_milestone(Milestone.POST_HOOKS_DONE)
+        try:
+            output += self._hooks(manifest, "success", env, cwd, deploy_log, stdin_text=deploy_log.text())
+        except (HookFailed, Interrupted) as exc:
+            # The release is live and healthy by its own post hooks; a failing notifier must not undo it.
+            log.warning("success_hook_failed", error=str(exc), next="the release stays active")
+        return output
+
+    def _failure_hooks(self, manifest: Manifest, env: Mapping[str, str], deploy_log: DeployLog) -> None:
+        try:
+            self._hooks(manifest, "failure", env, self.root_dir, deploy_log, stdin_text=deploy_log.text())
+        except (HookFailed, Interrupted) as exc:
+            log.warning("failure_hook_failed", error=str(exc), next="the apply's own error is reported")
+
+    def _hooks(
+        self,
+        manifest: Manifest,
+        phase: str,
+        env: Mapping[str, str],
+        cwd: Path,
+        deploy_log: DeployLog,
+        stdin_text: str | None = None,
+    ) -> str:
+        hooks = getattr(manifest.commands, phase)
+        if not hooks:
+            return ""
+        output = run_hooks(
+            hooks,
+            phase=phase,
+            env={**manifest.env, **env},
+            cwd=cwd if cwd.is_dir() else self.root_dir,
+            default_timeout=manifest.hook_timeout or self.hook_timeout,
+            stdin_text=stdin_text,
+            user=manifest.run_as,
+            interrupt=self.interrupt,
+        )
+        deploy_log.add(f"{phase} hooks ok")
+        if output:
+            deploy_log.add(output.rstrip("\n"))
+        return output
+
+    def _prune(self, releases: Path, *, active: str, previous: str | None, keep: int) -> None:
+        entries = [
+            (p.name, p.lstat().st_mtime) for p in releases.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ]
+        for name in releases_to_prune(entries, active=active, previous=previous, keep=keep):
+            (releases / META_DIR / f"{name}.json").unlink(missing_ok=True)
+            shutil.rmtree(releases / name, ignore_errors=True)
+            log.info("release_pruned", release=name)
+
+
+def is_active(root_dir: Path, manifest: Manifest, release_id: str) -> bool:
+    """Whether `dest` already points at this release (symlink strategy only; others cannot tell)."""
+    if manifest.sync_strategy is not SyncStrategy.SYMLINK or manifest.dest is None:
+        return False
+    link = root_dir / manifest.dest.lstrip("/")
+    target = _link_target(link)
+    return target is not None and target == (link.parent / RELEASES_DIR / release_id).resolve()
+
+
+def _link_target(link: Path) -> Path | None:
+    if not link.is_symlink():
+        return None
+    return (link.parent / os.readlink(link)).resolve()
+
+
+def _verified_on_disk(releases: Path, release_id: str, manifest: Manifest) -> bool:
+    try:
+        meta = json.loads((releases / META_DIR / f"{release_id}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((releases / release_id).is_dir() and meta.get("checksum") == manifest.checksum)
+
+
+def _record_verified(releases: Path, release_id: str, manifest: Manifest) -> None:
+    meta = {"checksum": manifest.checksum, "algorithm": manifest.checksum_algorithm, "src": manifest.src}
+    write_atomic(releases / META_DIR / f"{release_id}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _discard(path: Path) -> None:
+    # Rename first so a crash mid-delete leaves a staging leftover (cleaned next time), not a half tree.
+    doomed = path.parent / f"{STAGING_PREFIX}discard-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    # Leftovers of an apply killed mid-extraction; safe to remove because we hold the apply lock.
+    if not parent.is_dir():
+        return
+    for leftover in parent.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""`deployer apply`: stretcher's one-shot, so `echo s3://…/manifest.yml | deployer apply` can replace `| stretcher`.
+
+stdin is read as stretcher reads it: one line holding the manifest URL, or the JSON array a
+`consul watch -type event` handler receives, whose last event's base64 Payload is the URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deployer.apply.engine import Applier, ApplyResult
+from deployer.apply.fetch import read_source
+from deployer.apply.lock import ApplyLock
+from deployer.protocol.deploy import RELEASE_ID_PATTERN
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.limits import MAX_MANIFEST_BYTES
+from deployer.protocol.manifest import parse_manifest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+
+def manifest_url_from_stdin(text: str) -> str | None:
+    """The manifest URL in stretcher's stdin formats; None for an empty Consul event list."""
+    stripped = text.strip()
+    if not stripped:
+        raise ConfigError("no manifest URL on stdin (expected a URL line or a Consul event JSON array)")
+    if not stripped.startswith("["):
+        return stripped.splitlines()[0].strip()
+    try:
+        events = json.loads(stripped)
+    except ValueError as exc:
+        raise ConfigError(f"stdin looks like a Consul event array but is not JSON: {exc}") from None
+    if not isinstance(events, list):
+        raise ConfigError("stdin JSON must be a Consul event array")
+    if not events:
+        return None  # consul watch calls its handler once with [] at start: nothing to do
+    payload = events[-1].get("Payload") if isinstance(events[-1], dict) else None
+    if not isinstance(payload, str):
+        raise ConfigError("the last Consul event has no base64 Payload")
+    try:
+        return base64.b64decode(payload, validate=True).decode().strip()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the last Consul event's Payload is not base64 text: {exc}") from None
+
+
+def default_release_id(checksum: str | None) -> str:
+    """Same artifact → same release directory, so a re-run reuses it instead of downloading."""
+    return f"sha-{checksum[:16]}" if checksum else "commands-only"
+
+
+def apply_manifest_url(
+    url: str,
+    *,
+    s3: S3Client,
+    root_dir: Path,
+    state_dir: Path,
+    hook_timeout: float,
+    release_id: str | None = None,
+) -> ApplyResult:
+    manifest = parse_manifest(read_source(url, s3, MAX_MANIFEST_BYTES))
+    release_id = release_id or default_release_id(manifest.checksum)
+    if not RELEASE_ID_PATTERN.match(release_id):
+        raise ConfigError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
+    structlog.contextvars.bind_contextvars(release_id=release_id)
+    with ApplyLock(state_dir):
+        log.info("apply_started", manifest=url, strategy=manifest.sync_strategy.value)
+        result = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout).apply(manifest, release_id, env={})
+    log.info("apply_succeeded", release_dir=str(result.release_dir or ""), reused=result.reused)
+    return result

@@ -1,0 +1,46 @@
+"""Auto Scaling adapters: find an instance's group, complete its launch lifecycle action."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.protocol.errors import AwsError
+
+if TYPE_CHECKING:
+    from mypy_boto3_autoscaling import AutoScalingClient
+
+#: What Auto Scaling answers when the instance has no pending action (already InService,
+#: completed before, timed out, or no hook): not an error for an agent that restarts.
+NO_ACTIVE_ACTION = "No active Lifecycle Action found"
+
+
+def find_asg(autoscaling: AutoScalingClient, instance_id: str, policy: RetryPolicy = DEFAULT_POLICY) -> str | None:
+    found = policy.call(autoscaling.describe_auto_scaling_instances, InstanceIds=[instance_id])
+    instances = found.get("AutoScalingInstances", [])
+    return instances[0]["AutoScalingGroupName"] if instances else None
+
+
+def complete_lifecycle_action(
+    autoscaling: AutoScalingClient,
+    *,
+    hook: str,
+    asg: str,
+    instance_id: str,
+    result: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> bool:
+    """Complete the instance's pending action; False when none was pending. Other failures raise AwsError."""
+    try:
+        policy.call(
+            autoscaling.complete_lifecycle_action,
+            LifecycleHookName=hook,
+            AutoScalingGroupName=asg,
+            LifecycleActionResult=result,
+            InstanceId=instance_id,
+        )
+    except AwsError as exc:
+        if exc.code == "ValidationError" and NO_ACTIVE_ACTION in str(exc):
+            return False
+        raise AwsError(f"cannot complete lifecycle action {hook} on {asg}: {exc}", code=exc.code) from None
+    return True

@@ -1,0 +1,102 @@
+"""The one reader of status reports: list `status/`, GET what changed, parse each report strictly.
+
+Every reader of the fleet (`deployer status`, `publish --wait`, `deployer gc`, the demo) goes
+through `ReportReader`. A report that cannot be parsed is kept as an entry with its error, so
+callers show it as unreadable and count it honestly instead of crashing or hiding it; a report
+deleted between LIST and GET (gc, a deregistering agent) is simply absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.s3 import get_document
+from deployer.protocol.errors import InvalidReport
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.report import StatusReport, parse_report
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """One object under status/: whose it is (from the key), when S3 last wrote it, and what it says."""
+
+    who: ReportKey
+    s3_key: str
+    etag: str
+    last_modified: datetime
+    report: StatusReport | None
+    #: Why `report` is None: the body did not parse, or disagreed with its key.
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Listed:
+    s3_key: str
+    etag: str
+    last_modified: datetime
+
+
+@dataclass
+class ReportReader:
+    """Repeated reads of the status prefix that GET only the reports whose ETag changed.
+
+    `publish --wait` polls every few seconds; listing is one request per 1000 instances, and
+    an idle fleet's reports change once per heartbeat, so most polls cost a LIST and no GET.
+    """
+
+    s3: S3Client
+    bucket: str
+    layout: Layout
+    stage: str | None = None
+    role: str | None = None
+    policy: RetryPolicy = DEFAULT_POLICY
+    _seen: dict[str, ReportEntry] = field(default_factory=dict)
+
+    def list(self) -> dict[ReportKey, Listed]:
+        """Every well-formed report key under the prefix, with its ETag and LastModified (no GET)."""
+        prefix = self.layout.status_prefix(self.stage, self.role if self.stage else None)
+        paginator = self.s3.get_paginator("list_objects_v2")
+        pages = self.policy.call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
+        listed: dict[ReportKey, Listed] = {}
+        for page in pages:
+            for obj in page.get("Contents", []):
+                who = self.layout.report_key(obj["Key"])
+                if who is None:
+                    log.debug("status_key_ignored", key=obj["Key"], next="not a report key; skipped")
+                    continue
+                listed[who] = Listed(obj["Key"], obj.get("ETag", ""), obj["LastModified"])
+        return listed
+
+    def refresh(self) -> dict[ReportKey, ReportEntry]:
+        """Every report as listed now; unchanged ones from the last refresh, deleted ones dropped."""
+        fresh: dict[str, ReportEntry] = {}
+        for who, listed in self.list().items():
+            cached = self._seen.get(listed.s3_key)
+            entry = cached if cached is not None and cached.etag == listed.etag else self._read(who, listed)
+            if entry is not None:
+                fresh[listed.s3_key] = entry
+        self._seen = fresh
+        return {entry.who: entry for entry in fresh.values()}
+
+    def _read(self, who: ReportKey, listed: Listed) -> ReportEntry | None:
+        found = get_document(self.s3, self.bucket, listed.s3_key, self.policy)
+        if found is None:
+            return None  # deleted between LIST and GET (gc, or an agent deregistering)
+        body, etag = found
+        try:
+            report: StatusReport | None = parse_report(body, who)
+            error = None
+        except InvalidReport as exc:
+            log.warning("status_report_unreadable", key=listed.s3_key, error=str(exc), next="shown as unreadable")
+            report, error = None, str(exc)
+        return ReportEntry(who, listed.s3_key, etag, listed.last_modified, report, error)

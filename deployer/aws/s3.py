@@ -1,0 +1,150 @@
+"""S3 adapters: documents, conditional writes, immutable objects, streams and channel pointers.
+
+Thin: each function makes the calls under the injected retry policy and turns S3's answers
+into ours (None for a missing object, `PreconditionFailed` for a lost conditional write,
+`FetchError` for an object that cannot be downloaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, is_transient
+from deployer.protocol.deploy import Deploy, parse_deploy
+from deployer.protocol.errors import AwsError, FetchError, PreconditionFailed
+from deployer.protocol.layout import Layout
+from deployer.protocol.names import Channel
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+#: Answers that mean "no such object" (GetObject says NoSuchKey, HeadObject only 404).
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+#: 412 Precondition Failed: the object changed (If-Match) or exists (If-None-Match); 409
+#: ConditionalRequestConflict: a concurrent conditional write is in flight. Same meaning.
+#: https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-requests.html
+PRECONDITION_STATUSES = frozenset({409, 412})
+
+
+@dataclass(frozen=True)
+class Pointer:
+    deploy: Deploy
+    etag: str
+
+
+def is_not_found(exc: AwsError) -> bool:
+    return exc.code in NOT_FOUND_CODES or exc.status == 404
+
+
+def get_document(s3: S3Client, bucket: str, key: str, policy: RetryPolicy = DEFAULT_POLICY) -> tuple[bytes, str] | None:
+    """(body, etag) of an object, or None if it does not exist."""
+
+    def attempt() -> tuple[bytes, str]:
+        # GET and body read are one attempt: a body cut short is retried like a failed GET.
+        response = s3.get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), response["ETag"]
+
+    try:
+        return policy.call(attempt)
+    except AwsError as exc:
+        if is_not_found(exc):
+            return None
+        raise AwsError(
+            f"cannot read s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
+        ) from None
+
+
+def head(s3: S3Client, bucket: str, key: str, policy: RetryPolicy = DEFAULT_POLICY) -> dict[str, object] | None:
+    """HeadObject's answer (ETag, Metadata, LastModified, …), or None if the object does not exist."""
+    try:
+        return dict(policy.call(s3.head_object, Bucket=bucket, Key=key))
+    except AwsError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+
+
+def read_pointer(
+    s3: S3Client, bucket: str, layout: Layout, channel: Channel, policy: RetryPolicy = DEFAULT_POLICY
+) -> Pointer | None:
+    found = get_document(s3, bucket, layout.pointer_key(channel), policy)
+    if found is None:
+        return None
+    body, etag = found
+    return Pointer(parse_deploy(body), etag)
+
+
+def put_conditional(
+    s3: S3Client,
+    bucket: str,
+    key: str,
+    body: bytes,
+    *,
+    if_match: str | None = None,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    content_type: str = "application/json",
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write only if the object is unchanged (If-Match etag) or absent (If-None-Match: *).
+
+    Returns the new etag; raises PreconditionFailed when another writer got there first.
+    """
+    condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+    try:
+        response = policy.call(
+            s3.put_object,
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            Metadata=metadata or {},
+            **condition,
+        )
+    except AwsError as exc:
+        if exc.status in PRECONDITION_STATUSES or exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise PreconditionFailed(f"s3://{bucket}/{key} was written by someone else first", code=exc.code) from None
+        raise AwsError(
+            f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
+        ) from None
+    return str(response["ETag"])
+
+
+def open_object(s3: S3Client, bucket: str, key: str) -> IO[bytes]:
+    """GetObject's body as a stream. Not retried here: the caller's policy retries the whole attempt.
+
+    A transient failure propagates as botocore raised it (so the policy retries it); anything
+    else is a FetchError naming the object.
+    """
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        if is_transient(exc):
+            raise
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise FetchError(f"cannot get s3://{bucket}/{key}: {code}") from None
+    return body  # type: ignore[return-value]
+
+
+def bucket_exists(s3: S3Client, bucket: str, policy: RetryPolicy = DEFAULT_POLICY) -> bool:
+    try:
+        policy.call(s3.head_bucket, Bucket=bucket)
+    except AwsError as exc:
+        if exc.code in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        raise AwsError(f"cannot check bucket {bucket}: {exc.code or exc}", code=exc.code, status=exc.status) from None
+    return True
+
+
+def create_bucket(s3: S3Client, bucket: str, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+    region = s3.meta.region_name
+    kwargs: dict[str, object] = {"Bucket": bucket}
+    if region != "us-east-1":
+        # us-east-1 is the one region that rejects an explicit LocationConstraint.
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        policy.call(s3.create_bucket, **kwargs)
+    except AwsError as exc:
+        raise AwsError(f"cannot create bucket {bucket}: {exc.code or exc}", code=exc.code, status=exc.status) from None

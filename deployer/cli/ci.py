@@ -1,0 +1,192 @@
+"""Commands CI runs: `deployer init`, `publish`, `rollback` and `history`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from deployer.cli.options import (
+    Aws,
+    Store,
+    aws_options,
+    bucket_option,
+    channel_options,
+    quiet,
+    store_options,
+    topic_option,
+    wait_options,
+)
+from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
+from deployer.protocol.names import Channel
+
+if TYPE_CHECKING:
+    from publisher.publish import PublishResult
+    from publisher.wait import WaitOptions
+
+#: Without --wait: the pointer moved but the SNS publish failed (agents converge at their next reconcile).
+EXIT_NOTIFY_FAILED = 3
+
+
+@click.command()
+@aws_options
+@bucket_option(help="Bucket to create [env DEPLOYER_BUCKET].")
+@click.option(
+    "--topic-name", envvar="DEPLOYER_TOPIC_NAME", default="deployer", show_default=True, help="SNS topic name."
+)
+@quiet
+def init(aws: Aws, bucket: str, topic_name: str) -> None:
+    """Create the bucket and the SNS topic (idempotent) and print what exists."""
+    from publisher.infra import init_resources
+
+    result = init_resources(aws.clients(), bucket, topic_name)
+    click.echo(f"bucket {result.bucket}: {'created' if result.bucket_created else 'already exists'}")
+    click.echo(f"topic {result.topic_arn}: ready")
+    click.echo(f"export DEPLOYER_BUCKET={result.bucket} DEPLOYER_TOPIC_ARN={result.topic_arn}")
+
+
+@click.command()
+@store_options
+@topic_option()
+@channel_options
+@click.option(
+    "--artifact",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A .tar.gz, or a directory to pack into one.",
+)
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Manifest template (commands, dest, env, …); src and checksum are filled in.",
+)
+@click.option("--dest", help="Where the release goes on instances [default: /opt/<component>/current].")
+@click.option(
+    "--sync-strategy",
+    type=click.Choice([s.value for s in SyncStrategy]),
+    help="Override the template's strategy [default: symlink].",
+)
+@click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
+@wait_options
+@quiet
+def publish(
+    store: Store,
+    topic_arn: str,
+    channel: Channel,
+    artifact: Path,
+    manifest_path: Path | None,
+    dest: str | None,
+    sync_strategy: str | None,
+    release_id: str | None,
+    wait: WaitOptions | None,
+) -> None:
+    """Upload a release, move the channel pointer and notify the fleet.
+
+    With --wait, then follow the instances that were live at publish time (status report lists
+    the component, heartbeat younger than --heartbeat-ttl) until each converged, failed, was
+    rejected or was lost; exit 0 all converged, 4 any failed/rejected/lost, 5 timeout.
+    """
+    from publisher.pack import check_artifact, pack_directory
+    from publisher.publish import Publisher, ci_origin
+
+    template = parse_manifest(manifest_path.read_bytes()) if manifest_path else Manifest()
+    if manifest_path is None or sync_strategy:
+        # Manifests we write default to symlink; a user's template keeps its own (stretcher: rsync).
+        template = dataclasses.replace(template, sync_strategy=SyncStrategy(sync_strategy or "symlink"))
+    if dest:
+        template = dataclasses.replace(template, dest=dest)
+    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
+    with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
+        if artifact.is_dir():
+            artifact = pack_directory(artifact, Path(tmp) / "artifact.tar.gz")
+        check_artifact(artifact)
+        result = publisher.publish(channel, artifact, template=template, release_id=release_id, origin=ci_origin())
+    deploy = result.deploy
+    click.echo(
+        f"published {deploy.channel} release {deploy.release_id} as seq {deploy.seq} (deploy {deploy.deploy_id})"
+    )
+    conclude(result, store, wait)
+
+
+@click.command()
+@store_options
+@topic_option()
+@channel_options
+@click.option("--to", "to_release", help="Release id to go back to [default: the previous release].")
+@wait_options
+@quiet
+def rollback(store: Store, topic_arn: str, channel: Channel, to_release: str | None, wait: WaitOptions | None) -> None:
+    """Publish the previous (or --to) release as a new seq; instances re-activate it without downloading.
+
+    "Previous" is the release of the highest history seq below the current one whose release id
+    differs from the current release, so two rollbacks in a row toggle between the last two.
+    """
+    from publisher.publish import Publisher, ci_origin
+    from publisher.rollback import rollback as do_rollback
+
+    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
+    result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin())
+    deploy = result.deploy
+    click.echo(
+        f"rolled back {deploy.channel} from {replaced.release_id} (seq {replaced.seq}) to {deploy.release_id} "
+        f"as seq {deploy.seq} (deploy {deploy.deploy_id})"
+    )
+    conclude(result, store, wait)
+
+
+@click.command()
+@store_options
+@channel_options
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest deploys to show.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet
+def history(store: Store, channel: Channel, limit: int, as_json: bool) -> None:
+    """Deploys of one channel, newest first: seq, release, deploy id, time, who and from where."""
+    from itertools import islice
+
+    from deployer.aws.s3 import read_pointer
+    from publisher.history import format_history, iter_history
+
+    deploys = list(islice(iter_history(store.clients.s3, store.bucket, store.layout, channel), limit))
+    pointer = read_pointer(store.clients.s3, store.bucket, store.layout, channel)
+    current = pointer.deploy.seq if pointer else None
+    if as_json:
+        click.echo(json.dumps({"current_seq": current, "deploys": [d.to_dict() for d in deploys]}, indent=2))
+        return
+    if not deploys:
+        click.echo(f"{channel} has no deploys yet")
+        return
+    click.echo(format_history(deploys, current))
+
+
+def conclude(result: PublishResult, store: Store, wait: WaitOptions | None) -> None:
+    """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, then
+    follow the fleet if asked; exits with the verdict's code."""
+    from deployer.aws.reports import ReportReader
+    from publisher.wait import ProgressPrinter, Waiter
+
+    deploy = result.deploy
+    if result.sns_error:
+        click.echo(
+            f"error: the pointer moved to seq {deploy.seq} but the SNS publish failed ({result.sns_error}); "
+            "agents will still converge at their next reconcile",
+            err=True,
+        )
+        if wait is None:
+            sys.exit(EXIT_NOTIFY_FAILED)
+    if wait is None:
+        return
+    reader = ReportReader(store.clients.s3, store.bucket, store.layout, deploy.stage, deploy.role)
+    printer = ProgressPrinter(sys.stdout)
+    outcome = Waiter(reader, wait).wait(deploy, printer)
+    printer.finish(outcome)
+    sys.exit(outcome.exit_code)
+
+
+COMMANDS = (init, publish, rollback, history)

@@ -1,0 +1,116 @@
+"""Commands for operators looking after a fleet: `deployer status`, `gc` and `iam-policy`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from deployer.cli.options import (
+    Store,
+    bucket_option,
+    name_callback,
+    prefix_option,
+    quiet,
+    store_options,
+    topic_option,
+)
+from deployer.protocol.names import DEFAULT_QUEUE_PREFIX
+from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
+
+queue_prefix_option = click.option(
+    "--queue-prefix", default=DEFAULT_QUEUE_PREFIX, show_default=True, help="The agents' queue_prefix."
+)
+
+
+@click.command()
+@store_options
+@click.option("--stage", callback=name_callback("stage"))
+@click.option("--role", callback=name_callback("role"))
+@click.option("--component", callback=name_callback("component"))
+@click.option(
+    "--stale-after",
+    default=3600.0,
+    show_default=True,
+    help="Seconds without a heartbeat before an instance is marked stale.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet
+def status(
+    store: Store, stage: str | None, role: str | None, component: str | None, stale_after: float, as_json: bool
+) -> None:
+    """Where the fleet stands: instances × components, with a summary per channel."""
+    from deployer.aws.reports import ReportReader
+    from publisher.fleet import fleet_rows, format_table, summary
+
+    entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
+    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after)
+    if as_json:
+        click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))
+        return
+    if not rows:
+        click.echo("no instances have reported yet")
+        return
+    click.echo(format_table(rows))
+    click.echo()
+    for line in summary(rows):
+        click.echo(line)
+
+
+@click.command()
+@store_options
+@topic_option()
+@queue_prefix_option
+@click.option(
+    "--ttl",
+    default=DEFAULT_GC_TTL_SECONDS,
+    show_default=True,
+    type=click.FloatRange(min=MIN_GC_TTL_SECONDS),
+    help=f"Seconds without a heartbeat after which an instance is collected (at least {MIN_GC_TTL_SECONDS:.0f}).",
+)
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet
+def gc(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: bool, as_json: bool) -> None:
+    """Remove subscriptions, then queues, then status reports of instances whose heartbeat is older than --ttl.
+
+    Idempotent and safe to run on a schedule (cron, a scheduled Lambda).
+    """
+    from publisher.gc import Collector
+
+    collector = Collector(store.clients, store.bucket, topic_arn, store.layout, queue_prefix)
+    removed = collector.run(ttl, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": [dataclasses.asdict(r) for r in removed]}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        click.echo(
+            f"{verb} {r.stage}/{r.role}/{r.instance_id}: {len(r.subscriptions)} subscription(s), "
+            f"queues {', '.join(r.queues) or '-'}, status report"
+        )
+    click.echo(f"{len(removed)} stale instance(s) {'would be removed' if dry_run else 'removed'}")
+
+
+@click.command("iam-policy")
+@click.option(
+    "--for", "audience", required=True, type=click.Choice(["ci", "instance", "gc"]), help="Who the policy is for."
+)
+@bucket_option()
+@prefix_option()
+@topic_option()
+@queue_prefix_option
+@click.option("--stage", callback=name_callback("stage"), help="Instance/gc: narrow queues and status to one stage.")
+@click.option("--role", callback=name_callback("role"), help="Instance/gc: narrow to one role (with --stage).")
+@click.option("--asg", "asg_name", help="Instance: allow completing the launch hook of this Auto Scaling group.")
+@click.option("--lifecycle", is_flag=True, help="Instance: allow completing launch hooks (of --asg, else any group).")
+@click.option("--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status).")
+def iam_policy(audience: str, asg_name: str | None, **scope: str | bool | None) -> None:
+    """Print a least-privilege IAM policy (JSON) for CI, the instances or gc."""
+    from publisher.iam import Audience, Scope, policy_for, render
+
+    click.echo(render(policy_for(Audience(audience), Scope(asg_name=asg_name, **scope))))  # type: ignore[arg-type]
+
+
+COMMANDS = (status, gc, iam_policy)

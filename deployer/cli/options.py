@@ -1,0 +1,228 @@
+"""Options shared by the commands, each declared once, each handed to a command as one value.
+
+`store_options` turns --bucket/--prefix/--region/--endpoint-url into a `Store` (the context a
+fleet command works in: bucket, key layout, clients), `channel_options` turns
+--stage/--role/--component into a `Channel`, `wait_options` turns the five --wait flags into
+one frozen `publisher.wait.WaitOptions` (or None without --wait). No command takes more than
+a handful of parameters.
+
+Nothing here imports the publisher or the agent: `deployer agent` loads this module too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from deployer import logs
+from deployer.protocol.errors import DeployerError
+from deployer.protocol.layout import Layout
+from deployer.protocol.names import DEFAULT_PREFIX, Channel, check_name
+from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
+
+if TYPE_CHECKING:
+    from deployer.aws.clients import Clients
+
+Command = Callable[..., Any]
+
+#: --wait defaults (the heartbeat TTL's is the report contract's).
+DEFAULT_WAIT_TIMEOUT_SECONDS = 900.0
+DEFAULT_POLL_SECONDS = 5.0
+WAIT_EXIT_HELP = "Exit codes with --wait: 0 every expected instance converged, 4 some failed, were rejected or were lost, 5 timed out (1 error)."
+
+
+@dataclass(frozen=True)
+class Aws:
+    region: str | None
+    endpoint_url: str | None
+
+    def clients(self) -> Clients:
+        from deployer.aws.clients import make_clients
+
+        return make_clients(self.region, self.endpoint_url)
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where a fleet lives: its bucket, the key layout under its prefix, and clients to reach it."""
+
+    bucket: str
+    prefix: str
+    aws: Aws
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.prefix)
+
+    @cached_property
+    def clients(self) -> Clients:
+        return self.aws.clients()
+
+
+def _apply(func: Command, options: list[Callable[[Command], Command]]) -> Command:
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _aws_flags() -> list[Callable[[Command], Command]]:
+    return [
+        click.option("--region", envvar=["AWS_REGION", "AWS_DEFAULT_REGION"], help="AWS region."),
+        click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="AWS endpoint (the emulator's URL in tests)."),
+    ]
+
+
+def bucket_option(help: str = "Release/status bucket [env DEPLOYER_BUCKET].") -> Callable[[Command], Command]:
+    return click.option("--bucket", envvar="DEPLOYER_BUCKET", required=True, help=help)
+
+
+def prefix_option() -> Callable[[Command], Command]:
+    return click.option(
+        "--prefix",
+        envvar="DEPLOYER_PREFIX",
+        default=DEFAULT_PREFIX,
+        show_default=True,
+        help="Key prefix in the bucket.",
+    )
+
+
+def topic_option() -> Callable[[Command], Command]:
+    return click.option(
+        "--topic-arn", envvar="DEPLOYER_TOPIC_ARN", required=True, help="SNS topic [env DEPLOYER_TOPIC_ARN]."
+    )
+
+
+def aws_options(func: Command) -> Command:
+    """--region and --endpoint-url, passed as `aws`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, region: str | None, endpoint_url: str | None, **kwargs: Any) -> Any:
+        return func(*args, aws=Aws(region, endpoint_url), **kwargs)
+
+    return _apply(wrapper, _aws_flags())
+
+
+def store_options(func: Command) -> Command:
+    """--bucket, --prefix, --region and --endpoint-url, passed as `store`."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any, bucket: str, prefix: str, region: str | None, endpoint_url: str | None, **kwargs: Any
+    ) -> Any:
+        return func(*args, store=Store(bucket, prefix, Aws(region, endpoint_url)), **kwargs)
+
+    return _apply(wrapper, [bucket_option(), prefix_option(), *_aws_flags()])
+
+
+def name_callback(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """Validate a stage/role/component flag with the protocol's own name rule."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_name(kind, value)
+        except DeployerError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def channel_options(func: Command) -> Command:
+    """--stage, --role, --component (all required), passed as `channel`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, stage: str, role: str, component: str, **kwargs: Any) -> Any:
+        return func(*args, channel=Channel(stage, role, component), **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option(f"--{kind}", required=True, callback=name_callback(kind))
+            for kind in ("stage", "role", "component")
+        ],
+    )
+
+
+def wait_options(func: Command) -> Command:
+    """The --wait flags, declared once for every command that moves a pointer, passed as `wait`
+    (a `publisher.wait.WaitOptions`, or None without --wait)."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        wait: bool,
+        timeout: float,
+        heartbeat_ttl: float,
+        poll_interval: float,
+        allow_lost: bool,
+        **kwargs: Any,
+    ) -> Any:
+        from publisher.wait import WaitOptions  # only commands that publish load the publisher
+
+        options = WaitOptions(timeout, heartbeat_ttl, poll_interval, allow_lost) if wait else None
+        return func(*args, wait=options, **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option("--wait", is_flag=True, help="Follow the deploy until the fleet converged. " + WAIT_EXIT_HELP),
+            click.option(
+                "--timeout",
+                default=DEFAULT_WAIT_TIMEOUT_SECONDS,
+                show_default=True,
+                type=click.FloatRange(min=0),
+                help="Seconds --wait waits before exiting 5.",
+            ),
+            click.option(
+                "--heartbeat-ttl",
+                default=DEFAULT_HEARTBEAT_TTL_SECONDS,
+                show_default=True,
+                type=click.FloatRange(min=1),
+                help="An instance is live while its heartbeat is younger than this: expected if live at publish, lost if it stops being live.",
+            ),
+            click.option(
+                "--poll-interval",
+                default=DEFAULT_POLL_SECONDS,
+                show_default=True,
+                type=click.FloatRange(min=0.1),
+                help="Status poll period.",
+            ),
+            click.option("--allow-lost", is_flag=True, help="Do not count instances lost mid-deploy as failures."),
+        ],
+    )
+
+
+def log_options(func: Command) -> Command:
+    """--log-json/--log-console and --log-level for the long-running commands; configures logging."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, log_json: bool | None, log_level: str, **kwargs: Any) -> Any:
+        logs.configure(json=log_json, level=log_level)
+        return func(*args, **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option(
+                "--log-json/--log-console", default=None, help="Log format (default: JSON unless stderr is a TTY)."
+            ),
+            click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])),
+        ],
+    )
+
+
+def quiet(func: Command) -> Command:
+    """Operator commands print their own output; only warnings and errors are logged."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logs.configure(level="warning")
+        return func(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,179 @@
+"""The deploy document: the channel pointer in S3 and the SNS message body are this one document.
+
+Defined once here and imported by the agent and the publisher. Parsing is strict: a document
+with an unknown version, a missing or extra key, or a value of the wrong shape is rejected
+whole, with an error naming the key (docs/design.md, "The deploy document").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployer.protocol.errors import InvalidMessage
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
+from deployer.protocol.names import NAME_PATTERN, Channel
+from deployer.protocol.timestamps import parse_timestamp
+
+#: The only protocol version this code reads and writes.
+PROTOCOL_VERSION = 1
+
+#: release ids become directory names: no leading dot, no slash.
+RELEASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEPLOY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+MAX_ORIGIN_ENTRIES = 16
+MAX_ORIGIN_VALUE_LENGTH = 256
+
+_REQUIRED = (
+    "v",
+    "deploy_id",
+    "stage",
+    "role",
+    "component",
+    "seq",
+    "release_id",
+    "manifest_key",
+    "manifest_sha256",
+    "published_at",
+)
+_OPTIONAL = ("origin",)
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """ "Channel C now wants release R at seq N", identified by deploy_id (the idempotency key)."""
+
+    deploy_id: str
+    stage: str
+    role: str
+    component: str
+    seq: int
+    release_id: str
+    manifest_key: str
+    manifest_sha256: str
+    published_at: str
+    origin: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> Channel:
+        return Channel(self.stage, self.role, self.component)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "deploy_id": self.deploy_id,
+            "stage": self.stage,
+            "role": self.role,
+            "component": self.component,
+            "seq": self.seq,
+            "release_id": self.release_id,
+            "manifest_key": self.manifest_key,
+            "manifest_sha256": self.manifest_sha256,
+            "published_at": self.published_at,
+        }
+        if self.origin:
+            doc["origin"] = dict(self.origin)
+        return doc
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so equal deploys hash equal."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    def payload_hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def new_deploy_id() -> str:
+    return str(uuid.uuid4())
+
+
+def parse_deploy(raw: str | bytes) -> Deploy:
+    """Parse and validate a pointer or message body; raise InvalidMessage naming what is wrong."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > MAX_DEPLOY_MESSAGE_BYTES:
+        raise InvalidMessage(f"deploy document is {size} bytes, over the {MAX_DEPLOY_MESSAGE_BYTES}-byte limit")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"deploy document is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidMessage(f"deploy document must be a JSON object, got {type(doc).__name__}")
+    return deploy_from_dict(doc)
+
+
+def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
+    version = doc.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise InvalidMessage(f"unsupported protocol version v={version!r} (this agent reads v={PROTOCOL_VERSION})")
+    missing = [key for key in _REQUIRED if key not in doc]
+    if missing:
+        raise InvalidMessage(f"deploy document is missing key(s): {', '.join(missing)}")
+    unknown = sorted(set(doc) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise InvalidMessage(f"deploy document has unknown key(s): {', '.join(unknown)}")
+
+    for key in ("stage", "role", "component"):
+        _check_pattern(doc, key, NAME_PATTERN)
+    _check_pattern(doc, "deploy_id", DEPLOY_ID_PATTERN)
+    _check_pattern(doc, "release_id", RELEASE_ID_PATTERN)
+    _check_pattern(doc, "manifest_sha256", SHA256_PATTERN)
+    seq = doc["seq"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise InvalidMessage(f"seq must be a positive integer, got {seq!r}")
+    manifest_key = doc["manifest_key"]
+    if not isinstance(manifest_key, str) or not manifest_key or len(manifest_key) > 1024:
+        raise InvalidMessage(f"manifest_key must be a non-empty S3 key, got {manifest_key!r}")
+    published_at = doc["published_at"]
+    if not isinstance(published_at, str) or parse_timestamp(published_at) is None:
+        raise InvalidMessage(f"published_at must be an ISO 8601 UTC timestamp, got {published_at!r}")
+    origin = doc.get("origin", {})
+    _check_origin(origin)
+
+    return Deploy(
+        deploy_id=doc["deploy_id"],
+        stage=doc["stage"],
+        role=doc["role"],
+        component=doc["component"],
+        seq=seq,
+        release_id=doc["release_id"],
+        manifest_key=manifest_key,
+        manifest_sha256=doc["manifest_sha256"],
+        published_at=published_at,
+        origin=dict(origin),
+    )
+
+
+def _check_pattern(doc: dict[str, Any], key: str, pattern: re.Pattern[str]) -> None:
+    value = doc[key]
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidMessage(f"{key} {value!r} does not match {pattern.pattern}")
+
+
+def _check_origin(origin: Any) -> None:
+    if not isinstance(origin, dict) or len(origin) > MAX_ORIGIN_ENTRIES:
+        raise InvalidMessage(f"origin must be an object of at most {MAX_ORIGIN_ENTRIES} string entries")
+    for key, value in origin.items():
+        if not isinstance(value, str) or len(key) > 64 or len(value) > MAX_ORIGIN_VALUE_LENGTH:
+            raise InvalidMessage(
+                f"origin entry {key!r} must be a string of at most {MAX_ORIGIN_VALUE_LENGTH} characters"
+            )
+
+
+def unwrap_body(body: str) -> str:
+    """The deploy document from a message body, also when SNS delivered its JSON envelope.
+
+    Raw delivery is set right after subscribing, so a message published in between (or while
+    SNS propagates the attribute) can still arrive wrapped.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(doc, dict) and doc.get("Type") == "Notification" and isinstance(doc.get("Message"), str):
+        return str(doc["Message"])
+    return body

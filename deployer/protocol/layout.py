@@ -1,0 +1,99 @@
+"""Where everything lives in the bucket. The one place S3 keys are spelled out, and read back.
+
+```
+<prefix>/releases/<component>/<release_id>/artifact.tar.gz   immutable
+<prefix>/releases/<component>/<release_id>/manifest.yml      immutable
+<prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
+<prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
+<prefix>/status/<stage>/<role>/<instance_id>.json            one report per instance
+```
+
+`deployer iam-policy` scopes its statements with the same segments (`RELEASES`, `CHANNELS`,
+`STATUS`), so a policy can never drift from the keys the code writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deployer.protocol.names import DEFAULT_PREFIX, INSTANCE_ID_PATTERN, NAME_PATTERN, Channel
+
+ARTIFACT_NAME = "artifact.tar.gz"
+MANIFEST_NAME = "manifest.yml"
+POINTER_NAME = "latest.json"
+RELEASES = "releases"
+CHANNELS = "channels"
+HISTORY = "history"
+STATUS = "status"
+REPORT_SUFFIX = ".json"
+
+
+@dataclass(frozen=True, order=True)
+class ReportKey:
+    """Who a status report is about, read from its S3 key (never from its body)."""
+
+    stage: str
+    role: str
+    instance_id: str
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.role}/{self.instance_id}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The S3 key layout under one prefix (docs/design.md, "Where things live")."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def key(self, *parts: str) -> str:
+        """`<prefix>/<parts…>`; also what `iam-policy` turns into object ARNs."""
+        base = self.prefix.strip("/")
+        return "/".join([base, *parts] if base else parts)
+
+    def release_dir(self, component: str, release_id: str) -> str:
+        return self.key(RELEASES, component, release_id)
+
+    def artifact_key(self, component: str, release_id: str, name: str = ARTIFACT_NAME) -> str:
+        return f"{self.release_dir(component, release_id)}/{name}"
+
+    def manifest_key(self, component: str, release_id: str) -> str:
+        return f"{self.release_dir(component, release_id)}/{MANIFEST_NAME}"
+
+    def channel_dir(self, channel: Channel) -> str:
+        return self.key(CHANNELS, channel.stage, channel.role, channel.component)
+
+    def pointer_key(self, channel: Channel) -> str:
+        return f"{self.channel_dir(channel)}/{POINTER_NAME}"
+
+    def history_key(self, channel: Channel, seq: int) -> str:
+        # Zero-padded so a lexical listing is in seq order.
+        return f"{self.history_prefix(channel)}{seq:010d}.json"
+
+    def history_prefix(self, channel: Channel) -> str:
+        return f"{self.channel_dir(channel)}/{HISTORY}/"
+
+    def status_prefix(self, stage: str | None = None, role: str | None = None) -> str:
+        """Every report, one stage's, or one stage/role's (a role without a stage is ignored)."""
+        parts = [stage, role] if stage and role else [stage] if stage else []
+        return self.key(STATUS, *parts) + "/"
+
+    def status_key(self, stage: str, role: str, instance_id: str) -> str:
+        return self.key(STATUS, stage, role, f"{instance_id}{REPORT_SUFFIX}")
+
+    def report_key(self, key: str) -> ReportKey | None:
+        """Parse `<prefix>/status/<stage>/<role>/<instance_id>.json`; None for anything else. Pure.
+
+        Readers take an instance's identity from here, so a report body cannot claim to be
+        someone else, and a key that is not a well-formed report key is never acted on.
+        """
+        head = self.status_prefix()
+        if not key.startswith(head) or not key.endswith(REPORT_SUFFIX):
+            return None
+        parts = key[len(head) : -len(REPORT_SUFFIX)].split("/")
+        if len(parts) != 3:
+            return None
+        stage, role, instance_id = parts
+        if not (NAME_PATTERN.match(stage) and NAME_PATTERN.match(role) and INSTANCE_ID_PATTERN.match(instance_id)):
+            return None
+        return ReportKey(stage, role, instance_id)

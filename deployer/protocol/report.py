@@ -1,0 +1,197 @@
+"""The status report: the third wire document, one JSON object per instance under `status/`.
+
+One writer (the agent's reporter) and every reader (`deployer status`, `publish --wait`,
+`deployer gc`, the demo) go through this module: `StatusReport.to_json` writes it,
+`parse_report` reads it strictly, naming the bad key. Who a report is about comes from its S3
+key (`Layout.report_key`), never from its body; a body that names another instance, stage or
+role than its key is not believed (docs/design.md, "The status report").
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from deployer.protocol.errors import InvalidReport
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.names import NAME_PATTERN
+from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
+
+STATUS_VERSION = 1
+#: Bound on one report; a real one is ~1 KiB plus at most one 4 KiB output tail per component.
+MAX_REPORT_BYTES = 256 * 1024
+#: How often an idle agent rewrites its report (agent config `heartbeat_interval_seconds`).
+DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 900.0
+#: Readers count an instance live while its heartbeat is younger than this: two default
+#: heartbeat intervals plus a minute of slack.
+DEFAULT_HEARTBEAT_TTL_SECONDS = 2 * DEFAULT_HEARTBEAT_INTERVAL_SECONDS + 60
+#: `deployer gc` collects an instance whose heartbeat is older than this: 12 missed heartbeats
+#: at the default interval.
+DEFAULT_GC_TTL_SECONDS = 3 * 3600.0
+#: ... and refuses TTLs shorter than this: an agent does not heartbeat while a hook runs, so a
+#: short TTL would collect healthy instances mid-apply.
+MIN_GC_TTL_SECONDS = 600.0
+
+_TOP_KEYS = frozenset(
+    {"v", "instance_id", "stage", "role", "agent_version", "started_at", "heartbeat_at", "components", "last_rejection"}
+)
+_COMPONENT_KEYS = frozenset({"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at"})
+_REJECTION_KEYS = frozenset({"message_id", "reason", "at"})
+
+
+class ComponentState(enum.StrEnum):
+    PENDING = "pending"  # nothing applied yet
+    APPLYING = "applying"
+    OK = "ok"
+    FAILED = "failed"  # may succeed on retry (hook failure, network)
+    REJECTED = "rejected"  # can never succeed (invalid manifest, checksum, unsafe archive)
+
+
+#: States after which a component needs someone to publish again (or a retry to succeed).
+FAILING_STATES = frozenset({ComponentState.FAILED, ComponentState.REJECTED})
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    state: ComponentState = ComponentState.PENDING
+    release_id: str | None = None
+    seq: int | None = None
+    deploy_id: str | None = None
+    error: str | None = None
+    output_tail: str | None = None
+    updated_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The last poison message this instance dead-lettered, and why."""
+
+    message_id: str
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    key: ReportKey
+    heartbeat_at: datetime
+    agent_version: str = ""
+    started_at: str | None = None
+    components: Mapping[str, ComponentStatus] = field(default_factory=dict)
+    last_rejection: Rejection | None = None
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {
+            "v": STATUS_VERSION,
+            # For people reading the object; readers take identity from the key.
+            "instance_id": self.key.instance_id,
+            "stage": self.key.stage,
+            "role": self.key.role,
+            "agent_version": self.agent_version,
+            "started_at": self.started_at,
+            "heartbeat_at": self.heartbeat_at.strftime(TIMESTAMP_FORMAT),
+            "components": {
+                name: {
+                    "state": status.state.value,
+                    "release_id": status.release_id,
+                    "seq": status.seq,
+                    "deploy_id": status.deploy_id,
+                    "error": status.error,
+                    "output_tail": status.output_tail,
+                    "updated_at": status.updated_at,
+                }
+                for name, status in self.components.items()
+            },
+            "last_rejection": (
+                None
+                if self.last_rejection is None
+                else {
+                    "message_id": self.last_rejection.message_id,
+                    "reason": self.last_rejection.reason,
+                    "at": self.last_rejection.at,
+                }
+            ),
+        }
+        return json.dumps(doc, sort_keys=True, indent=1).encode()
+
+
+def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
+    """Parse a report read from `key`; raise InvalidReport naming what is wrong."""
+    if len(raw) > MAX_REPORT_BYTES:
+        raise InvalidReport(f"report is {len(raw)} bytes, over the {MAX_REPORT_BYTES}-byte limit")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidReport(f"report is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidReport(f"report must be a JSON object, got {type(doc).__name__}")
+    if doc.get("v") != STATUS_VERSION or isinstance(doc.get("v"), bool):
+        raise InvalidReport(f"unsupported report version v={doc.get('v')!r} (this reads v={STATUS_VERSION})")
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise InvalidReport(f"report has unknown key(s): {', '.join(unknown)}")
+    for name, expected in (("instance_id", key.instance_id), ("stage", key.stage), ("role", key.role)):
+        if doc.get(name) != expected:
+            raise InvalidReport(f"report body says {name} {doc.get(name)!r} but its key says {expected!r}")
+    heartbeat = parse_timestamp(doc.get("heartbeat_at"))
+    if heartbeat is None:
+        raise InvalidReport(f"heartbeat_at {doc.get('heartbeat_at')!r} is not an ISO 8601 UTC timestamp")
+    components = doc.get("components")
+    if not isinstance(components, dict):
+        raise InvalidReport(f"components must be an object, got {components!r}")
+    return StatusReport(
+        key=key,
+        heartbeat_at=heartbeat,
+        agent_version=_optional_str(doc, "agent_version") or "",
+        started_at=_optional_str(doc, "started_at"),
+        components={name: _component(name, value) for name, value in components.items()},
+        last_rejection=_rejection(doc.get("last_rejection")),
+    )
+
+
+def _component(name: object, value: object) -> ComponentStatus:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidReport(f"component name {name!r} is not a valid name")
+    where = f"components.{name}"
+    if not isinstance(value, dict):
+        raise InvalidReport(f"{where} must be an object, got {value!r}")
+    unknown = sorted(set(value) - _COMPONENT_KEYS)
+    if unknown:
+        raise InvalidReport(f"{where} has unknown key(s): {', '.join(unknown)}")
+    try:
+        state = ComponentState(str(value.get("state")))
+    except ValueError:
+        raise InvalidReport(f"{where}.state {value.get('state')!r} is not a component state") from None
+    seq = value.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        raise InvalidReport(f"{where}.seq must be a positive integer or null, got {seq!r}")
+    return ComponentStatus(
+        state=state,
+        release_id=_optional_str(value, "release_id", where),
+        seq=seq,
+        deploy_id=_optional_str(value, "deploy_id", where),
+        error=_optional_str(value, "error", where),
+        output_tail=_optional_str(value, "output_tail", where),
+        updated_at=_optional_str(value, "updated_at", where),
+    )
+
+
+def _rejection(value: object) -> Rejection | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != _REJECTION_KEYS:
+        raise InvalidReport(f"last_rejection must be null or an object with {sorted(_REJECTION_KEYS)}, got {value!r}")
+    fields = {name: _optional_str(value, name, "last_rejection") or "" for name in sorted(_REJECTION_KEYS)}
+    return Rejection(**fields)
+
+
+def _optional_str(doc: Mapping[str, Any], name: str, where: str = "") -> str | None:
+    value = doc.get(name)
+    if value is not None and not isinstance(value, str):
+        path = f"{where}.{name}" if where else name
+        raise InvalidReport(f"{path} must be a string or null, got {value!r}")
+    return value

@@ -1,0 +1,149 @@
+"""Fleet view for `deployer status`: status reports → table rows and a summary. Pure.
+
+A report that cannot be read is one row of its own, state `unreadable`, with the parse error,
+and is counted in the summary: an operator sees it instead of the command crashing or
+silently showing one instance fewer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from deployer.aws.reports import ReportEntry
+from deployer.protocol.report import FAILING_STATES, ComponentState
+from deployer.protocol.timestamps import TIMESTAMP_FORMAT, age_seconds
+from publisher.text import render_table
+
+#: The state shown for a report whose body could not be parsed.
+UNREADABLE = "unreadable"
+#: The component cell of an unreadable report's row.
+NO_COMPONENT = "-"
+
+
+@dataclass(frozen=True)
+class Row:
+    instance_id: str
+    stage: str
+    role: str
+    component: str
+    release_id: str
+    seq: int | None
+    state: str
+    error: str
+    heartbeat_age_s: float | None
+    stale: bool
+    deploy_id: str | None = None
+    output_tail: str | None = None
+    updated_at: str | None = None
+    agent_version: str | None = None
+    heartbeat_at: str | None = None
+
+
+def fleet_rows(
+    entries: Iterable[ReportEntry],
+    *,
+    component: str | None = None,
+    stale_after_s: float = 3600.0,
+    now: datetime | None = None,
+) -> list[Row]:
+    rows: list[Row] = []
+    for entry in entries:
+        who, report = entry.who, entry.report
+        if report is None:
+            age = age_seconds(entry.last_modified, now)
+            rows.append(
+                Row(
+                    who.instance_id,
+                    who.stage,
+                    who.role,
+                    NO_COMPONENT,
+                    "-",
+                    None,
+                    UNREADABLE,
+                    entry.error or "",
+                    age,
+                    age > stale_after_s,
+                )
+            )
+            continue
+        age = age_seconds(report.heartbeat_at, now)
+        for name, status in sorted(report.components.items()):
+            if component and name != component:
+                continue
+            rows.append(
+                Row(
+                    instance_id=who.instance_id,
+                    stage=who.stage,
+                    role=who.role,
+                    component=name,
+                    release_id=status.release_id or "-",
+                    seq=status.seq,
+                    state=status.state.value,
+                    error=status.error or "",
+                    heartbeat_age_s=age,
+                    stale=age > stale_after_s,
+                    deploy_id=status.deploy_id,
+                    output_tail=status.output_tail,
+                    updated_at=status.updated_at,
+                    agent_version=report.agent_version,
+                    heartbeat_at=report.heartbeat_at.strftime(TIMESTAMP_FORMAT),
+                )
+            )
+    rows.sort(key=lambda r: (r.stage, r.role, r.component, r.instance_id))
+    return rows
+
+
+def summary(rows: Iterable[Row]) -> list[str]:
+    """One line per channel: "prod/web/api: 12/12 on seq 41, 0 failed"; one per fleet with unreadable reports."""
+    by_channel: dict[tuple[str, str, str], list[Row]] = {}
+    unreadable: dict[tuple[str, str], int] = {}
+    for row in rows:
+        if row.state == UNREADABLE:
+            unreadable[(row.stage, row.role)] = unreadable.get((row.stage, row.role), 0) + 1
+            continue
+        by_channel.setdefault((row.stage, row.role, row.component), []).append(row)
+    failing = {state.value for state in FAILING_STATES}
+    lines = []
+    for (stage, role, component), members in sorted(by_channel.items()):
+        top = max((r.seq for r in members if r.seq is not None), default=None)
+        on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
+        failed = sum(1 for r in members if r.state in failing)
+        stale = sum(1 for r in members if r.stale)
+        line = f"{stage}/{role}/{component}: {on_top}/{len(members)} on seq {top if top is not None else '-'}, {failed} failed"
+        if stale:
+            line += f", {stale} stale"
+        lines.append(line)
+    for (stage, role), count in sorted(unreadable.items()):
+        lines.append(f"{stage}/{role}: {count} unreadable report(s) (see the ERROR column)")
+    return lines
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("INSTANCE", "STAGE", "ROLE", "COMPONENT", "RELEASE", "SEQ", "STATE", "AGE", "ERROR")
+    body = [
+        (
+            r.instance_id,
+            r.stage,
+            r.role,
+            r.component,
+            r.release_id,
+            str(r.seq) if r.seq is not None else "-",
+            r.state + (" (stale)" if r.stale else ""),
+            format_age(r.heartbeat_age_s),
+            r.error[:60],
+        )
+        for r in rows
+    ]
+    return render_table(header, body)

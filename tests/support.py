@@ -1,0 +1,450 @@
+"""The test suite's one support module: fixtures and helpers every test directory shares.
+
+Loaded as a pytest plugin by tests/conftest.py (`pytest_plugins`), so fixtures need no import
+and helpers are imported from here by name. Nothing here, nor anything it starts, talks to any
+address but loopback: an audit hook fails any in-process connect elsewhere, agents get an
+explicit endpoint and instance id (or the fake IMDS below), and AWS_EC2_METADATA_DISABLED keeps
+botocore off the metadata address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deployer.aws.clients import Clients, make_clients
+from deployer.aws.reports import ReportEntry
+from deployer.aws.retry import RetryPolicy
+from deployer.aws.s3 import get_document
+from deployer.local.emulator import Emulator
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
+from deployer.protocol.names import DEFAULT_QUEUE_PREFIX, Channel, queue_name
+from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
+from publisher.infra import init_resources
+from publisher.pack import pack_directory
+from publisher.publish import Publisher
+
+REGION = "us-east-1"
+BUCKET = "deployer-test"
+TOPIC = "deployer-test"
+#: Fast backoff so tests that exercise retries do not sleep for seconds.
+FAST_POLICY = RetryPolicy(max_attempts=5, base_seconds=0.01, cap_seconds=0.05, deadline_seconds=10)
+
+
+def _loopback_only(event: str, args: tuple[object, ...]) -> None:
+    if event != "socket.connect":
+        return
+    address = args[1]
+    if isinstance(address, tuple) and address and isinstance(address[0], str):
+        host = address[0]
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = host == "localhost"
+        if not ok:
+            raise ConnectionRefusedError(f"tests may only connect to loopback, not {host}")
+
+
+sys.addaudithook(_loopback_only)
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with Emulator(log_path=log_path) as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    """A clean emulator and an environment pointing every boto3 client (and subprocess) at it."""
+    emulator.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", emulator.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "DEPLOYER_BUCKET", "DEPLOYER_TOPIC_ARN", "DEPLOYER_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    return emulator
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """An initialised bucket + topic on the emulator."""
+
+    clients: Clients
+    bucket: str
+    topic_arn: str
+    endpoint_url: str
+    layout: Layout = Layout("deployer")  # noqa: RUF009 - frozen, so sharing the default is safe
+
+
+@pytest.fixture
+def fleet(aws_env: Emulator) -> Fleet:
+    clients = make_clients(REGION, aws_env.url)
+    result = init_resources(clients, BUCKET, TOPIC)
+    return Fleet(clients=clients, bucket=BUCKET, topic_arn=result.topic_arn, endpoint_url=aws_env.url)
+
+
+class _ImdsHandler(BaseHTTPRequestHandler):
+    instance_id = "i-0fakeimds000001"
+    token = "fake-token"
+
+    def do_PUT(self) -> None:
+        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            self._reply(200, self.token)
+        else:
+            self._reply(400, "bad token request")
+
+    def do_GET(self) -> None:
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            self._reply(401, "IMDSv2 token required")
+        elif self.path == "/latest/meta-data/instance-id":
+            self._reply(200, self.instance_id)
+        else:
+            self._reply(404, "not found")
+
+    def _reply(self, code: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_imds() -> Iterator[str]:
+    """An IMDSv2 lookalike on 127.0.0.1 (token PUT, then instance-id GET with the token)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImdsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port with nothing listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    return root
+
+
+def make_deploy(**overrides: object) -> Deploy:
+    values: dict[str, object] = {
+        "deploy_id": "0b7c7c55-1d1e-4c39-9a55-5a1c1f2e0001",
+        "stage": "prod",
+        "role": "web",
+        "component": "api",
+        "seq": 7,
+        "release_id": "20261126T0150Z-3f2a9c1",
+        "manifest_key": "deployer/releases/api/20261126T0150Z-3f2a9c1/manifest.yml",
+        "manifest_sha256": "a" * 64,
+        "published_at": "2026-11-26T01:50:00Z",
+    }
+    values.update(overrides)
+    return Deploy(**values)  # type: ignore[arg-type]
+
+
+def report_entry(
+    instance: str,
+    components: dict[str, ComponentStatus],
+    heartbeat: datetime,
+    role: str = "web",
+    error: str | None = None,
+) -> ReportEntry:
+    """A listed report, as `ReportReader` returns it; `error` makes it unreadable (no report)."""
+    who = ReportKey("prod", role, instance)
+    report = None if error else StatusReport(key=who, heartbeat_at=heartbeat, components=components)
+    return ReportEntry(who, f"deployer/status/prod/{role}/{instance}.json", "etag", heartbeat, report, error)
+
+
+# -- agents as real subprocesses -----------------------------------------------------------
+
+WAIT_SECONDS = 30.0
+#: Every deploy's post hook appends its deploy id here, so tests can count hook runs per agent.
+HOOK_LOG = "hooks.log"
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class AgentProcess:
+    def __init__(self, fleet: Fleet, home: Path, instance_id: str | None, **overrides: Any) -> None:
+        self.fleet = fleet
+        self.home = home
+        self.instance_id = instance_id
+        home.mkdir(parents=True, exist_ok=True)
+        self.root = home / "root"
+        self.config_path = home / "agent.yml"
+        self.log_path = home / "agent.log"
+        config: dict[str, Any] = {
+            "stage": "prod",
+            "role": "web",
+            "components": ["api"],
+            "bucket": BUCKET,
+            "topic_arn": fleet.topic_arn,
+            "region": REGION,
+            "root_dir": str(self.root),
+            "state_dir": str(home / "state"),
+            "poll_wait_seconds": 1,
+        }
+        if instance_id:
+            config["instance_id"] = instance_id
+        config.update(overrides)
+        self.config = config
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self, verb: str = "agent") -> list[str]:
+        return [sys.executable, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
+
+    def start(self) -> AgentProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return self
+
+    def run_once(self, verb: str = "boot") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(verb), capture_output=True, text=True, timeout=60, check=False)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"agent {self.instance_id} ignored SIGTERM for 15s") from None
+        return self.process.returncode
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text().splitlines() if self.log_path.exists() else []:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    @property
+    def who(self) -> ReportKey:
+        return ReportKey(self.config["stage"], self.config["role"], self.instance_id or "")
+
+    def status(self) -> StatusReport | None:
+        """This agent's status report, parsed by the protocol's one parser (None if there is none)."""
+        return read_report(self.fleet, self.who)
+
+    def component(self, name: str = "api") -> ComponentStatus:
+        status = self.status()
+        return status.components.get(name, ComponentStatus()) if status else ComponentStatus()
+
+    def on_seq(self, seq: int, component: str = "api") -> bool:
+        status = self.component(component)
+        return status.seq == seq and status.state is ComponentState.OK
+
+    def served(self, component: str = "api") -> str:
+        return (self.root / "opt" / component / "current" / "index.html").read_text()
+
+    def hook_runs(self, component: str = "api") -> list[str]:
+        path = self.root / "opt" / component / HOOK_LOG
+        return path.read_text().split() if path.exists() else []
+
+    def queue_url(self) -> str:
+        name = queue_name(DEFAULT_QUEUE_PREFIX, self.config["stage"], self.config["role"], self.instance_id or "")
+        return self.fleet.clients.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+
+
+def read_report(fleet: Fleet, who: ReportKey) -> StatusReport | None:
+    key = fleet.layout.status_key(who.stage, who.role, who.instance_id)
+    found = get_document(fleet.clients.s3, fleet.bucket, key)
+    return parse_report(found[0], who) if found else None
+
+
+@pytest.fixture
+def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(instance_id: str | None = None, boot: bool = True, **overrides: Any) -> AgentProcess:
+        index = len(started) + 1
+        agent = AgentProcess(fleet, tmp_path / f"agent-{index}", instance_id or f"i-e2e{index:013d}", **overrides)
+        started.append(agent.start())
+        if boot:
+            wait_until(lambda: agent.status() is not None or not agent.alive(), f"agent {index} to boot")
+            assert agent.alive(), agent.log_path.read_text()
+        return agent
+
+    yield start
+    codes = {}
+    for agent in started:
+        if agent.process is not None:
+            codes[agent.instance_id] = agent.stop()
+    # Every agent must stop cleanly on SIGTERM: exit 0, nothing left running.
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def release_template(post: tuple[Hook, ...] = ()) -> Manifest:
+    record = Hook(f'echo "$DEPLOYER_DEPLOY_ID" >> "$DEPLOYER_RELEASE_DIR/../../{HOOK_LOG}"')
+    return Manifest(
+        dest="/opt/api/current",
+        sync_strategy=SyncStrategy.SYMLINK,
+        commands=Commands(post=(*post, record)),
+    )
+
+
+@pytest.fixture
+def publish(fleet: Fleet, tmp_path: Path) -> Callable[..., Deploy]:
+    counter = iter(range(1, 10_000))
+    publisher = Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout)
+
+    def do(text: str | None = None, component: str = "api", post: tuple[Hook, ...] = ()) -> Deploy:
+        n = next(counter)
+        build = make_tree(tmp_path / f"build-{n}", {"index.html": text or f"release {n}"})
+        artifact = tmp_path / f"build-{n}.tar.gz"
+        pack_directory(build, artifact)
+        template = release_template(post)
+        template = Manifest(**{**template.__dict__, "dest": f"/opt/{component}/current"})
+        channel = Channel("prod", "web", component)
+        return publisher.publish(channel, artifact, template=template, release_id=f"rel-{component}-{n}").deploy
+
+    return do
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deployer", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# -- fleet operations ------------------------------------------------------------------------
+
+
+#: Agents in these tests heartbeat every second, so --wait can tell live from lost quickly.
+FAST_AGENT = {"heartbeat_interval_seconds": 1}
+
+
+def template_file(path: Path, *post: str) -> Path:
+    """A manifest template for `deployer publish --manifest` with the given post hooks."""
+    manifest = Manifest(
+        dest="/opt/api/current",
+        sync_strategy=SyncStrategy.SYMLINK,
+        commands=Commands(post=tuple(Hook(run) for run in post)),
+    )
+    path.write_text(manifest.to_yaml())
+    return path
+
+
+def publish_args(fleet: Fleet, artifact: Path, *extra: str) -> list[str]:
+    return [
+        "publish", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn,
+        "--stage", "prod", "--role", "web", "--component", "api", "--artifact", str(artifact), *extra,
+    ]  # fmt: skip
+
+
+def kill_hard(agent: AgentProcess) -> None:
+    """SIGKILL the agent (an instance dying) and take it out of the fixture's clean-stop check."""
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGKILL)
+    agent.process.wait(timeout=10)
+    agent.process = None
+
+
+def kill_pid_file(path: Path) -> None:
+    """Kill a hook process that recorded its pid (hooks run in their own session and outlive a SIGKILLed agent)."""
+    if path.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(path.read_text().strip()), signal.SIGKILL)
+
+
+# -- archives, good and crafted-malicious --------------------------------------------------
+
+
+def tar_bytes(add: Callable[[tarfile.TarFile], None], mode: str = "w:gz") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        add(archive)
+    return buffer.getvalue()
+
+
+def add_file(archive: tarfile.TarFile, name: str, content: bytes = b"x", mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    info.mode = mode
+    archive.addfile(info, io.BytesIO(content))
+
+
+def add_special(archive: tarfile.TarFile, name: str, kind: bytes, linkname: str = "", mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = mode
+    archive.addfile(info)
+
+
+def release_tarball(files: dict[str, str]) -> bytes:
+    def add(archive: tarfile.TarFile) -> None:
+        for name, content in files.items():
+            add_file(archive, name, content.encode())
+
+    return tar_bytes(add)
+
+
+def write_release(path: Path, files: dict[str, str]) -> tuple[Path, str]:
+    data = release_tarball(files)
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
