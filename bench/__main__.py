@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import apply, boot, fanout, idle, publish
-from bench.common import REPO, Bench, aws_env, cpu_seconds, install_loopback_guard
+from bench.common import REPO, Bench, aws_env, cpu_seconds
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
 from deployer.local.emulator import Emulator
+from deployer.local.loopback import install_loopback_guard
 
 FIGURES: dict[str, Callable[[Bench], Section]] = {
     "fanout": fanout.run,

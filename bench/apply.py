@@ -43,7 +43,7 @@ def upload(bench: Bench, artifact: BigArtifact) -> None:
 
 
 def ours(
-    bench: Bench, artifact: BigArtifact, root: Path, release_id: str, profile: Path | None = None
+    artifact: BigArtifact, root: Path, release_id: str, profile: Path | None = None
 ) -> tuple[ChildRun, dict[str, float]]:
     command = [
         PYTHON,
@@ -97,7 +97,7 @@ def run(bench: Bench) -> Section:
         # Alternate, so drift in the machine (page cache, emulator memory) hits both sides alike.
         root = work / f"ours-{rep}"
         _clean(root)
-        ours_runs.append(ours(bench, artifact, root, f"bench-{rep}"))
+        ours_runs.append(ours(artifact, root, f"bench-{rep}"))
         _clean(root)
         root = work / f"stretcher-{rep}"
         _clean(root)
@@ -107,7 +107,7 @@ def run(bench: Bench) -> Section:
     profile_path = bench.workdir / "apply-profile.txt"
     root = work / "profiled"
     _clean(root)
-    ours(bench, artifact, root, "bench-profiled", profile=profile_path)
+    ours(artifact, root, "bench-profiled", profile=profile_path)
     _clean(root)
 
     o_wall = median([r.wall for r, _ in ours_runs])

@@ -106,10 +106,7 @@ def run(bench: Bench) -> Section:
 
     apply_figure.upload(bench, big)
     transfer = median(
-        [
-            apply_figure.ours(bench, big, work / f"transfer-{rep}", f"boot-transfer-{rep}")[1]["apply_s"]
-            for rep in range(reps)
-        ]
+        [apply_figure.ours(big, work / f"transfer-{rep}", f"boot-transfer-{rep}")[1]["apply_s"] for rep in range(reps)]
     )
     warm = results[("small", "bake")]
     warm_big = results[("big", "bake")]

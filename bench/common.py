@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
@@ -32,25 +31,6 @@ TOPIC = "deployer-bench"
 STAGE, ROLE = "bench", "web"
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _loopback_only(event: str, args: tuple[object, ...]) -> None:
-    # Same guard as the test suite: the benchmark only ever talks to the emulator on 127.0.0.1.
-    if event != "socket.connect":
-        return
-    address = args[1]
-    if isinstance(address, tuple) and address and isinstance(address[0], str):
-        host = address[0]
-        try:
-            ok = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            ok = host == "localhost"
-        if not ok:
-            raise ConnectionRefusedError(f"the benchmark may only connect to loopback, not {host}")
-
-
-def install_loopback_guard() -> None:
-    sys.addaudithook(_loopback_only)
 
 
 def aws_env(endpoint_url: str) -> dict[str, str]:

@@ -161,7 +161,7 @@ def run(bench: Bench) -> Section:
         grower_hwm = _hwm(grower.pid)
     finally:
         stop_all([p for p in (proc, locals().get("grower")) if p is not None], timeout=30)
-        agent.stop()
+        shutdown.stop.set()
         thread.join(timeout=25)
 
     breakdown_steps = json.loads(

@@ -100,9 +100,9 @@ def run(bench: Bench) -> Section:
         "writes also work on CompleteMultipartUpload, so `If-None-Match: *` can stay. That would bring RSS "
         "down to tens of MiB regardless of artifact size and overlap hashing with the upload."
     )
-    target = Target(
+    figure = Target(
         "publish vs `aws s3 cp`",
         None,
         f"{sec(o)} vs {sec(b)} = {o / b:.2f}×",
     )
-    return Section("publish", "5. Publish", meaning, [table], [target], notes, moves)
+    return Section("publish", "5. Publish", meaning, [table], [figure], notes, moves)

@@ -32,7 +32,7 @@ Rule = Callable[[bytes], Fault]
 @dataclass
 class FaultProxy:
     upstream: tuple[str, int]
-    rule: Rule = lambda head: Fault.PASS
+    rule: Rule = lambda _head: Fault.PASS
     stall_seconds: float = 1.0
     counts: dict[Fault, int] = field(default_factory=lambda: dict.fromkeys(Fault, 0))
     held: list[bytes] = field(default_factory=list)

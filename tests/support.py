@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import ipaddress
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from deployer.aws.reports import ReportEntry
 from deployer.aws.retry import RetryPolicy
 from deployer.aws.s3 import get_document
 from deployer.local.emulator import Emulator
+from deployer.local.loopback import install_loopback_guard
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
@@ -53,21 +53,7 @@ TOPIC = "deployer-test"
 FAST_POLICY = RetryPolicy(max_attempts=5, base_seconds=0.01, cap_seconds=0.05, deadline_seconds=10)
 
 
-def _loopback_only(event: str, args: tuple[object, ...]) -> None:
-    if event != "socket.connect":
-        return
-    address = args[1]
-    if isinstance(address, tuple) and address and isinstance(address[0], str):
-        host = address[0]
-        try:
-            ok = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            ok = host == "localhost"
-        if not ok:
-            raise ConnectionRefusedError(f"tests may only connect to loopback, not {host}")
-
-
-sys.addaudithook(_loopback_only)
+install_loopback_guard()
 
 
 @pytest.fixture(scope="session")
@@ -110,9 +96,14 @@ def fleet(aws_env: Emulator) -> Fleet:
     return Fleet(clients=clients, bucket=BUCKET, topic_arn=result.topic_arn, endpoint_url=aws_env.url)
 
 
-class _ImdsHandler(BaseHTTPRequestHandler):
+class FakeImds(BaseHTTPRequestHandler):
+    """An IMDSv2 lookalike: a token PUT first, then GETs carrying the token (instance id, region, tags)."""
+
     instance_id = "i-0fakeimds000001"
+    region = "eu-west-1"
     token = "fake-token"
+    tags: dict[str, str] = {}
+    url = ""
 
     def do_PUT(self) -> None:
         if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
@@ -121,10 +112,13 @@ class _ImdsHandler(BaseHTTPRequestHandler):
             self._reply(400, "bad token request")
 
     def do_GET(self) -> None:
+        tag_prefix = "/latest/meta-data/tags/instance/"
+        answers = {"/latest/meta-data/instance-id": self.instance_id, "/latest/meta-data/placement/region": self.region}
+        answers.update({tag_prefix + name: value for name, value in self.tags.items()})
         if self.headers.get("X-aws-ec2-metadata-token") != self.token:
             self._reply(401, "IMDSv2 token required")
-        elif self.path == "/latest/meta-data/instance-id":
-            self._reply(200, self.instance_id)
+        elif self.path in answers:
+            self._reply(200, answers[self.path])
         else:
             self._reply(404, "not found")
 
@@ -139,17 +133,26 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def fake_imds() -> Iterator[str]:
-    """An IMDSv2 lookalike on 127.0.0.1 (token PUT, then instance-id GET with the token)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImdsHandler)
+@contextlib.contextmanager
+def serve_imds(tags: dict[str, str] | None = None) -> Iterator[type[FakeImds]]:
+    """A FakeImds on 127.0.0.1, its own class (so a test may change its tags); `.url` says where."""
+    handler: type[FakeImds] = type("Imds", (FakeImds,), {"tags": dict(tags or {})})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield handler
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def fake_imds() -> Iterator[str]:
+    """The URL of a FakeImds with no tags."""
+    with serve_imds() as imds:
+        yield imds.url
 
 
 @pytest.fixture
@@ -213,6 +216,24 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_SECON
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def agent_config(fleet: Fleet, home: Path, instance_id: str | None, **overrides: Any) -> dict[str, Any]:
+    """The config an agent of the test fleet gets: prod/web/api, its own root and state under `home`."""
+    config: dict[str, Any] = {
+        "stage": "prod",
+        "role": "web",
+        "components": ["api"],
+        "bucket": BUCKET,
+        "topic_arn": fleet.topic_arn,
+        "region": REGION,
+        "root_dir": str(home / "root"),
+        "state_dir": str(home / "state"),
+        "poll_wait_seconds": 1,
+    }
+    if instance_id:
+        config["instance_id"] = instance_id
+    return {**config, **overrides}
+
+
 class AgentProcess:
     def __init__(self, fleet: Fleet, home: Path, instance_id: str | None, **overrides: Any) -> None:
         self.fleet = fleet
@@ -222,30 +243,18 @@ class AgentProcess:
         self.root = home / "root"
         self.config_path = home / "agent.yml"
         self.log_path = home / "agent.log"
-        config: dict[str, Any] = {
-            "stage": "prod",
-            "role": "web",
-            "components": ["api"],
-            "bucket": BUCKET,
-            "topic_arn": fleet.topic_arn,
-            "region": REGION,
-            "root_dir": str(self.root),
-            "state_dir": str(home / "state"),
-            "poll_wait_seconds": 1,
-        }
-        if instance_id:
-            config["instance_id"] = instance_id
-        config.update(overrides)
-        self.config = config
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.config = agent_config(fleet, home, instance_id, **overrides)
+        self.config_path.write_text(yaml.safe_dump(self.config))
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self, verb: str = "agent") -> list[str]:
         return [sys.executable, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
 
-    def start(self) -> AgentProcess:
+    def start(self, env: dict[str, str] | None = None) -> AgentProcess:
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+            )
         return self
 
     def run_once(self, verb: str = "boot") -> subprocess.CompletedProcess[str]:
@@ -315,10 +324,12 @@ def read_report(fleet: Fleet, who: ReportKey) -> StatusReport | None:
 def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(instance_id: str | None = None, boot: bool = True, **overrides: Any) -> AgentProcess:
+    def start(
+        instance_id: str | None = None, boot: bool = True, env: dict[str, str] | None = None, **overrides: Any
+    ) -> AgentProcess:
         index = len(started) + 1
         agent = AgentProcess(fleet, tmp_path / f"agent-{index}", instance_id or f"i-e2e{index:013d}", **overrides)
-        started.append(agent.start())
+        started.append(agent.start(env))
         if boot:
             wait_until(lambda: agent.status() is not None or not agent.alive(), f"agent {index} to boot")
             assert agent.alive(), agent.log_path.read_text()

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS
 from deployer.apply.lock import DEFAULT_STATE_DIR
+from deployer.protocol.decoding import yaml_mapping
 from deployer.protocol.errors import ConfigError, InvalidMessage
-from deployer.protocol.limits import MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS
+from deployer.protocol.limits import MAX_REDRIVE_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS
 from deployer.protocol.names import (
     BUCKET_PATTERN,
     DEFAULT_PREFIX,
@@ -26,6 +26,18 @@ from deployer.protocol.names import (
 from deployer.protocol.report import DEFAULT_HEARTBEAT_INTERVAL_SECONDS
 
 DEFAULT_METADATA_ENDPOINT = "http://169.254.169.254"
+#: Bounded settings: name → (lowest, highest, where the bound comes from).
+_RANGES = {
+    "poll_wait_seconds": (0, MAX_WAIT_TIME_SECONDS, " (SQS limit)"),
+    "visibility_timeout_seconds": (30, MAX_VISIBILITY_TIMEOUT_SECONDS, ""),
+    "max_receive_count": (1, MAX_REDRIVE_RECEIVE_COUNT, " (SQS redrive limit)"),
+}
+_POSITIVE = (
+    "reconcile_interval_seconds",
+    "heartbeat_interval_seconds",
+    "hook_timeout_seconds",
+    "shutdown_grace_seconds",
+)
 #: Auto Scaling name rules: https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html
 _LIFECYCLE_HOOK = re.compile(r"^[A-Za-z0-9./_-]{1,255}$")
 _ASG_NAME = re.compile(r"^[^:\s][^:]{0,254}$")
@@ -63,11 +75,31 @@ class AgentConfig:
     deregister_on_shutdown: bool = False
 
     def __post_init__(self) -> None:
+        self._check_names()
+        for name, (low, high, why) in _RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"{name} {value} must be {low}..{high}{why}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
+            raise ConfigError("state_dir and root_dir must be absolute paths")
+        for name, pattern in (("lifecycle_hook_name", _LIFECYCLE_HOOK), ("lifecycle_asg_name", _ASG_NAME)):
+            value = getattr(self, name)
+            if value is not None and not pattern.match(value):
+                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
+        if self.lifecycle_asg_name and not self.lifecycle_hook_name:
+            raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
+
+    def _check_names(self) -> None:
         try:
-            check_name("stage", self.stage)
-            check_name("role", self.role)
-            for component in self.components:
-                check_name("component", component)
+            for kind, value in (
+                ("stage", self.stage),
+                ("role", self.role),
+                *(("component", c) for c in self.components),
+            ):
+                check_name(kind, value)
         except InvalidMessage as exc:
             raise ConfigError(str(exc)) from None
         if not self.components:
@@ -82,32 +114,6 @@ class AgentConfig:
             raise ConfigError(f"topic_arn {self.topic_arn!r} is not an SNS topic ARN") from None
         if not QUEUE_NAME_PART.match(self.queue_prefix):
             raise ConfigError(f"queue_prefix {self.queue_prefix!r} may hold only letters, digits, '-' and '_'")
-        if not 0 <= self.poll_wait_seconds <= MAX_WAIT_TIME_SECONDS:
-            raise ConfigError(
-                f"poll_wait_seconds {self.poll_wait_seconds} must be 0..{MAX_WAIT_TIME_SECONDS} (SQS limit)"
-            )
-        if not 30 <= self.visibility_timeout_seconds <= MAX_VISIBILITY_TIMEOUT_SECONDS:
-            raise ConfigError(
-                f"visibility_timeout_seconds {self.visibility_timeout_seconds} must be 30..{MAX_VISIBILITY_TIMEOUT_SECONDS}"
-            )
-        if not 1 <= self.max_receive_count <= 1000:
-            raise ConfigError(f"max_receive_count {self.max_receive_count} must be 1..1000 (SQS redrive limit)")
-        for name in (
-            "reconcile_interval_seconds",
-            "heartbeat_interval_seconds",
-            "hook_timeout_seconds",
-            "shutdown_grace_seconds",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
-            raise ConfigError("state_dir and root_dir must be absolute paths")
-        for name, pattern in (("lifecycle_hook_name", _LIFECYCLE_HOOK), ("lifecycle_asg_name", _ASG_NAME)):
-            value = getattr(self, name)
-            if value is not None and not pattern.match(value):
-                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
-        if self.lifecycle_asg_name and not self.lifecycle_hook_name:
-            raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
 
     @property
     def channels(self) -> tuple[Channel, ...]:
@@ -122,13 +128,7 @@ def load_config(path: Path) -> AgentConfig:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config {path} must be a YAML mapping")
-    return config_from_dict(doc, source=str(path))
+    return config_from_dict(yaml_mapping(text, what=f"config {path}", error=ConfigError), source=str(path))
 
 
 def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig:
@@ -145,40 +145,57 @@ def config_from_dict(doc: dict[str, Any], source: str = "config") -> AgentConfig
     return AgentConfig(**values)
 
 
-_INT_KEYS = {"poll_wait_seconds", "visibility_timeout_seconds", "max_receive_count"}
-_FLOAT_KEYS = {
-    "reconcile_interval_seconds",
-    "heartbeat_interval_seconds",
-    "hook_timeout_seconds",
-    "shutdown_grace_seconds",
-}
-_PATH_KEYS = {"state_dir", "root_dir"}
-_BOOL_KEYS = {"deregister_on_shutdown"}
+def _components(value: Any, name: str, source: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {name} must be a list of names, got {value!r}")
+    return tuple(value)
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    if name == "components":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: components must be a list of names, got {value!r}")
-        return tuple(value)
-    if name in _INT_KEYS:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
-        return value
-    if name in _FLOAT_KEYS:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{source}: {name} must be a number of seconds, got {value!r}")
-        return float(value)
-    if name in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
-        return value
-    if name in _PATH_KEYS:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {name} must be a path, got {value!r}")
-        return Path(value)
+def _integer(value: Any, name: str, source: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, name: str, source: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be a number of seconds, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, name: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def _path(value: Any, name: str, source: str) -> Path:
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {name} must be a path, got {value!r}")
+    return Path(value)
+
+
+def _string(value: Any, name: str, source: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
     return value
+
+
+#: How each key is read from YAML; every other key is an optional string.
+_READERS: dict[str, Callable[[Any, str, str], Any]] = {
+    "components": _components,
+    "poll_wait_seconds": _integer,
+    "visibility_timeout_seconds": _integer,
+    "max_receive_count": _integer,
+    **{name: _seconds for name in _POSITIVE},
+    "state_dir": _path,
+    "root_dir": _path,
+    "deregister_on_shutdown": _flag,
+}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    reader: Callable[[Any, str, str], Any] = _READERS.get(name, _string)
+    return reader(value, name, source)

@@ -329,7 +329,7 @@ def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POL
     """`deployer agent`: boot, then serve until SIGTERM/SIGINT. Returns normally on a requested stop."""
     shutdown = Shutdown(config.shutdown_grace_seconds)
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
         log.info(
             "shutdown_requested",
             signal=signal.Signals(signum).name,

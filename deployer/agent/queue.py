@@ -56,7 +56,7 @@ class InstanceQueue(Protocol):
     @property
     def name(self) -> str: ...
 
-    def receive(self, wait_seconds: int) -> list[Received]: ...
+    def receive(self, wait_seconds: int, /) -> list[Received]: ...
 
     def delete(self, receipt_handle: str) -> None: ...
 
@@ -177,7 +177,7 @@ class SqsQueue:
         attrs = self.policy.call(self.sqs.get_queue_attributes, QueueUrl=url, AttributeNames=["QueueArn"])
         return attrs["Attributes"]["QueueArn"]
 
-    def receive(self, wait_seconds: int) -> list[Received]:
+    def receive(self, wait_seconds: int, /) -> list[Received]:
         response: Mapping[str, Any] = self.policy.call(
             self.sqs.receive_message,
             QueueUrl=self.handle.url,

@@ -47,7 +47,8 @@ class MemoryQueue:
         self.messages.append(StubMessage(message_id, body))
         return message_id
 
-    def receive(self, wait_seconds: int) -> list[Received]:
+    def receive(self, _wait_seconds: int, /) -> list[Received]:
+        """What is visible now; a stub has nothing to wait for (time moves by the injected clock)."""
         now = self.clock()
         batch: list[Received] = []
         for message in self.messages:

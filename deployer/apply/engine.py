@@ -93,7 +93,7 @@ class Applier:
         self.policy = policy
         #: Set when the apply is abandoned at shutdown: hooks and health-check waits end with Interrupted.
         self.interrupt = interrupt
-        self._on_milestone: Callable[[Milestone], object] = lambda milestone: None
+        self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -114,7 +114,7 @@ class Applier:
         re-activated; an `Interrupted` apply runs no failure hook and decides nothing.
         """
         deploy_log = DeployLog()
-        self._on_milestone = on_milestone or (lambda milestone: None)
+        self._on_milestone = on_milestone or (lambda _milestone: None)
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}

@@ -103,50 +103,74 @@ def extract_verified(
 def _extract(
     prefetch: Prefetcher, reader: HashingReader, dest: Path, limits: ExtractLimits, excludes: tuple[str, ...]
 ) -> ExtractStats:
-    members = 0
-    total = 0
+    budget = _Budget(limits)
     data_filter = DataFilter(dest)
     writer = FileWriter()
     try:
         with writer, tarfile.open(fileobj=_decompressed(prefetch), mode="r|*") as archive:  # type: ignore[call-overload]
             for member in archive:
-                members += 1
-                if members > limits.max_members:
-                    raise ArtifactError(f"archive has more than {limits.max_members} members")
-                total += max(member.size, 0)
-                if total > limits.max_total_bytes:
-                    raise ArtifactError(f"archive expands to more than {limits.max_total_bytes} bytes")
-                problem = check_member(member)
-                if problem:
-                    raise ArtifactError(f"unsafe archive member: {problem}")
-                if _excluded(member.name, excludes):
-                    continue
-                safe = data_filter(member, str(dest))
-                name = posixpath.normpath(safe.name)
-                if writer.takes(safe) and not data_filter.last_was_risky and name not in writer.names:
-                    source = archive.extractfile(member)
-                    assert source is not None
-                    writer.submit(name, dest / name, source.read(safe.size), safe)
-                else:
-                    # Links, directories, a name seen before (tar's "later wins") and anything unusual:
-                    # by tarfile, in archive order, once every file before it is on disk.
-                    writer.flush()
-                    archive.extract(member, dest, filter=lambda _member, _path, safe=safe: safe)
+                budget.admit(member)
+                if not _excluded(member.name, excludes):
+                    _place(archive, member, dest, data_filter, writer)
         prefetch.drain()
-    except ArtifactError:
-        raise
-    except tarfile.FilterError as exc:
-        raise ArtifactError(f"unsafe archive member: {exc}") from None
     except Exception as exc:
-        if is_transient(exc):  # the download broke (reset, timeout, body shorter than announced)
-            raise TransientFetchError(f"download interrupted after {reader.count} bytes: {exc}") from None
-        if not isinstance(exc, tarfile.TarError | EOFError | OSError | ValueError | zstd_error()):
+        replacement = _as_our_error(exc, reader.count)
+        if replacement is None:
             raise
+        raise replacement from None
+    return ExtractStats(members=budget.members, bytes=budget.bytes, downloaded=reader.count)
+
+
+@dataclass
+class _Budget:
+    """Counts members and bytes against the limits, and checks each member, before anything is written."""
+
+    limits: ExtractLimits
+    members: int = 0
+    bytes: int = 0
+
+    def admit(self, member: tarfile.TarInfo) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise ArtifactError(f"archive has more than {self.limits.max_members} members")
+        self.bytes += max(member.size, 0)
+        if self.bytes > self.limits.max_total_bytes:
+            raise ArtifactError(f"archive expands to more than {self.limits.max_total_bytes} bytes")
+        problem = check_member(member)
+        if problem:
+            raise ArtifactError(f"unsafe archive member: {problem}")
+
+
+def _place(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, data_filter: DataFilter, writer: FileWriter
+) -> None:
+    safe = data_filter(member, str(dest))
+    name = posixpath.normpath(safe.name)
+    if writer.takes(safe) and not data_filter.last_was_risky and name not in writer.names:
+        source = archive.extractfile(member)
+        assert source is not None
+        writer.submit(name, dest / name, source.read(safe.size), safe)
+    else:
+        # Links, directories, a name seen before (tar's "later wins") and anything unusual:
+        # by tarfile, in archive order, once every file before it is on disk.
+        writer.flush()
+        archive.extract(member, dest, filter=lambda _member, _path, safe=safe: safe)
+
+
+def _as_our_error(exc: Exception, downloaded: int) -> Exception | None:
+    """What an extraction failure means, as an error of the tree; None for a bug (re-raised as is)."""
+    if isinstance(exc, ArtifactError):
+        return exc
+    if isinstance(exc, tarfile.FilterError):
+        return ArtifactError(f"unsafe archive member: {exc}")
+    if is_transient(exc):  # the download broke (reset, timeout, body shorter than announced)
+        return TransientFetchError(f"download interrupted after {downloaded} bytes: {exc}")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return ArtifactError(f"cannot write release files: {exc}")
+    if isinstance(exc, tarfile.TarError | EOFError | OSError | ValueError | zstd_error()):
         # ReadError on a non-tar/non-gzip body, EOFError/"unexpected end of data" on truncation.
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise ArtifactError(f"cannot write release files: {exc}") from None
-        raise ArtifactError(f"artifact is not a readable tar archive (tar, tar.gz, tar.bz2, tar.xz): {exc}") from None
-    return ExtractStats(members=members, bytes=total, downloaded=reader.count)
+        return ArtifactError(f"artifact is not a readable tar archive (tar, tar.gz, tar.bz2, tar.xz): {exc}")
+    return None
 
 
 class DataFilter:
@@ -165,7 +189,7 @@ class DataFilter:
         self._dest = os.path.realpath(dest)
         self.last_was_risky = False
 
-    def __call__(self, member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
+    def __call__(self, member: tarfile.TarInfo, _dest_path: str) -> tarfile.TarInfo:
         name = posixpath.normpath(member.name)
         risky = self._passes_symlink(name.split("/"))
         if member.issym():

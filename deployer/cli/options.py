@@ -122,7 +122,7 @@ def store_options(func: Command) -> Command:
 def name_callback(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     """Validate a stage/role/component flag with the protocol's own name rule."""
 
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
         if value is None:
             return None
         try:

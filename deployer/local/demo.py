@@ -23,6 +23,7 @@ import yaml
 from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportEntry, ReportReader
 from deployer.local.emulator import Emulator
+from deployer.local.loopback import install_loopback_guard
 from deployer.protocol.errors import DeployerError
 from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
@@ -43,6 +44,7 @@ Echo = Callable[[str], None]
 
 
 def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -> None:
+    install_loopback_guard()  # the demo talks to the emulator on 127.0.0.1 and nothing else
     started = time.monotonic()
     with _workdir(workdir) as root, Emulator(log_path=root / "moto.log") as emulator:
         os.environ.update(

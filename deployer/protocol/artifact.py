@@ -26,15 +26,20 @@ def check_member(member: tarfile.TarInfo) -> str | None:
         return f"unsupported member type {member.type!r} for {name!r}"
     if member.mode & (stat.S_ISUID | stat.S_ISGID):
         return f"setuid/setgid bit on {name!r}"
+    return _link_problem(member)
+
+
+def _link_problem(member: tarfile.TarInfo) -> str | None:
+    """A symlink or hardlink whose target, read lexically, leaves the release."""
+    name, target = member.name, member.linkname
     if member.issym():
-        target = member.linkname
         if target.startswith("/"):
             return f"symlink {name!r} points to absolute path {target!r}"
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
         if resolved == ".." or resolved.startswith("../"):
             return f"symlink {name!r} points outside the release ({target!r})"
     if member.islnk():
-        target = posixpath.normpath(member.linkname)
-        if target.startswith("/") or target == ".." or target.startswith("../"):
-            return f"hardlink {name!r} points outside the release ({member.linkname!r})"
+        resolved = posixpath.normpath(target)
+        if resolved.startswith("/") or resolved == ".." or resolved.startswith("../"):
+            return f"hardlink {name!r} points outside the release ({target!r})"
     return None

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployer.protocol.decoding import json_object
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 from deployer.protocol.names import NAME_PATTERN, Channel
@@ -94,15 +95,7 @@ def new_deploy_id() -> str:
 
 def parse_deploy(raw: str | bytes) -> Deploy:
     """Parse and validate a pointer or message body; raise InvalidMessage naming what is wrong."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > MAX_DEPLOY_MESSAGE_BYTES:
-        raise InvalidMessage(f"deploy document is {size} bytes, over the {MAX_DEPLOY_MESSAGE_BYTES}-byte limit")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"deploy document is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidMessage(f"deploy document must be a JSON object, got {type(doc).__name__}")
+    doc = json_object(raw, what="deploy document", limit=MAX_DEPLOY_MESSAGE_BYTES, error=InvalidMessage)
     return deploy_from_dict(doc)
 
 

@@ -8,6 +8,10 @@ MAX_WAIT_TIME_SECONDS = 20
 #: SQS ReceiveMessage batch maximum (same quota page).
 MAX_RECEIVE_BATCH = 10
 
+#: SQS redrive policy: maxReceiveCount is 1..1000.
+#: https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-dead-letter-queues.html
+MAX_REDRIVE_RECEIVE_COUNT = 1000
+
 #: SQS visibility timeout maximum: 12 hours (same quota page).
 MAX_VISIBILITY_TIMEOUT_SECONDS = 12 * 60 * 60
 

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from deployer.protocol.decoding import yaml_mapping
 from deployer.protocol.errors import ManifestError
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 
@@ -104,69 +105,45 @@ class Manifest:
         return hashlib.new(algorithm) if algorithm else None
 
     def to_yaml(self) -> str:
-        doc: dict[str, Any] = {}
-        for key in ("src", "checksum", "dest"):
-            if getattr(self, key) is not None:
-                doc[key] = getattr(self, key)
-        if self.dest_mode is not None:
-            doc["dest_mode"] = f"{self.dest_mode:04o}"
+        """The manifest as `deployer publish` uploads it; `parse_manifest` reads it back to an equal value."""
         commands = {
             phase: [_hook_to_yaml(h) for h in getattr(self.commands, phase)]
             for phase in HOOK_PHASES
             if getattr(self.commands, phase)
         }
-        if commands:
-            doc["commands"] = commands
-        if self.excludes:
-            doc["excludes"] = list(self.excludes)
-        if self.exclude_from:
-            doc["exclude_from"] = self.exclude_from
-        doc["sync_strategy"] = self.sync_strategy.value
-        if self.keep_releases != DEFAULT_KEEP_RELEASES:
-            doc["keep_releases"] = self.keep_releases
-        if self.env:
-            doc["env"] = dict(self.env)
-        if self.hook_timeout is not None:
-            doc["hook_timeout"] = self.hook_timeout
-        if self.health is not None:
-            doc["health"] = {k: v for k, v in asdict(self.health).items() if v is not None}
-        if self.run_as is not None:
-            doc["run_as"] = self.run_as
-        return yaml.safe_dump(doc, sort_keys=False)
+        entries: list[tuple[str, Any, bool]] = [
+            ("src", self.src, self.src is not None),
+            ("checksum", self.checksum, self.checksum is not None),
+            ("dest", self.dest, self.dest is not None),
+            ("dest_mode", f"{self.dest_mode or 0:04o}", self.dest_mode is not None),
+            ("commands", commands, bool(commands)),
+            ("excludes", list(self.excludes), bool(self.excludes)),
+            ("exclude_from", self.exclude_from, bool(self.exclude_from)),
+            ("sync_strategy", self.sync_strategy.value, True),
+            ("keep_releases", self.keep_releases, self.keep_releases != DEFAULT_KEEP_RELEASES),
+            ("env", dict(self.env), bool(self.env)),
+            ("hook_timeout", self.hook_timeout, self.hook_timeout is not None),
+            (
+                "health",
+                self.health and {k: v for k, v in asdict(self.health).items() if v is not None},
+                bool(self.health),
+            ),
+            ("run_as", self.run_as, self.run_as is not None),
+        ]
+        return yaml.safe_dump({key: value for key, value, present in entries if present}, sort_keys=False)
 
 
 def parse_manifest(text: str | bytes) -> Manifest:
     """Parse and validate manifest YAML; raise ManifestError naming the offending key."""
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"manifest is not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ManifestError(f"manifest must be a YAML mapping, got {type(doc).__name__}")
-    return manifest_from_dict(doc)
+    return manifest_from_dict(yaml_mapping(text, what="manifest", error=ManifestError, limit=MAX_MANIFEST_BYTES))
 
 
 def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
     unknown = sorted(str(k) for k in set(doc) - _TOP_KEYS)
     if unknown:
         raise ManifestError(f"manifest has unknown key(s): {', '.join(unknown)}")
-
-    src = _optional_str(doc, "src")
-    if src is not None:
-        scheme = urlparse(src).scheme
-        if scheme not in SRC_SCHEMES:
-            raise ManifestError(f"src {src!r}: scheme {scheme!r} is not one of {', '.join(SRC_SCHEMES)}")
-    if isinstance(doc.get("checksum"), int | float):
-        raise ManifestError("checksum was read as a number (all digits?); quote it in the YAML so no digit is lost")
-    checksum = _optional_str(doc, "checksum")
-    if checksum is not None:
-        if not _HEX.match(checksum) or len(checksum) not in CHECKSUM_ALGORITHMS:
-            raise ManifestError(
-                f"checksum {checksum!r} is not a hex md5/sha1/sha256/sha512 digest (32/40/64/128 hex characters)"
-            )
-        checksum = checksum.lower()
+    src = _src(doc)
+    checksum = _checksum(doc)
     dest = _optional_str(doc, "dest")
     if src is not None:
         if checksum is None:
@@ -175,18 +152,6 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
             raise ManifestError("dest is required when src is set")
     if dest is not None and not dest.startswith("/"):
         raise ManifestError(f"dest {dest!r} must be an absolute path")
-
-    strategy_raw = doc.get("sync_strategy", SyncStrategy.RSYNC.value)
-    try:
-        strategy = SyncStrategy(strategy_raw)
-    except ValueError:
-        choices = ", ".join(s.value for s in SyncStrategy)
-        raise ManifestError(f"sync_strategy {strategy_raw!r} is not one of {choices}") from None
-
-    keep = doc.get("keep_releases", DEFAULT_KEEP_RELEASES)
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 2:
-        raise ManifestError(f"keep_releases must be an integer >= 2 (active + previous), got {keep!r}")
-
     return Manifest(
         src=src,
         checksum=checksum,
@@ -195,13 +160,49 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
         commands=_commands(doc.get("commands")),
         excludes=tuple(_str_list(doc, "excludes")),
         exclude_from=_optional_str(doc, "exclude_from"),
-        sync_strategy=strategy,
-        keep_releases=keep,
+        sync_strategy=_strategy(doc.get("sync_strategy", SyncStrategy.RSYNC.value)),
+        keep_releases=_keep(doc.get("keep_releases", DEFAULT_KEEP_RELEASES)),
         env=_env(doc.get("env"), "env"),
         hook_timeout=_timeout(doc.get("hook_timeout"), "hook_timeout"),
         health=_health(doc.get("health")),
         run_as=_run_as(doc.get("run_as")),
     )
+
+
+def _src(doc: Mapping[str, Any]) -> str | None:
+    src = _optional_str(doc, "src")
+    if src is not None:
+        scheme = urlparse(src).scheme
+        if scheme not in SRC_SCHEMES:
+            raise ManifestError(f"src {src!r}: scheme {scheme!r} is not one of {', '.join(SRC_SCHEMES)}")
+    return src
+
+
+def _checksum(doc: Mapping[str, Any]) -> str | None:
+    if isinstance(doc.get("checksum"), int | float):
+        raise ManifestError("checksum was read as a number (all digits?); quote it in the YAML so no digit is lost")
+    checksum = _optional_str(doc, "checksum")
+    if checksum is None:
+        return None
+    if not _HEX.match(checksum) or len(checksum) not in CHECKSUM_ALGORITHMS:
+        raise ManifestError(
+            f"checksum {checksum!r} is not a hex md5/sha1/sha256/sha512 digest (32/40/64/128 hex characters)"
+        )
+    return checksum.lower()
+
+
+def _strategy(value: Any) -> SyncStrategy:
+    try:
+        return SyncStrategy(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in SyncStrategy)
+        raise ManifestError(f"sync_strategy {value!r} is not one of {choices}") from None
+
+
+def _keep(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ManifestError(f"keep_releases must be an integer >= 2 (active + previous), got {value!r}")
+    return value
 
 
 def _health(value: Any) -> HealthCheck | None:

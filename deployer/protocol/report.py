@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from deployer.protocol.decoding import json_object
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.names import NAME_PATTERN
@@ -121,14 +122,7 @@ class StatusReport:
 
 def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
     """Parse a report read from `key`; raise InvalidReport naming what is wrong."""
-    if len(raw) > MAX_REPORT_BYTES:
-        raise InvalidReport(f"report is {len(raw)} bytes, over the {MAX_REPORT_BYTES}-byte limit")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidReport(f"report is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidReport(f"report must be a JSON object, got {type(doc).__name__}")
+    doc = json_object(raw, what="report", limit=MAX_REPORT_BYTES, error=InvalidReport)
     if doc.get("v") != STATUS_VERSION or isinstance(doc.get("v"), bool):
         raise InvalidReport(f"unsupported report version v={doc.get('v')!r} (this reads v={STATUS_VERSION})")
     unknown = sorted(set(doc) - _TOP_KEYS)

@@ -18,7 +18,7 @@ from pathlib import Path
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from publisher.pack import pack_directory
-from tests.support import BUCKET, Fleet, make_tree
+from tests.support import BUCKET, make_tree
 
 
 def deployer_apply(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -32,9 +32,7 @@ def deployer_apply(*args: str, stdin: str = "") -> subprocess.CompletedProcess[s
     )
 
 
-def test_a_manifest_url_on_stdin_is_applied_like_stretcher(
-    fleet: Fleet, tmp_path: Path, publish: Callable[..., Deploy]
-) -> None:
+def test_a_manifest_url_on_stdin_is_applied_like_stretcher(tmp_path: Path, publish: Callable[..., Deploy]) -> None:
     deploy = publish("from stdin")
     url = f"s3://{BUCKET}/{deploy.manifest_key}"
     root, state = tmp_path / "root", tmp_path / "state"

@@ -28,7 +28,17 @@ from deployer.protocol.names import Channel
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
 from tests.faultproxy import Fault, FaultProxy, aws_operation
-from tests.support import BUCKET, FAST_POLICY, REGION, AgentProcess, Fleet, make_tree, release_template, wait_until
+from tests.support import (
+    BUCKET,
+    FAST_POLICY,
+    REGION,
+    AgentProcess,
+    Fleet,
+    agent_config,
+    make_tree,
+    release_template,
+    wait_until,
+)
 
 API = Channel("prod", "web", "api")
 WORKER = Channel("prod", "web", "worker")
@@ -43,12 +53,12 @@ class NoFanout:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    def publish(self, **kwargs: Any) -> dict[str, str]:
+    def publish(self, **_kwargs: Any) -> dict[str, str]:
         return {"MessageId": "suppressed-by-test"}
 
 
 class BrokenFanout(NoFanout):
-    def publish(self, **kwargs: Any) -> dict[str, str]:
+    def publish(self, **_kwargs: Any) -> dict[str, str]:
         raise ConnectionResetError("SNS unreachable (injected)")
 
 
@@ -128,20 +138,7 @@ def test_boot_race_a_deploy_published_before_the_agent_subscribes_is_replayed(
 def test_boot_race_b_a_deploy_published_between_subscription_and_replay_is_applied_once(
     fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = config_from_dict(
-        {
-            "stage": "prod",
-            "role": "web",
-            "components": ["api"],
-            "bucket": BUCKET,
-            "topic_arn": fleet.topic_arn,
-            "region": REGION,
-            "instance_id": "i-bootrace0000000b",
-            "root_dir": str(tmp_path / "root"),
-            "state_dir": str(tmp_path / "state"),
-            "poll_wait_seconds": 1,
-        }
-    )
+    config = config_from_dict(agent_config(fleet, tmp_path, "i-bootrace0000000b"))
     publisher = Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout)
     replay = Agent.reconcile
     published: list[Deploy] = []
@@ -264,7 +261,7 @@ def test_sigkill_between_applied_and_message_deleted_then_restart_does_not_rerun
         assert agent.process is not None
         agent.process.send_signal(signal.SIGKILL)
         agent.process.wait(10)
-        proxy.rule = lambda head: Fault.PASS
+        proxy.rule = lambda _head: Fault.PASS
         agent.start()
         # The undeleted message comes back after its 30 s visibility timeout and is a duplicate.
         wait_until(lambda: agent.events("message_duplicate") != [], "the redelivered copy", 60)
@@ -282,7 +279,7 @@ def test_network_faults_on_a_quarter_of_connections_lose_nothing(
     rng = random.Random(seed)
     lock = __import__("threading").Lock()
 
-    def rule(head: bytes) -> Fault:
+    def rule(_head: bytes) -> Fault:
         with lock:
             roll = rng.random()
         if roll < 0.09:

@@ -28,7 +28,7 @@ def test_a_publish_from_the_cli_reaches_every_instance(
 
 
 def test_status_shows_every_instance_on_the_new_seq(
-    fleet: Fleet, start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy]
+    start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy]
 ) -> None:
     agents = [start_agent() for _ in range(2)]
     publish()

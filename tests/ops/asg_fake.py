@@ -51,58 +51,65 @@ def _error(message: str) -> str:
     )
 
 
+class _Forwarder(BaseHTTPRequestHandler):
+    """Answers CompleteLifecycleAction from `fake`; forwards every other request to moto unchanged."""
+
+    fake: LifecycleFake
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
+        if params.get("Action") == "CompleteLifecycleAction":
+            status, text = self.fake.handle(params)
+            self._reply(status, text.encode(), "text/xml")
+            return
+        self._forward(body)
+
+    def do_GET(self) -> None:
+        self._forward(None)
+
+    def do_HEAD(self) -> None:
+        self._forward(None)
+
+    def do_PUT(self) -> None:
+        self._forward(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+
+    def do_DELETE(self) -> None:
+        self._forward(None)
+
+    def _forward(self, body: bytes | None) -> None:
+        """Everything else (S3, SQS, SNS, the rest of Auto Scaling) goes to moto unchanged."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        request = urllib.request.Request(
+            self.fake.upstream + self.path, data=body, headers=headers, method=self.command
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                self._reply(response.status, response.read(), dict(response.headers.items()))
+        except urllib.error.HTTPError as exc:
+            self._reply(exc.code, exc.read(), dict(exc.headers.items()))
+
+    def _reply(self, status: int, data: bytes, headers: dict[str, str] | str) -> None:
+        if isinstance(headers, str):
+            headers = {"Content-Type": headers}
+        self.send_response(status)
+        for name, value in headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextmanager
 def lifecycle_proxy(upstream: str) -> Iterator[LifecycleFake]:
     fake = LifecycleFake(upstream)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
-            if params.get("Action") == "CompleteLifecycleAction":
-                status, text = fake.handle(params)
-                self._reply(status, text.encode(), "text/xml")
-                return
-            self._forward(body)
-
-        def do_GET(self) -> None:
-            self._forward(None)
-
-        def do_HEAD(self) -> None:
-            self._forward(None)
-
-        def do_PUT(self) -> None:
-            self._forward(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-
-        def do_DELETE(self) -> None:
-            self._forward(None)
-
-        def _forward(self, body: bytes | None) -> None:
-            """Everything else (S3, SQS, SNS, the rest of Auto Scaling) goes to moto unchanged."""
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-            request = urllib.request.Request(upstream + self.path, data=body, headers=headers, method=self.command)
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    self._reply(response.status, response.read(), dict(response.headers.items()))
-            except urllib.error.HTTPError as exc:
-                self._reply(exc.code, exc.read(), dict(exc.headers.items()))
-
-        def _reply(self, status: int, data: bytes, headers: dict[str, str] | str) -> None:
-            if isinstance(headers, str):
-                headers = {"Content-Type": headers}
-            self.send_response(status)
-            for name, value in headers.items():
-                if name.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    handler = type("Handler", (_Forwarder,), {"fake": fake})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

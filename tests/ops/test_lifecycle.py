@@ -44,7 +44,7 @@ def test_lifecycle_settings_are_optional_and_checked(fleet: Fleet) -> None:
 
 
 @pytest.fixture
-def asg(fleet: Fleet, aws_env: Emulator) -> Iterator[tuple[LifecycleFake, str]]:
+def asg(aws_env: Emulator) -> Iterator[tuple[LifecycleFake, str]]:
     """A group of one instance with a launch hook, in moto; yields the fake and the instance id."""
     moto = boto3.client("autoscaling", region_name=REGION, endpoint_url=aws_env.url)
     # One of moto's built-in AMIs (listing them all costs seconds).

@@ -152,7 +152,7 @@ def test_a_rejected_release_is_reported_rejected_by_status_and_wait(
         ReportReader(make_clients(REGION, fleet.endpoint_url).s3, BUCKET, Layout(), "prod", "web"),
         WaitOptions(timeout_s=30, heartbeat_ttl_s=20, poll_s=0.3),
     )
-    result = waiter.wait(deploy, lambda progress: None)
+    result = waiter.wait(deploy, lambda _progress: None)
     assert result.exit_code == EXIT_FAILED
     assert result.progress.outcomes == {agent.instance_id: Outcome.REJECTED}
     [row] = status_rows()

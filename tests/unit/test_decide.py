@@ -1,9 +1,33 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployer.agent.decide import Incoming, Verdict, decide_batch, decide_one
+from deployer.agent.decide import (
+    HAND_BACK,
+    Action,
+    Disposition,
+    Incoming,
+    Outcome,
+    Verdict,
+    decide_batch,
+    decide_one,
+    dispose,
+    outcome_of,
+)
+from deployer.protocol.errors import (
+    ActivationFailed,
+    ArtifactError,
+    AwsError,
+    FetchError,
+    HealthCheckFailed,
+    HookFailed,
+    Interrupted,
+    InvalidMessage,
+    ManifestError,
+    TransientFetchError,
+)
 from deployer.protocol.names import Channel
 from tests.support import make_deploy
 
@@ -65,7 +89,7 @@ def test_a_batch_applies_at_most_one_deploy_per_channel_and_it_is_the_newest(
     decisions = decide_batch(messages, applied, MINE)
     assert len(decisions) == len(messages)
     for channel in MINE:
-        seqs = [m.deploy.seq for m in messages if m.deploy and m.deploy.channel == channel]  # type: ignore[union-attr]
+        seqs = [m.deploy.seq for m in messages if m.deploy and m.deploy.channel == channel]
         floor = applied.get(channel, (0, ""))[0]
         chosen = [d for d in decisions if d.verdict is Verdict.APPLY and d.incoming.deploy.channel == channel]  # type: ignore[union-attr]
         newer = [s for s in seqs if s > floor]
@@ -75,3 +99,45 @@ def test_a_batch_applies_at_most_one_deploy_per_channel_and_it_is_the_newest(
         else:
             assert chosen == []
     assert all(d.verdict is Verdict.NOT_MINE for d in decisions if d.incoming.deploy.component == "other")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (InvalidMessage("manifest sha256 … does not match"), Outcome.REJECTED),
+        (ManifestError("unknown key(s): srcc"), Outcome.REJECTED),
+        (ArtifactError("unsafe archive member"), Outcome.REJECTED),
+        (FetchError("cannot get s3://b/k: NoSuchKey"), Outcome.UNAVAILABLE),
+        (TransientFetchError("download interrupted after 10 bytes"), Outcome.UNAVAILABLE),
+        (AwsError("AWS GetObject failed: SlowDown", code="SlowDown", status=503), Outcome.UNAVAILABLE),
+        (HookFailed("post hook #0 exited 1"), Outcome.FAILED),
+        (HealthCheckFailed("health check failed 3 time(s)"), Outcome.FAILED),
+        (ActivationFailed("rsync exited 23"), Outcome.FAILED),
+        (Interrupted("stopped while waiting for the apply lock"), Outcome.INTERRUPTED),
+        (RuntimeError("a bug"), Outcome.FAILED),  # counted, so a bug cannot loop forever
+        (OSError(28, "No space left on device"), Outcome.FAILED),
+    ],
+)
+def test_the_error_tree_alone_decides_what_an_apply_failure_means(error: BaseException, outcome: Outcome) -> None:
+    assert outcome_of(error) is outcome
+
+
+@pytest.mark.parametrize(
+    ("outcome", "receive_count", "disposition"),
+    [
+        (Outcome.APPLIED, 1, Disposition(Action.ACK)),
+        (Outcome.APPLIED, 4, Disposition(Action.ACK)),
+        (Outcome.REJECTED, 1, Disposition(Action.DEAD_LETTER)),
+        (Outcome.FAILED, 1, Disposition(Action.RETRY, 30)),
+        (Outcome.FAILED, 2, Disposition(Action.RETRY, 60)),
+        (Outcome.FAILED, 3, Disposition(Action.RETRY, 120)),
+        (Outcome.FAILED, 10, Disposition(Action.RETRY, 900)),  # capped at 15 minutes
+        (Outcome.UNAVAILABLE, 1, Disposition(Action.RETRY, 30)),
+        (Outcome.INTERRUPTED, 1, HAND_BACK),
+        (Outcome.INTERRUPTED, 3, Disposition(Action.RETRY, 0)),
+    ],
+)
+def test_each_outcome_maps_to_one_queue_disposition(
+    outcome: Outcome, receive_count: int, disposition: Disposition
+) -> None:
+    assert dispose(outcome, receive_count) == disposition

@@ -1,9 +1,23 @@
 from __future__ import annotations
 
+import string
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deployer.protocol.errors import ManifestError
-from deployer.protocol.manifest import HealthCheck, Hook, Manifest, SyncStrategy, parse_manifest
+from deployer.protocol.manifest import (
+    CHECKSUM_ALGORITHMS,
+    HOOK_PHASES,
+    SRC_SCHEMES,
+    Commands,
+    HealthCheck,
+    Hook,
+    Manifest,
+    SyncStrategy,
+    parse_manifest,
+)
 
 STRETCHER_EXAMPLE = """\
 src: s3://example.com/app.tar.gz
@@ -134,4 +148,58 @@ def test_health_and_run_as_parse_and_round_trip() -> None:
     )
     assert manifest.health == HealthCheck(http="http://127.0.0.1:8080/health", retries=5, interval=1.0)
     assert manifest.run_as == "www-data"
+    assert parse_manifest(manifest.to_yaml()) == manifest
+
+
+# -- the round trip, for every manifest the model can hold -------------------------------------
+
+words = st.text(
+    alphabet=string.ascii_letters + string.digits + " ._-/$'\"=:#{}[]&|;!*", min_size=1, max_size=40
+).filter(lambda s: s.strip() != "")
+paths = st.lists(st.from_regex(r"[A-Za-z0-9._-]{1,12}", fullmatch=True), min_size=1, max_size=4).map(
+    lambda parts: "/" + "/".join(parts)
+)
+seconds = st.floats(min_value=0.001, max_value=1e6, allow_nan=False, allow_infinity=False)
+env_maps = st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True), words, max_size=3)
+hooks = st.builds(Hook, run=words, timeout=st.none() | seconds, env=env_maps)
+checksums = st.sampled_from(sorted(CHECKSUM_ALGORITHMS)).flatmap(
+    lambda n: st.text(alphabet="0123456789abcdef", min_size=n, max_size=n)
+)
+health_checks = st.builds(
+    HealthCheck,
+    command=words,
+    retries=st.integers(min_value=1, max_value=100),
+    interval=seconds,
+    timeout=seconds,
+) | st.builds(
+    HealthCheck,
+    http=paths.map(lambda p: f"http://127.0.0.1:8080{p}"),
+    retries=st.integers(min_value=1, max_value=100),
+    interval=seconds,
+    timeout=seconds,
+)
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    src = draw(st.none() | st.sampled_from(SRC_SCHEMES).flatmap(lambda s: paths.map(lambda p: f"{s}://bucket{p}")))
+    return Manifest(
+        src=src,
+        checksum=draw(checksums) if src else draw(st.none() | checksums),
+        dest=draw(paths) if src else draw(st.none() | paths),
+        dest_mode=draw(st.none() | st.integers(min_value=0, max_value=0o7777)),
+        commands=Commands(*(tuple(draw(st.lists(hooks, max_size=2))) for _ in HOOK_PHASES)),
+        excludes=tuple(draw(st.lists(words, max_size=3))),
+        exclude_from=draw(st.none() | paths),
+        sync_strategy=draw(st.sampled_from(list(SyncStrategy))),
+        keep_releases=draw(st.integers(min_value=2, max_value=50)),
+        env=draw(env_maps),
+        hook_timeout=draw(st.none() | seconds),
+        health=draw(st.none() | health_checks),
+        run_as=draw(st.none() | st.from_regex(r"[a-z_][a-z0-9_-]{0,31}", fullmatch=True)),
+    )
+
+
+@given(manifests())
+def test_every_manifest_reads_back_equal_to_what_was_written(manifest: Manifest) -> None:
     assert parse_manifest(manifest.to_yaml()) == manifest

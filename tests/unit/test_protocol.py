@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -51,7 +53,9 @@ def test_canonical_json_is_sorted_and_compact_so_equal_deploys_hash_equal() -> N
         (lambda d: d.update(origin=[]), "origin must be an object"),
     ],
 )
-def test_an_invalid_document_is_rejected_with_an_error_naming_the_problem(mutate, expected: str) -> None:
+def test_an_invalid_document_is_rejected_with_an_error_naming_the_problem(
+    mutate: Callable[[dict[str, Any]], object], expected: str
+) -> None:
     doc = make_deploy().to_dict()
     mutate(doc)
     with pytest.raises(InvalidMessage) as info:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import urllib.error
+from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -12,7 +13,8 @@ FAST = RetryPolicy(max_attempts=4, base_seconds=0.001, cap_seconds=0.002, deadli
 
 
 def client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    response: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "PutObject")
 
 
 @pytest.mark.parametrize(

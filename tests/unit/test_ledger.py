@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.agent.ledger import AppliedRecord, DeployStatus, Ledger
+from deployer.agent.ledger import AppliedRecord, DeployRecord, DeployStatus, Ledger, Start, plan_start
 from deployer.apply.engine import Milestone
 from deployer.apply.fsutil import swap_symlink, write_atomic
 from deployer.apply.lock import ApplyLock
@@ -94,3 +94,34 @@ def test_only_one_process_holds_the_apply_lock(tmp_path: Path) -> None:
         holder.join(10)
     with ApplyLock(tmp_path, timeout_seconds=1):
         pass  # free again once the holder exited
+
+
+def record(status: DeployStatus, milestone: Milestone = Milestone.STARTED, payload_hash: str = "h") -> DeployRecord:
+    return DeployRecord("d", payload_hash, status, milestone, attempts=1, updated_at="2026-11-26T00:00:00Z")
+
+
+def never_asked() -> bool:
+    raise AssertionError("whether the release is live only matters for a resume after the post hooks")
+
+
+@pytest.mark.parametrize(
+    ("existing", "start"),
+    [
+        (None, Start.FRESH),
+        (record(DeployStatus.FAILED), Start.FRESH),
+        (record(DeployStatus.COMPLETED), Start.FRESH),  # the seq check keeps it from getting here
+        (record(DeployStatus.REJECTED), Start.SKIP_REJECTED),
+        (record(DeployStatus.IN_PROGRESS), Start.RESUME),
+        (record(DeployStatus.IN_PROGRESS, Milestone.ACTIVATED), Start.RESUME),
+        (record(DeployStatus.IN_PROGRESS, payload_hash="other"), Start.REJECT),
+        (record(DeployStatus.REJECTED, payload_hash="other"), Start.REJECT),
+    ],
+)
+def test_what_to_do_with_a_deploy_follows_from_its_record(existing: DeployRecord | None, start: Start) -> None:
+    assert plan_start(existing, "h", never_asked) is start
+
+
+def test_a_crash_after_the_post_hooks_only_finishes_when_the_release_is_still_live() -> None:
+    done = record(DeployStatus.IN_PROGRESS, Milestone.POST_HOOKS_DONE)
+    assert plan_start(done, "h", lambda: True) is Start.FINISH
+    assert plan_start(done, "h", lambda: False) is Start.RESUME  # someone moved `current`: run it again

@@ -1,0 +1,116 @@
+"""Every reader of status reports judges what it reads: a malformed, forged or vanished report never
+crashes `deployer status`, `publish --wait` or `gc`; it is shown as unreadable and counted honestly."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployer.agent.reporter import StatusReporter
+from deployer.aws.reports import ReportReader
+from deployer.protocol.errors import InvalidReport
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
+from publisher.wait import EXIT_TIMEOUT
+from tests.support import BUCKET, FAST_POLICY, Fleet, cli, make_tree, publish_args
+
+WHO = ReportKey("prod", "web", "i-good")
+
+
+def write_report(fleet: Fleet, who: ReportKey, seq: int = 1) -> StatusReporter:
+    reporter = StatusReporter(fleet.clients.s3, BUCKET, fleet.layout, who, ("api",), FAST_POLICY)
+    reporter.update("api", state=ComponentState.OK, seq=seq, release_id="r1", deploy_id="d1")
+    return reporter
+
+
+def put_raw(fleet: Fleet, instance: str, body: bytes) -> None:
+    key = fleet.layout.status_key("prod", "web", instance)
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+
+def write_report_doc(instance: str) -> bytes:
+    """A fresh report as the one writer renders it."""
+    report = StatusReport(
+        key=ReportKey("prod", "web", instance),
+        heartbeat_at=datetime.now(UTC).replace(microsecond=0),
+        components={"api": ComponentStatus(state=ComponentState.OK, seq=1)},
+    )
+    return report.to_json()
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"heartbeat_at": "soon"}, "heartbeat_at 'soon' is not an ISO 8601 UTC timestamp"),
+        ({"instance_id": "i-someone-else"}, "body says instance_id 'i-someone-else' but its key says 'i-good'"),
+        ({"role": "web-admin"}, "body says role 'web-admin' but its key says 'web'"),
+        ({"v": 2}, "unsupported report version v=2"),
+        ({"surprise": 1}, "unknown key(s): surprise"),
+        ({"components": {"api": {"state": "great"}}}, "components.api.state 'great' is not a component state"),
+        ({"components": {"api": {"state": "ok", "seq": "7"}}}, "components.api.seq must be a positive integer"),
+        ({"last_rejection": "yes"}, "last_rejection must be null or an object"),
+    ],
+)
+def test_the_report_parser_names_what_is_wrong_and_believes_the_key_not_the_body(
+    changes: dict[str, Any], error: str
+) -> None:
+    doc = json.loads(write_report_doc("i-good"))
+    doc.update(changes)
+    with pytest.raises(InvalidReport) as info:
+        parse_report(json.dumps(doc).encode(), WHO)
+    assert error in str(info.value)
+
+
+def test_what_the_writer_writes_the_parser_reads_back() -> None:
+    body = write_report_doc("i-good")
+    report = parse_report(body, WHO)
+    assert report.key == WHO
+    assert report.components["api"] == ComponentStatus(state=ComponentState.OK, seq=1)
+    assert report.to_json() == body
+
+
+def test_status_shows_an_unreadable_report_as_a_row_and_still_exits_zero(fleet: Fleet) -> None:
+    write_report(fleet, WHO)
+    put_raw(fleet, "i-broken", b'{"v": 1, "heartbeat_at": "not a time"')
+    result = cli("status", "--bucket", BUCKET)
+    assert result.returncode == 0, result.stderr
+    broken = next(line for line in result.stdout.splitlines() if line.startswith("i-broken"))
+    assert "unreadable" in broken
+    assert "report is not JSON" in broken
+    assert "prod/web: 1 unreadable report(s)" in result.stdout
+    rows = json.loads(cli("status", "--bucket", BUCKET, "--json").stdout)["instances"]
+    assert {(r["instance_id"], r["state"]) for r in rows} == {("i-good", "ok"), ("i-broken", "unreadable")}
+
+
+def test_a_report_that_vanishes_between_list_and_get_is_simply_absent(fleet: Fleet) -> None:
+    write_report(fleet, WHO)
+    write_report(fleet, ReportKey("prod", "web", "i-leaving"))
+    leaving = fleet.layout.status_key("prod", "web", "i-leaving")
+
+    def delete_first(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"] == leaving:  # gc (or a deregistering agent) wins the race
+            fleet.clients.s3.delete_object(Bucket=BUCKET, Key=leaving)
+
+    fleet.clients.s3.meta.events.register("provide-client-params.s3.GetObject", delete_first)
+    entries = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+    assert set(entries) == {WHO}
+
+
+def test_publish_wait_counts_an_unreadable_report_as_not_converged_and_times_out(fleet: Fleet, tmp_path: Path) -> None:
+    put_raw(fleet, "i-forger", json.dumps({**json.loads(write_report_doc("i-forger")), "instance_id": "i-x"}).encode())
+    build = make_tree(tmp_path / "build", {"index.html": "v1"})
+    result = cli(*publish_args(fleet, build, "--wait", "--poll-interval", "0.2", "--timeout", "1"))
+    assert result.returncode == EXIT_TIMEOUT, result.stdout + result.stderr
+    assert "i-forger: unreadable: unreadable report: report body says instance_id 'i-x'" in result.stdout
+    assert "TIMEOUT" in result.stdout
+
+
+def test_gc_judges_an_unreadable_report_by_the_age_of_its_object_and_does_not_crash(fleet: Fleet) -> None:
+    put_raw(fleet, "i-garbled", b"\x00\x01 not json")
+    result = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0 stale instance(s) would be removed"  # written just now: not stale

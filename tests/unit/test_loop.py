@@ -1,0 +1,197 @@
+"""The agent loop against the in-memory queue: what happens to every message, without a subprocess."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from deployer.agent.config import AgentConfig, config_from_dict
+from deployer.agent.decide import Outcome
+from deployer.agent.ledger import DeployStatus, Ledger
+from deployer.agent.loop import Agent
+from deployer.agent.queue_stub import MemoryQueue
+from deployer.apply.engine import Milestone
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.names import Channel
+from tests.support import make_deploy
+
+TOPIC = "arn:aws:sns:us-east-1:123456789012:deployer-test"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeRunner:
+    """Applies nothing; answers each deploy with a scripted outcome and records the order."""
+
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    applied: list[tuple[str, int]] = field(default_factory=list)
+    on_apply: list[threading.Event] = field(default_factory=list)  # set on the first apply
+
+    def apply(self, deploy: Deploy) -> Outcome:
+        self.applied.append((deploy.component, deploy.seq))
+        for event in self.on_apply:
+            event.set()
+        return self.outcomes.get(deploy.component, Outcome.APPLIED)
+
+    def worth_retrying(self, _deploy: Deploy) -> bool:
+        return True
+
+
+@dataclass
+class FakeReporter:
+    writes: int = 0
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+
+    def write(self) -> None:
+        self.writes += 1
+
+    def reject_message(self, message_id: str, reason: str) -> None:
+        self.rejections.append((message_id, reason))
+
+
+@dataclass
+class Rig:
+    agent: Agent
+    queue: MemoryQueue
+    runner: FakeRunner
+    reporter: FakeReporter
+    ledger: Ledger
+    clock: Clock
+    stop: threading.Event
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    config: AgentConfig = config_from_dict(
+        {
+            "stage": "prod",
+            "role": "web",
+            "components": ["api", "worker"],
+            "bucket": "deployer-test",
+            "topic_arn": TOPIC,
+            "instance_id": "i-loop",
+            "state_dir": str(tmp_path),
+            "poll_wait_seconds": 0,
+        }
+    )
+    clock, stop = Clock(), threading.Event()
+    queue, runner, reporter, ledger = MemoryQueue(clock), FakeRunner(), FakeReporter(), Ledger(tmp_path)
+    agent = Agent(
+        config, queue=queue, runner=runner, reporter=reporter, ledger=ledger, pointer=lambda _channel: None, stop=stop
+    )
+    return Rig(agent, queue, runner, reporter, ledger, clock, stop)
+
+
+def deploy(component: str = "api", seq: int = 1) -> Deploy:
+    return make_deploy(component=component, seq=seq, deploy_id=f"{component}-{seq}")
+
+
+def test_only_the_highest_seq_per_channel_in_a_batch_is_applied_in_boot_order_and_everything_is_acknowledged(
+    rig: Rig,
+) -> None:
+    for body in (deploy("worker", 1), deploy("api", 1), deploy("api", 3), deploy("api", 2)):
+        rig.queue.send(body.to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 3), ("worker", 1)]  # api before worker, as the config lists them
+    assert rig.queue.pending() == []
+
+
+def test_duplicates_and_older_seqs_are_acknowledged_without_applying(rig: Rig) -> None:
+    applied = deploy("api", 5)
+    rig.ledger.mark(applied, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+    rig.queue.send(applied.to_json())
+    rig.queue.send(deploy("api", 3).to_json())
+    rig.queue.send(replace(deploy("api", 1), stage="dev").to_json())  # another stage's (filter policies are hints)
+    rig.agent.poll_once()
+    assert rig.runner.applied == []
+    assert rig.queue.pending() == []
+    assert rig.queue.dead_letters == []
+
+
+def test_a_failed_apply_stays_in_the_queue_and_comes_back_after_30_60_then_120_seconds(rig: Rig) -> None:
+    rig.runner.outcomes["api"] = Outcome.FAILED
+    rig.queue.send(deploy("api", 1).to_json())
+    delays = []
+    for _ in range(3):
+        rig.agent.poll_once()
+        [(_, delay)] = rig.queue.visibility_changes[-1:]
+        delays.append(delay)
+        rig.agent.poll_once()  # invisible until the backoff ran out: nothing to receive
+        assert len(rig.runner.applied) == len(delays)
+        rig.clock.now += delay
+    assert delays == [30, 60, 120]
+    assert rig.queue.pending() == [deploy("api", 1).to_json()]  # SQS's redrive moves it to the DLQ, not us
+
+
+def test_a_network_failure_is_retried_the_same_way_and_an_interrupted_apply_is_handed_back_at_once(rig: Rig) -> None:
+    rig.runner.outcomes.update(api=Outcome.UNAVAILABLE, worker=Outcome.INTERRUPTED)
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.queue.send(deploy("worker", 1).to_json())
+    rig.agent.poll_once()
+    assert dict(rig.queue.visibility_changes) == {"m-0": 30, "m-1": 0}
+    assert len(rig.queue.pending()) == 2  # neither is deleted
+
+
+def test_a_rejected_release_and_an_unparseable_message_go_to_the_dlq_with_their_reasons(rig: Rig) -> None:
+    rig.runner.outcomes["api"] = Outcome.REJECTED
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.queue.send("not json at all")
+    rig.agent.poll_once()
+    reasons = dict(rig.queue.dead_letters)
+    assert reasons[deploy("api", 1).to_json()] == "apply rejected the release"
+    assert reasons["not json at all"].startswith("deploy document is not JSON")
+    assert [message_id for message_id, _ in rig.reporter.rejections] == ["m-1"]  # only the poison message
+    assert rig.queue.pending() == []
+
+
+def test_on_stop_messages_not_yet_started_are_handed_back_with_visibility_zero(rig: Rig) -> None:
+    rig.runner.on_apply.append(rig.stop)  # SIGTERM arrives while the first apply runs
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.queue.send(deploy("worker", 1).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 1)]
+    assert rig.queue.visibility_changes == [("m-1", 0)]
+    assert rig.queue.pending() == [deploy("worker", 1).to_json()]
+    assert [m.body for m in rig.queue.receive(0)] == [deploy("worker", 1).to_json()]  # visible again at once
+
+
+def test_serving_ends_when_the_stop_is_set_and_heartbeats_on_its_timer(rig: Rig) -> None:
+    config = replace(rig.agent.config, heartbeat_interval_seconds=0.01)
+    agent = Agent(
+        config,
+        queue=rig.queue,
+        runner=rig.runner,
+        reporter=rig.reporter,
+        ledger=rig.ledger,
+        pointer=lambda _channel: None,
+        stop=rig.stop,
+    )
+    threading.Timer(0.3, rig.stop.set).start()
+    agent.serve()
+    assert rig.reporter.writes >= 1
+
+
+def test_reconcile_applies_a_pointer_ahead_of_the_ledger_and_skips_one_that_is_not(rig: Rig) -> None:
+    pointers = {Channel("prod", "web", "api"): deploy("api", 4), Channel("prod", "web", "worker"): deploy("worker", 2)}
+    rig.ledger.mark(deploy("worker", 2), DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+    agent = Agent(
+        rig.agent.config,
+        queue=rig.queue,
+        runner=rig.runner,
+        reporter=rig.reporter,
+        ledger=rig.ledger,
+        pointer=pointers.__getitem__,
+        stop=rig.stop,
+    )
+    agent.reconcile(reason="test")
+    assert rig.runner.applied == [("api", 4)]
