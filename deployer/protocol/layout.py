@@ -42,7 +42,7 @@ class ReportKey:
 
 @dataclass(frozen=True)
 class Layout:
-    """The S3 key layout under one prefix (docs/design.md, "Where things live")."""
+    """The S3 key layout under one prefix (docs/design.md, "The shape of the system")."""
 
     prefix: str = DEFAULT_PREFIX
 

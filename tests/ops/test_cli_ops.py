@@ -28,7 +28,3 @@ def test_help_names_the_exit_codes_ci_can_branch_on() -> None:
         assert "0 every expected instance converged" in text
         assert "4 some failed, were rejected or were lost" in text
         assert "5 timed out" in text
-
-
-def test_every_operations_command_is_registered() -> None:
-    assert {"status", "history", "rollback", "gc", "iam-policy"} <= set(main.commands)
