@@ -45,12 +45,15 @@ class Registration:
     last_modified: datetime
 
     def age_s(self, now: datetime) -> float:
-        """Heartbeat age, or the object's age when the report is unreadable."""
-        return age_seconds(self.heartbeat_at or self.last_modified, now)
+        """How long nobody has vouched for this instance: the younger of its heartbeat and of the
+        object itself. A body's heartbeat is only a claim (a back-dated one must not get a live
+        instance collected); S3's LastModified is when someone last wrote the report."""
+        written = age_seconds(self.last_modified, now)
+        return written if self.heartbeat_at is None else min(written, age_seconds(self.heartbeat_at, now))
 
 
 def select_stale(registrations: Iterable[Registration], now: datetime, ttl_s: float) -> list[Registration]:
-    """Pure: the registrations whose heartbeat is older than the TTL, oldest first."""
+    """Pure: the registrations whose heartbeat and object are both older than the TTL, oldest first."""
     stale = [r for r in registrations if r.age_s(now) > ttl_s]
     return sorted(stale, key=lambda r: (-r.age_s(now), r.key))
 
@@ -118,3 +121,15 @@ class Collector:
     def _unchanged(self, reg: Registration) -> bool:
         found = head(self.clients.s3, self.bucket, reg.key, self.policy)
         return found is None or found.get("ETag", "") == reg.etag  # gone already: finish removing the queues
+
+
+def describe(removed: Iterable[Removal], *, dry_run: bool) -> list[str]:
+    """What a run did (or would do), one line per instance and a count. Pure."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [
+        f"{verb} {r.stage}/{r.role}/{r.instance_id}: {len(r.subscriptions)} subscription(s), "
+        f"queues {', '.join(r.queues) or '-'}, status report"
+        for r in removed
+    ]
+    count = len(lines)
+    return [*lines, f"{count} stale instance(s) {'would be removed' if dry_run else 'removed'}"]

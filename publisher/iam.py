@@ -1,27 +1,59 @@
-"""`deployer iam-policy`: least-privilege IAM policies for CI, instances and gc. Pure.
+"""`deployer iam-policy`: the policies that draw the trust boundary. Pure: documents from names.
 
-Scoped to the bucket and prefix (and within it to releases/, channels/ and status/), the topic,
-and the queue-name pattern `<queue_prefix>-<stage>-<role>-*`. Region and account come from the
-topic ARN: queues live next to the topic they subscribe to.
+Who may do what (docs/design.md, "The trust boundary"):
+
+- `ci` publishes: writes releases and the channel pointers of its stage (`--stage`), publishes
+  to the topic, reads status. It is the only principal that can move a fleet.
+- `instance` is the agent: it reads releases and its channels, and touches only what is its
+  own. Its queues carry a `deployer-owner` tag with its `aws:userid` (`<role id>:<instance id>`
+  on EC2) and every SQS permission is conditioned on that tag (SQS attribute-based access
+  control); it can create a queue only by tagging it so; it sends only to its own DLQ; its
+  status report is the object named by its own `${aws:userid}`; it subscribes only SQS
+  endpoints of the deployer's queue-name pattern, with the attributes in the Subscribe call
+  (there is no `SetSubscriptionAttributes`, so no subscription can be re-pointed or re-filtered).
+- `gc` removes registrations of instances that stopped heartbeating.
+- `bucket` is a bucket policy that makes conditional writes the rule, not a client habit:
+  releases and history only with `If-None-Match: *`, pointers only with `If-Match` or
+  `If-None-Match`.
+- `topic` is the topic policy `deployer init` sets: only the given CI principals may publish,
+  and only SQS endpoints of the queue-name pattern may subscribe.
+
+Region and account come from the topic ARN: queues live next to the topic they subscribe to.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.protocol.layout import CHANNELS, RELEASES, STATUS, Layout
-from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, TopicArn, queue_name_pattern
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.layout import CHANNELS, HISTORY, POINTER_NAME, RELEASES, REPORT_SUFFIX, STATUS, Layout
+from deployer.protocol.names import (
+    DEFAULT_PREFIX,
+    DEFAULT_QUEUE_PREFIX,
+    DLQ_SUFFIX,
+    OWNER_TAG,
+    TopicArn,
+    queue_name_pattern,
+)
 
 POLICY_VERSION = "2012-10-17"
+#: IAM's policy variable for the caller: `<role id>:<instance id>` for an EC2 instance-role session.
+#: https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_variables.html
+USERID = "${aws:userid}"
+#: The principals `--publisher-arn` takes: IAM roles (a CI job's OIDC role) and users.
+_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
 
 
 class Audience(enum.StrEnum):
     CI = "ci"  # publish, publish --wait, rollback, history, status
     INSTANCE = "instance"  # the agent
     GC = "gc"  # deployer gc on a schedule
+    BUCKET = "bucket"  # a bucket policy: conditional writes enforced
+    TOPIC = "topic"  # the topic policy `deployer init` sets
 
 
 @dataclass(frozen=True)
@@ -36,117 +68,229 @@ class Scope:
     asg_name: str | None = None
     lifecycle: bool = False
     deregister: bool = False
+    #: Topic: the CI principals allowed to publish (none: any principal the account's IAM allows).
+    publishers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for arn in self.publishers:
+            if not _PRINCIPAL_ARN.match(arn):
+                raise ConfigError(
+                    f"publisher ARN {arn!r} is not an IAM role or user ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+                )
 
     @property
     def topic(self) -> TopicArn:
         return TopicArn.parse(self.topic_arn)
 
-    @property
-    def region(self) -> str:
-        return self.topic.region
-
-    @property
-    def account(self) -> str:
-        return self.topic.account
-
-    @property
-    def partition(self) -> str:
-        return self.topic.partition
-
     def objects(self, *parts: str) -> str:
         """Object ARN pattern for `<prefix>/<parts…>`, keys built by the same Layout the code writes with."""
         return f"{self.bucket_arn}/{Layout(self.prefix).key(*parts)}"
+
+    def key_pattern(self, *parts: str) -> str:
+        """`<prefix>/<parts…>` as an `s3:prefix` condition value."""
+        return Layout(self.prefix).key(*parts)
 
     @property
     def bucket_arn(self) -> str:
         return self.topic.bucket_arn(self.bucket)
 
     @property
-    def status_objects(self) -> str:
-        return self.objects(STATUS, *([self.stage, self.role or "*", "*"] if self.stage else ["*"]))
+    def fleet(self) -> list[str]:
+        """`<stage>/<role>` path parts, `*` where not narrowed."""
+        return [self.stage or "*", (self.role or "*") if self.stage else "*"]
 
     @property
     def queues(self) -> str:
-        """`<queue_prefix>-<stage>-<role>-*`, narrowed as far as stage and role are given."""
+        """`<queue_prefix>--<stage>--<role>--*`, narrowed as far as stage and role are given."""
         return self.topic.queue_arn(queue_name_pattern(self.queue_prefix, self.stage, self.role))
 
+    @property
+    def dead_letter_queues(self) -> str:
+        return self.queues + DLQ_SUFFIX
 
-def _statement(sid: str, actions: list[str], resources: str | list[str]) -> dict[str, Any]:
-    return {"Sid": sid, "Effect": "Allow", "Action": sorted(actions), "Resource": resources}
+
+def _allow(
+    sid: str, actions: list[str], resources: str | list[str], condition: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    statement: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": sorted(actions), "Resource": resources}
+    if condition:
+        statement["Condition"] = condition
+    return statement
+
+
+def _deny(sid: str, actions: list[str], resource: str, condition: dict[str, Any]) -> dict[str, Any]:
+    """A resource-policy Deny for everyone: within one account only an explicit Deny restricts."""
+    return {
+        "Sid": sid,
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": sorted(actions),
+        "Resource": resource,
+        "Condition": condition,
+    }
 
 
 def policy_for(audience: Audience, scope: Scope) -> dict[str, Any]:
-    if audience is Audience.CI:
-        statements = [
-            _statement(
-                "ReleasesAndChannels",
-                ["s3:GetObject", "s3:PutObject"],
-                [scope.objects(RELEASES, "*"), scope.objects(CHANNELS, "*")],
-            ),
-            _statement("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, "*")),
-            # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
-            _statement("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
-            _statement("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
-        ]
-    elif audience is Audience.INSTANCE:
-        statements = [
-            _statement(
-                "ReadReleasesAndPointers",
-                ["s3:GetObject"],
-                [scope.objects(RELEASES, "*"), scope.objects(CHANNELS, "*")],
-            ),
-            # Without s3:ListBucket, S3 answers 403 instead of 404 for a pointer never published.
-            _statement("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
-            _statement(
-                "WriteOwnStatus",
-                ["s3:PutObject", *(["s3:DeleteObject"] if scope.deregister else [])],
-                scope.status_objects,
-            ),
-            _statement(
-                "OwnQueues",
-                [
-                    "sqs:ChangeMessageVisibility",
-                    "sqs:CreateQueue",
-                    "sqs:DeleteMessage",
-                    "sqs:GetQueueAttributes",
-                    "sqs:GetQueueUrl",
-                    "sqs:ReceiveMessage",
-                    "sqs:SendMessage",  # moving a poison message to its own DLQ
-                    "sqs:SetQueueAttributes",
-                    *(["sqs:DeleteQueue"] if scope.deregister else []),
-                ],
-                scope.queues,
-            ),
-            _statement(
-                "Subscribe",
-                [
-                    "sns:SetSubscriptionAttributes",
-                    "sns:Subscribe",
-                    *(["sns:Unsubscribe"] if scope.deregister else []),
-                ],
-                scope.topic_arn,
-            ),
-        ]
-        if scope.lifecycle or scope.asg_name:
-            group = scope.asg_name or "*"
-            statements.append(
-                _statement(
-                    "CompleteLaunchHook",
-                    ["autoscaling:CompleteLifecycleAction"],
-                    f"arn:{scope.partition}:autoscaling:{scope.region}:{scope.account}:autoScalingGroup:*:autoScalingGroupName/{group}",
-                )
+    builders = {
+        Audience.CI: _ci,
+        Audience.INSTANCE: _instance,
+        Audience.GC: _gc,
+        Audience.BUCKET: _bucket,
+        Audience.TOPIC: _topic,
+    }
+    return {"Version": POLICY_VERSION, "Statement": builders[audience](scope)}
+
+
+def _ci(scope: Scope) -> list[dict[str, Any]]:
+    stage = scope.stage or "*"
+    return [
+        # Releases are per component and immutable; a release built once may be promoted to every stage.
+        _allow("PutReleases", ["s3:GetObject", "s3:PutObject"], scope.objects(RELEASES, "*")),
+        _allow("MoveOwnStagesChannels", ["s3:GetObject", "s3:PutObject"], scope.objects(CHANNELS, stage, "*")),
+        _allow("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, stage, "*")),
+        # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
+        _allow("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
+        _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
+    ]
+
+
+def _instance(scope: Scope) -> list[dict[str, Any]]:
+    owned = {"StringEquals": {f"aws:ResourceTag/{OWNER_TAG}": USERID}}
+    statements = [
+        _allow("ReadReleases", ["s3:GetObject"], scope.objects(RELEASES, "*")),
+        _allow("ReadOwnChannels", ["s3:GetObject"], scope.objects(CHANNELS, *scope.fleet, "*")),
+        # Only so that S3 answers 404, not 403, for a pointer never published; never status/.
+        _allow(
+            "ListOwnChannels",
+            ["s3:ListBucket"],
+            scope.bucket_arn,
+            {"StringLike": {"s3:prefix": [scope.key_pattern(CHANNELS, *scope.fleet, "*")]}},
+        ),
+        _allow(
+            "WriteOwnStatus",
+            ["s3:PutObject", *(["s3:DeleteObject"] if scope.deregister else [])],
+            scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}"),
+        ),
+        _allow(
+            "CreateQueuesTaggedAsOwn",
+            ["sqs:CreateQueue"],
+            scope.queues,
+            {
+                "StringEquals": {f"aws:RequestTag/{OWNER_TAG}": USERID},
+                "ForAllValues:StringEquals": {"aws:TagKeys": [OWNER_TAG]},
+            },
+        ),
+        _allow(
+            "UseOwnQueues",
+            [
+                "sqs:ChangeMessageVisibility",
+                "sqs:DeleteMessage",
+                "sqs:GetQueueAttributes",
+                "sqs:ReceiveMessage",
+                "sqs:SetQueueAttributes",
+                *(["sqs:DeleteQueue"] if scope.deregister else []),
+            ],
+            scope.queues,
+            owned,
+        ),
+        # Moving a poison message to its own DLQ, nowhere else.
+        _allow("DeadLetterToOwnDlq", ["sqs:SendMessage"], scope.dead_letter_queues, owned),
+        _allow(
+            "SubscribeDeployerQueues",
+            ["sns:Subscribe"],
+            scope.topic_arn,
+            {"StringEquals": {"sns:Protocol": "sqs"}, "StringLike": {"sns:Endpoint": scope.queues}},
+        ),
+    ]
+    if scope.deregister:
+        # sns:Unsubscribe takes no resource scoping at all (not even the topic): grant it only where
+        # SIGTERM means termination, or leave leaving to `deployer gc`.
+        statements.append(_allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"))
+    if scope.lifecycle or scope.asg_name:
+        group = scope.asg_name or "*"
+        topic = scope.topic
+        statements.append(
+            _allow(
+                "CompleteLaunchHook",
+                ["autoscaling:CompleteLifecycleAction"],
+                f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{group}",
             )
-            if not scope.asg_name:
-                # DescribeAutoScalingInstances supports no resource-level scoping.
-                statements.append(_statement("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
-    else:
-        statements = [
-            _statement("ReadAndDeleteStatus", ["s3:DeleteObject", "s3:GetObject"], scope.status_objects),
-            _statement("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
-            _statement("Unsubscribe", ["sns:ListSubscriptionsByTopic", "sns:Unsubscribe"], scope.topic_arn),
-            _statement("DeleteQueues", ["sqs:DeleteQueue", "sqs:GetQueueUrl"], scope.queues),
-        ]
-    return {"Version": POLICY_VERSION, "Statement": statements}
+        )
+        if not scope.asg_name:
+            # DescribeAutoScalingInstances supports no resource-level scoping.
+            statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
+    return statements
+
+
+def _gc(scope: Scope) -> list[dict[str, Any]]:
+    return [
+        _allow("ReadAndDeleteStatus", ["s3:DeleteObject", "s3:GetObject"], scope.objects(STATUS, *scope.fleet, "*")),
+        _allow("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
+        _allow("ListSubscriptions", ["sns:ListSubscriptionsByTopic"], scope.topic_arn),
+        # sns:Unsubscribe supports no resource-level permissions.
+        _allow("Unsubscribe", ["sns:Unsubscribe"], "*"),
+        _allow("DeleteQueues", ["sqs:DeleteQueue", "sqs:GetQueueUrl"], scope.queues),
+    ]
+
+
+def _bucket(scope: Scope) -> list[dict[str, Any]]:
+    """Conditional writes as the bucket's rule: a release or a history entry is written once, a
+    pointer moves only from the version its writer read (`s3:if-none-match`, `s3:if-match`).
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes-enforce.html
+    """
+    return [
+        _deny(
+            "ReleasesAreWrittenOnce",
+            ["s3:PutObject"],
+            scope.objects(RELEASES, "*"),
+            {"Null": {"s3:if-none-match": "true"}},
+        ),
+        _deny(
+            "HistoryIsWrittenOnce",
+            ["s3:PutObject"],
+            scope.objects(CHANNELS, "*", HISTORY, "*"),
+            {"Null": {"s3:if-none-match": "true"}},
+        ),
+        _deny(
+            "PointersMoveConditionally",
+            ["s3:PutObject"],
+            scope.objects(CHANNELS, "*", POINTER_NAME),
+            {"Null": {"s3:if-match": "true", "s3:if-none-match": "true"}},
+        ),
+    ]
+
+
+def _topic(scope: Scope) -> list[dict[str, Any]]:
+    topic = scope.topic
+    statements: list[dict[str, Any]] = [
+        {
+            # The account's IAM decides, as under SNS's default policy; the Denies below narrow it.
+            "Sid": "AccountIamDecides",
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:{topic.partition}:iam::{topic.account}:root"},
+            "Action": sorted(
+                ["sns:GetTopicAttributes", "sns:ListSubscriptionsByTopic", "sns:Publish", "sns:Subscribe"]
+            ),
+            "Resource": scope.topic_arn,
+        },
+        _deny("OnlySqsSubscriptions", ["sns:Subscribe"], scope.topic_arn, {"StringNotEquals": {"sns:Protocol": "sqs"}}),
+        _deny(
+            "OnlyDeployerQueues",
+            ["sns:Subscribe"],
+            scope.topic_arn,
+            {"StringNotLike": {"sns:Endpoint": topic.queue_arn(queue_name_pattern(scope.queue_prefix))}},
+        ),
+    ]
+    if scope.publishers:
+        statements.append(
+            _deny(
+                "OnlyCiPublishes",
+                ["sns:Publish"],
+                scope.topic_arn,
+                {"ArnNotLike": {"aws:PrincipalArn": list(scope.publishers)}},
+            )
+        )
+    return statements
 
 
 def render(policy: dict[str, Any]) -> str:

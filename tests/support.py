@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 
@@ -239,6 +240,8 @@ class AgentProcess:
         self.fleet = fleet
         self.home = home
         self.instance_id = instance_id
+        #: Set when the agent runs with an instance-role session (`instance_role`): its status key carries it.
+        self.role_id = ""
         home.mkdir(parents=True, exist_ok=True)
         self.root = home / "root"
         self.config_path = home / "agent.yml"
@@ -288,7 +291,7 @@ class AgentProcess:
 
     @property
     def who(self) -> ReportKey:
-        return ReportKey(self.config["stage"], self.config["role"], self.instance_id or "")
+        return ReportKey(self.config["stage"], self.config["role"], self.instance_id or "", self.role_id)
 
     def status(self) -> StatusReport | None:
         """This agent's status report, parsed by the protocol's one parser (None if there is none)."""
@@ -309,15 +312,51 @@ class AgentProcess:
         path = self.root / "opt" / component / HOOK_LOG
         return path.read_text().split() if path.exists() else []
 
-    def queue_url(self) -> str:
+    def queue_url(self, suffix: str = "") -> str:
+        """The agent's queue (or, with DLQ_SUFFIX, its DLQ)."""
         name = queue_name(DEFAULT_QUEUE_PREFIX, self.config["stage"], self.config["role"], self.instance_id or "")
-        return self.fleet.clients.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        return self.fleet.clients.sqs.get_queue_url(QueueName=name + suffix)["QueueUrl"]
 
 
 def read_report(fleet: Fleet, who: ReportKey) -> StatusReport | None:
-    key = fleet.layout.status_key(who.stage, who.role, who.instance_id)
+    key = fleet.layout.status_key(who)
     found = get_document(fleet.clients.s3, fleet.bucket, key)
     return parse_report(found[0], who) if found else None
+
+
+@dataclass(frozen=True)
+class InstanceRole:
+    """An IAM role in moto whose sessions stand in for EC2 instance-role credentials.
+
+    A session named after the instance id has the `aws:userid` EC2 gives an instance
+    (`<role id>:<instance id>`), which is what the agent confines its status key and queues by.
+    """
+
+    endpoint_url: str
+    arn: str
+    role_id: str
+
+    def session_env(self, instance_id: str) -> dict[str, str]:
+        sts = boto3.client(
+            "sts", region_name=REGION, endpoint_url=self.endpoint_url, aws_access_key_id="x", aws_secret_access_key="x"
+        )
+        creds = sts.assume_role(RoleArn=self.arn, RoleSessionName=instance_id)["Credentials"]
+        return {
+            "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": creds["SessionToken"],
+        }
+
+
+@pytest.fixture
+def instance_role(fleet: Fleet) -> InstanceRole:
+    iam = boto3.client("iam", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+    }
+    role = iam.create_role(RoleName="fleet-instance", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    return InstanceRole(fleet.endpoint_url, role["Arn"], role["RoleId"])
 
 
 @pytest.fixture
@@ -325,10 +364,17 @@ def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentPro
     started: list[AgentProcess] = []
 
     def start(
-        instance_id: str | None = None, boot: bool = True, env: dict[str, str] | None = None, **overrides: Any
+        instance_id: str | None = None,
+        boot: bool = True,
+        env: dict[str, str] | None = None,
+        role: InstanceRole | None = None,
+        **overrides: Any,
     ) -> AgentProcess:
         index = len(started) + 1
         agent = AgentProcess(fleet, tmp_path / f"agent-{index}", instance_id or f"i-e2e{index:013d}", **overrides)
+        if role is not None:
+            env = {**(env or {}), **role.session_env(agent.instance_id or "")}
+            agent.role_id = role.role_id
         started.append(agent.start(env))
         if boot:
             wait_until(lambda: agent.status() is not None or not agent.alive(), f"agent {index} to boot")
@@ -380,6 +426,43 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+# -- publishing around the fan-out -------------------------------------------------------
+
+
+class NoFanout:
+    """An SNS client whose Publish does nothing: pointers move, no message is delivered."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def publish(self, **_kwargs: Any) -> dict[str, str]:
+        return {"MessageId": "suppressed-by-test"}
+
+
+class BrokenFanout(NoFanout):
+    def publish(self, **_kwargs: Any) -> dict[str, str]:
+        raise ConnectionResetError("SNS unreachable (injected)")
+
+
+def silent_publisher(fleet: Fleet, sns: type[NoFanout] = NoFanout) -> Publisher:
+    clients = Clients(s3=fleet.clients.s3, sns=sns(fleet.clients.sns), sqs=fleet.clients.sqs)  # type: ignore[arg-type]
+    return Publisher(clients, fleet.bucket, fleet.topic_arn, fleet.layout, FAST_POLICY)
+
+
+def artifact(tmp_path: Path, name: str, text: str) -> Path:
+    build = make_tree(tmp_path / f"build-{name}", {"index.html": text})
+    return pack_directory(build, tmp_path / f"{name}.tar.gz")
+
+
+def publish_on(publisher: Publisher, channel: Channel, path: Path, release_id: str, **kwargs: Any) -> Deploy:
+    template = release_template(**kwargs)
+    template = type(template)(**{**template.__dict__, "dest": f"/opt/{channel.component}/current"})
+    return publisher.publish(channel, path, template=template, release_id=release_id).deploy
 
 
 # -- fleet operations ------------------------------------------------------------------------

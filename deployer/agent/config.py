@@ -17,7 +17,7 @@ from deployer.protocol.names import (
     BUCKET_PATTERN,
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
-    QUEUE_NAME_PART,
+    QUEUE_PREFIX_PATTERN,
     Channel,
     TopicArn,
     check_name,
@@ -73,6 +73,8 @@ class AgentConfig:
     lifecycle_asg_name: str | None = None
     #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
     deregister_on_shutdown: bool = False
+    #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
+    allow_http_manifests: bool = False
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -112,8 +114,10 @@ class AgentConfig:
             TopicArn.parse(self.topic_arn)
         except ConfigError:
             raise ConfigError(f"topic_arn {self.topic_arn!r} is not an SNS topic ARN") from None
-        if not QUEUE_NAME_PART.match(self.queue_prefix):
-            raise ConfigError(f"queue_prefix {self.queue_prefix!r} may hold only letters, digits, '-' and '_'")
+        if not QUEUE_PREFIX_PATTERN.match(self.queue_prefix):
+            raise ConfigError(
+                f"queue_prefix {self.queue_prefix!r} must be letters and digits joined by single '-' or '_' ('--' separates queue name parts)"
+            )
 
     @property
     def channels(self) -> tuple[Channel, ...]:
@@ -193,6 +197,7 @@ _READERS: dict[str, Callable[[Any, str, str], Any]] = {
     "state_dir": _path,
     "root_dir": _path,
     "deregister_on_shutdown": _flag,
+    "allow_http_manifests": _flag,
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from deployer.aws.retry import backoff_seconds
 from deployer.protocol.deploy import Deploy
-from deployer.protocol.errors import InfrastructureError, Interrupted, RejectedInput
+from deployer.protocol.errors import InfrastructureError, Interrupted, RejectedInput, Unauthentic
 from deployer.protocol.names import Channel
 
 #: A message whose apply failed is retried after 30 s, 60 s, 120 s, … (by SQS visibility), at most this.
@@ -70,34 +70,61 @@ def decide_one(
 def decide_batch(
     batch: Sequence[Incoming], applied: Mapping[Channel, tuple[int, str]], mine: Collection[Channel]
 ) -> list[Decision]:
-    """One decision per message, in batch order; at most one APPLY per channel (its highest seq)."""
+    """One decision per message, in batch order; at most one APPLY per channel (its highest seq).
+
+    The channel's other applicable deploys are SUPERSEDED; `candidates` orders them as fallbacks,
+    because the APPLY one is only authenticated (against the channel's history) under the apply
+    lock: a forged message with a high seq must not silence a genuine one in the same batch.
+    Two different deploys claiming one seq are both candidates for the same reason: history
+    decides which of them is real.
+    """
     decisions: list[Decision] = []
-    best: dict[Channel, int] = {}  # channel -> index in decisions of the current APPLY
+    seen: set[str] = set()
     for incoming in batch:
         deploy = incoming.deploy
         if deploy is None:
             decisions.append(Decision(incoming, Verdict.REJECTED, incoming.error or "unparseable message"))
             continue
         verdict, reason = decide_one(deploy, applied, mine)
-        if verdict is Verdict.APPLY and deploy.channel in best:
-            rival_index = best[deploy.channel]
-            rival = decisions[rival_index].incoming.deploy
-            assert rival is not None
-            if deploy.seq == rival.seq and deploy.deploy_id == rival.deploy_id:
-                verdict, reason = Verdict.DUPLICATE, f"seq {deploy.seq} appears twice in this batch"
-            elif deploy.seq == rival.seq:
-                verdict, reason = Verdict.REJECTED, f"two different deploys claim seq {deploy.seq}"
-            elif deploy.seq < rival.seq:
-                verdict, reason = Verdict.SUPERSEDED, f"seq {rival.seq} is in the same batch"
-            else:
-                decisions[rival_index] = Decision(
-                    decisions[rival_index].incoming, Verdict.SUPERSEDED, f"seq {deploy.seq} is in the same batch"
-                )
-                best[deploy.channel] = len(decisions)
-        elif verdict is Verdict.APPLY:
-            best[deploy.channel] = len(decisions)
+        if verdict is Verdict.APPLY and deploy.to_json() in seen:
+            verdict, reason = Verdict.DUPLICATE, f"seq {deploy.seq} appears twice in this batch"
+        seen.add(deploy.to_json())
         decisions.append(Decision(incoming, verdict, reason))
-    return decisions
+    best: dict[Channel, Decision] = {}
+    for decision in decisions:
+        deploy = decision.incoming.deploy
+        if decision.verdict is Verdict.APPLY and deploy is not None:
+            rival = best.get(deploy.channel)
+            if rival is None or _seq(decision) > _seq(rival):
+                best[deploy.channel] = decision
+    winners = {id(d) for d in best.values()}
+    return [
+        Decision(d.incoming, Verdict.SUPERSEDED, f"seq {_seq(best[_channel(d)])} is in the same batch")
+        if d.verdict is Verdict.APPLY and id(d) not in winners
+        else d
+        for d in decisions
+    ]
+
+
+def candidates(decisions: Sequence[Decision]) -> dict[Channel, list[Decision]]:
+    """Per channel, what to try in order: the APPLY decision, then the superseded ones, newest first. Pure."""
+    found: dict[Channel, list[Decision]] = {}
+    for decision in decisions:
+        if decision.verdict in (Verdict.APPLY, Verdict.SUPERSEDED):
+            found.setdefault(_channel(decision), []).append(decision)
+    for channel, listed in found.items():
+        found[channel] = sorted(listed, key=lambda d: (d.verdict is not Verdict.APPLY, -_seq(d)))
+    return found
+
+
+def _seq(decision: Decision) -> int:
+    assert decision.incoming.deploy is not None
+    return decision.incoming.deploy.seq
+
+
+def _channel(decision: Decision) -> Channel:
+    assert decision.incoming.deploy is not None
+    return decision.incoming.deploy.channel
 
 
 class Outcome(enum.StrEnum):
@@ -107,6 +134,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # the release failed here (hook, health check, activation): counted
     UNAVAILABLE = "unavailable"  # the network or AWS failed: retried, never counted against the release
     REJECTED = "rejected"  # can never succeed
+    UNAUTHENTIC = "unauthentic"  # not what CI wrote to the channel's history: never trusted, never recorded
     INTERRUPTED = "interrupted"  # a shutdown stopped it; nothing was decided
 
 
@@ -130,6 +158,8 @@ def outcome_of(exc: BaseException) -> Outcome:
     """The outcome an apply that raised `exc` had; the error tree decides, by type. Pure."""
     if isinstance(exc, Interrupted):
         return Outcome.INTERRUPTED
+    if isinstance(exc, Unauthentic):
+        return Outcome.UNAUTHENTIC
     if isinstance(exc, RejectedInput):
         return Outcome.REJECTED
     if isinstance(exc, InfrastructureError):
@@ -147,7 +177,7 @@ def dispose(outcome: Outcome, receive_count: int) -> Disposition:
     """
     if outcome is Outcome.APPLIED:
         return Disposition(Action.ACK)
-    if outcome is Outcome.REJECTED:
+    if outcome in (Outcome.REJECTED, Outcome.UNAUTHENTIC):
         return Disposition(Action.DEAD_LETTER)
     if outcome is Outcome.INTERRUPTED:
         return HAND_BACK

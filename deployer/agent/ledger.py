@@ -137,6 +137,12 @@ class Ledger:
         self._write(state)
         return record
 
+    def disown(self, channel: Channel) -> None:
+        """Forget what was applied on `channel` (history does not confirm it); deploy records stay."""
+        state = self.load()
+        state.channels.pop(channel, None)
+        self._write(state)
+
     def _write(self, state: LocalState) -> None:
         newest = sorted(state.deploys.values(), key=lambda r: r.updated_at, reverse=True)[:MAX_DEPLOY_RECORDS]
         doc = {

@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -33,6 +33,7 @@ from deployer.agent.decide import (
     Incoming,
     Outcome,
     Verdict,
+    candidates,
     decide_batch,
     decide_one,
     dispose,
@@ -45,14 +46,14 @@ from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
-from deployer.aws.clients import Clients, autoscaling_client
+from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, backoff_seconds
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy, parse_deploy, unwrap_body
 from deployer.protocol.errors import Interrupted, InvalidMessage
 from deployer.protocol.layout import Layout, ReportKey
-from deployer.protocol.names import Channel
+from deployer.protocol.names import Channel, Owner
 from deployer.protocol.report import ComponentState, ComponentStatus
 
 log = structlog.get_logger(__name__)
@@ -74,9 +75,11 @@ SKIP_EVENTS = {
 class Runner(Protocol):
     """What the loop needs of `DeployRunner` (the port unit tests fake)."""
 
-    def apply(self, deploy: Deploy) -> Outcome: ...
+    def apply(self, deploy: Deploy) -> tuple[Outcome, str]: ...
 
     def worth_retrying(self, deploy: Deploy) -> bool: ...
+
+    def repair(self, channel: Channel) -> bool: ...
 
 
 class Reporter(Protocol):
@@ -167,6 +170,9 @@ class Agent:
                 log.info("pointer_absent", channel=str(channel), reason=reason)
                 continue
             verdict, _ = decide_one(deploy, self.ledger.applied(), self.config.channels)
+            if verdict in (Verdict.STALE, Verdict.REJECTED) and self.runner.repair(channel):
+                # What was applied is not in history (a forgery trusted before, a tampered state file).
+                verdict, _ = decide_one(deploy, self.ledger.applied(), self.config.channels)
             if verdict is not Verdict.APPLY:
                 log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
                 continue
@@ -178,34 +184,62 @@ class Agent:
     # -- queue -----------------------------------------------------------------------------
 
     def poll_once(self) -> None:
-        """One receive: settle what needs no apply, then apply the rest in boot order, one by one."""
+        """One receive: settle what needs no apply, then apply the rest in boot order, one channel at a time."""
         messages = self.queue.receive(self.config.poll_wait_seconds)
         if not messages:
             return
         by_receipt = {m.receipt_handle: m for m in messages}
         decisions = decide_batch([_parse(m) for m in messages], self.ledger.applied(), self.config.channels)
+        tried = candidates(decisions)
+        queued = {id(d) for listed in tried.values() for d in listed}
         # Acknowledge and log everything that needs no apply first: it is cheap and final.
-        pending: list[Decision] = []
         for decision in decisions:
-            if decision.verdict is Verdict.APPLY:
-                pending.append(decision)
-            else:
+            if id(decision) not in queued:
                 self._settle_unapplied(by_receipt[decision.incoming.receipt_handle], decision)
         order = {c: i for i, c in enumerate(self.config.components)}
-        pending.sort(key=lambda d: order[d.incoming.deploy.component] if d.incoming.deploy else 0)
-        for index, decision in enumerate(pending):
+        channels = sorted(tried, key=lambda channel: order[channel.component])
+        for index, channel in enumerate(channels):
+            if self.stop.is_set():
+                later = [by_receipt[d.incoming.receipt_handle] for c in channels[index:] for d in tried[c]]
+                self._hand_back(later)
+                return
+            self._apply_channel(tried[channel], by_receipt)
+        if channels:
+            release_free_memory()  # an apply's buffers (prefetch, tar, hooks' output) are garbage now
+
+    def _apply_channel(self, tried: list[Decision], by_receipt: Mapping[str, Received]) -> None:
+        """Apply the channel's newest deploy; if it proves unauthentic, the next newest, and so on.
+
+        Once one is settled, the older ones in the batch are acknowledged as superseded (or handed
+        back with it, if a shutdown interrupted it).
+        """
+        pending = list(tried)
+        outcome = Outcome.UNAUTHENTIC
+        while pending and outcome is Outcome.UNAUTHENTIC:
+            decision = pending.pop(0)
             message = by_receipt[decision.incoming.receipt_handle]
             if self.stop.is_set():
-                for later in pending[index:]:
-                    self._settle(by_receipt[later.incoming.receipt_handle], HAND_BACK, "not started: shutting down")
-                log.info("messages_handed_back", count=len(pending) - index, next="SQS delivers them again at once")
+                self._hand_back([message, *(by_receipt[d.incoming.receipt_handle] for d in pending)])
                 return
             assert decision.incoming.deploy is not None
             with self._visibility_heartbeat(message.receipt_handle):
-                outcome = self.runner.apply(decision.incoming.deploy)
-            self._settle(message, dispose(outcome, message.receive_count), "apply rejected the release")
-        if pending:
-            release_free_memory()  # an apply's buffers (prefetch, tar, hooks' output) are garbage now
+                outcome, reason = self.runner.apply(decision.incoming.deploy)
+            self._settle(message, dispose(outcome, message.receive_count), reason)
+            if outcome is Outcome.UNAUTHENTIC:
+                self.reporter.reject_message(message.message_id, reason)
+        rest = [by_receipt[d.incoming.receipt_handle] for d in pending]
+        if outcome is Outcome.INTERRUPTED:
+            self._hand_back(rest)
+            return
+        for decision, message in zip(pending, rest, strict=True):
+            superseded = Decision(decision.incoming, Verdict.SUPERSEDED, "a newer seq of its channel was settled")
+            self._settle_unapplied(message, superseded)
+
+    def _hand_back(self, messages: Sequence[Received]) -> None:
+        for message in messages:
+            self._settle(message, HAND_BACK, "not started: shutting down")
+        if messages:
+            log.info("messages_handed_back", count=len(messages), next="SQS delivers them again at once")
 
     def _settle(self, message: Received, disposition: Disposition, reason: str) -> None:
         if disposition.action is Action.ACK:
@@ -280,15 +314,23 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
     stoppable = policy.interruptible(shutdown.stop)
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
+    userid = caller_userid(config.region, config.endpoint_url, stoppable)
+    owner = Owner.from_userid(userid, instance_id)
+    if not owner.confined:
+        log.warning(
+            "owner_unconfined",
+            userid=userid,
+            next="status key and queue owner name the instance alone: IAM can only confine an EC2 instance-role session",
+        )
     layout = Layout(config.prefix)
-    queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable)
+    queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable, owner_userid=userid)
     queue.ensure()
     ledger = Ledger(config.state_dir)
     reporter = StatusReporter(
         clients.s3,
         config.bucket,
         layout,
-        ReportKey(config.stage, config.role, instance_id),
+        ReportKey(config.stage, config.role, instance_id, owner.role_id),
         config.components,
         stoppable,
     )

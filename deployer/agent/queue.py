@@ -22,7 +22,7 @@ import structlog
 from deployer.agent.config import AgentConfig
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.protocol.limits import MAX_RECEIVE_BATCH, MAX_VISIBILITY_TIMEOUT_SECONDS
-from deployer.protocol.names import DLQ_SUFFIX
+from deployer.protocol.names import DLQ_SUFFIX, OWNER_TAG
 
 if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
@@ -79,7 +79,14 @@ def clamp_visibility(seconds: int) -> int:
 
 
 def queue_policy(queue_arn: str, topic_arn: str) -> str:
-    """Only our topic may send to the queue (aws:SourceArn), nothing else."""
+    """Only our topic may send to the queue.
+
+    Within one account an Allow in either the identity or the resource policy is enough, so an
+    allow-only queue policy would stop nobody with `sqs:SendMessage` in their own policy: the
+    explicit Deny does. `ArnNotEquals` on a missing `aws:SourceArn` (a direct SendMessage)
+    matches, so everything that is not SNS delivering from the topic is refused.
+    https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_evaluation-logic.html
+    """
     return json.dumps(
         {
             "Version": "2012-10-17",
@@ -91,6 +98,34 @@ def queue_policy(queue_arn: str, topic_arn: str) -> str:
                     "Action": "sqs:SendMessage",
                     "Resource": queue_arn,
                     "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+                },
+                {
+                    "Sid": "NothingElseSends",
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "sqs:SendMessage",
+                    "Resource": queue_arn,
+                    "Condition": {"ArnNotEquals": {"aws:SourceArn": topic_arn}},
+                },
+            ],
+        },
+        sort_keys=True,
+    )
+
+
+def dlq_policy(dlq_arn: str, owner_userid: str) -> str:
+    """Only the owning agent may put a message into its DLQ (SQS's own redrive needs no permission)."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "OnlyTheOwnerDeadLetters",
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "sqs:SendMessage",
+                    "Resource": dlq_arn,
+                    "Condition": {"StringNotEquals": {"aws:userid": owner_userid}},
                 }
             ],
         },
@@ -115,12 +150,16 @@ class SqsQueue:
         config: AgentConfig,
         instance_id: str,
         policy: RetryPolicy = DEFAULT_POLICY,
+        owner_userid: str | None = None,
     ) -> None:
+        """`owner_userid` is the creating principal's `aws:userid`: the queues are tagged with it, and
+        the instance role may only use queues that carry its own (SQS attribute-based access control)."""
         self.sqs = sqs
         self.sns = sns
         self.config = config
         self._name = config.queue_name(instance_id)
         self.policy = policy
+        self.owner_userid = owner_userid or instance_id
         self._handle: QueueHandle | None = None
 
     @property
@@ -134,15 +173,20 @@ class SqsQueue:
         return self._handle
 
     def ensure(self) -> QueueHandle:
-        """Create or update the DLQ, the queue and the raw-delivery subscription. Safe to repeat."""
+        """Create or update the DLQ, the queue and the raw-delivery subscription. Safe to repeat.
+
+        Every attribute goes in with the Subscribe and SetQueueAttributes calls the instance role
+        is allowed: it has no `sns:SetSubscriptionAttributes`, so no instance can re-point or
+        re-filter another instance's subscription.
+        """
         dlq_url = self._create(self.name + DLQ_SUFFIX, {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})
         dlq_arn = self._arn(dlq_url)
+        self._set(dlq_url, {"Policy": dlq_policy(dlq_arn, self.owner_userid)})
         url = self._create(self.name, {})
         arn = self._arn(url)
-        self.policy.call(
-            self.sqs.set_queue_attributes,
-            QueueUrl=url,
-            Attributes={
+        self._set(
+            url,
+            {
                 "VisibilityTimeout": str(self.config.visibility_timeout_seconds),
                 "MessageRetentionPeriod": str(QUEUE_RETENTION_SECONDS),
                 "RedrivePolicy": json.dumps(
@@ -156,22 +200,24 @@ class SqsQueue:
             TopicArn=self.config.topic_arn,
             Protocol="sqs",
             Endpoint=arn,
+            Attributes={"RawMessageDelivery": "true", "FilterPolicy": filter_policy(self.config)},
             ReturnSubscriptionArn=True,
         )["SubscriptionArn"]
-        for name, value in (("RawMessageDelivery", "true"), ("FilterPolicy", filter_policy(self.config))):
-            self.policy.call(
-                self.sns.set_subscription_attributes,
-                SubscriptionArn=subscription_arn,
-                AttributeName=name,
-                AttributeValue=value,
-            )
         self._handle = QueueHandle(url, arn, dlq_url, dlq_arn, subscription_arn)
         log.info("queue_ready", queue=self.name, queue_url=url, subscription_arn=subscription_arn)
         return self._handle
 
     def _create(self, name: str, attributes: Mapping[str, str]) -> str:
-        response = self.policy.call(self.sqs.create_queue, QueueName=name, Attributes=dict(attributes))
+        response = self.policy.call(
+            self.sqs.create_queue,
+            QueueName=name,
+            Attributes=dict(attributes),
+            tags={OWNER_TAG: self.owner_userid},
+        )
         return response["QueueUrl"]
+
+    def _set(self, url: str, attributes: Mapping[str, str]) -> None:
+        self.policy.call(self.sqs.set_queue_attributes, QueueUrl=url, Attributes=dict(attributes))
 
     def _arn(self, url: str) -> str:
         attrs = self.policy.call(self.sqs.get_queue_attributes, QueueUrl=url, AttributeNames=["QueueArn"])

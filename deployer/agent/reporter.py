@@ -39,7 +39,7 @@ class StatusReporter:
         self.s3 = s3
         self.bucket = bucket
         self.who = who
-        self.key = layout.status_key(who.stage, who.role, who.instance_id)
+        self.key = layout.status_key(who)
         self.policy = policy
         self.started_at = utc_now_iso()
         self.components: dict[str, ComponentStatus] = {c: ComponentStatus(updated_at=utc_now_iso()) for c in components}

@@ -8,6 +8,7 @@ means is `decide.outcome_of`; both are pure.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import threading
 import time
@@ -26,11 +27,13 @@ from deployer.apply.engine import Applier, Milestone, is_active
 from deployer.apply.fetch import read_source
 from deployer.apply.lock import ApplyLock
 from deployer.aws.retry import RetryPolicy
-from deployer.protocol.deploy import Deploy
-from deployer.protocol.errors import DeployerError, HookFailed, Interrupted, InvalidMessage
+from deployer.aws.s3 import get_document
+from deployer.protocol.deploy import Deploy, parse_deploy
+from deployer.protocol.errors import DeployerError, HookFailed, Interrupted, InvalidMessage, Unauthentic
 from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
+from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
 
 if TYPE_CHECKING:
@@ -78,6 +81,8 @@ class DeployRunner:
             policy=self.policy,
             interrupt=shutdown.abandon,
         )
+        #: Runs each deploy's history GET beside its manifest GET.
+        self._lookups = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
 
     def worth_retrying(self, deploy: Deploy) -> bool:
         """Reconcile must not re-run a deploy that can never succeed, or one failing over and over
@@ -99,8 +104,8 @@ class DeployRunner:
             return False
         return True
 
-    def apply(self, deploy: Deploy) -> Outcome:
-        """Apply one deploy under the machine lock; record state and status. Returns the outcome."""
+    def apply(self, deploy: Deploy) -> tuple[Outcome, str]:
+        """Apply one deploy under the machine lock; record state and status. Returns the outcome and why."""
         structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
         try:
             with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop), self._marked_applying():
@@ -108,43 +113,63 @@ class DeployRunner:
                 verdict, why = decide_one(deploy, self.ledger.applied(), self.config.channels)
                 if verdict is Verdict.REJECTED:
                     log.error("apply_refused", reason=why, next="the message goes to the DLQ")
-                    return Outcome.REJECTED
+                    return Outcome.REJECTED, why
                 if verdict is not Verdict.APPLY:
                     log.info("apply_skipped", verdict=verdict.value, reason=why)
-                    return Outcome.APPLIED
+                    return Outcome.APPLIED, why
                 return self._apply_locked(deploy)
         except Interrupted as exc:  # stopped while waiting for another apply to release the lock
             log.info("apply_interrupted", reason=str(exc), next="the message is handed back; the next start applies it")
-            return Outcome.INTERRUPTED
+            return Outcome.INTERRUPTED, str(exc)
         finally:
             structlog.contextvars.unbind_contextvars("deploy_id", "seq", "component")
 
-    def _apply_locked(self, deploy: Deploy) -> Outcome:
+    def repair(self, channel: Channel) -> bool:
+        """Whether this channel's applied record was disowned because history does not confirm it.
+
+        An instance that trusted a forged message before deploys were authenticated (or whose
+        state file was tampered with) holds an applied seq that CI never wrote; every genuine
+        deploy then looks stale. Reconcile calls this when the pointer looks older than what was
+        applied: if `history/<applied seq>` is not that deploy, the record is dropped and the
+        pointer is applied again.
+        """
+        with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop):
+            record = self.ledger.load().channels.get(channel)
+            if record is None:
+                return False
+            found = get_document(self.s3, self.config.bucket, self.layout.history_key(channel, record.seq), self.policy)
+            if found is not None and parse_deploy(found[0]).deploy_id == record.deploy_id:
+                return False
+            self.ledger.disown(channel)
+            log.error(
+                "applied_seq_unconfirmed",
+                channel=str(channel),
+                seq=record.seq,
+                deploy_id=record.deploy_id,
+                next="history does not confirm it: re-converging on the pointer",
+            )
+            return True
+
+    def _apply_locked(self, deploy: Deploy) -> tuple[Outcome, str]:
         record = self.ledger.deploy_record(deploy.deploy_id)
         started = time.monotonic()
-        fetched: list[Manifest] = []
-
-        def manifest() -> Manifest:
-            if not fetched:
-                fetched.append(self._fetch_manifest(deploy))
-            return fetched[0]
-
         try:
+            release = self._authenticated_manifest(deploy)
             start = plan_start(
                 record,
                 deploy.payload_hash(),
-                release_active=lambda: is_active(self.config.root_dir, manifest(), deploy.release_id),
+                release_active=lambda: is_active(self.config.root_dir, release, deploy.release_id),
             )
             if start is Start.REJECT:
-                # Same idempotency key, different content: a forged or corrupted message. Never apply it.
+                # Same idempotency key, different content: a corrupted ledger. Never apply it.
                 error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
                 log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
                 self.reporter.update(deploy.component, state=ComponentState.REJECTED, error=error)
-                return Outcome.REJECTED
+                return Outcome.REJECTED, error
             if start is Start.SKIP_REJECTED:
                 assert record is not None
                 log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
-                return Outcome.REJECTED
+                return Outcome.REJECTED, record.error or "rejected before"
             if start in (Start.RESUME, Start.FINISH):
                 assert record is not None
                 # We hold the lock, so the process that wrote this record is dead: resume.
@@ -153,7 +178,6 @@ class DeployRunner:
                 self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True)
                 if start is Start.FINISH:
                     return self._completed(deploy, started, reused=True, output_tail="")
-            release = manifest()
             log.info("apply_started", release_id=deploy.release_id)
             self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED)
             with self._report_applying_if_slow(deploy):
@@ -167,7 +191,42 @@ class DeployRunner:
             return self._failed(deploy, exc)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
 
-    def _failed(self, deploy: Deploy, exc: Exception) -> Outcome:
+    def _authenticated_manifest(self, deploy: Deploy) -> Manifest:
+        """The deploy's manifest, once the deploy is proven to be what CI wrote to the channel's history.
+
+        Anyone who can send to the topic or the queue can put a well-formed deploy document in
+        front of the agent; only CI can write `history/<seq>`. So nothing about a deploy is
+        trusted — not its seq, not its deploy id — until `history/<seq>` is, byte for byte, the
+        same document. The history GET runs beside the manifest GET (it is on every deploy's
+        critical path), and an unauthentic deploy is rejected as such whatever its manifest did.
+        """
+        history = self._lookups.submit(self._authenticate, deploy)
+        try:
+            manifest = self._fetch_manifest(deploy)
+        except Exception:
+            history.result()
+            raise
+        history.result()
+        return manifest
+
+    def _authenticate(self, deploy: Deploy) -> None:
+        key = self.layout.history_key(deploy.channel, deploy.seq)
+        found = get_document(self.s3, self.config.bucket, key, self.policy)
+        if found is None:
+            raise Unauthentic(f"no deploy was published as seq {deploy.seq} of {deploy.channel} (no {key})")
+        try:
+            recorded = parse_deploy(found[0])
+        except InvalidMessage as exc:
+            raise Unauthentic(
+                f"{key} is not a valid deploy document ({exc}); nothing to authenticate against"
+            ) from None
+        if recorded != deploy:
+            raise Unauthentic(
+                f"seq {deploy.seq} of {deploy.channel} was published as deploy {recorded.deploy_id} "
+                f"(release {recorded.release_id}); this message differs from it"
+            )
+
+    def _failed(self, deploy: Deploy, exc: Exception) -> tuple[Outcome, str]:
         outcome = outcome_of(exc)
         expected = isinstance(exc, DeployerError)
         error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
@@ -175,7 +234,11 @@ class DeployRunner:
             # Abandoned at shutdown: nothing is decided about the release. The ledger is left as a
             # kill -9 would leave it (in progress), so the next start resumes it.
             log.warning("apply_interrupted", error=error, next="the message is handed back; the next start resumes it")
-            return outcome
+            return outcome, error
+        if outcome is Outcome.UNAUTHENTIC:
+            # Not CI's: no record, no status change, the running release untouched.
+            log.error("deploy_unauthentic", error=error, next="rejected to the DLQ; the running release stays")
+            return outcome, error
         rejected = outcome is Outcome.REJECTED
         # A network or AWS failure is not held against the release: it does not use up attempts.
         self.ledger.mark(
@@ -196,9 +259,9 @@ class DeployRunner:
             log.exception("apply_crashed", error=error, next="will be retried")
         tail = exc.output_tail if isinstance(exc, HookFailed) else None
         self._report(deploy, REPORTED_STATE[outcome], error=error, output_tail=tail or None)
-        return outcome
+        return outcome, error
 
-    def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> Outcome:
+    def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> tuple[Outcome, str]:
         self.ledger.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
         log.info(
             "apply_succeeded",
@@ -207,7 +270,7 @@ class DeployRunner:
             duration_s=round(time.monotonic() - started, 3),
         )
         self._report(deploy, ComponentState.OK, output_tail=output_tail or None)
-        return Outcome.APPLIED
+        return Outcome.APPLIED, "applied"
 
     def _report(self, deploy: Deploy, state: ComponentState, *, error: str | None = None, **extra: Any) -> None:
         """This deploy's component status: its state, and which deploy that state is about."""

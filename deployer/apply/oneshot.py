@@ -11,6 +11,7 @@ import binascii
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import structlog
 
@@ -57,6 +58,17 @@ def default_release_id(checksum: str | None) -> str:
     return f"sha-{checksum[:16]}" if checksum else "commands-only"
 
 
+def check_manifest_url(url: str, *, allow_http: bool) -> None:
+    """Refuse a plain-http manifest unless asked: whoever sits on that network path would choose
+    the commands this machine runs (the manifest's checksum pins the artifact, nothing pins the
+    manifest). stretcher fetched them anyway; we only do when told to."""
+    if urlparse(url).scheme == "http" and not allow_http:
+        raise ConfigError(
+            f"refusing the http:// manifest URL {url}: anyone on the network path could replace it and run "
+            "commands here; use https:// or s3://, or allow it with --allow-http (config: allow_http_manifests: true)"
+        )
+
+
 def apply_manifest_url(
     url: str,
     *,
@@ -65,7 +77,9 @@ def apply_manifest_url(
     state_dir: Path,
     hook_timeout: float,
     release_id: str | None = None,
+    allow_http: bool = False,
 ) -> ApplyResult:
+    check_manifest_url(url, allow_http=allow_http)
     manifest = parse_manifest(read_source(url, s3, MAX_MANIFEST_BYTES))
     release_id = release_id or default_release_id(manifest.checksum)
     if not RELEASE_ID_PATTERN.match(release_id):

@@ -10,6 +10,7 @@ import boto3
 from botocore.config import Config
 
 from deployer import __version__
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 
@@ -60,6 +61,19 @@ def make_clients(region: str | None = None, endpoint_url: str | None = None) -> 
         sns=session.client("sns", endpoint_url=endpoint_url, config=config),
         sqs=session.client("sqs", endpoint_url=endpoint_url, config=config),
     )
+
+
+def caller_userid(
+    region: str | None = None, endpoint_url: str | None = None, policy: RetryPolicy = DEFAULT_POLICY
+) -> str:
+    """`sts:GetCallerIdentity`'s UserId: `<role id>:<instance id>` for an EC2 instance role session.
+
+    GetCallerIdentity needs no IAM permission, so an instance can always learn what IAM's
+    `${aws:userid}` is for it. https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
+    """
+    session = boto3.session.Session(region_name=resolve_region(region))
+    sts = session.client("sts", endpoint_url=endpoint_url, config=_config())
+    return str(policy.call(sts.get_caller_identity)["UserId"])
 
 
 def autoscaling_client(region: str | None = None, endpoint_url: str | None = None) -> AutoScalingClient:

@@ -83,7 +83,7 @@ def remove_registration(
     """Unsubscribe, delete queue + DLQ, delete the status report. Idempotent: missing pieces are skipped."""
     subscriptions = tuple(subscription_arns)
     queues = tuple(name for name in (queue_name, queue_name + DLQ_SUFFIX) if queue_url(clients, name, policy))
-    status_key = layout.status_key(who.stage, who.role, who.instance_id)
+    status_key = layout.status_key(who)
     removal = Removal(who.instance_id, who.stage, who.role, subscriptions, queues, status_key, dry_run)
     if dry_run:
         return removal

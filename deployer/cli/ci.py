@@ -17,6 +17,8 @@ from deployer.cli.options import (
     aws_options,
     bucket_option,
     channel_options,
+    publisher_arn_option,
+    queue_prefix_option,
     quiet,
     store_options,
     topic_option,
@@ -39,14 +41,21 @@ EXIT_NOTIFY_FAILED = 3
 @click.option(
     "--topic-name", envvar="DEPLOYER_TOPIC_NAME", default="deployer", show_default=True, help="SNS topic name."
 )
+@publisher_arn_option
+@queue_prefix_option
 @quiet
-def init(aws: Aws, bucket: str, topic_name: str) -> None:
-    """Create the bucket and the SNS topic (idempotent) and print what exists."""
+def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...], queue_prefix: str) -> None:
+    """Create the bucket and the SNS topic (idempotent), set the topic's policy, and print what exists.
+
+    The policy lets only SQS queues named like the agents' subscribe, and with --publisher-arn
+    only those CI principals publish.
+    """
     from publisher.infra import init_resources
 
-    result = init_resources(aws.clients(), bucket, topic_name)
+    result = init_resources(aws.clients(), bucket, topic_name, publishers=publisher_arns, queue_prefix=queue_prefix)
     click.echo(f"bucket {result.bucket}: {'created' if result.bucket_created else 'already exists'}")
-    click.echo(f"topic {result.topic_arn}: ready")
+    who = ", ".join(result.publishers) or "any principal the account's IAM allows (pass --publisher-arn to narrow)"
+    click.echo(f"topic {result.topic_arn}: ready; publishes: {who}")
     click.echo(f"export DEPLOYER_BUCKET={result.bucket} DEPLOYER_TOPIC_ARN={result.topic_arn}")
 
 

@@ -12,16 +12,13 @@ from deployer.cli.options import (
     bucket_option,
     name_callback,
     prefix_option,
+    publisher_arn_option,
+    queue_prefix_option,
     quiet,
     store_options,
     topic_option,
 )
-from deployer.protocol.names import DEFAULT_QUEUE_PREFIX
 from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
-
-queue_prefix_option = click.option(
-    "--queue-prefix", default=DEFAULT_QUEUE_PREFIX, show_default=True, help="The agents' queue_prefix."
-)
 
 
 @click.command()
@@ -73,44 +70,50 @@ def status(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet
 def gc(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: bool, as_json: bool) -> None:
-    """Remove subscriptions, then queues, then status reports of instances whose heartbeat is older than --ttl.
+    """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl.
+
+    Silent means both the report's heartbeat and the object's own LastModified are older than
+    --ttl: a heartbeat written into a body is only a claim.
 
     Idempotent and safe to run on a schedule (cron, a scheduled Lambda).
     """
-    from publisher.gc import Collector
+    from publisher.gc import Collector, describe
 
     collector = Collector(store.clients, store.bucket, topic_arn, store.layout, queue_prefix)
     removed = collector.run(ttl, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": [dataclasses.asdict(r) for r in removed]}, indent=2))
         return
-    verb = "would remove" if dry_run else "removed"
-    for r in removed:
-        click.echo(
-            f"{verb} {r.stage}/{r.role}/{r.instance_id}: {len(r.subscriptions)} subscription(s), "
-            f"queues {', '.join(r.queues) or '-'}, status report"
-        )
-    click.echo(f"{len(removed)} stale instance(s) {'would be removed' if dry_run else 'removed'}")
+    for line in describe(removed, dry_run=dry_run):
+        click.echo(line)
 
 
 @click.command("iam-policy")
 @click.option(
-    "--for", "audience", required=True, type=click.Choice(["ci", "instance", "gc"]), help="Who the policy is for."
+    "--for",
+    "audience",
+    required=True,
+    type=click.Choice(["ci", "instance", "gc", "bucket", "topic"]),
+    help="Who the policy is for: an identity policy (ci, instance, gc) or a resource policy (bucket, topic).",
 )
 @bucket_option()
 @prefix_option()
 @topic_option()
 @queue_prefix_option
-@click.option("--stage", callback=name_callback("stage"), help="Instance/gc: narrow queues and status to one stage.")
+@click.option("--stage", callback=name_callback("stage"), help="CI/instance/gc: narrow to one stage.")
 @click.option("--role", callback=name_callback("role"), help="Instance/gc: narrow to one role (with --stage).")
 @click.option("--asg", "asg_name", help="Instance: allow completing the launch hook of this Auto Scaling group.")
 @click.option("--lifecycle", is_flag=True, help="Instance: allow completing launch hooks (of --asg, else any group).")
 @click.option("--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status).")
-def iam_policy(audience: str, asg_name: str | None, **scope: str | bool | None) -> None:
-    """Print a least-privilege IAM policy (JSON) for CI, the instances or gc."""
+@publisher_arn_option
+def iam_policy(
+    audience: str, asg_name: str | None, publisher_arns: tuple[str, ...], **scope: str | bool | None
+) -> None:
+    """Print a least-privilege IAM policy (JSON): for CI, the instances or gc, or the bucket's or topic's policy."""
     from publisher.iam import Audience, Scope, policy_for, render
 
-    click.echo(render(policy_for(Audience(audience), Scope(asg_name=asg_name, **scope))))  # type: ignore[arg-type]
+    chosen = Scope(asg_name=asg_name, publishers=publisher_arns, **scope)  # type: ignore[arg-type]
+    click.echo(render(policy_for(Audience(audience), chosen)))
 
 
 COMMANDS = (status, gc, iam_policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -62,42 +63,62 @@ def boot(config_path: Path) -> None:
     help="Manifest URL (s3://, https://, file://); else read from stdin as stretcher does.",
 )
 @click.option(
-    "--state-dir",
-    default=DEFAULT_STATE_DIR,
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Where the apply lock lives (shared with the agent).",
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The agent's config: state_dir, root_dir, hook_timeout_seconds and allow_http_manifests come from it.",
 )
 @click.option(
-    "--root-dir",
-    default="/",
-    show_default=True,
+    "--state-dir",
     type=click.Path(path_type=Path),
-    help="Prefix for the manifest's dest.",
+    help=f"Where the apply lock lives, shared with the agent [default: {DEFAULT_STATE_DIR}].",
 )
+@click.option("--root-dir", type=click.Path(path_type=Path), help="Prefix for the manifest's dest [default: /].")
 @click.option("--release-id", help="Release directory name for the symlink strategy [default: from the checksum].")
 @click.option(
     "--hook-timeout",
-    default=DEFAULT_HOOK_TIMEOUT_SECONDS,
-    show_default=True,
-    help="Default per-hook timeout in seconds.",
+    type=float,
+    help=f"Default per-hook timeout in seconds [default: {DEFAULT_HOOK_TIMEOUT_SECONDS:g}].",
+)
+@click.option(
+    "--allow-http",
+    is_flag=True,
+    envvar="DEPLOYER_ALLOW_HTTP",
+    help="Accept an http:// manifest URL (anyone on the path could replace it).",
 )
 @log_options
 def apply_command(
-    aws: Aws, manifest_url: str | None, state_dir: Path, root_dir: Path, release_id: str | None, hook_timeout: float
+    aws: Aws,
+    manifest_url: str | None,
+    config_path: Path | None,
+    release_id: str | None,
+    allow_http: bool,
+    **paths: Any,
 ) -> None:
     """Apply one manifest now, like stretcher: `echo s3://bucket/manifest.yml | deployer apply`."""
+    from deployer.agent.config import load_config
     from deployer.apply.oneshot import apply_manifest_url, manifest_url_from_stdin
     from deployer.aws.clients import make_clients
 
+    config = load_config(config_path) if config_path else None
+    state_dir = paths["state_dir"] or (config.state_dir if config else DEFAULT_STATE_DIR)
+    root_dir = paths["root_dir"] or (config.root_dir if config else Path("/"))
+    hook_timeout = paths["hook_timeout"] or (config.hook_timeout_seconds if config else DEFAULT_HOOK_TIMEOUT_SECONDS)
     url = manifest_url or manifest_url_from_stdin(sys.stdin.read())
     if url is None:
         click.echo("no event on stdin; nothing to apply", err=True)
         return
     # S3 redirects a GetObject to the bucket's region, so any region will do when none is set.
-    clients = make_clients(aws.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1", aws.endpoint_url)
+    region = aws.region or (config.region if config else None) or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    clients = make_clients(region, aws.endpoint_url or (config.endpoint_url if config else None))
     apply_manifest_url(
-        url, s3=clients.s3, root_dir=root_dir, state_dir=state_dir, hook_timeout=hook_timeout, release_id=release_id
+        url,
+        s3=clients.s3,
+        root_dir=root_dir,
+        state_dir=state_dir,
+        hook_timeout=hook_timeout,
+        release_id=release_id,
+        allow_http=allow_http or bool(config and config.allow_http_manifests),
     )
 
 

@@ -22,7 +22,7 @@ import click
 from deployer import logs
 from deployer.protocol.errors import DeployerError
 from deployer.protocol.layout import Layout
-from deployer.protocol.names import DEFAULT_PREFIX, Channel, check_name
+from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, Channel, check_name
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
@@ -95,6 +95,17 @@ def topic_option() -> Callable[[Command], Command]:
     return click.option(
         "--topic-arn", envvar="DEPLOYER_TOPIC_ARN", required=True, help="SNS topic [env DEPLOYER_TOPIC_ARN]."
     )
+
+
+queue_prefix_option = click.option(
+    "--queue-prefix", default=DEFAULT_QUEUE_PREFIX, show_default=True, help="The agents' queue_prefix."
+)
+publisher_arn_option = click.option(
+    "--publisher-arn",
+    "publisher_arns",
+    multiple=True,
+    help="An IAM role or user ARN allowed to publish deploys (repeatable); none: the account's IAM decides.",
+)
 
 
 def aws_options(func: Command) -> Command:

@@ -41,6 +41,10 @@ class InvalidMessage(RejectedInput):
     """Raised when a pointer or deploy message is not a valid protocol document."""
 
 
+class Unauthentic(RejectedInput):
+    """Raised when a deploy is not, byte for byte, what CI wrote to its channel's history: forged or replayed."""
+
+
 class InvalidReport(DeployerError):
     """Raised when a status report is not a valid report document (readers show it as unreadable)."""
 

@@ -5,7 +5,7 @@
 <prefix>/releases/<component>/<release_id>/manifest.yml      immutable
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
-<prefix>/status/<stage>/<role>/<instance_id>.json            one report per instance
+<prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
 ```
 
 `deployer iam-policy` scopes its statements with the same segments (`RELEASES`, `CHANNELS`,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployer.protocol.names import DEFAULT_PREFIX, INSTANCE_ID_PATTERN, NAME_PATTERN, Channel
+from deployer.protocol.names import DEFAULT_PREFIX, NAME_PATTERN, Channel, Owner
 
 ARTIFACT_NAME = "artifact.tar.gz"
 MANIFEST_NAME = "manifest.yml"
@@ -30,11 +30,20 @@ REPORT_SUFFIX = ".json"
 
 @dataclass(frozen=True, order=True)
 class ReportKey:
-    """Who a status report is about, read from its S3 key (never from its body)."""
+    """Who a status report is about, read from its S3 key (never from its body).
+
+    The key's last part is the instance's owner (`Owner.userid`): `<role id>:<instance id>` on
+    EC2, which IAM's `${aws:userid}` lets only that instance write; the instance id elsewhere.
+    """
 
     stage: str
     role: str
     instance_id: str
+    role_id: str = ""
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.instance_id, self.role_id)
 
     def __str__(self) -> str:
         return f"{self.stage}/{self.role}/{self.instance_id}"
@@ -78,11 +87,11 @@ class Layout:
         parts = [stage, role] if stage and role else [stage] if stage else []
         return self.key(STATUS, *parts) + "/"
 
-    def status_key(self, stage: str, role: str, instance_id: str) -> str:
-        return self.key(STATUS, stage, role, f"{instance_id}{REPORT_SUFFIX}")
+    def status_key(self, who: ReportKey) -> str:
+        return self.key(STATUS, who.stage, who.role, f"{who.owner.userid}{REPORT_SUFFIX}")
 
     def report_key(self, key: str) -> ReportKey | None:
-        """Parse `<prefix>/status/<stage>/<role>/<instance_id>.json`; None for anything else. Pure.
+        """Parse `<prefix>/status/<stage>/<role>/<owner>.json`; None for anything else. Pure.
 
         Readers take an instance's identity from here, so a report body cannot claim to be
         someone else, and a key that is not a well-formed report key is never acted on.
@@ -93,7 +102,8 @@ class Layout:
         parts = key[len(head) : -len(REPORT_SUFFIX)].split("/")
         if len(parts) != 3:
             return None
-        stage, role, instance_id = parts
-        if not (NAME_PATTERN.match(stage) and NAME_PATTERN.match(role) and INSTANCE_ID_PATTERN.match(instance_id)):
+        stage, role, name = parts
+        owner = Owner.parse(name)
+        if owner is None or not (NAME_PATTERN.match(stage) and NAME_PATTERN.match(role)):
             return None
-        return ReportKey(stage, role, instance_id)
+        return ReportKey(stage, role, owner.instance_id, owner.role_id)

@@ -152,6 +152,9 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
             raise ManifestError("dest is required when src is set")
     if dest is not None and not dest.startswith("/"):
         raise ManifestError(f"dest {dest!r} must be an absolute path")
+    if dest is not None and ".." in dest.split("/"):
+        # Every dest is placed under the agent's root_dir; `..` would climb out of it.
+        raise ManifestError(f"dest {dest!r} must not contain '..': it would leave the root it is placed under")
     return Manifest(
         src=src,
         checksum=checksum,

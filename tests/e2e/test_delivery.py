@@ -20,12 +20,11 @@ import pytest
 from deployer.agent.config import config_from_dict
 from deployer.agent.loop import Agent, boot
 from deployer.agent.shutdown import Shutdown
-from deployer.aws.clients import Clients, make_clients
+from deployer.aws.clients import make_clients
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.manifest import Hook
 from deployer.protocol.names import Channel
-from publisher.pack import pack_directory
 from publisher.publish import Publisher
 from tests.faultproxy import Fault, FaultProxy, aws_operation
 from tests.support import (
@@ -33,49 +32,18 @@ from tests.support import (
     FAST_POLICY,
     REGION,
     AgentProcess,
+    BrokenFanout,
     Fleet,
     agent_config,
-    make_tree,
+    artifact,
+    publish_on,
     release_template,
+    silent_publisher,
     wait_until,
 )
 
 API = Channel("prod", "web", "api")
 WORKER = Channel("prod", "web", "worker")
-
-
-class NoFanout:
-    """An SNS client whose Publish does nothing: pointers move, no message is delivered."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    def publish(self, **_kwargs: Any) -> dict[str, str]:
-        return {"MessageId": "suppressed-by-test"}
-
-
-class BrokenFanout(NoFanout):
-    def publish(self, **_kwargs: Any) -> dict[str, str]:
-        raise ConnectionResetError("SNS unreachable (injected)")
-
-
-def silent_publisher(fleet: Fleet, sns: type[NoFanout] = NoFanout) -> Publisher:
-    clients = Clients(s3=fleet.clients.s3, sns=sns(fleet.clients.sns), sqs=fleet.clients.sqs)  # type: ignore[arg-type]
-    return Publisher(clients, fleet.bucket, fleet.topic_arn, fleet.layout, FAST_POLICY)
-
-
-def artifact(tmp_path: Path, name: str, text: str) -> Path:
-    build = make_tree(tmp_path / f"build-{name}", {"index.html": text})
-    return pack_directory(build, tmp_path / f"{name}.tar.gz")
-
-
-def publish_on(publisher: Publisher, channel: Channel, path: Path, release_id: str, **kwargs: Any) -> Deploy:
-    template = release_template(**kwargs)
-    template = type(template)(**{**template.__dict__, "dest": f"/opt/{channel.component}/current"})
-    return publisher.publish(channel, path, template=template, release_id=release_id).deploy
 
 
 def inject(fleet: Fleet, queue_url: str, bodies: list[str]) -> None:

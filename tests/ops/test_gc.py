@@ -13,7 +13,7 @@ from deployer.aws.registration import Removal, remove_registration, subscription
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.names import TopicArn
 from deployer.protocol.timestamps import parse_timestamp
-from publisher.gc import Collector, Registration, select_stale
+from publisher.gc import Collector, Registration, describe, select_stale
 from tests.support import BUCKET, FAST_POLICY, Fleet, cli
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -23,14 +23,29 @@ def config(fleet: Fleet, role: str = "web") -> AgentConfig:
     return AgentConfig(stage="prod", role=role, components=("api",), bucket=BUCKET, topic_arn=fleet.topic_arn)
 
 
-def register(fleet: Fleet, instance_id: str, heartbeat_age_s: float = 0, role: str = "web") -> str:
-    """What an agent's boot leaves behind: queue + DLQ + subscription + status report. Returns the subscription ARN."""
+#: gc runs "this much later" than the test writes: LastModified of everything written now is then this old.
+LATER = timedelta(hours=4)
+
+
+def register(fleet: Fleet, instance_id: str, heartbeat_in_s: float = 0, role: str = "web") -> str:
+    """What an agent's boot leaves behind: queue + DLQ + subscription + status report. Returns the subscription ARN.
+
+    The report's heartbeat is `heartbeat_in_s` from now: an instance still alive when gc runs
+    LATER heartbeats then, one that died heartbeated last now.
+    """
     cfg = config(fleet, role)
     handle = SqsQueue(fleet.clients.sqs, fleet.clients.sns, cfg, instance_id, FAST_POLICY).ensure()
     reporter = StatusReporter(fleet.clients.s3, BUCKET, Layout(), ReportKey("prod", role, instance_id), ("api",))
-    back_then = datetime.now(UTC) - timedelta(seconds=heartbeat_age_s)
-    fleet.clients.s3.put_object(Bucket=BUCKET, Key=reporter.key, Body=reporter.report(now=back_then).to_json())
+    heartbeat = datetime.now(UTC) + timedelta(seconds=heartbeat_in_s)
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=reporter.key, Body=reporter.report(now=heartbeat).to_json())
     return handle.subscription_arn
+
+
+ALIVE_LATER = LATER.total_seconds()
+
+
+def later() -> datetime:
+    return datetime.now(UTC) + LATER
 
 
 def queues(fleet: Fleet) -> set[str]:
@@ -77,11 +92,12 @@ def leave(fleet: Fleet, instance_id: str, subscription_arn: str | None = None) -
     )
 
 
-def test_stale_means_a_heartbeat_older_than_the_ttl_or_an_unreadable_report_as_old_as_that() -> None:
+def test_stale_means_silent_twice_over_neither_the_heartbeat_nor_the_object_younger_than_the_ttl() -> None:
     regs = [
-        reg("fresh", "2026-11-26T11:59:00Z"),
-        reg("old", "2026-11-26T08:00:00Z"),
-        reg("older", "2026-11-25T08:00:00Z"),
+        reg("fresh", "2026-11-26T11:59:00Z", modified_age_s=60),
+        reg("old", "2026-11-26T08:00:00Z", modified_age_s=4 * 3600),
+        reg("older", "2026-11-25T08:00:00Z", modified_age_s=28 * 3600),
+        reg("backdated", "2026-11-25T08:00:00Z", modified_age_s=60),  # the body lies; S3 wrote it a minute ago
         reg("unreadable-old", None, modified_age_s=7200),
         reg("unreadable-new", None, modified_age_s=10),
     ]
@@ -89,62 +105,87 @@ def test_stale_means_a_heartbeat_older_than_the_ttl_or_an_unreadable_report_as_o
 
 
 def test_gc_removes_only_stale_instances_subscription_first_and_a_dry_run_removes_nothing(fleet: Fleet) -> None:
-    register(fleet, "i-alive")
-    register(fleet, "i-dead", heartbeat_age_s=4 * 3600)
-    register(fleet, "i-dead-worker", heartbeat_age_s=5 * 3600, role="worker")
+    register(fleet, "i-alive", heartbeat_in_s=ALIVE_LATER)
+    register(fleet, "i-dead")
+    register(fleet, "i-dead-worker", role="worker")
     before = (queues(fleet), subscriptions(fleet), statuses(fleet))
     assert len(before[0]) == 6
 
-    dry = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert "would remove prod/worker/i-dead-worker: 1 subscription(s)" in dry.stdout
-    assert "2 stale instance(s) would be removed" in dry.stdout
+    dry = collector(fleet).run(3600, dry_run=True, now=later())
+    assert describe(dry, dry_run=True) == [
+        "would remove prod/web/i-dead: 1 subscription(s), queues deployer--prod--web--i-dead, "
+        "deployer--prod--web--i-dead--dlq, status report",
+        "would remove prod/worker/i-dead-worker: 1 subscription(s), queues deployer--prod--worker--i-dead-worker, "
+        "deployer--prod--worker--i-dead-worker--dlq, status report",
+        "2 stale instance(s) would be removed",
+    ]
     assert (queues(fleet), subscriptions(fleet), statuses(fleet)) == before
 
-    real = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--json")
-    assert real.returncode == 0, real.stderr
-    removed = json.loads(real.stdout)["removed"]
-    assert {r["instance_id"] for r in removed} == {"i-dead", "i-dead-worker"}
-    assert queues(fleet) == {"deployer-prod-web-i-alive", "deployer-prod-web-i-alive-dlq"}
-    assert subscriptions(fleet) == {"deployer-prod-web-i-alive"}
+    removed = collector(fleet).run(3600, now=later())
+    assert {r.instance_id for r in removed} == {"i-dead", "i-dead-worker"}
+    assert queues(fleet) == {"deployer--prod--web--i-alive", "deployer--prod--web--i-alive--dlq"}
+    assert subscriptions(fleet) == {"deployer--prod--web--i-alive"}
     assert statuses(fleet) == {"i-alive"}
 
     # Idempotent: the next scheduled run finds nothing to do.
-    again = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn)
-    assert again.stdout.strip() == "0 stale instance(s) removed"
+    assert collector(fleet).run(3600, now=later()) == []
     # And publishing still reaches the live instance (no subscription to a missing queue is left).
     fleet.clients.sns.publish(TopicArn=fleet.topic_arn, Message="ping")
 
 
-def test_gc_refuses_a_ttl_short_enough_to_collect_instances_busy_in_a_hook(fleet: Fleet) -> None:
-    result = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--ttl", "60")
-    assert result.returncode == 2
-    assert "60" in result.stderr
+def test_the_gc_command_reports_in_text_and_json_and_refuses_a_ttl_short_enough_to_catch_a_hook(fleet: Fleet) -> None:
+    register(fleet, "i-alive")
+    text = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
+    assert (text.returncode, text.stdout.strip()) == (0, "0 stale instance(s) would be removed"), text.stderr
+    machine = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--json")
+    assert json.loads(machine.stdout) == {"dry_run": False, "removed": []}
+    short = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--ttl", "60")
+    assert short.returncode == 2
+    assert "60" in short.stderr
+
+
+def test_a_back_dated_heartbeat_does_not_get_a_live_instance_collected(fleet: Fleet) -> None:
+    # A report whose body claims a heartbeat from yesterday, written just now (a forger, or a bad clock).
+    register(fleet, "i-live", heartbeat_in_s=-24 * 3600)
+    assert collector(fleet).run(3600) == []
+    assert statuses(fleet) == {"i-live"}
+
+
+def test_a_decoy_key_never_names_another_roles_queues(fleet: Fleet) -> None:
+    register(fleet, "i-victim", heartbeat_in_s=ALIVE_LATER, role="web-admin")
+    # Under the old naming, status/prod/web/admin-i-victim.json made gc delete deployer-prod-web-admin-i-victim.
+    for decoy in ("admin-i-victim", "admin--i-victim", "../web-admin/i-victim"):
+        key = f"deployer/status/prod/web/{decoy}.json"
+        fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=b"{}")
+    removed = collector(fleet).run(3600, now=later())
+    assert [r.instance_id for r in removed] == ["admin-i-victim"]  # a report key of role web, gone with nothing else
+    assert removed[0].queues == ()
+    assert queues(fleet) == {"deployer--prod--web-admin--i-victim", "deployer--prod--web-admin--i-victim--dlq"}
 
 
 def test_gc_finishes_a_removal_that_was_interrupted_after_the_subscription_went(fleet: Fleet) -> None:
-    sub = register(fleet, "i-half", heartbeat_age_s=4 * 3600)
+    sub = register(fleet, "i-half")
     fleet.clients.sns.unsubscribe(SubscriptionArn=sub)
-    [removal] = collector(fleet).run(3600)
+    [removal] = collector(fleet).run(3600, now=later())
     assert removal.subscriptions == ()
-    assert removal.queues == ("deployer-prod-web-i-half", "deployer-prod-web-i-half-dlq")
+    assert removal.queues == ("deployer--prod--web--i-half", "deployer--prod--web--i-half--dlq")
     assert queues(fleet) == set()
     assert statuses(fleet) == set()
 
 
 def test_gc_leaves_an_instance_that_heartbeated_between_the_scan_and_the_removal(fleet: Fleet) -> None:
-    register(fleet, "i-back", heartbeat_age_s=4 * 3600)
+    register(fleet, "i-back")
 
     class RacingCollector(Collector):
         def scan(self) -> list[Registration]:
             found = super().scan()
-            register(fleet, "i-back")  # the instance comes back and rewrites its report
+            register(fleet, "i-back", heartbeat_in_s=ALIVE_LATER)  # the instance comes back and rewrites its report
             return found
 
     racing = RacingCollector(fleet.clients, BUCKET, fleet.topic_arn, fleet.layout, policy=FAST_POLICY)
-    assert racing.run(3600) == []
+    assert racing.run(3600, now=later()) == []
     assert statuses(fleet) == {"i-back"}
-    assert "deployer-prod-web-i-back" in queues(fleet)
+    assert "deployer--prod--web--i-back" in queues(fleet)
 
 
 def test_an_agent_deregisters_itself_on_clean_shutdown(fleet: Fleet) -> None:
@@ -158,12 +199,12 @@ def test_an_agent_deregisters_itself_on_clean_shutdown(fleet: Fleet) -> None:
     # Subscription first, queues next, the status report last (so an interrupted run is finished by gc).
     mutations = [c for c in calls if c in ("Unsubscribe", "DeleteQueue", "DeleteObject")]
     assert mutations == ["Unsubscribe", "DeleteQueue", "DeleteQueue", "DeleteObject"]
-    assert subscriptions(fleet) == {"deployer-prod-web-i-other"}
-    assert queues(fleet) == {"deployer-prod-web-i-other", "deployer-prod-web-i-other-dlq"}
+    assert subscriptions(fleet) == {"deployer--prod--web--i-other"}
+    assert queues(fleet) == {"deployer--prod--web--i-other", "deployer--prod--web--i-other--dlq"}
     assert statuses(fleet) == {"i-other"}
     # Without the subscription ARN it finds its own subscription by the queue's ARN; repeating is harmless.
     register(fleet, "i-leaving")
     leave(fleet, "i-leaving")
     leave(fleet, "i-leaving")
     assert statuses(fleet) == {"i-other"}
-    assert subscriptions(fleet) == {"deployer-prod-web-i-other"}
+    assert subscriptions(fleet) == {"deployer--prod--web--i-other"}

@@ -1,24 +1,40 @@
-"""`deployer iam-policy`: least privilege, scoped to bucket/prefix/topic/queue pattern, and the README agrees."""
+"""`deployer iam-policy`: the trust boundary as documents, linted by parliament and held to the
+properties that confine an instance (moto evaluates no IAM conditions, so these are the check)."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+import parliament
+import pytest
 from click.testing import CliRunner
+from parliament import analyze_policy_string
 
 from deployer.agent.config import AgentConfig
 from deployer.agent.queue import SqsQueue
 from deployer.cli import main
-from publisher.iam import Audience, Scope, policy_for
+from deployer.protocol.names import OWNER_TAG, queue_name
+from publisher.iam import USERID, Audience, Scope, policy_for
 from tests.support import BUCKET, FAST_POLICY, Fleet
 
 README = Path(__file__).parents[2] / "README.md"
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:deployer"
+CI_ROLE = "arn:aws:iam::123456789012:role/ci-deployer"
 #: The example the README's policies are printed for.
 README_ARGS = ("--bucket", "my-deploys", "--topic-arn", TOPIC)
+#: Every combination of options an operator may pass, for the properties below.
+SCOPES = [
+    Scope(bucket="b", topic_arn=TOPIC),
+    Scope(bucket="b", topic_arn=TOPIC, stage="prod"),
+    Scope(bucket="b", topic_arn=TOPIC, stage="prod", role="web", prefix="team/deployer", queue_prefix="dep"),
+    Scope(bucket="b", topic_arn=TOPIC, stage="prod", role="web", deregister=True, asg_name="web-asg"),
+    Scope(bucket="b", topic_arn=TOPIC, lifecycle=True, publishers=(CI_ROLE,)),
+]
 
 
 def iam_policy(*args: str) -> dict[str, Any]:
@@ -27,74 +43,145 @@ def iam_policy(*args: str) -> dict[str, Any]:
     return json.loads(result.output)  # type: ignore[no-any-return]
 
 
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def statements(policy: dict[str, Any], action_prefix: str = "") -> list[dict[str, Any]]:
+    return [s for s in policy["Statement"] if any(a.startswith(action_prefix) for a in s["Action"])]
+
+
 def actions(policy: dict[str, Any]) -> set[str]:
     return {a for s in policy["Statement"] for a in s["Action"]}
 
 
 def resources(policy: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-    for statement in policy["Statement"]:
-        value = statement["Resource"]
-        found.update([value] if isinstance(value, str) else value)
-    return found
+    return {r for s in policy["Statement"] for r in as_list(s["Resource"])}
 
 
-def test_ci_may_publish_and_read_status_but_not_touch_queues_or_delete() -> None:
-    policy = policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, prefix="team/deployer"))
+@pytest.mark.parametrize("audience", list(Audience))
+@pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
+def test_parliament_finds_no_unknown_action_resource_or_condition_key(audience: Audience, scope: Scope) -> None:
+    findings = analyze_policy_string(json.dumps(policy_for(audience, scope)), include_community_auditors=False).findings
+    assert [(f.issue, f.detail) for f in findings] == []
+
+
+def test_null_condition_keys_are_keys_s3_defines_for_put_object() -> None:
+    """parliament does not check keys inside Null; check the bucket policy's against its IAM data."""
+    definitions = json.loads((Path(parliament.__file__).parent / "iam_definition.json").read_text())
+    [s3] = [service for service in definitions if service["prefix"] == "s3"]
+    [put] = [p for p in s3["privileges"] if p["privilege"] == "PutObject"]
+    known = {key for resource in put["resource_types"] for key in resource["condition_keys"]}
+    used = {k for s in policy_for(Audience.BUCKET, SCOPES[0])["Statement"] for k in s["Condition"]["Null"]}
+    assert used == {"s3:if-none-match", "s3:if-match"}
+    assert used <= known
+
+
+@pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
+def test_every_sqs_permission_of_an_instance_is_bound_to_the_queues_it_owns(scope: Scope) -> None:
+    for statement in statements(policy_for(Audience.INSTANCE, scope), "sqs:"):
+        condition = statement["Condition"]
+        if statement["Action"] == ["sqs:CreateQueue"]:
+            # It may only create a queue by tagging it as its own, and with no other tag.
+            assert condition["StringEquals"] == {f"aws:RequestTag/{OWNER_TAG}": USERID}
+            assert condition["ForAllValues:StringEquals"] == {"aws:TagKeys": [OWNER_TAG]}
+        else:
+            assert condition == {"StringEquals": {f"aws:ResourceTag/{OWNER_TAG}": USERID}}
+        assert statement["Resource"].startswith(scope.topic.queue_arn(scope.queue_prefix + "--"))
+
+
+@pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
+def test_an_instance_writes_no_object_but_its_own_status_report(scope: Scope) -> None:
+    for statement in statements(policy_for(Audience.INSTANCE, scope), "s3:"):
+        if {"s3:PutObject", "s3:DeleteObject"} & set(statement["Action"]):
+            assert statement["Resource"].endswith(f"/{USERID}.json")
+            assert "/status/" in statement["Resource"]
+
+
+@pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
+def test_an_instance_cannot_reattribute_a_subscription_send_to_others_or_list_status(scope: Scope) -> None:
+    policy = policy_for(Audience.INSTANCE, scope)
+    assert "sns:SetSubscriptionAttributes" not in actions(policy)
+    assert "sns:Publish" not in actions(policy)
+    [send] = [s for s in policy["Statement"] if "sqs:SendMessage" in s["Action"]]
+    assert send["Resource"].endswith("--dlq")
+    [subscribe] = [s for s in policy["Statement"] if "sns:Subscribe" in s["Action"]]
+    assert subscribe["Condition"]["StringEquals"] == {"sns:Protocol": "sqs"}
+    [listing] = [s for s in policy["Statement"] if "s3:ListBucket" in s["Action"]]
+    assert all("/channels/" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [("web", "web-admin"), ("web-admin", "web"), ("web", "web_1")])
+def test_a_roles_queue_pattern_is_not_another_roles_even_when_one_name_starts_the_other(mine: str, theirs: str) -> None:
+    pattern = Scope(bucket="b", topic_arn=TOPIC, stage="prod", role=mine).queues.rsplit(":", 1)[1]
+    assert fnmatch.fnmatchcase(queue_name("deployer", "prod", mine, "i-0abc"), pattern)
+    assert not fnmatch.fnmatchcase(queue_name("deployer", "prod", theirs, "i-0abc"), pattern)
+
+
+def test_ci_moves_only_its_stages_channels_and_never_touches_queues_or_deletes() -> None:
+    policy = policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, prefix="team/deployer", stage="dev"))
     assert actions(policy) == {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "sns:Publish", "sns:GetTopicAttributes"}
-    assert resources(policy) == {
-        "arn:aws:s3:::b/team/deployer/releases/*",
-        "arn:aws:s3:::b/team/deployer/channels/*",
-        "arn:aws:s3:::b/team/deployer/status/*",
-        "arn:aws:s3:::b",
-        TOPIC,
+    puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
+    assert puts == {"arn:aws:s3:::b/team/deployer/releases/*", "arn:aws:s3:::b/team/deployer/channels/dev/*"}
+
+
+def test_the_bucket_policy_refuses_unconditional_release_history_and_pointer_writes() -> None:
+    policy = policy_for(Audience.BUCKET, Scope(bucket="b", topic_arn=TOPIC))
+    assert {s["Effect"] for s in policy["Statement"]} == {"Deny"}
+    by_resource = {s["Resource"]: s["Condition"]["Null"] for s in policy["Statement"]}
+    assert by_resource == {
+        "arn:aws:s3:::b/deployer/releases/*": {"s3:if-none-match": "true"},
+        "arn:aws:s3:::b/deployer/channels/*/history/*": {"s3:if-none-match": "true"},
+        "arn:aws:s3:::b/deployer/channels/*/latest.json": {"s3:if-match": "true", "s3:if-none-match": "true"},
     }
-    put = next(s for s in policy["Statement"] if "s3:PutObject" in s["Action"])
-    assert "arn:aws:s3:::b/team/deployer/status/*" not in put["Resource"]
 
 
-def test_instance_policy_is_narrowed_to_its_stage_role_queues_and_status() -> None:
-    policy = policy_for(Audience.INSTANCE, Scope(bucket="b", topic_arn=TOPIC, stage="prod", role="web"))
-    assert "arn:aws:sqs:eu-west-1:123456789012:deployer-prod-web-*" in resources(policy)
-    assert "arn:aws:s3:::b/deployer/status/prod/web/*" in resources(policy)
-    assert not {"s3:DeleteObject", "sqs:DeleteQueue", "sns:Unsubscribe", "sns:Publish"} & actions(policy)
-    writes = [s for s in policy["Statement"] if "s3:PutObject" in s["Action"]]
-    assert [w["Resource"] for w in writes] == ["arn:aws:s3:::b/deployer/status/prod/web/*"]
-    assert not any(a.startswith("autoscaling:") for a in actions(policy))
-    opted = policy_for(Audience.INSTANCE, Scope(bucket="b", topic_arn=TOPIC, asg_name="web-asg", deregister=True))
-    assert {"s3:DeleteObject", "sqs:DeleteQueue", "sns:Unsubscribe", "autoscaling:CompleteLifecycleAction"} <= actions(
-        opted
-    )
-    assert "arn:aws:autoscaling:eu-west-1:123456789012:autoScalingGroup:*:autoScalingGroupName/web-asg" in resources(
-        opted
-    )
-    # With the group named in the config no lookup is needed, so no unscoped Describe either.
-    assert "*" not in resources(opted)
+def test_the_topic_policy_admits_only_ci_publishers_and_deployer_queues() -> None:
+    policy = policy_for(Audience.TOPIC, Scope(bucket="b", topic_arn=TOPIC, publishers=(CI_ROLE,)))
+    denies = {s["Sid"]: s["Condition"] for s in policy["Statement"] if s["Effect"] == "Deny"}
+    assert denies == {
+        "OnlySqsSubscriptions": {"StringNotEquals": {"sns:Protocol": "sqs"}},
+        "OnlyDeployerQueues": {"StringNotLike": {"sns:Endpoint": "arn:aws:sqs:eu-west-1:123456789012:deployer--*"}},
+        "OnlyCiPublishes": {"ArnNotLike": {"aws:PrincipalArn": [CI_ROLE]}},
+    }
+    with pytest.raises(Exception, match="not an IAM role or user ARN"):
+        Scope(bucket="b", topic_arn=TOPIC, publishers=("ci-deployer",))
 
 
-def test_gc_may_delete_queues_and_status_but_not_publish() -> None:
-    policy = policy_for(Audience.GC, Scope(bucket="b", topic_arn=TOPIC, queue_prefix="dep"))
-    assert "arn:aws:sqs:eu-west-1:123456789012:dep-*" in resources(policy)
-    assert {"sqs:DeleteQueue", "sns:Unsubscribe", "s3:DeleteObject"} <= actions(policy)
-    assert not {"sns:Publish", "s3:PutObject"} & actions(policy)
+def test_init_sets_the_topic_policy(fleet: Fleet) -> None:
+    from publisher.infra import init_resources
+
+    init_resources(fleet.clients, BUCKET, "deployer-test", publishers=(CI_ROLE,))
+    stored = json.loads(fleet.clients.sns.get_topic_attributes(TopicArn=fleet.topic_arn)["Attributes"]["Policy"])
+    scope = Scope(bucket=BUCKET, topic_arn=fleet.topic_arn, publishers=(CI_ROLE,))
+    assert stored == policy_for(Audience.TOPIC, scope)
 
 
 def test_the_readme_shows_exactly_what_iam_policy_prints() -> None:
     section = README.read_text().split("## AWS resources and IAM", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"deployer iam-policy (--for \w+[^\n`]*)`?[^\n]*\n+```json\n(.*?)\n```", section, re.S)
-    assert [b[0].split()[1] for b in blocks] == ["ci", "instance", "gc"]
+    blocks = re.findall(r"`deployer iam-policy (--for [^`]*)`:\n+```json\n(.*?)\n```", section, re.S)
+    assert [b[0].split()[1] for b in blocks] == ["ci", "instance", "gc", "bucket", "topic"]
     for flags, block in blocks:
-        extra = [f for f in flags.split()[2:] if f.startswith("--") and "bucket" not in f and "topic" not in f]
-        expected = iam_policy(*flags.split()[:2], *README_ARGS, *extra)
-        assert json.loads(block) == expected, flags
+        assert json.loads(block) == iam_policy(*shlex.split(flags), *README_ARGS), flags
 
 
-def test_the_queue_policy_the_agent_sets_admits_only_the_topic(fleet: Fleet) -> None:
+def test_the_queue_policy_the_agent_sets_admits_only_the_topic_and_the_queues_carry_their_owner(fleet: Fleet) -> None:
     config = AgentConfig(stage="prod", role="web", components=("api",), bucket=BUCKET, topic_arn=fleet.topic_arn)
-    handle = SqsQueue(fleet.clients.sqs, fleet.clients.sns, config, "i-policy", FAST_POLICY).ensure()
+    owner = "AROAEXAMPLEROLEID01:i-policy"
+    handle = SqsQueue(
+        fleet.clients.sqs, fleet.clients.sns, config, "i-policy", FAST_POLICY, owner_userid=owner
+    ).ensure()
     attrs = fleet.clients.sqs.get_queue_attributes(QueueUrl=handle.url, AttributeNames=["Policy"])["Attributes"]
-    [statement] = json.loads(attrs["Policy"])["Statement"]
-    assert statement["Principal"] == {"Service": "sns.amazonaws.com"}
-    assert statement["Action"] == "sqs:SendMessage"
-    assert statement["Resource"] == handle.arn
-    assert statement["Condition"] == {"ArnEquals": {"aws:SourceArn": fleet.topic_arn}}
+    allow, deny = json.loads(attrs["Policy"])["Statement"]
+    assert allow["Principal"] == {"Service": "sns.amazonaws.com"}
+    assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": fleet.topic_arn}}
+    # An explicit Deny: within one account an allow-only queue policy restricts nobody.
+    assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", "*", "sqs:SendMessage")
+    assert deny["Condition"] == {"ArnNotEquals": {"aws:SourceArn": fleet.topic_arn}}
+    dlq_policy = fleet.clients.sqs.get_queue_attributes(QueueUrl=handle.dlq_url, AttributeNames=["Policy"])
+    [dlq_deny] = json.loads(dlq_policy["Attributes"]["Policy"])["Statement"]
+    assert dlq_deny["Condition"] == {"StringNotEquals": {"aws:userid": owner}}
+    for url in (handle.url, handle.dlq_url):
+        assert fleet.clients.sqs.list_queue_tags(QueueUrl=url)["Tags"] == {OWNER_TAG: owner}
+    attributes = fleet.clients.sns.get_subscription_attributes(SubscriptionArn=handle.subscription_arn)["Attributes"]
+    assert attributes["RawMessageDelivery"] == "true"

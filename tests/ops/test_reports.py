@@ -28,7 +28,7 @@ def write_report(fleet: Fleet, who: ReportKey, seq: int = 1) -> StatusReporter:
 
 
 def put_raw(fleet: Fleet, instance: str, body: bytes) -> None:
-    key = fleet.layout.status_key("prod", "web", instance)
+    key = fleet.layout.status_key(ReportKey("prod", "web", instance))
     fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=body)
 
 
@@ -89,7 +89,7 @@ def test_status_shows_an_unreadable_report_as_a_row_and_still_exits_zero(fleet: 
 def test_a_report_that_vanishes_between_list_and_get_is_simply_absent(fleet: Fleet) -> None:
     write_report(fleet, WHO)
     write_report(fleet, ReportKey("prod", "web", "i-leaving"))
-    leaving = fleet.layout.status_key("prod", "web", "i-leaving")
+    leaving = fleet.layout.status_key(ReportKey("prod", "web", "i-leaving"))
 
     def delete_first(params: dict[str, Any], **_: Any) -> None:
         if params["Key"] == leaving:  # gc (or a deregistering agent) wins the race

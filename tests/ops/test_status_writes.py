@@ -14,7 +14,7 @@ from tests.support import BUCKET, AgentProcess, Fleet, wait_until
 
 
 def writes(fleet: Fleet, agent: AgentProcess) -> int:
-    key = fleet.layout.status_key("prod", "web", agent.instance_id or "")
+    key = fleet.layout.status_key(agent.who)
     listed = fleet.clients.s3.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", [])
     return len(listed)
 
@@ -56,9 +56,9 @@ def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet)
     assert set(reader.refresh()) == everyone
     assert len(gets) == 3  # nothing changed: one LIST, no GET
     reporters[1].update("api", seq=1)
-    fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key("prod", "web", "i-c"))
+    fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key(ReportKey("prod", "web", "i-c")))
     entries = reader.refresh()
-    assert gets[3:] == [fleet.layout.status_key("prod", "web", "i-b")]
+    assert gets[3:] == [fleet.layout.status_key(ReportKey("prod", "web", "i-b"))]
     assert {who.instance_id for who in entries} == {"i-a", "i-b"}
     report = entries[ReportKey("prod", "web", "i-b")].report
     assert report is not None

@@ -18,7 +18,7 @@ def test_a_minimal_config_gets_production_defaults() -> None:
     assert config.reconcile_interval_seconds == 300
     assert config.metadata_endpoint == "http://169.254.169.254"
     assert config.channels == (Channel("prod", "web", "provision"), Channel("prod", "web", "api"))
-    assert config.queue_name("i-0abc") == "deployer-prod-web-i-0abc"
+    assert config.queue_name("i-0abc") == "deployer--prod--web--i-0abc"
 
 
 def test_load_config_reads_yaml(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_a_missing_required_key_is_named() -> None:
 
 def test_an_over_long_queue_name_is_refused() -> None:
     config = config_from_dict({**BASE, "queue_prefix": "q" * 55})
-    with pytest.raises(ConfigError, match="at most 80"):
+    with pytest.raises(ConfigError, match="longer than SQS's 80 characters"):
         config.queue_name("i-0123456789abcdef0")
 
 

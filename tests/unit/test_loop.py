@@ -34,17 +34,27 @@ class FakeRunner:
     """Applies nothing; answers each deploy with a scripted outcome and records the order."""
 
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    #: Deploy ids that are not what CI wrote to history (forged or replayed).
+    forged: set[str] = field(default_factory=set)
     applied: list[tuple[str, int]] = field(default_factory=list)
     on_apply: list[threading.Event] = field(default_factory=list)  # set on the first apply
+    repairs: list[Channel] = field(default_factory=list)
 
-    def apply(self, deploy: Deploy) -> Outcome:
+    def apply(self, deploy: Deploy) -> tuple[Outcome, str]:
         self.applied.append((deploy.component, deploy.seq))
         for event in self.on_apply:
             event.set()
-        return self.outcomes.get(deploy.component, Outcome.APPLIED)
+        if deploy.deploy_id in self.forged:
+            return Outcome.UNAUTHENTIC, f"seq {deploy.seq} is not in history"
+        outcome = self.outcomes.get(deploy.component, Outcome.APPLIED)
+        return outcome, f"scripted {outcome.value}"
 
     def worth_retrying(self, _deploy: Deploy) -> bool:
         return True
+
+    def repair(self, channel: Channel) -> bool:
+        self.repairs.append(channel)
+        return False
 
 
 @dataclass
@@ -148,7 +158,7 @@ def test_a_rejected_release_and_an_unparseable_message_go_to_the_dlq_with_their_
     rig.queue.send("not json at all")
     rig.agent.poll_once()
     reasons = dict(rig.queue.dead_letters)
-    assert reasons[deploy("api", 1).to_json()] == "apply rejected the release"
+    assert reasons[deploy("api", 1).to_json()] == "scripted rejected"
     assert reasons["not json at all"].startswith("deploy document is not JSON")
     assert [message_id for message_id, _ in rig.reporter.rejections] == ["m-1"]  # only the poison message
     assert rig.queue.pending() == []
@@ -195,3 +205,46 @@ def test_reconcile_applies_a_pointer_ahead_of_the_ledger_and_skips_one_that_is_n
     )
     agent.reconcile(reason="test")
     assert rig.runner.applied == [("api", 4)]
+
+
+def test_a_forged_message_with_a_higher_seq_does_not_silence_the_genuine_one_in_its_batch(rig: Rig) -> None:
+    forged = replace(deploy("api", 999999), deploy_id="forged")
+    rig.runner.forged.add("forged")
+    rig.queue.send(deploy("api", 3).to_json())
+    rig.queue.send(forged.to_json())
+    rig.queue.send(deploy("api", 2).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 999999), ("api", 3)]  # the forgery first, then the next newest
+    assert [body for body, _ in rig.queue.dead_letters] == [forged.to_json()]
+    assert rig.reporter.rejections == [("m-1", "seq 999999 is not in history")]
+    assert rig.queue.pending() == []  # seq 2 acknowledged as superseded by the genuine seq 3
+
+
+def test_two_deploys_claiming_one_seq_are_both_tried_until_history_says_which_is_real(rig: Rig) -> None:
+    impostor = replace(deploy("api", 4), deploy_id="impostor", release_id="evil")
+    rig.runner.forged.add("impostor")
+    rig.queue.send(impostor.to_json())
+    rig.queue.send(deploy("api", 4).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 4), ("api", 4)]
+    assert [body for body, _ in rig.queue.dead_letters] == [impostor.to_json()]
+    assert rig.queue.pending() == []
+
+
+def test_reconcile_asks_for_a_repair_when_the_pointer_looks_older_than_what_was_applied(rig: Rig) -> None:
+    rig.ledger.mark(
+        replace(deploy("api", 999999), deploy_id="forged"), DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE
+    )
+    pointers = {Channel("prod", "web", "api"): deploy("api", 4), Channel("prod", "web", "worker"): None}
+    agent = Agent(
+        rig.agent.config,
+        queue=rig.queue,
+        runner=rig.runner,
+        reporter=rig.reporter,
+        ledger=rig.ledger,
+        pointer=pointers.__getitem__,
+        stop=rig.stop,
+    )
+    agent.reconcile(reason="test")
+    assert rig.runner.repairs == [Channel("prod", "web", "api")]
+    assert rig.runner.applied == []  # the fake confirms the record, so nothing to re-apply

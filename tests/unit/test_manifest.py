@@ -124,6 +124,7 @@ commands:
         ("health: {command: x, retries: 0}\n", "health.retries must be an integer 1..100"),
         ("health: {command: x, every: 3}\n", "health has unknown key(s): every"),
         ("run_as: 'root; rm -rf /'\n", "run_as must be a user name"),
+        ("dest: /opt/../../etc/cron.d\n", "dest '/opt/../../etc/cron.d' must not contain '..'"),
     ],
 )
 def test_a_bad_manifest_gets_an_error_naming_the_key(text: str, expected: str) -> None:

@@ -1,18 +1,26 @@
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from deployer.protocol.deploy import deploy_from_dict, parse_deploy
 from deployer.protocol.errors import InvalidMessage
-from deployer.protocol.layout import Layout
+from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
-from deployer.protocol.names import Channel
+from deployer.protocol.names import (
+    INSTANCE_ID_PATTERN,
+    NAME_PATTERN,
+    Channel,
+    Owner,
+    queue_name,
+    queue_name_pattern,
+)
 from tests.support import make_deploy
 
 
@@ -86,14 +94,67 @@ def test_layout_keys_follow_the_documented_s3_layout() -> None:
     assert layout.manifest_key("api", "r1") == "deployer/releases/api/r1/manifest.yml"
     assert layout.pointer_key(channel) == "deployer/channels/prod/web/api/latest.json"
     assert layout.history_key(channel, 12) == "deployer/channels/prod/web/api/history/0000000012.json"
-    assert layout.status_key("prod", "web", "i-1") == "deployer/status/prod/web/i-1.json"
+    assert layout.status_key(ReportKey("prod", "web", "i-1")) == "deployer/status/prod/web/i-1.json"
+    confined = ReportKey("prod", "web", "i-1", "AROAEXAMPLEROLEID01")
+    assert layout.status_key(confined) == "deployer/status/prod/web/AROAEXAMPLEROLEID01:i-1.json"
+    assert layout.report_key(layout.status_key(confined)) == confined
     assert Layout("").pointer_key(channel) == "channels/prod/web/api/latest.json"
 
 
-names = st.from_regex(r"^[a-z0-9][a-z0-9_-]{0,31}$", fullmatch=True)
+#: Valid names, generated as words joined by single separators (the lookahead in NAME_PATTERN that
+#: caps the length makes hypothesis's regex generation slow); every draw is checked against it.
+names = st.from_regex(r"[a-z0-9]{1,8}(?:[-_][a-z0-9]{1,7}){0,2}", fullmatch=True).filter(
+    lambda name: NAME_PATTERN.match(name) is not None
+)
 
 
 @given(stage=names, role=names, component=names, seq=st.integers(min_value=1, max_value=2**53))
 def test_any_valid_deploy_round_trips(stage: str, role: str, component: str, seq: int) -> None:
     deploy = make_deploy(stage=stage, role=role, component=component, seq=seq)
     assert deploy_from_dict(json.loads(deploy.to_json())) == deploy
+
+
+@pytest.mark.parametrize(
+    ("pattern_of", "name", "ok"),
+    [
+        ("role", "web", True),
+        ("role", "web-admin", True),
+        ("role", "web_admin", True),
+        ("role", "web--admin", False),  # `--` separates queue name parts
+        ("role", "web-", False),
+        ("role", "-web", False),
+        ("role", "Web", False),
+        ("instance", "i-0123456789abcdef0", True),
+        ("instance", "i--0123", False),
+        ("instance", "i-0123-", False),
+    ],
+)
+def test_names_are_words_joined_by_single_separators(pattern_of: str, name: str, ok: bool) -> None:
+    pattern = NAME_PATTERN if pattern_of == "role" else INSTANCE_ID_PATTERN
+    assert bool(pattern.match(name)) is ok
+
+
+@given(a=names, b=names)
+def test_a_roles_queue_pattern_never_matches_another_roles_queue(a: str, b: str) -> None:
+    assume(a != b)
+    assert NAME_PATTERN.match(a)
+    assert NAME_PATTERN.match(b)
+    pattern = queue_name_pattern("deployer", "prod", a)
+    assert fnmatch.fnmatchcase(queue_name("deployer", "prod", a, "i-0123456789abcdef0"), pattern)
+    assert not fnmatch.fnmatchcase(queue_name("deployer", "prod", b, "i-0123456789abcdef0"), pattern)
+    assert not fnmatch.fnmatchcase(queue_name("deployer", "prod", b, "i-0123456789abcdef0") + "--dlq", pattern)
+
+
+def test_an_owner_is_the_role_session_of_this_instance_or_the_instance_alone() -> None:
+    confined = Owner.from_userid("AROAEXAMPLEROLEID01:i-0abc", "i-0abc")
+    assert (confined.role_id, confined.userid, confined.confined) == (
+        "AROAEXAMPLEROLEID01",
+        "AROAEXAMPLEROLEID01:i-0abc",
+        True,
+    )
+    assert Owner.from_userid("AROAEXAMPLEROLEID01:i-other", "i-0abc") == Owner("i-0abc")  # not this instance's session
+    assert Owner.from_userid("AKIAIOSFODNN7EXAMPLE", "i-0abc") == Owner("i-0abc")  # static credentials: unconfined
+    assert Owner.parse("AROAEXAMPLEROLEID01:i-0abc") == confined
+    assert Owner.parse("i-0abc") == Owner("i-0abc")
+    assert Owner.parse("nobody:i-0abc") is None
+    assert Owner.parse("../i-0abc") is None
