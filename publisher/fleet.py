@@ -3,15 +3,20 @@
 A report that cannot be read is one row of its own, state `unreadable`, with the parse error,
 and is counted in the summary: an operator sees it instead of the command crashing or
 silently showing one instance fewer.
+
+Each row is compared with its channel's pointer: an instance that heartbeats but sits on an
+older seq is `behind`, shown with the last error it reported, however `ok` its own state says
+it is — an instance silently behind must not look healthy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from deployer.aws.reports import ReportEntry
+from deployer.protocol.names import Channel
 from deployer.protocol.report import FAILING_STATES, ComponentState
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, age_seconds
 from publisher.text import render_table
@@ -39,6 +44,10 @@ class Row:
     updated_at: str | None = None
     agent_version: str | None = None
     heartbeat_at: str | None = None
+    #: The channel's pointer seq, when it was read.
+    pointer_seq: int | None = None
+    #: Heartbeating, but not on the pointer's seq.
+    behind: bool = False
 
 
 def fleet_rows(
@@ -47,6 +56,7 @@ def fleet_rows(
     component: str | None = None,
     stale_after_s: float = 3600.0,
     now: datetime | None = None,
+    pointers: Mapping[Channel, int] | None = None,
 ) -> list[Row]:
     rows: list[Row] = []
     for entry in entries:
@@ -72,6 +82,8 @@ def fleet_rows(
         for name, status in sorted(report.components.items()):
             if component and name != component:
                 continue
+            pointer = (pointers or {}).get(Channel(who.stage, who.role, name))
+            behind = pointer is not None and age <= stale_after_s and (status.seq or 0) < pointer
             rows.append(
                 Row(
                     instance_id=who.instance_id,
@@ -81,7 +93,7 @@ def fleet_rows(
                     release_id=status.release_id or "-",
                     seq=status.seq,
                     state=status.state.value,
-                    error=status.error or "",
+                    error=status.error or (status.last_error or "" if behind else ""),
                     heartbeat_age_s=age,
                     stale=age > stale_after_s,
                     deploy_id=status.deploy_id,
@@ -89,10 +101,22 @@ def fleet_rows(
                     updated_at=status.updated_at,
                     agent_version=report.agent_version,
                     heartbeat_at=report.heartbeat_at.strftime(TIMESTAMP_FORMAT),
+                    pointer_seq=pointer,
+                    behind=behind,
                 )
             )
     rows.sort(key=lambda r: (r.stage, r.role, r.component, r.instance_id))
     return rows
+
+
+def channels_of(entries: Iterable[ReportEntry]) -> set[Channel]:
+    """Every channel some readable report names: the pointers a fleet view compares with. Pure."""
+    return {
+        Channel(entry.who.stage, entry.who.role, name)
+        for entry in entries
+        if entry.report is not None
+        for name in entry.report.components
+    }
 
 
 def summary(rows: Iterable[Row]) -> list[str]:
@@ -111,7 +135,14 @@ def summary(rows: Iterable[Row]) -> list[str]:
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in failing)
         stale = sum(1 for r in members if r.stale)
+        behind = sum(1 for r in members if r.behind)
+        pointer = next((r.pointer_seq for r in members if r.pointer_seq is not None), None)
+        if pointer is not None:
+            top = pointer
+            on_top = sum(1 for r in members if r.seq == pointer and r.state == ComponentState.OK)
         line = f"{stage}/{role}/{component}: {on_top}/{len(members)} on seq {top if top is not None else '-'}, {failed} failed"
+        if behind:
+            line += f", {behind} behind"
         if stale:
             line += f", {stale} stale"
         lines.append(line)
@@ -140,7 +171,7 @@ def format_table(rows: list[Row]) -> str:
             r.component,
             r.release_id,
             str(r.seq) if r.seq is not None else "-",
-            r.state + (" (stale)" if r.stale else ""),
+            r.state + (" (stale)" if r.stale else f" (behind {r.pointer_seq})" if r.behind else ""),
             format_age(r.heartbeat_age_s),
             r.error[:60],
         )

@@ -6,13 +6,13 @@ listing the history prefix gives every deploy in seq order (the keys are zero-pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import get_document
+from deployer.aws.s3 import get_document, read_pointer
 from deployer.protocol.deploy import Deploy, parse_deploy
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.layout import Layout
@@ -47,6 +47,22 @@ def iter_history(
             yield parse_deploy(found[0])
         except InvalidMessage as exc:
             log.warning("history_entry_invalid", key=key, error=str(exc), next="skipped")
+
+
+def pointer_seqs(
+    s3: S3Client, bucket: str, layout: Layout, channels: Iterable[Channel], policy: RetryPolicy = DEFAULT_POLICY
+) -> dict[Channel, int]:
+    """The pointer's seq of each channel that has one (unreadable pointers are left out)."""
+    found: dict[Channel, int] = {}
+    for channel in sorted(channels):
+        try:
+            pointer = read_pointer(s3, bucket, layout, channel, policy)
+        except InvalidMessage as exc:
+            log.warning("pointer_invalid", channel=str(channel), error=str(exc), next="not compared with")
+            continue
+        if pointer is not None:
+            found[channel] = pointer.deploy.seq
+    return found
 
 
 def describe_origin(origin: Mapping[str, str]) -> str:

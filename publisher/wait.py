@@ -29,7 +29,7 @@ import structlog
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import ReportKey
-from deployer.protocol.report import ComponentState
+from deployer.protocol.report import ComponentState, ComponentStatus
 from deployer.protocol.timestamps import age_seconds
 
 log = structlog.get_logger(__name__)
@@ -157,9 +157,19 @@ def assess(
             errors[instance] = (status.error if status else None) or ""
         elif outcome is Outcome.UNREADABLE and entry is not None:
             errors[instance] = f"unreadable report: {entry.error}"
+        elif outcome is Outcome.PENDING and entry is not None and entry.report is not None:
+            errors[instance] = _behind(entry.report.components.get(deploy.component))
         elif outcome is Outcome.LOST:
             errors[instance] = _lost_reason(entry)
     return Progress(deploy, outcomes, errors, elapsed_s, allow_lost)
+
+
+def _behind(status: ComponentStatus | None) -> str:
+    """Where a pending instance is, and the last error that may say why it is not further."""
+    if status is None:
+        return "has not reported the component yet"
+    where = f"on seq {status.seq if status.seq is not None else '-'} ({status.state.value})"
+    return where + (f", last error: {status.last_error}" if status.last_error else "")
 
 
 def _lost_reason(entry: ReportEntry | None) -> str:

@@ -1,18 +1,23 @@
-"""A TCP proxy on 127.0.0.1 that injures chosen connections: reset, stall, truncate or hold.
+"""A TCP proxy on 127.0.0.1 that injures chosen connections the way real networks, NATs and load
+balancers do: a reset (RST) or a clean close (FIN) before the answer, in the middle of its
+headers, in the middle of its body, or in the middle of a chunk; a stall; a hold.
 
 Each connection carries one HTTP request (moto answers `Connection: close`), so a rule that
-looks at the request head decides the fate of exactly one AWS call.
+looks at the request head decides the fate of exactly one AWS call. Every cut after the
+request reached the server is the nasty kind: the server did the work, the client does not
+know it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import random
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 CHUNK = 65536
@@ -22,11 +27,40 @@ class Fault(enum.Enum):
     PASS = "pass"
     RESET = "reset"  # RST before the request reaches the server
     STALL = "stall"  # forward only after a delay
-    TRUNCATE = "truncate"  # the server handles the request, the client gets half the body (or nothing), then RST
     HOLD = "hold"  # forward only once `release()` is called
+    RST_BEFORE_HEADERS = "rst_before_headers"  # the server did the work; the client gets an RST, nothing else
+    FIN_BEFORE_HEADERS = "fin_before_headers"  # … a clean close, nothing else
+    RST_MID_HEADERS = "rst_mid_headers"  # half the status line and headers, then RST
+    FIN_MID_HEADERS = "fin_mid_headers"  # half the status line and headers, then a clean close
+    RST_MID_BODY = "rst_mid_body"  # headers and half the body (if any), then RST
+    FIN_MID_BODY = "fin_mid_body"  # headers and half the body (if any), then a clean close
+    FIN_MID_CHUNK = "fin_mid_chunk"  # re-sent chunked, closed cleanly inside the last chunk
 
+
+#: Every way an answer can be cut after the server handled the request.
+CUTS = (
+    Fault.RST_BEFORE_HEADERS,
+    Fault.FIN_BEFORE_HEADERS,
+    Fault.RST_MID_HEADERS,
+    Fault.FIN_MID_HEADERS,
+    Fault.RST_MID_BODY,
+    Fault.FIN_MID_BODY,
+    Fault.FIN_MID_CHUNK,
+)
 
 Rule = Callable[[bytes], Fault]
+
+
+def random_faults(rate: float, seed: int, kinds: Sequence[Fault] = (Fault.RESET, *CUTS)) -> Rule:
+    """A rule that injures `rate` of all connections, each with one of `kinds`, reproducibly."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def rule(_head: bytes) -> Fault:
+        with lock:
+            return rng.choice(kinds) if rng.random() < rate else Fault.PASS
+
+    return rule
 
 
 @dataclass
@@ -45,9 +79,19 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True)
 
+    @classmethod
+    def to(cls, url: str, rule: Rule = lambda _head: Fault.PASS, stall_seconds: float = 1.0) -> FaultProxy:
+        """A started proxy in front of `http://host:port`."""
+        host, port = url.removeprefix("http://").split(":")
+        return cls((host, int(port)), rule=rule, stall_seconds=stall_seconds).start()
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.getsockname()[1]}"
+
+    @property
+    def injured(self) -> int:
+        return sum(n for fault, n in self.counts.items() if fault is not Fault.PASS)
 
     def start(self) -> FaultProxy:
         self._thread.start()
@@ -61,6 +105,12 @@ class FaultProxy:
         self._release.set()
         self._thread.join(5)
         self._server.close()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _accept_loop(self) -> None:
         while not self._closing.is_set():
@@ -90,15 +140,11 @@ class FaultProxy:
                 self._release.wait()
             upstream = socket.create_connection(self.upstream, timeout=60)
             upstream.sendall(head)
-            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+            pump = threading.Thread(target=_pump, args=(client, upstream), daemon=True)
+            pump.start()
             response = _read_all(upstream)
-            if fault is Fault.TRUNCATE:
-                # Cut inside the body, so the client sees a short read against Content-Length (an
-                # empty body is simply never sent). Either way the server already did the work.
-                body_at = response.find(b"\r\n\r\n") + 4
-                if len(response) > body_at:
-                    client.sendall(response[: body_at + (len(response) - body_at) // 2])
-                _reset(client)
+            if fault in CUTS:
+                _cut(client, response, fault, pump)
                 return
             client.sendall(response)
         except OSError:
@@ -110,14 +156,63 @@ class FaultProxy:
                         sock.close()
 
 
+def _cut(client: socket.socket, response: bytes, fault: Fault, pump: threading.Thread) -> None:
+    header_end = response.find(b"\r\n\r\n") + 4
+    if fault in (Fault.RST_BEFORE_HEADERS, Fault.FIN_BEFORE_HEADERS):
+        sent = b""
+    elif fault in (Fault.RST_MID_HEADERS, Fault.FIN_MID_HEADERS):
+        sent = response[: header_end // 2]
+    elif fault is Fault.FIN_MID_CHUNK:
+        sent = _chunked_cut(response, header_end)
+    else:
+        # Inside the body when there is one (an empty body is simply never sent).
+        sent = response[: header_end + (len(response) - header_end) // 2]
+    client.sendall(sent)
+    if fault.name.startswith("RST"):
+        _reset(client)
+        return
+    # A clean close: FIN, then wait for the client to hang up, so that unread request bytes in
+    # our receive buffer do not turn the close into a reset after all.
+    with contextlib.suppress(OSError):
+        client.shutdown(socket.SHUT_WR)
+    pump.join(10)
+
+
+def _chunked_cut(response: bytes, header_end: int) -> bytes:
+    """The response re-sent with `Transfer-Encoding: chunked`, cut inside its last chunk."""
+    head = [
+        line
+        for line in response[: header_end - 4].split(b"\r\n")
+        if not line.lower().startswith((b"content-length:", b"transfer-encoding:"))
+    ]
+    body = response[header_end:]
+    first, second = body[: len(body) // 2], body[len(body) // 2 :]
+    chunked = b"\r\n".join([*head, b"Transfer-Encoding: chunked"]) + b"\r\n\r\n"
+    if first:
+        chunked += b"%x\r\n%s\r\n" % (len(first), first)
+    # Announce the whole second chunk, send half of it.
+    return chunked + b"%x\r\n%s" % (max(len(second), 2), second[: len(second) // 2])
+
+
 def _read_head(sock: socket.socket) -> bytes:
+    """The request's headers and, when it announces its length, its whole body (rules see the Action)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(CHUNK)
         if not chunk:
-            break
+            return data
         data += chunk
-    return data
+    headers, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(CHUNK)
+        if not chunk:
+            break
+        body += chunk
+    return headers + b"\r\n\r\n" + body
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -145,8 +240,13 @@ def _reset(sock: socket.socket) -> None:
 
 
 def aws_operation(head: bytes) -> str:
-    """The SQS/SNS JSON-protocol target (X-Amz-Target) or the HTTP method + path, for rules."""
+    """The SQS/SNS JSON-protocol target (X-Amz-Target), the query protocol's Action, or the HTTP
+    method + path, for rules."""
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"x-amz-target:"):
             return line.split(b":", 1)[1].strip().decode()
+    body = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+    for pair in body.split(b"&"):
+        if pair.startswith(b"Action="):
+            return pair.split(b"=", 1)[1].decode()
     return head.split(b"\r\n", 1)[0].decode(errors="replace")

@@ -46,6 +46,7 @@ from deployer.protocol.report import ComponentState, ComponentStatus, StatusRepo
 from publisher.infra import init_resources
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
+from tests.faultproxy import FaultProxy, random_faults
 
 REGION = "us-east-1"
 BUCKET = "deployer-test"
@@ -426,6 +427,22 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+# -- a flaky network ----------------------------------------------------------------------------
+
+#: Share of connections the flaky network injures (the issue's floor is 20 %).
+FLAKY_RATE = 0.22
+
+
+@pytest.fixture
+def flaky(fleet: Fleet) -> Iterator[FaultProxy]:
+    """The emulator behind a network that resets or cleanly closes 22 % of connections, at every
+    point of the answer (before, inside the headers, inside the body, inside a chunk)."""
+    with FaultProxy.to(fleet.endpoint_url, rule=random_faults(FLAKY_RATE, seed=20261126)) as proxy:
+        yield proxy
+    injured = proxy.injured / max(1, sum(proxy.counts.values()))
+    assert injured >= 0.2 or sum(proxy.counts.values()) < 50, f"the network was not flaky enough: {proxy.counts}"
 
 
 # -- publishing around the fan-out -------------------------------------------------------

@@ -50,11 +50,27 @@ class Decision:
 
 
 def decide_one(
-    deploy: Deploy, applied: Mapping[Channel, tuple[int, str]], mine: Collection[Channel]
+    deploy: Deploy,
+    applied: Mapping[Channel, tuple[int, str]],
+    mine: Collection[Channel],
+    seen: Mapping[Channel, tuple[int, str]] | None = None,
 ) -> tuple[Verdict, str]:
-    """Verdict for one deploy against `applied` (channel → (seq, deploy_id))."""
+    """Verdict for one deploy against `applied` and `seen` (channel → (seq, deploy_id)).
+
+    `seen` is the newest deploy of each channel that proved authentic, landed or not: once CI's
+    seq 14 was seen, seq 11 is stale even if 14 failed; 14 itself is retried until it lands or
+    is rejected for good.
+    """
     if deploy.channel not in mine:
         return Verdict.NOT_MINE, f"channel {deploy.channel} is not served by this instance"
+    newest = (seen or {}).get(deploy.channel)
+    if newest is not None and deploy.seq < newest[0]:
+        return Verdict.STALE, f"seq {deploy.seq} is older than seq {newest[0]}, already seen from CI"
+    if newest is not None and deploy.seq == newest[0] and deploy.deploy_id != newest[1]:
+        return (
+            Verdict.REJECTED,
+            f"seq {deploy.seq} was published as deploy {newest[1]}, message claims {deploy.deploy_id}",
+        )
     current = applied.get(deploy.channel)
     if current is None or deploy.seq > current[0]:
         return Verdict.APPLY, "newer than applied"
@@ -68,7 +84,10 @@ def decide_one(
 
 
 def decide_batch(
-    batch: Sequence[Incoming], applied: Mapping[Channel, tuple[int, str]], mine: Collection[Channel]
+    batch: Sequence[Incoming],
+    applied: Mapping[Channel, tuple[int, str]],
+    mine: Collection[Channel],
+    seen: Mapping[Channel, tuple[int, str]] | None = None,
 ) -> list[Decision]:
     """One decision per message, in batch order; at most one APPLY per channel (its highest seq).
 
@@ -79,16 +98,16 @@ def decide_batch(
     decides which of them is real.
     """
     decisions: list[Decision] = []
-    seen: set[str] = set()
+    copies: set[str] = set()
     for incoming in batch:
         deploy = incoming.deploy
         if deploy is None:
             decisions.append(Decision(incoming, Verdict.REJECTED, incoming.error or "unparseable message"))
             continue
-        verdict, reason = decide_one(deploy, applied, mine)
-        if verdict is Verdict.APPLY and deploy.to_json() in seen:
+        verdict, reason = decide_one(deploy, applied, mine, seen)
+        if verdict is Verdict.APPLY and deploy.to_json() in copies:
             verdict, reason = Verdict.DUPLICATE, f"seq {deploy.seq} appears twice in this batch"
-        seen.add(deploy.to_json())
+        copies.add(deploy.to_json())
         decisions.append(Decision(incoming, verdict, reason))
     best: dict[Channel, Decision] = {}
     for decision in decisions:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from deployer.apply.engine import Milestone
@@ -67,6 +67,8 @@ class DeployRecord:
 class LocalState:
     channels: dict[Channel, AppliedRecord]
     deploys: dict[str, DeployRecord]
+    #: Per channel, the newest deploy that proved authentic (seq, deploy id), applied or not yet.
+    seen: dict[Channel, tuple[int, str]] = field(default_factory=dict)
 
     def applied(self) -> dict[Channel, tuple[int, str]]:
         return {ch: (rec.seq, rec.deploy_id) for ch, rec in self.channels.items()}
@@ -92,20 +94,21 @@ class Ledger:
             raise DeployerError(f"state file {self.path} is unreadable ({exc}); move it aside to start over") from None
         if doc.get("v") != STATE_VERSION:
             raise DeployerError(f"state file {self.path} has unsupported version {doc.get('v')!r}")
-        channels: dict[Channel, AppliedRecord] = {}
-        for key, record in doc.get("channels", {}).items():
-            stage, role, component = key.split("/")
-            channels[Channel(stage, role, component)] = AppliedRecord(**record)
+        channels = {_channel(key): AppliedRecord(**record) for key, record in doc.get("channels", {}).items()}
+        seen = {_channel(key): (int(r["seq"]), str(r["deploy_id"])) for key, r in doc.get("seen", {}).items()}
         deploys = {
             deploy_id: DeployRecord(
                 **{**record, "status": DeployStatus(record["status"]), "milestone": Milestone(record["milestone"])}
             )
             for deploy_id, record in doc.get("deploys", {}).items()
         }
-        return LocalState(channels, deploys)
+        return LocalState(channels, deploys, seen)
 
     def applied(self) -> dict[Channel, tuple[int, str]]:
         return self.load().applied()
+
+    def seen(self) -> dict[Channel, tuple[int, str]]:
+        return self.load().seen
 
     def deploy_record(self, deploy_id: str) -> DeployRecord | None:
         return self.load().deploys.get(deploy_id)
@@ -118,8 +121,14 @@ class Ledger:
         *,
         error: str | None = None,
         attempt: bool = False,
+        authenticated: bool = False,
     ) -> DeployRecord:
-        """Write the deploy's record; COMPLETED also records the channel's seq in the same write."""
+        """Write the deploy's record; COMPLETED also records the channel's seq in the same write.
+
+        `authenticated` (implied by COMPLETED): the deploy proved to be CI's, so from now on
+        every older seq of its channel is stale, even while this one has not landed — a failed
+        attempt at seq 14 must not let seq 11 in behind it.
+        """
         state = self.load()
         previous = state.deploys.get(deploy.deploy_id)
         record = DeployRecord(
@@ -134,13 +143,18 @@ class Ledger:
         state.deploys[deploy.deploy_id] = record
         if status is DeployStatus.COMPLETED:
             state.channels[deploy.channel] = AppliedRecord.of(deploy)
+        if (authenticated or status is DeployStatus.COMPLETED) and deploy.seq >= state.seen.get(
+            deploy.channel, (0, "")
+        )[0]:
+            state.seen[deploy.channel] = (deploy.seq, deploy.deploy_id)
         self._write(state)
         return record
 
     def disown(self, channel: Channel) -> None:
-        """Forget what was applied on `channel` (history does not confirm it); deploy records stay."""
+        """Forget what was applied and seen on `channel` (history does not confirm it); deploy records stay."""
         state = self.load()
         state.channels.pop(channel, None)
+        state.seen.pop(channel, None)
         self._write(state)
 
     def _write(self, state: LocalState) -> None:
@@ -148,11 +162,19 @@ class Ledger:
         doc = {
             "v": STATE_VERSION,
             "channels": {str(ch): asdict(rec) for ch, rec in sorted(state.channels.items())},
+            "seen": {
+                str(ch): {"seq": seq, "deploy_id": deploy_id} for ch, (seq, deploy_id) in sorted(state.seen.items())
+            },
             "deploys": {
                 r.deploy_id: {**asdict(r), "status": r.status.value, "milestone": r.milestone.value} for r in newest
             },
         }
         write_atomic(self.path, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+def _channel(key: str) -> Channel:
+    stage, role, component = key.split("/")
+    return Channel(stage, role, component)
 
 
 class Start(enum.StrEnum):

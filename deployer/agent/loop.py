@@ -169,10 +169,10 @@ class Agent:
             if deploy is None:
                 log.info("pointer_absent", channel=str(channel), reason=reason)
                 continue
-            verdict, _ = decide_one(deploy, self.ledger.applied(), self.config.channels)
+            verdict = self._verdict(deploy)
             if verdict in (Verdict.STALE, Verdict.REJECTED) and self.runner.repair(channel):
                 # What was applied is not in history (a forgery trusted before, a tampered state file).
-                verdict, _ = decide_one(deploy, self.ledger.applied(), self.config.channels)
+                verdict = self._verdict(deploy)
             if verdict is not Verdict.APPLY:
                 log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
                 continue
@@ -180,6 +180,10 @@ class Agent:
                 continue
             log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
             self.runner.apply(deploy)
+
+    def _verdict(self, deploy: Deploy) -> Verdict:
+        state = self.ledger.load()
+        return decide_one(deploy, state.applied(), self.config.channels, state.seen)[0]
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -189,7 +193,8 @@ class Agent:
         if not messages:
             return
         by_receipt = {m.receipt_handle: m for m in messages}
-        decisions = decide_batch([_parse(m) for m in messages], self.ledger.applied(), self.config.channels)
+        state = self.ledger.load()
+        decisions = decide_batch([_parse(m) for m in messages], state.applied(), self.config.channels, state.seen)
         tried = candidates(decisions)
         queued = {id(d) for listed in tried.values() for d in listed}
         # Acknowledge and log everything that needs no apply first: it is cheap and final.

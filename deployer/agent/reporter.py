@@ -54,6 +54,8 @@ class StatusReporter:
 
     def update(self, component: str, **changes: Any) -> None:
         current = self.components.get(component, ComponentStatus())
+        if changes.get("error"):
+            changes["last_error"] = changes["error"]
         self.components[component] = replace(current, updated_at=utc_now_iso(), **changes)
         self.write()
 

@@ -110,7 +110,8 @@ class DeployRunner:
         try:
             with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop), self._marked_applying():
                 # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
-                verdict, why = decide_one(deploy, self.ledger.applied(), self.config.channels)
+                state = self.ledger.load()
+                verdict, why = decide_one(deploy, state.applied(), self.config.channels, state.seen)
                 if verdict is Verdict.REJECTED:
                     log.error("apply_refused", reason=why, next="the message goes to the DLQ")
                     return Outcome.REJECTED, why
@@ -134,27 +135,43 @@ class DeployRunner:
         pointer is applied again.
         """
         with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop):
-            record = self.ledger.load().channels.get(channel)
-            if record is None:
-                return False
-            found = get_document(self.s3, self.config.bucket, self.layout.history_key(channel, record.seq), self.policy)
-            if found is not None and parse_deploy(found[0]).deploy_id == record.deploy_id:
-                return False
-            self.ledger.disown(channel)
-            log.error(
-                "applied_seq_unconfirmed",
-                channel=str(channel),
-                seq=record.seq,
-                deploy_id=record.deploy_id,
-                next="history does not confirm it: re-converging on the pointer",
-            )
-            return True
+            state = self.ledger.load()
+            claims = {claim for claim in (state.applied().get(channel), state.seen.get(channel)) if claim}
+            for seq, deploy_id in sorted(claims):
+                key = self.layout.history_key(channel, seq)
+                found = get_document(self.s3, self.config.bucket, key, self.policy)
+                if found is not None and parse_deploy(found[0]).deploy_id == deploy_id:
+                    continue
+                self.ledger.disown(channel)
+                log.error(
+                    "applied_seq_unconfirmed",
+                    channel=str(channel),
+                    seq=seq,
+                    deploy_id=deploy_id,
+                    next="history does not confirm it: re-converging on the pointer",
+                )
+                return True
+            return False
 
     def _apply_locked(self, deploy: Deploy) -> tuple[Outcome, str]:
+        """Authenticate, then fresh / resume / finish / skip as `plan_start` says, then apply.
+
+        Anyone who can send to the topic or the queue can put a well-formed deploy document in
+        front of the agent; only CI can write `history/<seq>`. So nothing about a deploy is
+        trusted — not its seq, not its deploy id — until `history/<seq>` is, byte for byte, the
+        same document. That GET runs beside the manifest GET (both are on every deploy's critical
+        path); an unauthentic deploy is rejected as such whatever its manifest did.
+        """
         record = self.ledger.deploy_record(deploy.deploy_id)
         started = time.monotonic()
+        authentic = False
         try:
-            release = self._authenticated_manifest(deploy)
+            history = self._lookups.submit(self._authenticate, deploy)
+            try:
+                release = self._fetch_manifest(deploy)
+            finally:
+                history.result()
+                authentic = True  # only once history confirmed it, whatever the manifest did
             start = plan_start(
                 record,
                 deploy.payload_hash(),
@@ -175,11 +192,11 @@ class DeployRunner:
                 # We hold the lock, so the process that wrote this record is dead: resume.
                 log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
                 # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
-                self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True)
+                self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True, authenticated=True)
                 if start is Start.FINISH:
                     return self._completed(deploy, started, reused=True, output_tail="")
             log.info("apply_started", release_id=deploy.release_id)
-            self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED)
+            self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, authenticated=True)
             with self._report_applying_if_slow(deploy):
                 result = self.applier.apply(
                     release,
@@ -188,26 +205,8 @@ class DeployRunner:
                     on_milestone=lambda milestone: self._record_progress(deploy, milestone),
                 )
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
-            return self._failed(deploy, exc)
+            return self._failed(deploy, exc, authentic=authentic)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
-
-    def _authenticated_manifest(self, deploy: Deploy) -> Manifest:
-        """The deploy's manifest, once the deploy is proven to be what CI wrote to the channel's history.
-
-        Anyone who can send to the topic or the queue can put a well-formed deploy document in
-        front of the agent; only CI can write `history/<seq>`. So nothing about a deploy is
-        trusted — not its seq, not its deploy id — until `history/<seq>` is, byte for byte, the
-        same document. The history GET runs beside the manifest GET (it is on every deploy's
-        critical path), and an unauthentic deploy is rejected as such whatever its manifest did.
-        """
-        history = self._lookups.submit(self._authenticate, deploy)
-        try:
-            manifest = self._fetch_manifest(deploy)
-        except Exception:
-            history.result()
-            raise
-        history.result()
-        return manifest
 
     def _authenticate(self, deploy: Deploy) -> None:
         key = self.layout.history_key(deploy.channel, deploy.seq)
@@ -226,7 +225,7 @@ class DeployRunner:
                 f"(release {recorded.release_id}); this message differs from it"
             )
 
-    def _failed(self, deploy: Deploy, exc: Exception) -> tuple[Outcome, str]:
+    def _failed(self, deploy: Deploy, exc: Exception, *, authentic: bool) -> tuple[Outcome, str]:
         outcome = outcome_of(exc)
         expected = isinstance(exc, DeployerError)
         error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
@@ -247,6 +246,7 @@ class DeployRunner:
             Milestone.STARTED,
             error=error,
             attempt=outcome is Outcome.FAILED,
+            authenticated=authentic,
         )
         if expected:
             log.error(

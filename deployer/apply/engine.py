@@ -1,7 +1,9 @@
 """The apply engine: put one release on this machine without ever leaving it broken.
 
-pre hooks → fetch + verify + extract (one streaming pass, into a hidden staging directory)
+fetch + verify + extract (one streaming pass, into a hidden staging directory) → pre hooks
 → activate (symlink swap, or stretcher's rsync / mv) → post hooks → success hooks → prune.
+Like stretcher, the pre hooks run only once the release's bytes are here and verified: a
+network failure, however late, has run no hook.
 A failure before activation changes nothing; a post-hook failure re-activates the previous
 release (symlink strategy) and runs the failure hooks, which get the deploy log on stdin.
 """
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
+from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, ExtractStats, extract_verified
 from deployer.apply.fetch import open_source
 from deployer.apply.fsutil import fsync_dir, swap_symlink, write_atomic
 from deployer.apply.health import run_health_check
@@ -157,7 +159,6 @@ class Applier:
         env.update(DEPLOYER_RELEASE_DIR=str(release_dir), DEPLOYER_PREVIOUS_RELEASE_DIR=str(previous or ""))
         releases.mkdir(parents=True, exist_ok=True)
 
-        output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
         reused = _verified_on_disk(releases, release_id, manifest)
         if reused:
             deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
@@ -171,6 +172,9 @@ class Applier:
             self._stage(manifest, releases, release_dir, deploy_log)
             _record_verified(releases, release_id, manifest)
 
+        # The release is complete and verified on disk (kept there if a pre hook fails, so a retry
+        # does not download it again); only now may the application prepare for it.
+        output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
         self._on_milestone(Milestone.ACTIVATED)
         deploy_log.add(f"activated {release_dir}")
@@ -200,10 +204,10 @@ class Applier:
         dest = self.resolve(manifest.dest)
         env.update(DEPLOYER_RELEASE_DIR=str(dest), DEPLOYER_PREVIOUS_RELEASE_DIR="")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
         staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
         self._stage(manifest, dest.parent, staged, deploy_log)
         try:
+            output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
             if manifest.sync_strategy is SyncStrategy.RSYNC:
                 self._rsync(manifest, staged, dest)
             else:
@@ -237,14 +241,25 @@ class Applier:
     # -- shared steps ---------------------------------------------------------------------------
 
     def _stage(self, manifest: Manifest, parent: Path, final: Path, deploy_log: DeployLog) -> None:
-        """Download, verify and extract into a hidden directory, then rename it to `final`."""
+        """Download, verify and extract into a hidden directory, then rename it to `final`.
+
+        The whole streaming pass is one attempt under the retry policy: a download cut at any
+        point (reset, clean close, stall) throws the partial tree away and starts again, so the
+        network never gets to decide anything about the release.
+        """
+        assert manifest.src is not None
+        _remove_stale_staging(parent)
+        stats = self.policy.call(self._stage_once, manifest, parent, final)
+        deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
+        log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
+
+    def _stage_once(self, manifest: Manifest, parent: Path, final: Path) -> ExtractStats:
         assert manifest.src is not None
         assert manifest.checksum is not None
-        _remove_stale_staging(parent)
         staging = parent / f"{STAGING_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            with open_source(manifest.src, self.s3, self.policy) as stream:
+            with open_source(manifest.src, self.s3) as stream:
                 stats = extract_verified(
                     stream,
                     staging,
@@ -263,8 +278,7 @@ class Applier:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
-        log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
+        return stats
 
     def _post_and_success(
         self, manifest: Manifest, env: Mapping[str, str], cwd: Path, deploy_log: DeployLog, rollback: object

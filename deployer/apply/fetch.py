@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlparse
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
@@ -24,16 +25,44 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
+class Whole:
+    """A download that proves it is whole: reaching the end before the announced length is a
+    transient error, never a short body.
+
+    A connection closed cleanly (FIN) mid-body looks like a normal end of file to http.client,
+    and to botocore's StreamingBody when read in pieces. Hashing such a body would turn a
+    network fault into a "checksum mismatch" and reject a valid release for good. With this
+    wrapper, bytes that reach a hash or a parser are complete, so a mismatch on them is tampering.
+    """
+
+    def __init__(self, raw: Readable, expected: int | None, url: str) -> None:
+        self._raw = raw
+        self._expected = expected
+        self._url = url
+        self.count = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._raw.read(size)
+        self.count += len(data)
+        if not data and size != 0 and self._expected is not None and self.count < self._expected:
+            raise TransientFetchError(f"{self._url}: the connection ended after {self.count} of {self._expected} bytes")
+        return data
+
+    def close(self) -> None:
+        close = getattr(self._raw, "close", None)
+        if close is not None:
+            close()
+
+
 @contextlib.contextmanager
-def open_source(url: str, s3: S3Client, policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[Readable]:
-    """Yield a stream of the object at `url`. Opening is retried; a failure mid-stream is the caller's."""
-    stream = policy.call(_open, url, s3)
+def open_source(url: str, s3: S3Client) -> Iterator[Readable]:
+    """Yield a stream of the object at `url`: one attempt, retried by the caller as a whole
+    (opening and reading to the end), so there is one retry layer, never two."""
+    stream = _open(url, s3)
     try:
         yield stream
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        stream.close()
 
 
 def read_source(url: str, s3: S3Client, limit: int, policy: RetryPolicy = DEFAULT_POLICY) -> bytes:
@@ -44,34 +73,40 @@ def read_source(url: str, s3: S3Client, limit: int, policy: RetryPolicy = DEFAUL
 
     def attempt() -> bytes:
         stream = _open(url, s3)
+        parts: list[bytes] = []
+        size = 0
         try:
-            data = stream.read(limit + 1)
+            # Read to the end (not just `limit` bytes): only the end proves the body whole.
+            while chunk := stream.read(limit + 1 - size):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError(f"{url} is larger than the {limit}-byte limit")
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-        if len(data) > limit:
-            raise FetchError(f"{url} is larger than the {limit}-byte limit")
-        return data
+            stream.close()
+        return b"".join(parts)
 
     return policy.call(attempt)
 
 
-def _open(url: str, s3: S3Client) -> Readable:
+def _open(url: str, s3: S3Client) -> Whole:
     parsed = urlparse(url)
     if parsed.scheme == "s3":
-        return open_object(s3, parsed.netloc, unquote(parsed.path.lstrip("/")))
+        body, length = open_object(s3, parsed.netloc, unquote(parsed.path.lstrip("/")))
+        return Whole(body, length, url)
     if parsed.scheme in ("http", "https"):
-        return _open_http(url)
+        response = _open_http(url)
+        declared = response.headers.get("Content-Length")
+        return Whole(response, int(declared) if declared and declared.isdigit() else None, url)
     if parsed.scheme == "file":
         try:
-            return open(unquote(parsed.path), "rb")  # the caller closes it
+            return Whole(open(unquote(parsed.path), "rb"), None, url)
         except OSError as exc:
             raise FetchError(f"cannot open {url}: {exc.strerror}") from None
     raise FetchError(f"unsupported source scheme in {url!r}")
 
 
-def _open_http(url: str) -> IO[bytes]:
+def _open_http(url: str) -> http.client.HTTPResponse:
     try:
         response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)
     except urllib.error.HTTPError as exc:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 from botocore.config import Config
 
 from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.errors import ConfigError
+from deployer.protocol.errors import ConfigError, IncompleteAnswer
 from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 
 if TYPE_CHECKING:
@@ -24,6 +25,64 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_SECONDS = 5
 #: Must outlast the 20 s SQS long poll or every idle receive would time out.
 READ_TIMEOUT_SECONDS = MAX_WAIT_TIME_SECONDS + 10
+
+
+C = TypeVar("C")
+
+#: Fields a successful answer to these calls always carries; one that lacks them was cut short
+#: (botocore parses a truncated answer into whatever it got, often nothing at all).
+REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
+    ("s3", "GetObject"): ("ETag", "ContentLength"),
+    ("s3", "HeadObject"): ("ETag", "ContentLength"),
+    ("s3", "PutObject"): ("ETag",),
+    ("s3", "ListObjectsV2"): ("IsTruncated",),
+    ("sqs", "CreateQueue"): ("QueueUrl",),
+    ("sqs", "GetQueueUrl"): ("QueueUrl",),
+    ("sqs", "GetQueueAttributes"): ("Attributes",),
+    ("sqs", "SendMessage"): ("MessageId",),
+    ("sns", "CreateTopic"): ("TopicArn",),
+    ("sns", "Subscribe"): ("SubscriptionArn",),
+    ("sns", "Publish"): ("MessageId",),
+    ("sns", "GetTopicAttributes"): ("Attributes",),
+    ("sns", "ListSubscriptionsByTopic"): ("Subscriptions",),
+    ("sts", "GetCallerIdentity"): ("UserId",),
+    ("autoscaling", "DescribeAutoScalingInstances"): ("AutoScalingInstances",),
+}
+#: Protocols whose successful answers are never empty (JSON at least `{}`, XML a root element).
+NON_EMPTY_PROTOCOLS = frozenset({"json", "query"})
+
+
+def refuse_incomplete_answers(http_response: Any, parsed: Mapping[str, Any], model: Any, **_: Any) -> None:
+    """botocore `after-call` hook: a 2xx answer that is visibly incomplete raises IncompleteAnswer.
+
+    A connection closed cleanly (FIN) in the middle of an answer is not an error to urllib3 when
+    the headers were cut, nor to botocore's parsers when the body was: the call "succeeds" with
+    a partial or empty answer, and `response["QueueUrl"]` becomes a KeyError. Checked here, once,
+    for every call of every client, the cut becomes a transient error the one retry policy
+    retries. Streaming bodies (GetObject) are checked as they are read, against ContentLength.
+    """
+    if not 200 <= http_response.status_code < 300:
+        return
+    service, operation = model.service_model.service_name, model.name
+    problem = None
+    # A HEAD answer's Content-Length is the object's, not the (absent) body's.
+    if not model.has_streaming_output and model.http.get("method") != "HEAD":
+        body = http_response.content
+        declared = http_response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) != len(body):
+            problem = f"{len(body)} of the {declared} bytes it announced"
+        elif not body and model.service_model.protocol in NON_EMPTY_PROTOCOLS:
+            problem = "an empty body"
+    missing = [field for field in REQUIRED_OUTPUT.get((service, operation), ()) if field not in parsed]
+    if problem is None and missing:
+        problem = f"no {', '.join(missing)}"
+    if problem is not None:
+        raise IncompleteAnswer(f"AWS {service} {operation} answered with {problem}: the connection was cut")
+
+
+def _checked(client: C) -> C:
+    client.meta.events.register("after-call", refuse_incomplete_answers)  # type: ignore[attr-defined]
+    return client
 
 
 @dataclass(frozen=True)
@@ -57,9 +116,9 @@ def make_clients(region: str | None = None, endpoint_url: str | None = None) -> 
     session = boto3.session.Session(region_name=resolve_region(region))
     config = _config()
     return Clients(
-        s3=session.client("s3", endpoint_url=endpoint_url, config=config),
-        sns=session.client("sns", endpoint_url=endpoint_url, config=config),
-        sqs=session.client("sqs", endpoint_url=endpoint_url, config=config),
+        s3=_checked(session.client("s3", endpoint_url=endpoint_url, config=config)),
+        sns=_checked(session.client("sns", endpoint_url=endpoint_url, config=config)),
+        sqs=_checked(session.client("sqs", endpoint_url=endpoint_url, config=config)),
     )
 
 
@@ -72,11 +131,11 @@ def caller_userid(
     `${aws:userid}` is for it. https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
     """
     session = boto3.session.Session(region_name=resolve_region(region))
-    sts = session.client("sts", endpoint_url=endpoint_url, config=_config())
+    sts = _checked(session.client("sts", endpoint_url=endpoint_url, config=_config()))
     return str(policy.call(sts.get_caller_identity)["UserId"])
 
 
 def autoscaling_client(region: str | None = None, endpoint_url: str | None = None) -> AutoScalingClient:
     """Built like the others; only agents with a launch hook (and `--asg` readers) need it."""
     session = boto3.session.Session(region_name=resolve_region(region))
-    return session.client("autoscaling", endpoint_url=endpoint_url, config=_config())
+    return _checked(session.client("autoscaling", endpoint_url=endpoint_url, config=_config()))

@@ -12,6 +12,7 @@ the agent stops is not a verdict on anything.
 
 from __future__ import annotations
 
+import http.client
 import random
 import socket
 import threading
@@ -32,8 +33,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.parsers import ResponseParserError
 
-from deployer.protocol.errors import AwsError, Interrupted, TransientFetchError
+from deployer.protocol.errors import AwsError, IncompleteAnswer, Interrupted, TransientFetchError
 
 T = TypeVar("T")
 
@@ -90,7 +92,8 @@ def is_transient(exc: BaseException) -> bool:
         return error.get("Code", "") in TRANSIENT_ERROR_CODES or status == 429 or status >= 500
     if isinstance(exc, BotoConnectionError | HTTPClientError | ReadTimeoutError | IncompleteReadError):
         return True
-    if isinstance(exc, TransientFetchError):
+    # A body cut short: botocore's parsers choke on it, http.client reports it for chunked bodies.
+    if isinstance(exc, ResponseParserError | http.client.IncompleteRead | IncompleteAnswer | TransientFetchError):
         return True
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code == 429 or exc.code >= 500

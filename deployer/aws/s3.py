@@ -112,20 +112,21 @@ def put_conditional(
     return str(response["ETag"])
 
 
-def open_object(s3: S3Client, bucket: str, key: str) -> IO[bytes]:
-    """GetObject's body as a stream. Not retried here: the caller's policy retries the whole attempt.
+def open_object(s3: S3Client, bucket: str, key: str) -> tuple[IO[bytes], int]:
+    """GetObject's body as a stream, and the length S3 says the object has. Not retried here: the
+    caller's policy retries the whole attempt.
 
     A transient failure propagates as botocore raised it (so the policy retries it); anything
     else is a FetchError naming the object.
     """
     try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+        response = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if is_transient(exc):
             raise
         code = exc.response.get("Error", {}).get("Code", "")
         raise FetchError(f"cannot get s3://{bucket}/{key}: {code}") from None
-    return body  # type: ignore[return-value]
+    return response["Body"], response["ContentLength"]  # type: ignore[return-value]
 
 
 def bucket_exists(s3: S3Client, bucket: str, policy: RetryPolicy = DEFAULT_POLICY) -> bool:

@@ -39,10 +39,12 @@ def status(
 ) -> None:
     """Where the fleet stands: instances × components, with a summary per channel."""
     from deployer.aws.reports import ReportReader
-    from publisher.fleet import fleet_rows, format_table, summary
+    from publisher.fleet import channels_of, fleet_rows, format_table, summary
+    from publisher.history import pointer_seqs
 
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
-    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after)
+    pointers = pointer_seqs(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
+    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
     if as_json:
         click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))
         return

@@ -72,6 +72,11 @@ class TransientFetchError(FetchError):
     """Raised when a download failed in a way that may succeed on an immediate retry (5xx, reset, timeout)."""
 
 
+class IncompleteAnswer(InfrastructureError):
+    """Raised when an answer arrived cut short (fewer bytes than announced, an empty body, a field
+    the call always returns missing): the network's doing, retried like a reset."""
+
+
 class AwsError(InfrastructureError):
     """Raised when an AWS call failed for a reason retrying will not fix, or its retries ran out.
 

@@ -40,7 +40,9 @@ MIN_GC_TTL_SECONDS = 600.0
 _TOP_KEYS = frozenset(
     {"v", "instance_id", "stage", "role", "agent_version", "started_at", "heartbeat_at", "components", "last_rejection"}
 )
-_COMPONENT_KEYS = frozenset({"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at"})
+_COMPONENT_KEYS = frozenset(
+    {"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at", "last_error"}
+)
 _REJECTION_KEYS = frozenset({"message_id", "reason", "at"})
 
 
@@ -65,6 +67,9 @@ class ComponentStatus:
     error: str | None = None
     output_tail: str | None = None
     updated_at: str | None = None
+    #: The most recent failure on this component, kept after a later success: why an instance
+    #: that is behind its channel's pointer is behind.
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class StatusReport:
                     "error": status.error,
                     "output_tail": status.output_tail,
                     "updated_at": status.updated_at,
+                    "last_error": status.last_error,
                 }
                 for name, status in self.components.items()
             },
@@ -171,6 +177,7 @@ def _component(name: object, value: object) -> ComponentStatus:
         error=_optional_str(value, "error", where),
         output_tail=_optional_str(value, "output_tail", where),
         updated_at=_optional_str(value, "updated_at", where),
+        last_error=_optional_str(value, "last_error", where),
     )
 
 

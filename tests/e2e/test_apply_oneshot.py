@@ -18,6 +18,7 @@ from pathlib import Path
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from publisher.pack import pack_directory
+from tests.faultproxy import FaultProxy
 from tests.support import BUCKET, make_tree
 
 
@@ -32,11 +33,18 @@ def deployer_apply(*args: str, stdin: str = "") -> subprocess.CompletedProcess[s
     )
 
 
-def test_a_manifest_url_on_stdin_is_applied_like_stretcher(tmp_path: Path, publish: Callable[..., Deploy]) -> None:
+def test_a_manifest_url_on_stdin_is_applied_like_stretcher_through_a_flaky_network(
+    tmp_path: Path, publish: Callable[..., Deploy], flaky: FaultProxy
+) -> None:
     deploy = publish("from stdin")
     url = f"s3://{BUCKET}/{deploy.manifest_key}"
     root, state = tmp_path / "root", tmp_path / "state"
-    result = deployer_apply("--root-dir", str(root), "--state-dir", str(state), stdin=url + "\n")
+    where = ("--root-dir", str(root), "--state-dir", str(state), "--endpoint-url", flaky.url)
+    for _ in range(4):  # every run fetches the manifest (the first the artifact too), each over the flaky network
+        result = deployer_apply(*where, stdin=url + "\n")
+        assert result.returncode == 0, result.stderr
+        assert (root / "opt" / "api" / "current" / "index.html").read_text() == "from stdin"
+    assert flaky.injured > 0
     assert result.returncode == 0, result.stderr
     assert (root / "opt" / "api" / "current" / "index.html").read_text() == "from stdin"
 
@@ -45,7 +53,7 @@ def test_a_manifest_url_on_stdin_is_applied_like_stretcher(tmp_path: Path, publi
     events = json.dumps(
         [{"ID": "1", "Payload": base64.b64encode(f"s3://{BUCKET}/{second.manifest_key}".encode()).decode()}]
     )
-    result = deployer_apply("--root-dir", str(root), "--state-dir", str(state), stdin=events)
+    result = deployer_apply(*where, stdin=events)
     assert result.returncode == 0, result.stderr
     assert (root / "opt" / "api" / "current" / "index.html").read_text() == "from consul"
 

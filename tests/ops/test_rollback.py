@@ -45,6 +45,8 @@ def test_rollback_reactivates_the_kept_release_without_downloading_it(
 ) -> None:
     agent = start_agent()
     first = publish("release one")
+    # Both must have been applied (in one receive batch the older would be superseded, never on disk).
+    wait_until(lambda: agent.on_seq(first.seq), "seq 1")
     second = publish("release two")
     wait_until(lambda: agent.on_seq(second.seq), "seq 2")
     # Prove no download: the first release's artifact is gone from S3; only the disk copy is left.

@@ -12,6 +12,7 @@ from deployer.apply.engine import Applier
 from deployer.protocol.errors import (
     ActivationFailed,
     ArtifactError,
+    FetchError,
     HealthCheckFailed,
     HookFailed,
     RejectedInput,
@@ -111,14 +112,30 @@ def test_a_failing_post_hook_rolls_back_to_the_previous_release_and_runs_failure
     assert "rolled back" in log
 
 
-def test_a_failing_pre_hook_changes_nothing(tmp_path: Path, applier: Applier) -> None:
+def test_a_failing_pre_hook_leaves_current_and_keeps_the_verified_release_for_the_retry(
+    tmp_path: Path, applier: Applier
+) -> None:
     a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
     a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
     applier.apply(manifest_for(a1, d1), "r1", ENV)
+    seen = tmp_path / "pre-saw"
+    failing = Commands(pre=(Hook(f'cat "$DEPLOYER_RELEASE_DIR/index.html" > {seen}; exit 7'),))
     with pytest.raises(HookFailed, match="pre hook"):
-        applier.apply(manifest_for(a2, d2, commands=Commands(pre=(Hook("exit 7"),))), "r2", ENV)
+        applier.apply(manifest_for(a2, d2, commands=failing), "r2", ENV)
     assert (current(applier) / "index.html").read_text() == "v1"
-    assert not (current(applier).parent / "releases" / "r2").exists()
+    assert seen.read_text() == "v2"  # pre hooks run once the release is here and verified
+    a2.unlink()  # the retry needs no download: the verified release is kept on disk
+    assert applier.apply(manifest_for(a2, d2), "r2", ENV).reused
+
+
+def test_no_hook_runs_when_the_download_never_completes(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    ran = tmp_path / "pre-ran"
+    broken = Manifest(**{**manifest_for(a1, d1).__dict__, "src": (tmp_path / "gone.tar.gz").as_uri()})
+    broken = Manifest(**{**broken.__dict__, "commands": Commands(pre=(Hook(f"touch {ran}"),))})
+    with pytest.raises(FetchError):
+        applier.apply(broken, "r1", ENV)
+    assert not ran.exists()
 
 
 def test_a_checksum_mismatch_leaves_current_untouched_and_no_partial_release(tmp_path: Path, applier: Applier) -> None:

@@ -141,3 +141,11 @@ def test_each_outcome_maps_to_one_queue_disposition(
     outcome: Outcome, receive_count: int, disposition: Disposition
 ) -> None:
     assert dispose(outcome, receive_count) == disposition
+
+
+def test_once_a_newer_seq_was_seen_from_ci_an_older_one_is_stale_even_before_the_newer_lands() -> None:
+    applied, seen = {API: (10, "d-api-10")}, {API: (14, "d-api-14")}
+    assert decide_one(make_deploy(seq=11, deploy_id="d-api-11"), applied, MINE, seen)[0] is Verdict.STALE
+    assert decide_one(make_deploy(seq=14, deploy_id="d-api-14"), applied, MINE, seen)[0] is Verdict.APPLY  # its retry
+    assert decide_one(make_deploy(seq=14, deploy_id="rival"), applied, MINE, seen)[0] is Verdict.REJECTED
+    assert decide_one(make_deploy(seq=15, deploy_id="d-api-15"), applied, MINE, seen)[0] is Verdict.APPLY

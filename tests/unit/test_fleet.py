@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState, ComponentStatus
 from publisher.fleet import fleet_rows, format_table, summary
 from tests.support import report_entry
@@ -52,3 +53,32 @@ def test_an_unreadable_report_is_a_row_of_its_own_and_counted_in_the_summary() -
         "prod/web/api: 1/1 on seq 3, 0 failed",
         "prod/web: 1 unreadable report(s) (see the ERROR column)",
     ]
+
+
+def test_an_instance_heartbeating_on_an_older_seq_than_the_pointer_is_behind_with_its_last_error() -> None:
+    behind = {"api": ComponentStatus(state=ComponentState.OK, seq=10, last_error="manifest sha256 … does not match")}
+    rows = fleet_rows(
+        [
+            report_entry("i-1", api(16), RECENT),
+            report_entry("i-2", behind, RECENT),
+            report_entry("i-3", api(9), HOURS_AGO),
+        ],
+        now=NOW,
+        pointers={Channel("prod", "web", "api"): 16},
+    )
+    by_instance = {r.instance_id: r for r in rows}
+    assert (by_instance["i-2"].behind, by_instance["i-2"].error) == (True, "manifest sha256 … does not match")
+    assert not by_instance["i-3"].behind  # stale, not behind: it is gone, not stuck
+    assert "ok (behind 16)" in format_table(rows)
+    assert summary(rows) == ["prod/web/api: 1/3 on seq 16, 0 failed, 1 behind, 1 stale"]
+
+
+def test_wait_says_where_a_pending_instance_is_and_its_last_error() -> None:
+    from publisher.wait import Outcome, assess
+    from tests.support import make_deploy
+
+    stuck = {"api": ComponentStatus(state=ComponentState.OK, seq=10, last_error="hook post #0 exited 4")}
+    entries = {"i-2": report_entry("i-2", stuck, RECENT)}
+    progress = assess(make_deploy(seq=16), frozenset(entries), entries, NOW, 600, 5)
+    assert progress.outcomes == {"i-2": Outcome.PENDING}
+    assert progress.errors == {"i-2": "on seq 10 (ok), last error: hook post #0 exited 4"}

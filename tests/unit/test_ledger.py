@@ -125,3 +125,16 @@ def test_a_crash_after_the_post_hooks_only_finishes_when_the_release_is_still_li
     done = record(DeployStatus.IN_PROGRESS, Milestone.POST_HOOKS_DONE)
     assert plan_start(done, "h", lambda: True) is Start.FINISH
     assert plan_start(done, "h", lambda: False) is Start.RESUME  # someone moved `current`: run it again
+
+
+def test_only_an_authenticated_deploy_makes_older_ones_stale(tmp_path: Path) -> None:
+    store = Ledger(tmp_path)
+    genuine, unproven = make_deploy(seq=14, deploy_id="d14"), make_deploy(seq=999999, deploy_id="forged")
+    store.mark(unproven, DeployStatus.FAILED, Milestone.STARTED, error="network")  # history never confirmed it
+    assert store.seen() == {}
+    store.mark(genuine, DeployStatus.FAILED, Milestone.STARTED, error="hook failed", attempt=True, authenticated=True)
+    assert store.seen() == {API: (14, "d14")}
+    store.mark(make_deploy(seq=12, deploy_id="d12"), DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+    assert Ledger(tmp_path).seen() == {API: (14, "d14")}  # never moves back
+    store.disown(API)
+    assert store.seen() == {}
