@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import apply, boot, fanout, idle, publish
+from bench import apply, boot, fanout, idle, publish, scale
 from bench.common import REPO, Bench, aws_env, cpu_seconds
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
@@ -25,6 +25,7 @@ FIGURES: dict[str, Callable[[Bench], Section]] = {
     "boot": boot.run,
     "idle": idle.run,
     "publish": publish.run,
+    "scale": scale.run,
 }
 
 

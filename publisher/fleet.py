@@ -25,6 +25,8 @@ from publisher.text import render_table
 UNREADABLE = "unreadable"
 #: The component cell of an unreadable report's row.
 NO_COMPONENT = "-"
+#: The state shown for every component of an agent that cannot finish boot (it retries).
+BOOT_FAILED = "boot_failed"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ def fleet_rows(
                 continue
             pointer = (pointers or {}).get(Channel(who.stage, who.role, name))
             behind = pointer is not None and age <= stale_after_s and (status.seq or 0) < pointer
+            state, error = status.state.value, status.error or (status.last_error or "" if behind else "")
+            if report.boot_error is not None:
+                state, error = BOOT_FAILED, report.boot_error
             rows.append(
                 Row(
                     instance_id=who.instance_id,
@@ -92,8 +97,8 @@ def fleet_rows(
                     component=name,
                     release_id=status.release_id or "-",
                     seq=status.seq,
-                    state=status.state.value,
-                    error=status.error or (status.last_error or "" if behind else ""),
+                    state=state,
+                    error=error,
                     heartbeat_age_s=age,
                     stale=age > stale_after_s,
                     deploy_id=status.deploy_id,
@@ -134,6 +139,7 @@ def summary(rows: Iterable[Row]) -> list[str]:
         top = max((r.seq for r in members if r.seq is not None), default=None)
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in failing)
+        unbooted = sum(1 for r in members if r.state == BOOT_FAILED)
         stale = sum(1 for r in members if r.stale)
         behind = sum(1 for r in members if r.behind)
         pointer = next((r.pointer_seq for r in members if r.pointer_seq is not None), None)
@@ -141,6 +147,8 @@ def summary(rows: Iterable[Row]) -> list[str]:
             top = pointer
             on_top = sum(1 for r in members if r.seq == pointer and r.state == ComponentState.OK)
         line = f"{stage}/{role}/{component}: {on_top}/{len(members)} on seq {top if top is not None else '-'}, {failed} failed"
+        if unbooted:
+            line += f", {unbooted} cannot boot"
         if behind:
             line += f", {behind} behind"
         if stale:

@@ -151,6 +151,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
         _allow("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
         _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
+        # `--wait --asg`: the group's InService instances. Describe calls take no resource ARN.
+        _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
     ]
 
 

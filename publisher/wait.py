@@ -1,9 +1,12 @@
 """`deployer publish --wait`: follow one deploy across the fleet until it converged, failed or timed out.
 
-Which instances are expected is decided once, from the status reports read right after the
-pointer moved: every instance of the channel's stage/role whose report lists the component
-and whose heartbeat is younger than the heartbeat TTL. Instances that boot later are not
-waited for (their boot replay puts them on the pointer anyway). An expected instance whose
+Which instances are expected is decided once, right after the pointer moved: every instance
+of the channel's stage/role whose report lists the component and whose heartbeat is younger
+than the heartbeat TTL, and, with `--asg`, every InService instance of the Auto Scaling group.
+Without `--asg` an instance that never wrote a report (crashed before its first write, no
+credentials) is invisible; with it, such an instance is pending while the wait is younger
+than the TTL and lost after. Instances that boot later are not waited for (their boot replay
+puts them on the pointer anyway). An expected instance whose
 heartbeat grows older than the TTL during the wait, or whose report disappears (gc, clean
 deregistration), is *lost*: it died or was terminated mid-deploy, and CI cannot know whether
 the release was the cause, so it counts as a failure unless the caller allows lost instances.
@@ -48,6 +51,8 @@ class WaitOptions:
     heartbeat_ttl_s: float
     poll_s: float
     allow_lost: bool = False
+    #: The Auto Scaling group whose InService instances are expected too (`--asg`).
+    asg: str | None = None
 
 
 class Outcome(enum.StrEnum):
@@ -147,18 +152,30 @@ def assess(
     ttl_s: float,
     elapsed_s: float,
     allow_lost: bool = False,
+    unreported: frozenset[str] = frozenset(),
 ) -> Progress:
+    """Each expected instance's outcome and why. `unreported` are group members that never wrote a
+    report during this wait: pending for one heartbeat TTL (they may be booting), then lost."""
     outcomes = {i: classify(entries.get(i), deploy, now, ttl_s) for i in sorted(expected)}
     errors = {}
     for instance, outcome in outcomes.items():
         entry = entries.get(instance)
-        if outcome in (Outcome.FAILED, Outcome.REJECTED) and entry is not None and entry.report is not None:
+        if entry is None and instance in unreported:
+            booting = elapsed_s < ttl_s
+            outcomes[instance] = Outcome.PENDING if booting else Outcome.LOST
+            errors[instance] = (
+                "in service but no status report yet" if booting else "in service but never wrote a status report"
+            )
+        elif outcome in (Outcome.FAILED, Outcome.REJECTED) and entry is not None and entry.report is not None:
             status = entry.report.components.get(deploy.component)
             errors[instance] = (status.error if status else None) or ""
         elif outcome is Outcome.UNREADABLE and entry is not None:
             errors[instance] = f"unreadable report: {entry.error}"
         elif outcome is Outcome.PENDING and entry is not None and entry.report is not None:
-            errors[instance] = _behind(entry.report.components.get(deploy.component))
+            if entry.report.boot_error is not None:
+                errors[instance] = f"the agent cannot boot (it retries): {entry.report.boot_error}"
+            else:
+                errors[instance] = _behind(entry.report.components.get(deploy.component))
         elif outcome is Outcome.LOST:
             errors[instance] = _lost_reason(entry)
     return Progress(deploy, outcomes, errors, elapsed_s, allow_lost)
@@ -202,6 +219,8 @@ class Waiter:
 
     reader: Snapshots
     options: WaitOptions
+    #: InService instances of `options.asg`, read when the wait starts: expected whether or not they reported.
+    members: frozenset[str] = frozenset()
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
@@ -210,11 +229,13 @@ class Waiter:
         started = self.clock()
         ttl, timeout = self.options.heartbeat_ttl_s, self.options.timeout_s
         entries = self._snapshot(deploy)
-        expected = expected_instances(entries, deploy, self.now(), ttl)
+        expected = expected_instances(entries, deploy, self.now(), ttl) | self.members
+        unreported = self.members - set(entries)
         log.info("wait_started", seq=deploy.seq, channel=str(deploy.channel), expected=sorted(expected))
         while True:
             elapsed = self.clock() - started
-            progress = assess(deploy, expected, entries, self.now(), ttl, elapsed, self.options.allow_lost)
+            unreported = unreported - set(entries)  # once seen, a vanished report is lost, not booting
+            progress = assess(deploy, expected, entries, self.now(), ttl, elapsed, self.options.allow_lost, unreported)
             on_progress(progress)
             if progress.settled:
                 return WaitResult(progress, timed_out=False)

@@ -485,6 +485,23 @@ def publish_on(publisher: Publisher, channel: Channel, path: Path, release_id: s
 # -- fleet operations ------------------------------------------------------------------------
 
 
+def make_asg(endpoint_url: str, name: str, size: int) -> list[str]:
+    """An Auto Scaling group of `size` InService instances in moto; their ids, sorted."""
+    moto = boto3.client("autoscaling", region_name=REGION, endpoint_url=endpoint_url)
+    # One of moto's built-in AMIs (listing them all costs seconds).
+    moto.create_launch_configuration(LaunchConfigurationName=name, ImageId="ami-03cf127a", InstanceType="t3.micro")
+    moto.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        LaunchConfigurationName=name,
+        MinSize=size,
+        MaxSize=size,
+        DesiredCapacity=size,
+        AvailabilityZones=["us-east-1a"],
+    )
+    group = moto.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    return sorted(i["InstanceId"] for i in group["Instances"])
+
+
 #: Agents in these tests heartbeat every second, so --wait can tell live from lost quickly.
 FAST_AGENT = {"heartbeat_interval_seconds": 1}
 

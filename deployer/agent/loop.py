@@ -51,8 +51,9 @@ from deployer.aws.registration import remove_registration
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, backoff_seconds
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy, parse_deploy, unwrap_body
-from deployer.protocol.errors import Interrupted, InvalidMessage
+from deployer.protocol.errors import Interrupted, InvalidMessage, QueueMissing
 from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.limits import QUEUE_RECREATE_DELAY_SECONDS
 from deployer.protocol.names import Channel, Owner
 from deployer.protocol.report import ComponentState, ComponentStatus
 
@@ -60,9 +61,13 @@ log = structlog.get_logger(__name__)
 
 #: Reconcile runs at interval × (1 ± this), so a fleet started together does not read S3 in lockstep.
 RECONCILE_JITTER = 0.1
-#: Pause between polls after repeated failures (each already retried by the policy): 2 s, 4 s, … this.
+#: Pause between polls after repeated failures (each already retried by the policy): 2 s, 4 s, … this,
+#: which is SQS's re-create delay, so an agent healing a deleted queue tries again just after it.
 POLL_FAILURE_PAUSE_BASE_SECONDS = 2.0
-POLL_FAILURE_PAUSE_CAP_SECONDS = 60.0
+POLL_FAILURE_PAUSE_CAP_SECONDS = float(QUEUE_RECREATE_DELAY_SECONDS)
+#: Pause between boot attempts: 5 s, 10 s, … 5 min, half-jittered so a fleet does not retry in step.
+BOOT_RETRY_BASE_SECONDS = 5.0
+BOOT_RETRY_CAP_SECONDS = 300.0
 #: Log event per verdict for messages acknowledged without applying.
 SKIP_EVENTS = {
     Verdict.DUPLICATE: "message_duplicate",
@@ -111,6 +116,8 @@ class Agent:
         self.ledger = ledger
         self.pointer = pointer
         self.stop = stop
+        #: Set when SQS said the queue is gone; `heal` clears it once queue and subscription exist again.
+        self.queue_missing = False
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -123,20 +130,35 @@ class Agent:
         failures = 0
         while not self.stop.is_set():
             try:
+                if self.queue_missing:
+                    self.heal()
                 self.poll_once()
                 failures = 0
             except Interrupted:
                 break
+            except QueueMissing as exc:
+                log.error(
+                    "queue_missing",
+                    queue=self.queue.name,
+                    error=str(exc),
+                    next="re-creating queue, DLQ and subscription",
+                )
+                self.queue_missing = True
+                continue  # straight to heal(): no pause, the timers below still run on the next turn
             except Exception as exc:  # noqa: BLE001 - the agent outlives any one failed poll
                 failures += 1
                 pause = backoff_seconds(
                     failures, base=POLL_FAILURE_PAUSE_BASE_SECONDS, cap=POLL_FAILURE_PAUSE_CAP_SECONDS, jitter=0.5
                 )
                 log.error(
-                    "poll_failed",
+                    "queue_recreate_failed" if self.queue_missing else "poll_failed",
                     error=f"{type(exc).__name__}: {exc}",
                     pause_s=round(pause, 2),
-                    next="polling again after the pause",
+                    next=(
+                        "re-creating again after the pause (SQS refuses a deleted queue's name for 60 s)"
+                        if self.queue_missing
+                        else "polling again after the pause"
+                    ),
                 )
                 self.stop.wait(pause)
             now = time.monotonic()
@@ -146,6 +168,22 @@ class Agent:
             if now >= next_heartbeat:
                 self.reporter.write()
                 next_heartbeat = _next(self.config.heartbeat_interval_seconds, jitter=0.0)
+
+    def heal(self) -> None:
+        """Re-create queue, DLQ and subscription, then say so and catch up.
+
+        Whatever was published while the queue was gone was never delivered: the report (gc may
+        have deleted it too) is rewritten and the pointers are read, as at boot. A failure here
+        (SQS refuses a deleted queue's name for 60 s) leaves `queue_missing` set; `serve` pauses
+        with backoff and comes back, heartbeating and reconciling on its timers meanwhile.
+        """
+        self.queue.ensure()
+        self.queue_missing = False
+        log.info(
+            "queue_recreated", queue=self.queue.name, next="reporting, then reconciling what was published meanwhile"
+        )
+        self.reporter.write()
+        self.reconcile(reason="queue_recreated")
 
     # -- reconcile -------------------------------------------------------------------------
 
@@ -248,11 +286,16 @@ class Agent:
 
     def _settle(self, message: Received, disposition: Disposition, reason: str) -> None:
         if disposition.action is Action.ACK:
-            self.queue.delete(message.receipt_handle)
+            self._settle_alone(message, "delete", lambda: self.queue.delete(message.receipt_handle))
         elif disposition.action is Action.DEAD_LETTER:
-            self.queue.dead_letter(message, reason)
+            self._settle_alone(message, "dead_letter", lambda: self.queue.dead_letter(message, reason))
         else:
-            self.queue.set_visibility(message.receipt_handle, disposition.delay_s)
+            if not self._settle_alone(
+                message,
+                "set_visibility",
+                lambda: self.queue.set_visibility(message.receipt_handle, disposition.delay_s),
+            ):
+                return
             if disposition.delay_s:
                 log.warning(
                     "message_kept_for_retry",
@@ -273,11 +316,34 @@ class Agent:
             fields.update(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
         if decision.verdict is Verdict.REJECTED:
             log.error("message_rejected", **fields, next="moved to the DLQ; it will never be applied")
-            self.queue.dead_letter(message, decision.reason)
+            self._settle_alone(message, "dead_letter", lambda: self.queue.dead_letter(message, decision.reason))
             self.reporter.reject_message(message.message_id, decision.reason)
             return
         log.info(SKIP_EVENTS[decision.verdict], **fields, next="acknowledged without applying")
-        self.queue.delete(message.receipt_handle)
+        self._settle_alone(message, "delete", lambda: self.queue.delete(message.receipt_handle))
+
+    def _settle_alone(self, message: Received, action: str, settle: Callable[[], None]) -> bool:
+        """Settle one message on its own: its failure (retries spent) leaves it to SQS, not the batch.
+
+        A message left unsettled comes back after its visibility timeout and is judged again (a
+        duplicate is acknowledged then); after maxReceiveCount receives SQS redrives it to the
+        DLQ itself. A stop or a vanished queue is not one message's problem and goes up.
+        """
+        try:
+            settle()
+        except (Interrupted, QueueMissing):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the rest of the batch must still be settled
+            log.error(
+                "message_settle_failed",
+                message_id=message.message_id,
+                action=action,
+                error=f"{type(exc).__name__}: {exc}",
+                next="left in the queue: SQS delivers it again after its visibility timeout, "
+                "and redrives it to the DLQ after maxReceiveCount receives",
+            )
+            return False
+        return True
 
     @contextmanager
     def _visibility_heartbeat(self, receipt_handle: str) -> Iterator[None]:
@@ -315,7 +381,11 @@ class Booted:
 
 
 def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: RetryPolicy = DEFAULT_POLICY) -> Booted:
-    """Identity, queue + subscription FIRST, then replay the pointers in component order."""
+    """One attempt: identity, queue + subscription FIRST, then replay the pointers in component order.
+
+    Once the identity is known, a failure is written into the status report (`boot_error`)
+    before it goes up, so an instance that cannot join is seen, not merely absent.
+    """
     stoppable = policy.interruptible(shutdown.stop)
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
@@ -328,8 +398,6 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
             next="status key and queue owner name the instance alone: IAM can only confine an EC2 instance-role session",
         )
     layout = Layout(config.prefix)
-    queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable, owner_userid=userid)
-    queue.ensure()
     ledger = Ledger(config.state_dir)
     reporter = StatusReporter(
         clients.s3,
@@ -339,9 +407,6 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         config.components,
         stoppable,
     )
-    runner = DeployRunner(
-        config, clients.s3, policy, ledger=ledger, reporter=reporter, instance_id=instance_id, shutdown=shutdown
-    )
     for channel, record in ledger.load().channels.items():
         if channel in config.channels:
             reporter.seed(
@@ -350,7 +415,18 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
                     state=ComponentState.OK, release_id=record.release_id, seq=record.seq, deploy_id=record.deploy_id
                 ),
             )
+    queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable, owner_userid=userid)
+    try:
+        queue.ensure()
+    except Interrupted:
+        raise
+    except Exception as exc:
+        reporter.boot_failed(f"{type(exc).__name__}: {exc}")
+        raise
     reporter.write()
+    runner = DeployRunner(
+        config, clients.s3, policy, ledger=ledger, reporter=reporter, instance_id=instance_id, shutdown=shutdown
+    )
 
     def pointer(channel: Channel) -> Deploy | None:
         found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable)
@@ -372,8 +448,39 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
     return Booted(agent, instance_id, queue, reporter, runner)
 
 
+def boot_until_ready(
+    config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: RetryPolicy = DEFAULT_POLICY
+) -> Booted | None:
+    """`boot`, retried with backoff until it succeeds or a stop is requested (then None).
+
+    An agent that exits on a failed boot crash-loops under systemd and is invisible; one that
+    retries keeps its report saying `boot_error` (heartbeating with each attempt) and joins by
+    itself once the cause is gone (IAM fixed, throttling over, network back). A launch hook it
+    never completes times out to the hook's DefaultResult, so Auto Scaling still decides.
+    """
+    attempt = 0
+    while True:
+        try:
+            return boot(config, clients, shutdown, policy)
+        except Interrupted:
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the next attempt may succeed
+            attempt += 1
+            pause = backoff_seconds(attempt, base=BOOT_RETRY_BASE_SECONDS, cap=BOOT_RETRY_CAP_SECONDS, jitter=0.5)
+            log.error(
+                "boot_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                attempt=attempt,
+                retry_in_s=round(pause, 1),
+                next="boot is retried after retry_in_s; the status report says boot_error meanwhile",
+            )
+            if shutdown.stop.wait(pause):
+                return None
+
+
 def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POLICY) -> None:
-    """`deployer agent`: boot, then serve until SIGTERM/SIGINT. Returns normally on a requested stop."""
+    """`deployer agent`: boot (retried until it succeeds), then serve until SIGTERM/SIGINT.
+    Returns normally on a requested stop."""
     shutdown = Shutdown(config.shutdown_grace_seconds)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -386,7 +493,10 @@ def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POL
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    booted = boot(config, clients, shutdown, policy)
+    booted = boot_until_ready(config, clients, shutdown, policy)
+    if booted is None:
+        log.info("agent_stopped", next="exit 0 (stopped before boot completed)")
+        return
     booted.agent.serve()
     if config.deregister_on_shutdown:
         _deregister(config, clients, booted, policy)  # the stop flag is set; this must still retry

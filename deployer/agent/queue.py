@@ -1,27 +1,30 @@
 """This instance's queue: the port the agent loop talks to, and its SQS adapter.
 
-The port (`InstanceQueue`) is four operations on received messages; the loop never sees SQS.
-`SqsQueue` implements it over an injected client and also creates, at boot, the queue, its
-DLQ and the raw-delivery SNS subscription. `deployer.agent.queue_stub.MemoryQueue` implements
-it in memory for unit tests.
+The port (`InstanceQueue`) is `ensure` plus four operations on received messages; the loop
+never sees SQS. `SqsQueue` implements it over an injected client: `ensure` creates (at boot, or
+again when the queue was deleted) the queue, its DLQ and the raw-delivery SNS subscription, and
+a call on a queue that no longer exists leaves as `QueueMissing`, so the loop can heal it.
+`deployer.agent.queue_stub.MemoryQueue` implements the port in memory for unit tests.
 
 Everything in `SqsQueue.ensure` is idempotent so boot can run it on every start: CreateQueue
-returns the existing queue, attributes are then set to what the config says, and Subscribe
-returns the existing subscription.
+(without attributes) returns the existing queue, attributes are then set to what the config
+says, and Subscribe returns the existing subscription.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
 from deployer.agent.config import AgentConfig
+from deployer.aws.registration import is_missing_queue
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.limits import MAX_RECEIVE_BATCH, MAX_VISIBILITY_TIMEOUT_SECONDS
+from deployer.protocol.errors import AwsError, QueueMissing
+from deployer.protocol.limits import MAX_RECEIVE_BATCH, MAX_SQS_MESSAGE_BYTES, MAX_VISIBILITY_TIMEOUT_SECONDS
 from deployer.protocol.names import DLQ_SUFFIX, OWNER_TAG
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Longest SQS retention, so a DLQ keeps evidence for the full 14 days.
 #: https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SetQueueAttributes.html
@@ -40,6 +44,8 @@ REJECTION_ATTRIBUTE = "deployer_rejection"
 SOURCE_ID_ATTRIBUTE = "deployer_source_message_id"
 #: Bound on the rejection reason carried as an attribute.
 MAX_REJECTION_REASON_CHARS = 1000
+#: Appended to the reason when the DLQ copy's body had to be cut to fit (the widest numbers are reserved).
+TRUNCATION_NOTE = " [body cut to {n} of {of} bytes to fit SQS's size limit]"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class InstanceQueue(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    def ensure(self) -> object:
+        """Create (or re-create) the queue, its DLQ and subscription; safe to repeat."""
+        ...
 
     def receive(self, wait_seconds: int, /) -> list[Received]: ...
 
@@ -133,11 +143,46 @@ def dlq_policy(dlq_arn: str, owner_userid: str) -> str:
     )
 
 
-def filter_policy(config: AgentConfig) -> str:
-    """An optimisation only: the agent re-checks stage/role/component on every message."""
-    return json.dumps(
-        {"stage": [config.stage], "role": [config.role], "component": sorted(config.components)}, sort_keys=True
+def attribute_bytes(attributes: Mapping[str, Mapping[str, str]]) -> int:
+    """What message attributes add to a message's size: each name, data type and value, in UTF-8."""
+    return sum(
+        len(name.encode()) + len(value["DataType"].encode()) + len(value.get("StringValue", "").encode())
+        for name, value in attributes.items()
     )
+
+
+def fit_body(body: str, attributes: Mapping[str, Mapping[str, str]], limit: int = MAX_SQS_MESSAGE_BYTES) -> str:
+    """Pure: `body` cut (on a character boundary) so that it and `attributes` fit in `limit` bytes.
+
+    Attributes count toward the SQS size limit, so a body that arrived at the limit cannot be
+    copied to the DLQ with its rejection reason attached unless it is cut.
+    """
+    room = limit - attribute_bytes(attributes)
+    data = body.encode()
+    return body if len(data) <= room else data[: max(room, 0)].decode(errors="ignore")
+
+
+def dead_letter_copy(
+    body: str, reason: str, message_id: str, limit: int = MAX_SQS_MESSAGE_BYTES
+) -> tuple[str, dict[str, dict[str, str]]]:
+    """Pure: the DLQ copy of a message (body, attributes) that fits in `limit` bytes, attributes included.
+
+    When the body must be cut, the reason says so and by how much; room is made for the widest
+    note first, so the final attributes never push the copy over the limit.
+    """
+
+    def attributes(why: str) -> dict[str, dict[str, str]]:
+        return {
+            REJECTION_ATTRIBUTE: {"DataType": "String", "StringValue": why},
+            SOURCE_ID_ATTRIBUTE: {"DataType": "String", "StringValue": message_id},
+        }
+
+    reason = reason[:MAX_REJECTION_REASON_CHARS]
+    size = len(body.encode())
+    if size + attribute_bytes(attributes(reason)) <= limit:
+        return body, attributes(reason)
+    kept = fit_body(body, attributes(reason + TRUNCATION_NOTE.format(n=limit, of=size)), limit)
+    return kept, attributes(reason + TRUNCATION_NOTE.format(n=len(kept.encode()), of=size))
 
 
 class SqsQueue:
@@ -179,16 +224,24 @@ class SqsQueue:
         is allowed: it has no `sns:SetSubscriptionAttributes`, so no instance can re-point or
         re-filter another instance's subscription.
         """
-        dlq_url = self._create(self.name + DLQ_SUFFIX, {"MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS)})
+        dlq_url = self._create(self.name + DLQ_SUFFIX)
         dlq_arn = self._arn(dlq_url)
-        self._set(dlq_url, {"Policy": dlq_policy(dlq_arn, self.owner_userid)})
-        url = self._create(self.name, {})
+        self._set(
+            dlq_url,
+            {
+                "MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS),
+                "MaximumMessageSize": str(MAX_SQS_MESSAGE_BYTES),
+                "Policy": dlq_policy(dlq_arn, self.owner_userid),
+            },
+        )
+        url = self._create(self.name)
         arn = self._arn(url)
         self._set(
             url,
             {
                 "VisibilityTimeout": str(self.config.visibility_timeout_seconds),
                 "MessageRetentionPeriod": str(QUEUE_RETENTION_SECONDS),
+                "MaximumMessageSize": str(MAX_SQS_MESSAGE_BYTES),
                 "RedrivePolicy": json.dumps(
                     {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.config.max_receive_count}
                 ),
@@ -200,20 +253,21 @@ class SqsQueue:
             TopicArn=self.config.topic_arn,
             Protocol="sqs",
             Endpoint=arn,
-            Attributes={"RawMessageDelivery": "true", "FilterPolicy": filter_policy(self.config)},
+            # No FilterPolicy: SNS allows 200 per topic, and every message is re-checked here anyway
+            # (docs/design.md, "Scale"). Subscribe only compares the attributes it is given, so a
+            # subscription an older agent made with a filter is returned as it is.
+            Attributes={"RawMessageDelivery": "true"},
             ReturnSubscriptionArn=True,
         )["SubscriptionArn"]
         self._handle = QueueHandle(url, arn, dlq_url, dlq_arn, subscription_arn)
         log.info("queue_ready", queue=self.name, queue_url=url, subscription_arn=subscription_arn)
         return self._handle
 
-    def _create(self, name: str, attributes: Mapping[str, str]) -> str:
-        response = self.policy.call(
-            self.sqs.create_queue,
-            QueueName=name,
-            Attributes=dict(attributes),
-            tags={OWNER_TAG: self.owner_userid},
-        )
+    def _create(self, name: str) -> str:
+        """CreateQueue without attributes: with them, SQS refuses (`QueueAlreadyExists`) as soon as one
+        differs from the existing queue's, so a drifted DLQ or a changed default would stop boot.
+        The attributes are set right after, by `_set`, whatever the queue had."""
+        response = self.policy.call(self.sqs.create_queue, QueueName=name, tags={OWNER_TAG: self.owner_userid})
         return response["QueueUrl"]
 
     def _set(self, url: str, attributes: Mapping[str, str]) -> None:
@@ -223,8 +277,17 @@ class SqsQueue:
         attrs = self.policy.call(self.sqs.get_queue_attributes, QueueUrl=url, AttributeNames=["QueueArn"])
         return attrs["Attributes"]["QueueArn"]
 
+    def _call(self, fn: Callable[..., T], **kwargs: Any) -> T:
+        """A call on an existing queue: a queue deleted under us leaves as QueueMissing."""
+        try:
+            return self.policy.call(fn, **kwargs)
+        except AwsError as exc:
+            if is_missing_queue(exc):
+                raise QueueMissing(f"queue {self.name} (or its DLQ) no longer exists: {exc}") from exc
+            raise
+
     def receive(self, wait_seconds: int, /) -> list[Received]:
-        response: Mapping[str, Any] = self.policy.call(
+        response: Mapping[str, Any] = self._call(
             self.sqs.receive_message,
             QueueUrl=self.handle.url,
             MaxNumberOfMessages=MAX_RECEIVE_BATCH,
@@ -242,10 +305,10 @@ class SqsQueue:
         ]
 
     def delete(self, receipt_handle: str) -> None:
-        self.policy.call(self.sqs.delete_message, QueueUrl=self.handle.url, ReceiptHandle=receipt_handle)
+        self._call(self.sqs.delete_message, QueueUrl=self.handle.url, ReceiptHandle=receipt_handle)
 
     def set_visibility(self, receipt_handle: str, seconds: int) -> None:
-        self.policy.call(
+        self._call(
             self.sqs.change_message_visibility,
             QueueUrl=self.handle.url,
             ReceiptHandle=receipt_handle,
@@ -256,14 +319,9 @@ class SqsQueue:
         """Move a message that can never succeed to the DLQ now, instead of after maxReceiveCount tries.
 
         Copy first, then delete: a crash in between leaves a duplicate in the DLQ, never a loss.
+        The copy carries the reason as attributes, which count toward the size limit, so a body
+        that arrived near the limit is cut to fit and the reason says so.
         """
-        self.policy.call(
-            self.sqs.send_message,
-            QueueUrl=self.handle.dlq_url,
-            MessageBody=message.body or "(empty body)",
-            MessageAttributes={
-                REJECTION_ATTRIBUTE: {"DataType": "String", "StringValue": reason[:MAX_REJECTION_REASON_CHARS]},
-                SOURCE_ID_ATTRIBUTE: {"DataType": "String", "StringValue": message.message_id},
-            },
-        )
+        body, attributes = dead_letter_copy(message.body or "(empty body)", reason, message.message_id)
+        self._call(self.sqs.send_message, QueueUrl=self.handle.dlq_url, MessageBody=body, MessageAttributes=attributes)
         self.delete(message.receipt_handle)

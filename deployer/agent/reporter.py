@@ -44,6 +44,8 @@ class StatusReporter:
         self.started_at = utc_now_iso()
         self.components: dict[str, ComponentStatus] = {c: ComponentStatus(updated_at=utc_now_iso()) for c in components}
         self.last_rejection: Rejection | None = None
+        #: Why the last boot attempt failed; None once booted (a new reporter per attempt).
+        self.boot_error: str | None = None
 
     def states(self) -> Mapping[str, ComponentState]:
         return {name: status.state for name, status in self.components.items()}
@@ -63,6 +65,11 @@ class StatusReporter:
         self.last_rejection = Rejection(message_id=message_id, reason=reason, at=utc_now_iso())
         self.write()
 
+    def boot_failed(self, error: str) -> None:
+        """Say that this agent cannot join (it retries): the instance is seen as broken, not as absent."""
+        self.boot_error = error
+        self.write()
+
     def report(self, now: datetime | None = None) -> StatusReport:
         return StatusReport(
             key=self.who,
@@ -71,6 +78,7 @@ class StatusReporter:
             started_at=self.started_at,
             components=dict(self.components),
             last_rejection=self.last_rejection,
+            boot_error=self.boot_error,
         )
 
     def write(self) -> None:

@@ -1,11 +1,12 @@
-"""Auto Scaling adapters: find an instance's group, complete its launch lifecycle action."""
+"""Auto Scaling adapters: find an instance's group, complete its launch lifecycle action, list a group's
+InService instances (the fleet `publish --wait --asg` expects)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.errors import AwsError
+from deployer.protocol.errors import AwsError, ConfigError
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
@@ -44,3 +45,17 @@ def complete_lifecycle_action(
             return False
         raise AwsError(f"cannot complete lifecycle action {hook} on {asg}: {exc}", code=exc.code) from None
     return True
+
+
+def in_service_instances(
+    autoscaling: AutoScalingClient, group: str, policy: RetryPolicy = DEFAULT_POLICY
+) -> frozenset[str]:
+    """The group's instances in `InService` (not Pending, not Terminating): the fleet a deploy must reach.
+
+    Raises ConfigError when the group does not exist: a misspelt --asg must not wait for nobody.
+    """
+    found = policy.call(autoscaling.describe_auto_scaling_groups, AutoScalingGroupNames=[group])
+    groups = found.get("AutoScalingGroups", [])
+    if not groups:
+        raise ConfigError(f"Auto Scaling group {group!r} not found")
+    return frozenset(i["InstanceId"] for i in groups[0].get("Instances", []) if i.get("LifecycleState") == "InService")

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_SECONDS = 5
 #: Must outlast the 20 s SQS long poll or every idle receive would time out.
 READ_TIMEOUT_SECONDS = MAX_WAIT_TIME_SECONDS + 10
+#: Connections a client keeps for concurrent calls (fleet reads); botocore's default is 10. A
+#: pool only grows with use, so an agent that calls one at a time still holds one or two.
+MAX_POOL_CONNECTIONS = 32
 
 
 C = TypeVar("C")
@@ -47,6 +50,7 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("sns", "ListSubscriptionsByTopic"): ("Subscriptions",),
     ("sts", "GetCallerIdentity"): ("UserId",),
     ("autoscaling", "DescribeAutoScalingInstances"): ("AutoScalingInstances",),
+    ("autoscaling", "DescribeAutoScalingGroups"): ("AutoScalingGroups",),
 }
 #: Protocols whose successful answers are never empty (JSON at least `{}`, XML a root element).
 NON_EMPTY_PROTOCOLS = frozenset({"json", "query"})
@@ -108,6 +112,7 @@ def _config() -> Config:
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         read_timeout=READ_TIMEOUT_SECONDS,
         user_agent_extra=f"deployer/{__version__}",
+        max_pool_connections=MAX_POOL_CONNECTIONS,
     )
 
 

@@ -98,8 +98,9 @@ def publish(
     """Upload a release, move the channel pointer and notify the fleet.
 
     With --wait, then follow the instances that were live at publish time (status report lists
-    the component, heartbeat younger than --heartbeat-ttl) until each converged, failed, was
-    rejected or was lost; exit 0 all converged, 4 any failed/rejected/lost, 5 timeout.
+    the component, heartbeat younger than --heartbeat-ttl), and with --asg every InService
+    instance of the group, until each converged, failed, was rejected or was lost; exit 0 all
+    converged, 4 any failed/rejected/lost, 5 timeout.
     """
     from publisher.pack import check_artifact, pack_directory
     from publisher.publish import Publisher, ci_origin
@@ -110,6 +111,7 @@ def publish(
         template = dataclasses.replace(template, sync_strategy=SyncStrategy(sync_strategy or "symlink"))
     if dest:
         template = dataclasses.replace(template, dest=dest)
+    members = group_members(store, wait)
     publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
         if artifact.is_dir():
@@ -120,7 +122,7 @@ def publish(
     click.echo(
         f"published {deploy.channel} release {deploy.release_id} as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait)
+    conclude(result, store, wait, members)
 
 
 @click.command()
@@ -139,6 +141,7 @@ def rollback(store: Store, topic_arn: str, channel: Channel, to_release: str | N
     from publisher.publish import Publisher, ci_origin
     from publisher.rollback import rollback as do_rollback
 
+    members = group_members(store, wait)
     publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
     result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin())
     deploy = result.deploy
@@ -146,7 +149,7 @@ def rollback(store: Store, topic_arn: str, channel: Channel, to_release: str | N
         f"rolled back {deploy.channel} from {replaced.release_id} (seq {replaced.seq}) to {deploy.release_id} "
         f"as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait)
+    conclude(result, store, wait, members)
 
 
 @click.command()
@@ -174,7 +177,18 @@ def history(store: Store, channel: Channel, limit: int, as_json: bool) -> None:
     click.echo(format_history(deploys, current))
 
 
-def conclude(result: PublishResult, store: Store, wait: WaitOptions | None) -> None:
+def group_members(store: Store, wait: WaitOptions | None) -> frozenset[str]:
+    """With `--wait --asg`, the group's InService instances, read BEFORE the pointer moves: a
+    misspelt group name fails the command while nothing has been published yet."""
+    if wait is None or not wait.asg:
+        return frozenset()
+    from deployer.aws.autoscaling import in_service_instances
+    from deployer.aws.clients import autoscaling_client
+
+    return in_service_instances(autoscaling_client(store.aws.region, store.aws.endpoint_url), wait.asg)
+
+
+def conclude(result: PublishResult, store: Store, wait: WaitOptions | None, members: frozenset[str]) -> None:
     """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, then
     follow the fleet if asked; exits with the verdict's code."""
     from deployer.aws.reports import ReportReader
@@ -193,7 +207,7 @@ def conclude(result: PublishResult, store: Store, wait: WaitOptions | None) -> N
         return
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, deploy.stage, deploy.role)
     printer = ProgressPrinter(sys.stdout)
-    outcome = Waiter(reader, wait).wait(deploy, printer)
+    outcome = Waiter(reader, wait, members).wait(deploy, printer)
     printer.finish(outcome)
     sys.exit(outcome.exit_code)
 

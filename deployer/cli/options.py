@@ -172,11 +172,12 @@ def wait_options(func: Command) -> Command:
         heartbeat_ttl: float,
         poll_interval: float,
         allow_lost: bool,
+        asg: str | None,
         **kwargs: Any,
     ) -> Any:
         from publisher.wait import WaitOptions  # only commands that publish load the publisher
 
-        options = WaitOptions(timeout, heartbeat_ttl, poll_interval, allow_lost) if wait else None
+        options = WaitOptions(timeout, heartbeat_ttl, poll_interval, allow_lost, asg) if wait else None
         return func(*args, wait=options, **kwargs)
 
     return _apply(
@@ -205,6 +206,12 @@ def wait_options(func: Command) -> Command:
                 help="Status poll period.",
             ),
             click.option("--allow-lost", is_flag=True, help="Do not count instances lost mid-deploy as failures."),
+            click.option(
+                "--asg",
+                metavar="NAME",
+                help="Also expect every InService instance of this Auto Scaling group: one that never "
+                "reports is pending for --heartbeat-ttl, then lost (without it, only instances that reported are seen).",
+            ),
         ],
     )
 

@@ -93,6 +93,11 @@ class PreconditionFailed(AwsError):
     """Raised when a conditional S3 write lost a race (HTTP 412 or 409); the caller re-reads and retries."""
 
 
+class QueueMissing(InfrastructureError):
+    """Raised when this instance's queue no longer exists (gc after a missed heartbeat, an
+    operator, a script): the agent re-creates queue, DLQ and subscription, then reconciles."""
+
+
 # -- the release failed on this machine ------------------------------------------------------
 
 

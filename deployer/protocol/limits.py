@@ -27,3 +27,33 @@ MAX_DEPLOY_MESSAGE_BYTES = 16 * 1024
 
 #: Bound on a manifest document; stretcher manifests are a few hundred bytes.
 MAX_MANIFEST_BYTES = 256 * 1024
+
+#: SQS message size maximum, 1 MiB since 2025, counting the body AND every message attribute
+#: (name, type and value). https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-messages.html
+MAX_SQS_MESSAGE_BYTES = 1024 * 1024
+
+#: After DeleteQueue, a queue of the same name can be created again only after 60 s
+#: (`QueueDeletedRecently`). https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_DeleteQueue.html
+QUEUE_RECREATE_DELAY_SECONDS = 60
+
+#: SNS subscription filter policies: 200 per topic and 10,000 per account by default; past them
+#: a Subscribe that carries a FilterPolicy fails with `FilterPolicyLimitExceeded` (HTTP 403).
+#: The deployer attaches none (docs/design.md, "Scale"), so it never meets this quota.
+#: https://docs.aws.amazon.com/sns/latest/dg/subscription-filter-policy-constraints.html
+SNS_FILTER_POLICIES_PER_TOPIC = 200
+SNS_FILTER_POLICIES_PER_ACCOUNT = 10_000
+
+#: SNS subscriptions per standard topic. https://docs.aws.amazon.com/general/latest/gr/sns.html
+SNS_SUBSCRIPTIONS_PER_TOPIC = 12_500_000
+
+#: SNS throttles Subscribe at 100 transactions per second per account.
+#: https://docs.aws.amazon.com/sns/latest/api/API_Subscribe.html
+SNS_SUBSCRIBE_TPS = 100
+
+#: S3 request rates per partitioned prefix: 3,500 PUT/COPY/POST/DELETE and 5,500 GET/HEAD per
+#: second; above them S3 answers 503 SlowDown. https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html
+S3_WRITES_PER_PREFIX_PER_SECOND = 3500
+S3_READS_PER_PREFIX_PER_SECOND = 5500
+
+#: ListObjectsV2 returns at most 1,000 keys per page. https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListObjectsV2.html
+S3_LIST_PAGE_KEYS = 1000

@@ -38,7 +38,18 @@ DEFAULT_GC_TTL_SECONDS = 3 * 3600.0
 MIN_GC_TTL_SECONDS = 600.0
 
 _TOP_KEYS = frozenset(
-    {"v", "instance_id", "stage", "role", "agent_version", "started_at", "heartbeat_at", "components", "last_rejection"}
+    {
+        "v",
+        "instance_id",
+        "stage",
+        "role",
+        "agent_version",
+        "started_at",
+        "heartbeat_at",
+        "components",
+        "last_rejection",
+        "boot_error",
+    }
 )
 _COMPONENT_KEYS = frozenset(
     {"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at", "last_error"}
@@ -89,6 +100,8 @@ class StatusReport:
     started_at: str | None = None
     components: Mapping[str, ComponentStatus] = field(default_factory=dict)
     last_rejection: Rejection | None = None
+    #: Set while the agent cannot finish boot (it retries with backoff): why not.
+    boot_error: str | None = None
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {
@@ -123,6 +136,8 @@ class StatusReport:
                 }
             ),
         }
+        if self.boot_error is not None:
+            doc["boot_error"] = self.boot_error  # written only when set: older readers know no such key
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
 
@@ -150,6 +165,7 @@ def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
         started_at=_optional_str(doc, "started_at"),
         components={name: _component(name, value) for name, value in components.items()},
         last_rejection=_rejection(doc.get("last_rejection")),
+        boot_error=_optional_str(doc, "boot_error"),
     )
 
 

@@ -14,8 +14,9 @@ from deployer.protocol.errors import ConfigError, ReleaseConflict
 from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import Channel
 from publisher.infra import init_resources
+from publisher.pack import pack_directory
 from publisher.publish import Publisher
-from tests.support import BUCKET, TOPIC, Fleet, write_release
+from tests.support import BUCKET, TOPIC, Fleet, make_tree, write_release
 
 API = Channel("prod", "web", "api")
 SYMLINK = Manifest(sync_strategy=SyncStrategy.SYMLINK)
@@ -119,6 +120,20 @@ def test_a_release_id_is_immutable(fleet: Fleet, tmp_path: Path) -> None:
     again = publisher(fleet).publish(API, a1, template=SYMLINK, release_id="fixed")
     assert again.release_reused
     assert again.deploy.seq == 2
+
+
+def test_republishing_the_same_directory_under_its_release_id_is_a_no_op_not_a_conflict(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    tree = make_tree(tmp_path / "build", {"index.html": "v1"})
+    first = publisher(fleet).publish(
+        API, pack_directory(tree, tmp_path / "1.tar.gz"), template=SYMLINK, release_id="ci-42"
+    )
+    retried = publisher(fleet).publish(
+        API, pack_directory(tree, tmp_path / "2.tar.gz"), template=SYMLINK, release_id="ci-42"
+    )
+    assert not first.release_reused
+    assert retried.release_reused
 
 
 def test_a_missing_bucket_is_reported_before_anything_is_uploaded(fleet: Fleet, tmp_path: Path) -> None:

@@ -177,8 +177,8 @@ def test_gc_leaves_an_instance_that_heartbeated_between_the_scan_and_the_removal
     register(fleet, "i-back")
 
     class RacingCollector(Collector):
-        def scan(self) -> list[Registration]:
-            found = super().scan()
+        def scan(self, now: datetime, ttl_s: float) -> list[Registration]:
+            found = super().scan(now, ttl_s)
             register(fleet, "i-back", heartbeat_in_s=ALIVE_LATER)  # the instance comes back and rewrites its report
             return found
 

@@ -120,7 +120,14 @@ def test_a_roles_queue_pattern_is_not_another_roles_even_when_one_name_starts_th
 
 def test_ci_moves_only_its_stages_channels_and_never_touches_queues_or_deletes() -> None:
     policy = policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, prefix="team/deployer", stage="dev"))
-    assert actions(policy) == {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "sns:Publish", "sns:GetTopicAttributes"}
+    assert actions(policy) == {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
+        "sns:Publish",
+        "sns:GetTopicAttributes",
+        "autoscaling:DescribeAutoScalingGroups",  # publish --wait --asg, read-only
+    }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
     assert puts == {"arn:aws:s3:::b/team/deployer/releases/*", "arn:aws:s3:::b/team/deployer/channels/dev/*"}
 

@@ -3,6 +3,7 @@ crashes `deployer status`, `publish --wait` or `gc`; it is shown as unreadable a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,12 +12,15 @@ from typing import Any
 import pytest
 
 from deployer.agent.reporter import StatusReporter
+from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportReader
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
+from publisher.gc import Collector
 from publisher.wait import EXIT_TIMEOUT
-from tests.support import BUCKET, FAST_POLICY, Fleet, cli, make_tree, publish_args
+from tests.awsproxy import aws_proxy
+from tests.support import BUCKET, FAST_POLICY, REGION, Fleet, cli, make_tree, publish_args
 
 WHO = ReportKey("prod", "web", "i-good")
 
@@ -73,6 +77,15 @@ def test_what_the_writer_writes_the_parser_reads_back() -> None:
     assert report.to_json() == body
 
 
+def test_a_boot_error_round_trips_and_a_report_without_one_has_no_such_key() -> None:
+    report = parse_report(write_report_doc("i-good"), WHO)
+    assert "boot_error" not in json.loads(report.to_json())  # readers that predate the key still read it
+    broken = dataclasses.replace(report, boot_error="AwsError: AccessDenied")
+    assert parse_report(broken.to_json(), WHO).boot_error == "AwsError: AccessDenied"
+    with pytest.raises(InvalidReport, match="boot_error must be a string or null"):
+        parse_report(json.dumps({**json.loads(report.to_json()), "boot_error": 7}).encode(), WHO)
+
+
 def test_status_shows_an_unreadable_report_as_a_row_and_still_exits_zero(fleet: Fleet) -> None:
     write_report(fleet, WHO)
     put_raw(fleet, "i-broken", b'{"v": 1, "heartbeat_at": "not a time"')
@@ -114,3 +127,21 @@ def test_gc_judges_an_unreadable_report_by_the_age_of_its_object_and_does_not_cr
     result = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0 stale instance(s) would be removed"  # written just now: not stale
+
+
+def test_fleet_reads_cost_a_list_per_thousand_reports_plus_a_get_per_changed_one(fleet: Fleet) -> None:
+    for n in range(25):
+        put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
+    with aws_proxy(fleet.endpoint_url) as proxy:
+        clients = make_clients(REGION, proxy.url)
+        reader = ReportReader(clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        assert len(reader.refresh()) == 25
+        assert (proxy.count("s3", "LIST"), proxy.count("s3", "GET")) == (1, 25)
+        proxy.reset_counts()
+        put_raw(fleet, "i-007", write_report_doc("i-007") + b"\n")  # one instance heartbeats
+        assert len(reader.refresh()) == 25
+        assert (proxy.count("s3", "LIST"), proxy.count("s3", "GET")) == (1, 1)
+        proxy.reset_counts()
+        # gc reads only what may be stale: a healthy fleet costs one LIST.
+        Collector(clients, BUCKET, fleet.topic_arn, fleet.layout, policy=FAST_POLICY).run(3600)
+        assert (proxy.count("s3", "LIST"), proxy.count("s3", "GET")) == (1, 0)

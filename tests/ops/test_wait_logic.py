@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from deployer.aws.reports import ReportEntry
@@ -193,3 +194,36 @@ def test_the_waiter_times_out_on_an_unreadable_report_instead_of_saying_ok() -> 
     unreadable = report_entry("i-bad", {}, NOW - timedelta(seconds=5), error="not JSON")
     result, _ = run_wait(FakeCache({"a": report("a", seq=2), "i-bad": unreadable}), timeout=3)
     assert result.exit_code == EXIT_TIMEOUT
+
+
+def test_a_group_member_without_a_report_is_pending_for_one_ttl_then_lost() -> None:
+    target, entries = deploy(2), {"a": report("a", seq=2)}
+    expected, unreported = frozenset({"a", "i-silent"}), frozenset({"i-silent"})
+    booting = assess(target, expected, entries, NOW, TTL, TTL - 1, unreported=unreported)
+    assert booting.outcomes["i-silent"] is Outcome.PENDING
+    assert booting.errors["i-silent"] == "in service but no status report yet"
+    silent = assess(target, expected, entries, NOW, TTL, TTL, unreported=unreported)
+    assert silent.outcomes["i-silent"] is Outcome.LOST
+    assert silent.errors["i-silent"] == "in service but never wrote a status report"
+    assert silent.exit_code(timed_out=False) == EXIT_FAILED
+
+
+def test_the_waiter_expects_the_groups_members_and_a_member_that_reported_then_vanished_is_lost() -> None:
+    clock = FakeClock()
+    options = WaitOptions(timeout_s=30, heartbeat_ttl_s=TTL, poll_s=1.0, asg="web")
+    first = {"a": report("a", seq=1), "late": report("late", seq=1)}
+    cache = FakeCache({"a": report("a", seq=1)}, first, {"a": report("a", seq=2)})
+    waiter = Waiter(cache, options, frozenset({"a", "late"}), clock=clock, sleep=clock.sleep, now=lambda: NOW)
+    result = waiter.wait(deploy(2), lambda _p: None)
+    assert result.progress.outcomes == {"a": Outcome.CONVERGED, "late": Outcome.LOST}
+    assert result.progress.errors["late"] == "status report removed"
+
+
+def test_an_agent_that_cannot_boot_is_pending_with_the_reason_never_converged() -> None:
+    entry = report("i-broken", seq=None, state="pending")
+    assert entry.report is not None
+    broken = replace(entry, report=replace(entry.report, boot_error="AwsError: AccessDenied"))
+    progress = assess(deploy(2), frozenset({"i-broken"}), {"i-broken": broken}, NOW, TTL, 1)
+    assert progress.outcomes == {"i-broken": Outcome.PENDING}
+    assert progress.errors == {"i-broken": "the agent cannot boot (it retries): AwsError: AccessDenied"}
+    assert progress.exit_code(timed_out=True) == EXIT_TIMEOUT

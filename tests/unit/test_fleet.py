@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from deployer.protocol.names import Channel
@@ -82,3 +83,15 @@ def test_wait_says_where_a_pending_instance_is_and_its_last_error() -> None:
     progress = assess(make_deploy(seq=16), frozenset(entries), entries, NOW, 600, 5)
     assert progress.outcomes == {"i-2": Outcome.PENDING}
     assert progress.errors == {"i-2": "on seq 10 (ok), last error: hook post #0 exited 4"}
+
+
+def test_an_agent_that_cannot_boot_shows_boot_failed_with_the_reason_on_every_component() -> None:
+    entry = report_entry("i-1", api(40), RECENT)
+    assert entry.report is not None
+    broken = replace(entry, report=replace(entry.report, boot_error="AwsError: AccessDenied"))
+    rows = fleet_rows([broken, report_entry("i-2", api(41), RECENT)], now=NOW)
+    assert [(r.instance_id, r.state, r.error) for r in rows] == [
+        ("i-1", "boot_failed", "AwsError: AccessDenied"),
+        ("i-2", "ok", ""),
+    ]
+    assert summary(rows) == ["prod/web/api: 1/2 on seq 41, 0 failed, 1 cannot boot"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
+from deployer.agent import loop
 from deployer.agent.config import AgentConfig, config_from_dict
 from deployer.agent.decide import Outcome
 from deployer.agent.ledger import DeployStatus, Ledger
@@ -15,6 +17,7 @@ from deployer.agent.loop import Agent
 from deployer.agent.queue_stub import MemoryQueue
 from deployer.apply.engine import Milestone
 from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import AwsError
 from deployer.protocol.names import Channel
 from tests.support import make_deploy
 
@@ -121,7 +124,9 @@ def test_duplicates_and_older_seqs_are_acknowledged_without_applying(rig: Rig) -
     rig.ledger.mark(applied, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
     rig.queue.send(applied.to_json())
     rig.queue.send(deploy("api", 3).to_json())
-    rig.queue.send(replace(deploy("api", 1), stage="dev").to_json())  # another stage's (filter policies are hints)
+    rig.queue.send(
+        replace(deploy("api", 1), stage="dev").to_json()
+    )  # another stage's: every deploy reaches every queue
     rig.agent.poll_once()
     assert rig.runner.applied == []
     assert rig.queue.pending() == []
@@ -248,3 +253,46 @@ def test_reconcile_asks_for_a_repair_when_the_pointer_looks_older_than_what_was_
     agent.reconcile(reason="test")
     assert rig.runner.repairs == [Channel("prod", "web", "api")]
     assert rig.runner.applied == []  # the fake confirms the record, so nothing to re-apply
+
+
+def test_a_failed_dlq_copy_leaves_that_message_in_the_queue_and_the_rest_of_the_batch_is_settled(rig: Rig) -> None:
+    def refuse(_message: object, _reason: str) -> None:
+        raise AwsError("AWS SendMessage failed: AccessDenied", code="AccessDenied", status=403)
+
+    rig.queue.dead_letter = refuse  # type: ignore[method-assign,assignment]
+    rig.queue.send("poison")
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 1)]
+    assert rig.queue.pending() == ["poison"]  # SQS redrives it after maxReceiveCount
+    assert [message_id for message_id, _ in rig.reporter.rejections] == ["m-0"]
+
+
+def test_a_deleted_queue_is_recreated_after_sqs_stops_refusing_its_name_then_reported_and_reconciled(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "POLL_FAILURE_PAUSE_BASE_SECONDS", 0.001)
+    pointers = {Channel("prod", "web", "api"): deploy("api", 2), Channel("prod", "web", "worker"): None}
+    agent = Agent(
+        rig.agent.config,
+        queue=rig.queue,
+        runner=rig.runner,
+        reporter=rig.reporter,
+        ledger=rig.ledger,
+        pointer=pointers.__getitem__,
+        stop=rig.stop,
+    )
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.queue.delete_queue()  # gc, an operator: the queue and its messages are gone
+    rig.queue.refuse_ensure = 2  # QueueDeletedRecently, twice
+    serving = threading.Thread(target=agent.serve)
+    serving.start()
+    deadline = time.monotonic() + 10
+    while not rig.runner.applied and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rig.stop.set()
+    serving.join()
+    assert rig.queue.ensured == 1
+    assert rig.runner.applied == [("api", 2)]  # what was published meanwhile, from the pointer
+    assert rig.reporter.writes >= 1
+    assert not agent.queue_missing

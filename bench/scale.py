@@ -1,0 +1,224 @@
+"""Figure 6: fleet reads at 10,000 instances — `deployer status`, one `publish --wait` poll, a `gc` scan.
+
+10,000 synthetic status reports are written to the emulator, next to a few real agents that
+booted and converged on a deploy. Each read is measured twice: straight to the emulator (wall
+time, CPU, peak RSS) and through the counting proxy of the test suite (requests by kind). The
+projection to real S3 replaces the emulator's latency with S3's (see `ASSUMED_*`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from math import ceil
+
+from bench.common import (
+    BUCKET,
+    PYTHON,
+    REGION,
+    REPO,
+    ROLE,
+    STAGE,
+    AgentProc,
+    Bench,
+    ChildRun,
+    aws_env,
+    mib,
+    run_child,
+    sec,
+    small_artifact,
+    stop_all,
+    wait_for,
+)
+from bench.report import Section, Table, Target
+from deployer.aws.clients import make_clients
+from deployer.aws.reports import FLEET_READ_CONCURRENCY, ReportReader
+from deployer.protocol.layout import ReportKey
+from deployer.protocol.limits import S3_LIST_PAGE_KEYS
+from deployer.protocol.manifest import Manifest, SyncStrategy
+from deployer.protocol.names import Channel
+from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport
+from publisher.publish import Publisher
+from tests.awsproxy import AwsProxy, aws_proxy
+
+#: S3's own figure for small-object request latency is "roughly 100–200 milliseconds" (Performance
+#: design patterns for Amazon S3, timeouts and retries); in-region GETs of 1 KiB objects are often
+#: faster, so the lower end is assumed for a GET and the upper for a LIST page of 1,000 keys.
+#: https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance-design-patterns.html
+ASSUMED_GET_S = 0.100
+ASSUMED_LIST_PAGE_S = 0.200
+#: Reports that change between two `--wait` polls in the figure (instances converging, heartbeats).
+CHANGED = 50
+REAL_AGENTS = 3
+#: The issue's targets.
+STATUS_EMULATOR_TARGET_S = 120.0
+STATUS_PROJECTED_TARGET_S = 10.0
+STATUS_RSS_TARGET_MB = 150.0
+
+
+@dataclass(frozen=True)
+class Measured:
+    run: ChildRun
+    lists: int
+    gets: int
+
+    def projected(self) -> float:
+        """Wall time on S3: LIST pages one after another, GETs `FLEET_READ_CONCURRENCY` at a time, plus the
+        client's own CPU (parsing, Python start-up) measured here."""
+        return (
+            self.lists * ASSUMED_LIST_PAGE_S + ceil(self.gets / FLEET_READ_CONCURRENCY) * ASSUMED_GET_S + self.run.cpu
+        )
+
+
+def synthetic_report(n: int, now: datetime) -> tuple[str, bytes]:
+    who = ReportKey(STAGE, ROLE, f"i-{n:017x}")
+    status = ComponentStatus(
+        state=ComponentState.OK, release_id="rel-1", seq=1, deploy_id="d-synthetic", updated_at=now.isoformat()
+    )
+    report = StatusReport(
+        key=who, heartbeat_at=now.replace(microsecond=0), agent_version="bench", components={"api": status}
+    )
+    return f"{who.instance_id}", report.to_json()
+
+
+def write_reports(bench: Bench, first: int, count: int) -> None:
+    now = datetime.now(UTC)
+    s3 = bench.clients.s3
+
+    def put(n: int) -> None:
+        instance, body = synthetic_report(n, now)
+        key = bench.layout.status_key(ReportKey(STAGE, ROLE, instance))
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body, ContentType="application/json")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(first, first + count)))
+
+
+def measured(proxy: AwsProxy, command: list[str], direct_env: dict[str, str]) -> Measured:
+    """The command straight to the emulator (timings), then through the proxy (requests)."""
+    run = run_child(command, env=direct_env, cwd=REPO)
+    proxy.reset_counts()
+    run_child(command, env={**direct_env, **aws_env(proxy.url)}, cwd=REPO)
+    return Measured(run, proxy.count("s3", "LIST"), proxy.count("s3", "GET"))
+
+
+def run(bench: Bench) -> Section:
+    bench.fresh()
+    n = 1_000 if bench.quick else 10_000
+    agents = [
+        AgentProc(bench, bench.dir(f"scale-agent-{i}"), f"i-real{i:012d}", ["api"]).start() for i in range(REAL_AGENTS)
+    ]
+    try:
+        publisher = Publisher(bench.clients, BUCKET, bench.topic_arn, bench.layout)
+        template = Manifest(dest="/opt/api/current", sync_strategy=SyncStrategy.SYMLINK)
+        deploy = publisher.publish(
+            Channel(STAGE, ROLE, "api"), small_artifact(bench.workdir), template=template, release_id="scale-1"
+        ).deploy
+        wait_for(
+            lambda: all(a.watcher.find("apply_succeeded") is not None for a in agents),
+            "real agents to converge",
+            60,
+            agents,
+        )
+        print(f"  writing {n} synthetic reports", flush=True)
+        write_reports(bench, 0, n)
+        env = {**os.environ, **aws_env(bench.emulator.url)}
+        with aws_proxy(bench.emulator.url) as proxy:
+            status = measured(proxy, [PYTHON, "-m", "deployer", "status", "--bucket", BUCKET, "--json"], env)
+            print(f"  status: {sec(status.run.wall)}, {status.lists} LIST + {status.gets} GET", flush=True)
+            gc = measured(
+                proxy,
+                [PYTHON, "-m", "deployer", "gc", "--bucket", BUCKET, "--topic-arn", bench.topic_arn, "--dry-run"],
+                env,
+            )
+            print(f"  gc scan: {sec(gc.run.wall)}, {gc.lists} LIST + {gc.gets} GET", flush=True)
+            poll_wall, poll_lists, poll_gets = one_wait_poll(bench, proxy, n)
+            print(f"  --wait poll: {sec(poll_wall)}, {poll_lists} LIST + {poll_gets} GET", flush=True)
+    finally:
+        stop_all(agents)
+    total = n + REAL_AGENTS
+    pages = ceil(total / S3_LIST_PAGE_KEYS)
+    poll_budget = pages + CHANGED + 2
+    table = Table(
+        ["read", "emulator wall", "CPU", "peak RSS", "LIST", "GET", "projected on S3"],
+        [
+            _row("`deployer status --json`", status),
+            _row("`deployer gc --dry-run` (scan, nothing stale)", gc),
+            [
+                f"one `--wait` poll ({CHANGED} reports changed)",
+                sec(poll_wall),
+                "",
+                "",
+                str(poll_lists),
+                str(poll_gets),
+                sec(poll_lists * ASSUMED_LIST_PAGE_S + ceil(poll_gets / FLEET_READ_CONCURRENCY) * ASSUMED_GET_S),
+            ],
+        ],
+        caption=(
+            f"{n:,} synthetic reports + {REAL_AGENTS} real agents (converged on seq {deploy.seq}), one stage/role; "
+            f"reads {FLEET_READ_CONCURRENCY} at a time; projection assumes {ASSUMED_GET_S * 1000:.0f} ms per GET and "
+            f"{ASSUMED_LIST_PAGE_S * 1000:.0f} ms per LIST page, plus the CPU measured here."
+        ),
+    )
+    meaning = (
+        "What reading the fleet costs at 10,000 instances: `deployer status` and `gc` read every report (gc only "
+        "GETs those whose object is older than its TTL), and a `publish --wait` poll re-lists and GETs only the "
+        "reports whose ETag changed. On the emulator every request is served one at a time by moto; the "
+        "projection replaces moto's latency with S3's."
+    )
+    targets = [
+        Target(
+            "requests per `--wait` poll ≤ N/1000 + changed + 2",
+            poll_lists + poll_gets <= poll_budget,
+            f"{poll_lists} LIST + {poll_gets} GET = {poll_lists + poll_gets} (budget {poll_budget} for N = {total:,})",
+        ),
+        Target(
+            f"`status` for {n:,} instances on the emulator < 2 min",
+            status.run.wall < STATUS_EMULATOR_TARGET_S,
+            sec(status.run.wall),
+        ),
+        Target(
+            "`status` projected on S3 < 10 s",
+            status.projected() < STATUS_PROJECTED_TARGET_S,
+            sec(status.projected()),
+        ),
+        Target(
+            "`status` peak RSS < 150 MB",
+            status.run.max_rss_kib * 1024 < STATUS_RSS_TARGET_MB * 1e6,
+            f"{mib(status.run.max_rss_kib)} = {status.run.max_rss_kib * 1024 / 1e6:.0f} MB (decimal)",
+        ),
+    ]
+    notes = [
+        f"Requests are counted by the loopback proxy of the test suite (`tests/awsproxy.py`), on a second run of "
+        f"the same command; `status` also reads the channel's pointer (one GET). `{REGION}` emulator, "
+        f"{FLEET_READ_CONCURRENCY} concurrent reads (`deployer.aws.reports.FLEET_READ_CONCURRENCY`).",
+    ]
+    return Section("scale", "6. Fleet reads at 10,000 instances", meaning, [table], targets, notes)
+
+
+def one_wait_poll(bench: Bench, proxy: AwsProxy, n: int) -> tuple[float, int, int]:
+    """A waiter's steady state: a first refresh read everything; between two polls CHANGED reports changed."""
+    reader = ReportReader(make_clients(REGION, proxy.url).s3, BUCKET, bench.layout, STAGE, ROLE)
+    reader.refresh()
+    write_reports(bench, 0, CHANGED)  # rewritten: new ETags
+    proxy.reset_counts()
+    started = time.perf_counter()
+    entries = reader.refresh()
+    wall = time.perf_counter() - started
+    assert len(entries) == n + REAL_AGENTS, len(entries)
+    return wall, proxy.count("s3", "LIST"), proxy.count("s3", "GET")
+
+
+def _row(name: str, m: Measured) -> list[str]:
+    return [
+        name,
+        sec(m.run.wall),
+        sec(m.run.cpu),
+        mib(m.run.max_rss_kib),
+        str(m.lists),
+        str(m.gets),
+        sec(m.projected()),
+    ]
