@@ -203,6 +203,12 @@ def _read_head(sock: socket.socket) -> bytes:
             return data
         data += chunk
     headers, _, body = data.partition(b"\r\n\r\n")
+    lines = headers.split(b"\r\n")
+    if any(line.lower().replace(b" ", b"") == b"expect:100-continue" for line in lines):
+        # Answer the interim response ourselves, as a server would: botocore sends an S3 PUT's
+        # body only after "100 Continue" (or a 1 s timeout), and we need the body for the rule.
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        headers = b"\r\n".join(line for line in lines if not line.lower().startswith(b"expect:"))
     length = next(
         (int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length:")),
         0,

@@ -27,7 +27,7 @@ CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = MAX_WAIT_TIME_SECONDS + 10
 #: Connections a client keeps for concurrent calls (fleet reads); botocore's default is 10. A
 #: pool only grows with use, so an agent that calls one at a time still holds one or two.
-MAX_POOL_CONNECTIONS = 32
+MAX_POOL_CONNECTIONS = 64
 
 
 C = TypeVar("C")
