@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.agent.queue import REJECTION_ATTRIBUTE
+from deployer.agent.queue import DLQ_RETENTION_SECONDS, REJECTION_ATTRIBUTE
 from deployer.aws.clients import make_clients
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.limits import MAX_SQS_MESSAGE_BYTES
@@ -79,10 +79,22 @@ def test_more_agents_than_the_filter_policy_quota_all_boot_and_converge(
     for agent in agents:
         wait_until(lambda a=agent: a.on_seq(deploy.seq), f"{agent.instance_id} to converge")  # type: ignore[misc]
     assert not [key for key in limits.refused if key[1] == "Subscribe"]
-    # And a restarted agent re-subscribes with the very attributes it has (SNS compares them).
-    agents[0].stop()
-    agents[0].start()
-    wait_until(lambda: bool(agents[0].events("agent_serving")[1:]), "the restarted agent to serve")
+
+
+def test_an_agent_restarts_cleanly_after_its_queues_attributes_drifted(
+    limits: AwsProxy, fleet: Fleet, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agent = start_agent(endpoint_url=limits.url)
+    agent.stop()
+    # An operator (or an older release) changed the DLQ: CreateQueue with attributes would now fail.
+    dlq = agent.queue_url(DLQ_SUFFIX)
+    fleet.clients.sqs.set_queue_attributes(QueueUrl=dlq, Attributes={"MessageRetentionPeriod": "60"})
+    agent.start()
+    # It re-subscribes too, with the very attributes its subscription has (SNS compares them).
+    wait_until(lambda: len(agent.events("agent_serving")) == 2, "the restarted agent to serve")
+    assert not agent.events("boot_failed")
+    retention = fleet.clients.sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["MessageRetentionPeriod"])
+    assert retention["Attributes"]["MessageRetentionPeriod"] == str(DLQ_RETENTION_SECONDS)
 
 
 def test_an_agent_that_cannot_boot_says_so_keeps_retrying_and_wait_never_says_ok(
