@@ -13,10 +13,11 @@ import structlog
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import get_document, read_pointer
-from deployer.protocol.deploy import Deploy, parse_deploy
+from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.layout import Layout
 from deployer.protocol.names import Channel
+from deployer.protocol.trust import UNVERIFIED
 from publisher.text import render_table
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def iter_history(
         if found is None:
             continue
         try:
-            yield parse_deploy(found[0])
+            yield UNVERIFIED.open(found[0])
         except InvalidMessage as exc:
             log.warning("history_entry_invalid", key=key, error=str(exc), next="skipped")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.protocol.errors import ConfigError
-from deployer.protocol.layout import CHANNELS, HISTORY, POINTER_NAME, RELEASES, REPORT_SUFFIX, STATUS, Layout
+from deployer.protocol.layout import CHANNELS, HISTORY, POINTER_NAME, RELEASES, REPORT_SUFFIX, STATUS, TRUST, Layout
 from deployer.protocol.names import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
@@ -70,6 +70,8 @@ class Scope:
     deregister: bool = False
     #: Topic: the CI principals allowed to publish (none: any principal the account's IAM allows).
     publishers: tuple[str, ...] = ()
+    #: CI: the `--sign-key` values; each `kms:` key gets kms:Sign (file keys need no permission).
+    sign_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for arn in self.publishers:
@@ -107,6 +109,26 @@ class Scope:
     @property
     def dead_letter_queues(self) -> str:
         return self.queues + DLQ_SUFFIX
+
+    def kms_key_arns(self) -> list[str]:
+        """The `kms:` sign keys as key ARNs (an id is completed from the topic's region and account).
+
+        An alias is refused: kms:Sign is granted on keys, and an alias can be re-pointed at
+        another key by whoever may update aliases.
+        """
+        topic, arns = self.topic, []
+        for spec in self.sign_keys:
+            kind, _, key = spec.partition(":")
+            if kind != "kms":
+                continue
+            if key.startswith("alias/") or ":alias/" in key:
+                raise ConfigError(
+                    f"--sign-key {spec}: give the key's id or ARN, not an alias (kms:Sign is granted on keys)"
+                )
+            arns.append(
+                key if key.startswith("arn:") else f"arn:{topic.partition}:kms:{topic.region}:{topic.account}:key/{key}"
+            )
+        return arns
 
 
 def _allow(
@@ -153,7 +175,14 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
         # `--wait --asg`: the group's InService instances. Describe calls take no resource ARN.
         _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
+        *_signing(scope),
     ]
+
+
+def _signing(scope: Scope) -> list[dict[str, Any]]:
+    """kms:Sign (and GetPublicKey, for the key id) on the release keys only; verifying needs nothing."""
+    arns = scope.kms_key_arns()
+    return [_allow("SignWithReleaseKeys", ["kms:GetPublicKey", "kms:Sign"], arns)] if arns else []
 
 
 def _instance(scope: Scope) -> list[dict[str, Any]]:
@@ -161,12 +190,18 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
     statements = [
         _allow("ReadReleases", ["s3:GetObject"], scope.objects(RELEASES, "*")),
         _allow("ReadOwnChannels", ["s3:GetObject"], scope.objects(CHANNELS, *scope.fleet, "*")),
-        # Only so that S3 answers 404, not 403, for a pointer never published; never status/.
+        _allow("ReadTrustUpdates", ["s3:GetObject"], scope.objects(TRUST, "*")),
+        # Only so that S3 answers 404, not 403, for a pointer never published or a trust version
+        # not yet stored; never status/.
         _allow(
-            "ListOwnChannels",
+            "ListOwnChannelsAndTrust",
             ["s3:ListBucket"],
             scope.bucket_arn,
-            {"StringLike": {"s3:prefix": [scope.key_pattern(CHANNELS, *scope.fleet, "*")]}},
+            {
+                "StringLike": {
+                    "s3:prefix": [scope.key_pattern(CHANNELS, *scope.fleet, "*"), scope.key_pattern(TRUST, "*")]
+                }
+            },
         ),
         _allow(
             "WriteOwnStatus",
@@ -257,6 +292,12 @@ def _bucket(scope: Scope) -> list[dict[str, Any]]:
             "PointersMoveConditionally",
             ["s3:PutObject"],
             scope.objects(CHANNELS, "*", POINTER_NAME),
+            {"Null": {"s3:if-match": "true", "s3:if-none-match": "true"}},
+        ),
+        _deny(
+            "TrustVersionsChangeConditionally",
+            ["s3:PutObject"],
+            scope.objects(TRUST, "*"),
             {"Null": {"s3:if-match": "true", "s3:if-none-match": "true"}},
         ),
     ]

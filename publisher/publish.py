@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,14 +25,17 @@ import structlog
 from deployer.aws.clients import Clients
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import bucket_exists, get_document, head, put_conditional, read_pointer
-from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, new_deploy_id, parse_deploy
+from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, new_deploy_id
+from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
 from deployer.protocol.errors import AwsError, ConfigError, PreconditionFailed, PublishError, ReleaseConflict
 from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_SNS_MESSAGE_BYTES
-from deployer.protocol.manifest import Manifest
+from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.timestamps import utc_now_iso
+from deployer.protocol.trust import UNVERIFIED
 from publisher.pack import sha256_file
+from publisher.signing import Signer, sign
 
 log = structlog.get_logger(__name__)
 
@@ -78,13 +81,22 @@ def ci_origin(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 class Publisher:
     def __init__(
-        self, clients: Clients, bucket: str, topic_arn: str, layout: Layout, policy: RetryPolicy = DEFAULT_POLICY
+        self,
+        clients: Clients,
+        bucket: str,
+        topic_arn: str,
+        layout: Layout,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        signers: Sequence[Signer] = (),
     ):
+        """With `signers`, every deploy document is written (history, pointer, SNS) as an envelope
+        they signed, and pins the artifact's sha256 and size."""
         self.clients = clients
         self.bucket = bucket
         self.topic_arn = topic_arn
         self.layout = layout
         self.policy = policy
+        self.signers = tuple(signers)
 
     def check_resources(self) -> None:
         """One clear error for a missing bucket or topic, before anything is uploaded."""
@@ -139,6 +151,7 @@ class Publisher:
             hashlib.sha256(manifest_body).hexdigest(),
             origin,
             release_reused=not (artifact_new or manifest_new),
+            artifact=(checksum, artifact.stat().st_size),
         )
 
     def publish_existing(
@@ -159,8 +172,25 @@ class Publisher:
                 f"release {release_id} of component {channel.component} does not exist (no s3://{self.bucket}/{manifest_key})"
             )
         return self._deploy(
-            channel, release_id, manifest_key, hashlib.sha256(found[0]).hexdigest(), origin, release_reused=True
+            channel,
+            release_id,
+            manifest_key,
+            hashlib.sha256(found[0]).hexdigest(),
+            origin,
+            release_reused=True,
+            artifact=self._existing_artifact(found[0]) if self.signers else None,
         )
+
+    def _existing_artifact(self, manifest_body: bytes) -> tuple[str, int]:
+        """A stored release's artifact sha256 (from its manifest) and size (from S3), to sign."""
+        manifest = parse_manifest(manifest_body)
+        if manifest.src is None or manifest.checksum_algorithm != "sha256" or manifest.checksum is None:
+            raise PublishError("a signed deploy needs the release's sha256; its manifest carries none")
+        bucket, _, key = manifest.src.removeprefix("s3://").partition("/")
+        found = head(self.clients.s3, bucket, key, self.policy)
+        if found is None:
+            raise PublishError(f"the release's artifact {manifest.src} does not exist")
+        return manifest.checksum, int(str(found["ContentLength"]))
 
     def _deploy(
         self,
@@ -171,7 +201,9 @@ class Publisher:
         origin: Mapping[str, str] | None,
         *,
         release_reused: bool,
+        artifact: tuple[str, int] | None,
     ) -> PublishResult:
+        signed = bool(self.signers and artifact)
         template_deploy = Deploy(
             deploy_id=new_deploy_id(),
             stage=channel.stage,
@@ -183,13 +215,15 @@ class Publisher:
             manifest_sha256=manifest_sha256,
             published_at=utc_now_iso(),
             origin=dict(origin or {}),
+            artifact_sha256=artifact[0] if signed and artifact else None,
+            artifact_size=artifact[1] if signed and artifact else None,
         )
-        if len(template_deploy.to_json()) + 32 > MAX_SNS_MESSAGE_BYTES:
+        if len(self._document(template_deploy)) + 32 > MAX_SNS_MESSAGE_BYTES:
             raise PublishError("deploy message would exceed the SNS 256 KiB limit; shorten origin")
         # 2 + 3. History (the seq claim), then the pointer.
-        deploy = self._claim_and_point(template_deploy)
+        deploy, body = self._claim_and_point(template_deploy)
         # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
-        message_id, sns_error = self._notify(deploy)
+        message_id, sns_error = self._notify(deploy, body)
         return PublishResult(deploy, release_reused=release_reused, sns_message_id=message_id, sns_error=sns_error)
 
     def _put_immutable(self, key: str, body: Callable[[], bytes], sha256: str, content_type: str) -> bool:
@@ -216,32 +250,37 @@ class Publisher:
         log.info("release_object_exists", key=key, next="reusing the identical object")
         return False
 
-    def _claim_and_point(self, template: Deploy) -> Deploy:
+    def _document(self, deploy: Deploy) -> bytes:
+        """The deploy as written to history, the pointer and SNS: bare, or an envelope the signers signed."""
+        payload = deploy.to_json().encode()
+        return sign(payload, DEPLOY_PAYLOAD_TYPE, self.signers).to_json().encode() if self.signers else payload
+
+    def _claim_and_point(self, template: Deploy) -> tuple[Deploy, bytes]:
         channel = template.channel
         for _ in range(MAX_CLAIM_ROUNDS):
             pointer = read_pointer(self.clients.s3, self.bucket, self.layout, channel, self.policy)
             seq = pointer.deploy.seq + 1 if pointer else 1
             deploy = replace(template, seq=seq)
+            body = self._document(deploy)
             history_key = self.layout.history_key(channel, seq)
             try:
-                put_conditional(
-                    self.clients.s3, self.bucket, history_key, deploy.to_json().encode(), policy=self.policy
-                )
+                put_conditional(self.clients.s3, self.bucket, history_key, body, policy=self.policy)
             except PreconditionFailed:
                 claimed = self._history(channel, seq)
-                if claimed is None or claimed.deploy_id != deploy.deploy_id:
+                if claimed is None or claimed[0].deploy_id != deploy.deploy_id:
                     # Another publisher owns seq; make sure its pointer move happens, then go on to seq+1.
                     if claimed is not None:
-                        self._help(claimed, pointer.etag if pointer else None)
+                        self._help(*claimed, pointer.etag if pointer else None)
                     log.info("seq_taken", seq=seq, next="re-reading the pointer and trying the next seq")
                     continue
-                # Our own earlier attempt whose response was lost: the claim is ours.
-            if self._move_pointer(deploy, pointer.etag if pointer else None):
+                # Our own earlier attempt whose response was lost: the claim (and its body) is ours.
+                deploy, body = claimed
+            if self._move_pointer(deploy, body, pointer.etag if pointer else None):
                 log.info("pointer_moved", channel=str(channel), seq=seq, deploy_id=deploy.deploy_id)
-                return deploy
+                return deploy, body
         raise PublishError(f"could not claim a seq on {channel} after {MAX_CLAIM_ROUNDS} rounds of contention")
 
-    def _move_pointer(self, deploy: Deploy, etag: str | None) -> bool:
+    def _move_pointer(self, deploy: Deploy, body: bytes, etag: str | None) -> bool:
         """Point at our claimed seq. On a lost race, success if someone moved it there for us."""
         while True:
             try:
@@ -249,7 +288,7 @@ class Publisher:
                     self.clients.s3,
                     self.bucket,
                     self.layout.pointer_key(deploy.channel),
-                    deploy.to_json().encode(),
+                    body,
                     if_match=etag,
                     policy=self.policy,
                 )
@@ -261,13 +300,14 @@ class Publisher:
                     return True
                 etag = current.etag if current else None
 
-    def _help(self, claimed: Deploy, etag: str | None) -> None:
+    def _help(self, claimed: Deploy, body: bytes, etag: str | None) -> None:
+        """Move the pointer to another publisher's claim: its history body, byte for byte (its signature too)."""
         try:
             put_conditional(
                 self.clients.s3,
                 self.bucket,
                 self.layout.pointer_key(claimed.channel),
-                claimed.to_json().encode(),
+                body,
                 if_match=etag,
                 policy=self.policy,
             )
@@ -275,16 +315,16 @@ class Publisher:
         except PreconditionFailed:
             pass  # someone (probably the claimant) already moved it
 
-    def _history(self, channel: Channel, seq: int) -> Deploy | None:
+    def _history(self, channel: Channel, seq: int) -> tuple[Deploy, bytes] | None:
         found = get_document(self.clients.s3, self.bucket, self.layout.history_key(channel, seq), self.policy)
-        return parse_deploy(found[0]) if found else None
+        return (UNVERIFIED.open(found[0]), found[0]) if found else None
 
-    def _notify(self, deploy: Deploy) -> tuple[str | None, str | None]:
+    def _notify(self, deploy: Deploy, body: bytes) -> tuple[str | None, str | None]:
         try:
             response = self.policy.call(
                 self.clients.sns.publish,
                 TopicArn=self.topic_arn,
-                Message=deploy.to_json(),
+                Message=body.decode(),
                 MessageAttributes={
                     name: {"DataType": "String", "StringValue": getattr(deploy, name)}
                     for name in ("stage", "role", "component")

@@ -75,6 +75,12 @@ class AgentConfig:
     deregister_on_shutdown: bool = False
     #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
     allow_http_manifests: bool = False
+    #: The trust document baked into the image: the keys that sign deploys (and trust updates).
+    #: Signed documents are verified against it whenever it is set.
+    trust_file: Path | None = None
+    #: Refuse unsigned deploy documents (needs `trust_file`). Off while a fleet migrates: agents
+    #: first verify what is signed, then publishers sign, then agents require it.
+    require_signatures: bool = False
 
     def __post_init__(self) -> None:
         self._check_names()
@@ -91,6 +97,8 @@ class AgentConfig:
             value = getattr(self, name)
             if value is not None and not pattern.match(value):
                 raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
+        if self.require_signatures and self.trust_file is None:
+            raise ConfigError("require_signatures is set but trust_file is not: nothing to verify signatures with")
         if self.lifecycle_asg_name and not self.lifecycle_hook_name:
             raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
 
@@ -198,6 +206,8 @@ _READERS: dict[str, Callable[[Any, str, str], Any]] = {
     "root_dir": _path,
     "deregister_on_shutdown": _flag,
     "allow_http_manifests": _flag,
+    "trust_file": _path,
+    "require_signatures": _flag,
 }
 
 

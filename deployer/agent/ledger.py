@@ -94,8 +94,8 @@ class Ledger:
             raise DeployerError(f"state file {self.path} is unreadable ({exc}); move it aside to start over") from None
         if doc.get("v") != STATE_VERSION:
             raise DeployerError(f"state file {self.path} has unsupported version {doc.get('v')!r}")
-        channels = {_channel(key): AppliedRecord(**record) for key, record in doc.get("channels", {}).items()}
-        seen = {_channel(key): (int(r["seq"]), str(r["deploy_id"])) for key, r in doc.get("seen", {}).items()}
+        channels = {Channel.parse(key): AppliedRecord(**record) for key, record in doc.get("channels", {}).items()}
+        seen = {Channel.parse(key): (int(r["seq"]), str(r["deploy_id"])) for key, r in doc.get("seen", {}).items()}
         deploys = {
             deploy_id: DeployRecord(
                 **{**record, "status": DeployStatus(record["status"]), "milestone": Milestone(record["milestone"])}
@@ -170,11 +170,6 @@ class Ledger:
             },
         }
         write_atomic(self.path, json.dumps(doc, indent=2, sort_keys=True).encode())
-
-
-def _channel(key: str) -> Channel:
-    stage, role, component = key.split("/")
-    return Channel(stage, role, component)
 
 
 class Start(enum.StrEnum):

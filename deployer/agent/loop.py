@@ -46,16 +46,18 @@ from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
+from deployer.agent.trust_store import NO_TRUST, TRUST_CACHE_NAME, TrustStore, load_trust_file
 from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, backoff_seconds
-from deployer.aws.s3 import read_pointer
-from deployer.protocol.deploy import Deploy, parse_deploy, unwrap_body
-from deployer.protocol.errors import Interrupted, InvalidMessage, QueueMissing
+from deployer.aws.s3 import get_document, read_pointer
+from deployer.protocol.deploy import Deploy, unwrap_body
+from deployer.protocol.errors import Interrupted, QueueMissing, RejectedInput
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.limits import QUEUE_RECREATE_DELAY_SECONDS
 from deployer.protocol.names import Channel, Owner
 from deployer.protocol.report import ComponentState, ComponentStatus
+from deployer.protocol.trust import DeployVerifier
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +77,14 @@ SKIP_EVENTS = {
     Verdict.SUPERSEDED: "message_superseded",
     Verdict.NOT_MINE: "message_not_mine",
 }
+
+
+class Trusts(Protocol):
+    """What the loop needs of `TrustStore`: how to open deploy documents now, and moving trust forward."""
+
+    def verifier(self) -> DeployVerifier: ...
+
+    def refresh(self) -> object: ...
 
 
 class Runner(Protocol):
@@ -108,6 +118,7 @@ class Agent:
         ledger: Ledger,
         pointer: Callable[[Channel], Deploy | None],
         stop: threading.Event,
+        trust: Trusts = NO_TRUST,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -116,6 +127,7 @@ class Agent:
         self.ledger = ledger
         self.pointer = pointer
         self.stop = stop
+        self.trust = trust
         #: Set when SQS said the queue is gone; `heal` clears it once queue and subscription exist again.
         self.queue_missing = False
 
@@ -188,14 +200,21 @@ class Agent:
     # -- reconcile -------------------------------------------------------------------------
 
     def reconcile(self, reason: str) -> None:
-        """Read every component's pointer (in boot order) and apply whatever we are behind on."""
+        """Take any newer trust, then read every component's pointer (in boot order) and apply
+        whatever we are behind on."""
+        self._refresh_trust()
         for channel in self.config.channels:
             if self.stop.is_set():
                 return
             try:
                 deploy = self.pointer(channel)
-            except InvalidMessage as exc:
-                log.error("pointer_invalid", channel=str(channel), error=str(exc), next="ignored until it is rewritten")
+            except RejectedInput as exc:  # malformed, or not signed as the trust requires
+                log.error(
+                    "pointer_rejected",
+                    channel=str(channel),
+                    error=str(exc),
+                    next="ignored until CI rewrites it; the running release stays",
+                )
                 continue
             except Interrupted:
                 return
@@ -219,6 +238,24 @@ class Agent:
             log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
             self.runner.apply(deploy)
 
+    def _refresh_trust(self) -> None:
+        try:
+            self.trust.refresh()
+        except Interrupted:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the trust held stays in force; retried at the next reconcile
+            log.warning(
+                "trust_refresh_failed", error=f"{type(exc).__name__}: {exc}", next="retried at the next reconcile"
+            )
+
+    def _parse(self, message: Received) -> Incoming:
+        """A message as the decision sees it: the deploy it carries, verified as the trust says, or why not."""
+        try:
+            deploy = self.trust.verifier().open(unwrap_body(message.body))
+        except RejectedInput as exc:
+            return Incoming(message.message_id, message.receipt_handle, None, str(exc))
+        return Incoming(message.message_id, message.receipt_handle, deploy)
+
     def _verdict(self, deploy: Deploy) -> Verdict:
         state = self.ledger.load()
         return decide_one(deploy, state.applied(), self.config.channels, state.seen)[0]
@@ -232,7 +269,7 @@ class Agent:
             return
         by_receipt = {m.receipt_handle: m for m in messages}
         state = self.ledger.load()
-        decisions = decide_batch([_parse(m) for m in messages], state.applied(), self.config.channels, state.seen)
+        decisions = decide_batch([self._parse(m) for m in messages], state.applied(), self.config.channels, state.seen)
         tried = candidates(decisions)
         queued = {id(d) for listed in tried.values() for d in listed}
         # Acknowledge and log everything that needs no apply first: it is cheap and final.
@@ -424,16 +461,31 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         reporter.boot_failed(f"{type(exc).__name__}: {exc}")
         raise
     reporter.write()
+    trust = trust_store(config, clients, layout, stoppable)
     runner = DeployRunner(
-        config, clients.s3, policy, ledger=ledger, reporter=reporter, instance_id=instance_id, shutdown=shutdown
+        config,
+        clients.s3,
+        policy,
+        ledger=ledger,
+        reporter=reporter,
+        instance_id=instance_id,
+        shutdown=shutdown,
+        verifier=trust.verifier,
     )
 
     def pointer(channel: Channel) -> Deploy | None:
-        found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable)
+        found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable, trust.verifier())
         return found.deploy if found else None
 
     agent = Agent(
-        config, queue=queue, runner=runner, reporter=reporter, ledger=ledger, pointer=pointer, stop=shutdown.stop
+        config,
+        queue=queue,
+        runner=runner,
+        reporter=reporter,
+        ledger=ledger,
+        pointer=pointer,
+        stop=shutdown.stop,
+        trust=trust,
     )
     agent.reconcile(reason="boot")
     if config.lifecycle_hook_name and not shutdown.stop.is_set():
@@ -446,6 +498,20 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
             stoppable,
         )
     return Booted(agent, instance_id, queue, reporter, runner)
+
+
+def trust_store(config: AgentConfig, clients: Clients, layout: Layout, policy: RetryPolicy) -> Trusts:
+    """The trust this agent verifies with: none without `trust_file`, else the baked file moved
+    forward by the signed updates in the bucket (`deployer.agent.trust_store`)."""
+    if config.trust_file is None:
+        return NO_TRUST
+
+    def fetch(version: int) -> bytes | None:
+        found = get_document(clients.s3, config.bucket, layout.trust_key(version), policy)
+        return found[0] if found else None
+
+    baked = load_trust_file(config.trust_file)
+    return TrustStore(baked, required=config.require_signatures, cache=config.state_dir / TRUST_CACHE_NAME, fetch=fetch)
 
 
 def boot_until_ready(
@@ -517,14 +583,6 @@ def _deregister(config: AgentConfig, clients: Clients, booted: Booted, policy: R
         )
     except Exception as exc:  # noqa: BLE001 - whatever is left, `deployer gc` removes after its TTL
         log.error("deregister_failed", error=str(exc), next="deployer gc removes the rest after its TTL")
-
-
-def _parse(message: Received) -> Incoming:
-    try:
-        deploy = parse_deploy(unwrap_body(message.body))
-    except InvalidMessage as exc:
-        return Incoming(message.message_id, message.receipt_handle, None, str(exc))
-    return Incoming(message.message_id, message.receipt_handle, deploy)
 
 
 def _next(interval: float, jitter: float = RECONCILE_JITTER) -> float:

@@ -9,10 +9,11 @@ means is `decide.outcome_of`; both are pure.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +29,21 @@ from deployer.apply.fetch import read_source
 from deployer.apply.lock import ApplyLock
 from deployer.aws.retry import RetryPolicy
 from deployer.aws.s3 import get_document
-from deployer.protocol.deploy import Deploy, parse_deploy
-from deployer.protocol.errors import DeployerError, HookFailed, Interrupted, InvalidMessage, Unauthentic
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import (
+    ArtifactError,
+    DeployerError,
+    HookFailed,
+    Interrupted,
+    InvalidMessage,
+    Unauthentic,
+)
 from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
+from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,6 +61,22 @@ REPORTED_STATE = {
 }
 
 
+def pin_artifact(manifest: Manifest, deploy: Deploy) -> Manifest:
+    """The manifest to apply, its artifact held to what a signed deploy pinned. Pure.
+
+    A signed deploy carries the artifact's sha256 (and size, checked while streaming), so the
+    signature covers the artifact whatever digest the manifest carries (stretcher manifests may
+    carry md5 or sha1). A manifest whose own sha256 disagrees is refused.
+    """
+    if deploy.artifact_sha256 is None or manifest.src is None:
+        return manifest
+    if manifest.checksum_algorithm == "sha256" and manifest.checksum != deploy.artifact_sha256:
+        raise ArtifactError(
+            f"manifest checksum {manifest.checksum} is not the signed artifact_sha256 {deploy.artifact_sha256}"
+        )
+    return dataclasses.replace(manifest, checksum=deploy.artifact_sha256)
+
+
 class DeployRunner:
     def __init__(
         self,
@@ -63,10 +88,13 @@ class DeployRunner:
         reporter: StatusReporter,
         instance_id: str,
         shutdown: Shutdown,
+        verifier: Callable[[], DeployVerifier] = lambda: UNVERIFIED,
     ) -> None:
         """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
-        ran out) ends the running apply's hooks, health-check waits and download retries."""
+        ran out) ends the running apply's hooks, health-check waits and download retries.
+        `verifier` opens history documents as the instance's current trust says."""
         self.config = config
+        self.verifier = verifier
         self.s3 = s3
         self.policy = policy.interruptible(shutdown.abandon)
         self.ledger = ledger
@@ -140,7 +168,7 @@ class DeployRunner:
             for seq, deploy_id in sorted(claims):
                 key = self.layout.history_key(channel, seq)
                 found = get_document(self.s3, self.config.bucket, key, self.policy)
-                if found is not None and parse_deploy(found[0]).deploy_id == deploy_id:
+                if found is not None and self._opens_as(found[0], deploy_id):
                     continue
                 self.ledger.disown(channel)
                 log.error(
@@ -203,10 +231,17 @@ class DeployRunner:
                     deploy.release_id,
                     self._hook_env(deploy),
                     on_milestone=lambda milestone: self._record_progress(deploy, milestone),
+                    artifact_size=deploy.artifact_size,
                 )
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
             return self._failed(deploy, exc, authentic=authentic)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
+
+    def _opens_as(self, raw: bytes, deploy_id: str) -> bool:
+        try:
+            return self.verifier().open(raw).deploy_id == deploy_id
+        except (InvalidMessage, Unauthentic):
+            return False
 
     def _authenticate(self, deploy: Deploy) -> None:
         key = self.layout.history_key(deploy.channel, deploy.seq)
@@ -214,7 +249,9 @@ class DeployRunner:
         if found is None:
             raise Unauthentic(f"no deploy was published as seq {deploy.seq} of {deploy.channel} (no {key})")
         try:
-            recorded = parse_deploy(found[0])
+            recorded = self.verifier().open(found[0])
+        except Unauthentic as exc:
+            raise Unauthentic(f"{key} is not signed as this instance's trust requires: {exc}") from None
         except InvalidMessage as exc:
             raise Unauthentic(
                 f"{key} is not a valid deploy document ({exc}); nothing to authenticate against"
@@ -293,7 +330,7 @@ class DeployRunner:
         digest = hashlib.sha256(data).hexdigest()
         if digest != deploy.manifest_sha256:
             raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")
-        return parse_manifest(data)
+        return pin_artifact(parse_manifest(data), deploy)
 
     def _hook_env(self, deploy: Deploy) -> dict[str, str]:
         return {

@@ -96,6 +96,7 @@ class Applier:
         #: Set when the apply is abandoned at shutdown: hooks and health-check waits end with Interrupted.
         self.interrupt = interrupt
         self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
+        self._artifact_size: int | None = None
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -107,9 +108,11 @@ class Applier:
         release_id: str,
         env: Mapping[str, str],
         on_milestone: Callable[[Milestone], object] | None = None,
+        artifact_size: int | None = None,
     ) -> ApplyResult:
         """Apply one release. `on_milestone` is told when the release went live and when its post
-        hooks finished, so a caller can record progress durably.
+        hooks finished, so a caller can record progress durably. `artifact_size` (from a signed
+        deploy) is checked against the download, like the manifest's checksum.
 
         Raises the error of the tree that says what happens next (docs/design.md, "Errors and
         what happens next"), after the failure hooks ran and the previous release was
@@ -117,6 +120,7 @@ class Applier:
         """
         deploy_log = DeployLog()
         self._on_milestone = on_milestone or (lambda _milestone: None)
+        self._artifact_size = artifact_size
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
@@ -265,6 +269,7 @@ class Applier:
                     staging,
                     hasher=manifest.new_hasher(),
                     expected_digest=manifest.checksum,
+                    expected_size=self._artifact_size,
                     limits=self.limits,
                     excludes=manifest.excludes if manifest.sync_strategy is SyncStrategy.SYMLINK else (),
                 )

@@ -81,18 +81,22 @@ def extract_verified(
     *,
     hasher: Any,
     expected_digest: str,
+    expected_size: int | None = None,
     limits: ExtractLimits = DEFAULT_LIMITS,
     excludes: tuple[str, ...] = (),
 ) -> ExtractStats:
     """Extract a tar / tar.gz / tar.bz2 / tar.xz stream into `dest` (which must exist, empty).
 
-    Raises ArtifactError on an unsafe member, a limit, a corrupt or truncated archive, or a
-    checksum mismatch; the caller removes `dest` then.
+    Raises ArtifactError on an unsafe member, a limit, a corrupt or truncated archive, a
+    checksum mismatch or (when a signed deploy pins it) a size other than `expected_size`; the
+    caller removes `dest` then.
     """
     reader = HashingReader(raw, hasher)
     with Prefetcher(reader) as prefetch:
         stats = _extract(prefetch, reader, dest, limits, excludes)
     digest = reader.hasher.hexdigest()
+    if expected_size is not None and reader.count != expected_size:
+        raise ArtifactError(f"size mismatch: the signed deploy says {expected_size} bytes, downloaded {reader.count}")
     if not hmac.compare_digest(digest, expected_digest.lower()):
         raise ArtifactError(
             f"checksum mismatch: expected {expected_digest.lower()}, downloaded {reader.count} bytes hashing to {digest}"

@@ -17,6 +17,7 @@ from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
@@ -51,6 +52,8 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("sts", "GetCallerIdentity"): ("UserId",),
     ("autoscaling", "DescribeAutoScalingInstances"): ("AutoScalingInstances",),
     ("autoscaling", "DescribeAutoScalingGroups"): ("AutoScalingGroups",),
+    ("kms", "GetPublicKey"): ("PublicKey", "KeyId"),
+    ("kms", "Sign"): ("Signature",),
 }
 #: Protocols whose successful answers are never empty (JSON at least `{}`, XML a root element).
 NON_EMPTY_PROTOCOLS = frozenset({"json", "query"})
@@ -144,3 +147,9 @@ def autoscaling_client(region: str | None = None, endpoint_url: str | None = Non
     """Built like the others; only agents with a launch hook (and `--asg` readers) need it."""
     session = boto3.session.Session(region_name=resolve_region(region))
     return _checked(session.client("autoscaling", endpoint_url=endpoint_url, config=_config()))
+
+
+def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KMSClient:
+    """Only publishers that sign with a KMS key need it (agents verify offline)."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("kms", endpoint_url=endpoint_url, config=_config()))

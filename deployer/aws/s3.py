@@ -16,10 +16,11 @@ from botocore.httpsession import URLLib3Session
 
 from deployer.aws.clients import CONNECT_TIMEOUT_SECONDS, MAX_POOL_CONNECTIONS, READ_TIMEOUT_SECONDS
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, is_transient
-from deployer.protocol.deploy import Deploy, parse_deploy
+from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import AwsError, FetchError, IncompleteAnswer, PreconditionFailed, TransientFetchError
 from deployer.protocol.layout import Layout
 from deployer.protocol.names import Channel
+from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -73,13 +74,19 @@ def head(s3: S3Client, bucket: str, key: str, policy: RetryPolicy = DEFAULT_POLI
 
 
 def read_pointer(
-    s3: S3Client, bucket: str, layout: Layout, channel: Channel, policy: RetryPolicy = DEFAULT_POLICY
+    s3: S3Client,
+    bucket: str,
+    layout: Layout,
+    channel: Channel,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    verifier: DeployVerifier = UNVERIFIED,
 ) -> Pointer | None:
+    """The channel's pointer, opened by `verifier` (an agent's checks signatures; the publisher reads its own)."""
     found = get_document(s3, bucket, layout.pointer_key(channel), policy)
     if found is None:
         return None
     body, etag = found
-    return Pointer(parse_deploy(body), etag)
+    return Pointer(verifier.open(body), etag)
 
 
 def put_conditional(

@@ -20,6 +20,7 @@ from deployer.cli.options import (
     publisher_arn_option,
     queue_prefix_option,
     quiet,
+    sign_key_option,
     store_options,
     topic_option,
     wait_options,
@@ -82,6 +83,7 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
     help="Override the template's strategy [default: symlink].",
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
+@sign_key_option("Sign the deploy (history, pointer and message become a signed envelope).")
 @wait_options
 @quiet
 def publish(
@@ -93,6 +95,7 @@ def publish(
     dest: str | None,
     sync_strategy: str | None,
     release_id: str | None,
+    sign_keys: tuple[str, ...],
     wait: WaitOptions | None,
 ) -> None:
     """Upload a release, move the channel pointer and notify the fleet.
@@ -112,7 +115,7 @@ def publish(
     if dest:
         template = dataclasses.replace(template, dest=dest)
     members = group_members(store, wait)
-    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
+    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
         if artifact.is_dir():
             artifact = pack_directory(artifact, Path(tmp) / "artifact.tar.gz")
@@ -130,9 +133,17 @@ def publish(
 @topic_option()
 @channel_options
 @click.option("--to", "to_release", help="Release id to go back to [default: the previous release].")
+@sign_key_option("Sign the rollback's deploy.")
 @wait_options
 @quiet
-def rollback(store: Store, topic_arn: str, channel: Channel, to_release: str | None, wait: WaitOptions | None) -> None:
+def rollback(
+    store: Store,
+    topic_arn: str,
+    channel: Channel,
+    to_release: str | None,
+    sign_keys: tuple[str, ...],
+    wait: WaitOptions | None,
+) -> None:
     """Publish the previous (or --to) release as a new seq; instances re-activate it without downloading.
 
     "Previous" is the release of the highest history seq below the current one whose release id
@@ -142,7 +153,7 @@ def rollback(store: Store, topic_arn: str, channel: Channel, to_release: str | N
     from publisher.rollback import rollback as do_rollback
 
     members = group_members(store, wait)
-    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout)
+    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
     result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin())
     deploy = result.deploy
     click.echo(

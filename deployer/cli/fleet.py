@@ -108,13 +108,24 @@ def gc(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: boo
 @click.option("--lifecycle", is_flag=True, help="Instance: allow completing launch hooks (of --asg, else any group).")
 @click.option("--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status).")
 @publisher_arn_option
+@click.option(
+    "--sign-key",
+    "sign_keys",
+    multiple=True,
+    metavar="kms:KEY",
+    help="CI: allow kms:Sign with this release key (its id or ARN); repeatable.",
+)
 def iam_policy(
-    audience: str, asg_name: str | None, publisher_arns: tuple[str, ...], **scope: str | bool | None
+    audience: str,
+    asg_name: str | None,
+    publisher_arns: tuple[str, ...],
+    sign_keys: tuple[str, ...],
+    **scope: str | bool | None,
 ) -> None:
     """Print a least-privilege IAM policy (JSON): for CI, the instances or gc, or the bucket's or topic's policy."""
     from publisher.iam import Audience, Scope, policy_for, render
 
-    chosen = Scope(asg_name=asg_name, publishers=publisher_arns, **scope)  # type: ignore[arg-type]
+    chosen = Scope(asg_name=asg_name, publishers=publisher_arns, sign_keys=sign_keys, **scope)  # type: ignore[arg-type]
     click.echo(render(policy_for(Audience(audience), chosen)))
 
 

@@ -27,6 +27,7 @@ from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
     from deployer.aws.clients import Clients
+    from publisher.signing import Signer
 
 Command = Callable[..., Any]
 
@@ -62,6 +63,12 @@ class Store:
     @cached_property
     def clients(self) -> Clients:
         return self.aws.clients()
+
+    def signers(self, specs: tuple[str, ...]) -> list[Signer]:
+        """`--sign-key` values as signers (a KMS key is asked for its public half at once)."""
+        from publisher.signing import signer_from_spec
+
+        return [signer_from_spec(spec, self.aws.region, self.aws.endpoint_url) for spec in specs]
 
 
 def _apply(func: Command, options: list[Callable[[Command], Command]]) -> Command:
@@ -106,6 +113,21 @@ publisher_arn_option = click.option(
     multiple=True,
     help="An IAM role or user ARN allowed to publish deploys (repeatable); none: the account's IAM decides.",
 )
+
+
+#: Where `--sign-key` is read from when not given.
+SIGN_KEY_ENV = "DEPLOYER_SIGN_KEY"
+
+
+def sign_key_option(help: str) -> Callable[[Command], Command]:
+    return click.option(
+        "--sign-key",
+        "sign_keys",
+        multiple=True,
+        envvar=SIGN_KEY_ENV,
+        metavar="kms:KEY|file:PATH",
+        help=help + f" Repeatable, for a threshold of signers [env {SIGN_KEY_ENV}].",
+    )
 
 
 def aws_options(func: Command) -> Command:

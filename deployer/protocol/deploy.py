@@ -42,7 +42,10 @@ _REQUIRED = (
     "manifest_sha256",
     "published_at",
 )
-_OPTIONAL = ("origin",)
+#: `artifact_sha256` / `artifact_size` are written by publishers that sign (agents older than
+#: signing refuse unknown keys, so unsigned documents stay as they were): the signature then
+#: covers the artifact itself, checked while it streams, whatever digest the manifest carries.
+_OPTIONAL = ("origin", "artifact_sha256", "artifact_size")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Deploy:
     manifest_sha256: str
     published_at: str
     origin: dict[str, str] = field(default_factory=dict)
+    artifact_sha256: str | None = None
+    artifact_size: int | None = None
 
     @property
     def channel(self) -> Channel:
@@ -79,6 +84,9 @@ class Deploy:
         }
         if self.origin:
             doc["origin"] = dict(self.origin)
+        if self.artifact_sha256 is not None:
+            doc["artifact_sha256"] = self.artifact_sha256
+            doc["artifact_size"] = self.artifact_size
         return doc
 
     def to_json(self) -> str:
@@ -126,6 +134,7 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         raise InvalidMessage(f"published_at must be an ISO 8601 UTC timestamp, got {published_at!r}")
     origin = doc.get("origin", {})
     _check_origin(origin)
+    _check_artifact(doc)
 
     return Deploy(
         deploy_id=doc["deploy_id"],
@@ -138,6 +147,8 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         manifest_sha256=doc["manifest_sha256"],
         published_at=published_at,
         origin=dict(origin),
+        artifact_sha256=doc.get("artifact_sha256"),
+        artifact_size=doc.get("artifact_size"),
     )
 
 
@@ -145,6 +156,16 @@ def _check_pattern(doc: dict[str, Any], key: str, pattern: re.Pattern[str]) -> N
     value = doc[key]
     if not isinstance(value, str) or not pattern.match(value):
         raise InvalidMessage(f"{key} {value!r} does not match {pattern.pattern}")
+
+
+def _check_artifact(doc: dict[str, Any]) -> None:
+    artifact_sha256, artifact_size = doc.get("artifact_sha256"), doc.get("artifact_size")
+    if (artifact_sha256 is None) != (artifact_size is None):
+        raise InvalidMessage("artifact_sha256 and artifact_size come together or not at all")
+    if artifact_sha256 is not None:
+        _check_pattern(doc, "artifact_sha256", SHA256_PATTERN)
+        if not isinstance(artifact_size, int) or isinstance(artifact_size, bool) or artifact_size < 0:
+            raise InvalidMessage(f"artifact_size must be a byte count, got {artifact_size!r}")
 
 
 def _check_origin(origin: Any) -> None:

@@ -45,6 +45,11 @@ class Unauthentic(RejectedInput):
     """Raised when a deploy is not, byte for byte, what CI wrote to its channel's history: forged or replayed."""
 
 
+class InvalidTrust(RejectedInput):
+    """Raised when a trust document is malformed, or a trust update is not signed by the keys of
+    the version already held: it is refused, and the trust held stays in force."""
+
+
 class InvalidReport(DeployerError):
     """Raised when a status report is not a valid report document (readers show it as unreadable)."""
 

@@ -6,10 +6,11 @@
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
+<prefix>/trust/<version>.json                                 signed trust updates (immutable)
 ```
 
 `deployer iam-policy` scopes its statements with the same segments (`RELEASES`, `CHANNELS`,
-`STATUS`), so a policy can never drift from the keys the code writes.
+`STATUS`, `TRUST`), so a policy can never drift from the keys the code writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RELEASES = "releases"
 CHANNELS = "channels"
 HISTORY = "history"
 STATUS = "status"
+TRUST = "trust"
 REPORT_SUFFIX = ".json"
 
 
@@ -81,6 +83,10 @@ class Layout:
 
     def history_prefix(self, channel: Channel) -> str:
         return f"{self.channel_dir(channel)}/{HISTORY}/"
+
+    def trust_key(self, version: int) -> str:
+        """A signed trust update; zero-padded so a listing is in version order."""
+        return self.key(TRUST, f"{version:010d}.json")
 
     def status_prefix(self, stage: str | None = None, role: str | None = None) -> str:
         """Every report, one stage's, or one stage/role's (a role without a stage is ignored)."""

@@ -54,6 +54,17 @@ class Channel:
     def __str__(self) -> str:
         return f"{self.stage}/{self.role}/{self.component}"
 
+    @classmethod
+    def parse(cls, text: str) -> Channel:
+        """`stage/role/component` (what `str` writes) as a Channel; ValueError naming what is wrong."""
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise ValueError(f"{text!r} is not stage/role/component")
+        for kind, value in zip(("stage", "role", "component"), parts, strict=True):
+            if not NAME_PATTERN.match(value):
+                raise ValueError(f"{kind} {value!r} of {text!r} is not a valid name")
+        return cls(*parts)
+
 
 def check_name(kind: str, value: str) -> str:
     """Validate a stage/role/component name outside a document (config, CLI flags)."""

@@ -18,6 +18,7 @@ from parliament import analyze_policy_string
 from deployer.agent.config import AgentConfig
 from deployer.agent.queue import SqsQueue
 from deployer.cli import main
+from deployer.protocol.errors import ConfigError
 from deployer.protocol.names import OWNER_TAG, queue_name
 from publisher.iam import USERID, Audience, Scope, policy_for
 from tests.support import BUCKET, FAST_POLICY, Fleet
@@ -34,6 +35,7 @@ SCOPES = [
     Scope(bucket="b", topic_arn=TOPIC, stage="prod", role="web", prefix="team/deployer", queue_prefix="dep"),
     Scope(bucket="b", topic_arn=TOPIC, stage="prod", role="web", deregister=True, asg_name="web-asg"),
     Scope(bucket="b", topic_arn=TOPIC, lifecycle=True, publishers=(CI_ROLE,)),
+    Scope(bucket="b", topic_arn=TOPIC, sign_keys=("kms:1234abcd-12ab-34cd-56ef-1234567890ab",)),
 ]
 
 
@@ -108,7 +110,8 @@ def test_an_instance_cannot_reattribute_a_subscription_send_to_others_or_list_st
     [subscribe] = [s for s in policy["Statement"] if "sns:Subscribe" in s["Action"]]
     assert subscribe["Condition"]["StringEquals"] == {"sns:Protocol": "sqs"}
     [listing] = [s for s in policy["Statement"] if "s3:ListBucket" in s["Action"]]
-    assert all("/channels/" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
+    assert all("/channels/" in p or "/trust/" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
+    assert not any("/status" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
 
 
 @pytest.mark.parametrize(("mine", "theirs"), [("web", "web-admin"), ("web-admin", "web"), ("web", "web_1")])
@@ -140,7 +143,20 @@ def test_the_bucket_policy_refuses_unconditional_release_history_and_pointer_wri
         "arn:aws:s3:::b/deployer/releases/*": {"s3:if-none-match": "true"},
         "arn:aws:s3:::b/deployer/channels/*/history/*": {"s3:if-none-match": "true"},
         "arn:aws:s3:::b/deployer/channels/*/latest.json": {"s3:if-match": "true", "s3:if-none-match": "true"},
+        "arn:aws:s3:::b/deployer/trust/*": {"s3:if-match": "true", "s3:if-none-match": "true"},
     }
+
+
+def test_ci_may_sign_with_its_release_keys_only_and_instances_need_no_kms_at_all() -> None:
+    other = "arn:aws:kms:eu-west-1:123456789012:key/0000abcd-12ab-34cd-56ef-1234567890ab"
+    keys = ("kms:1234abcd-12ab-34cd-56ef-1234567890ab", f"kms:{other}", "file:/ci/key.pem")
+    policy = policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, sign_keys=keys))
+    [signing] = [s for s in policy["Statement"] if "kms:Sign" in s["Action"]]
+    assert signing["Resource"] == ["arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab", other]
+    with pytest.raises(ConfigError, match="not an alias"):
+        policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, sign_keys=("kms:alias/release",)))
+    for scope in SCOPES:
+        assert not [a for a in actions(policy_for(Audience.INSTANCE, scope)) if a.startswith("kms:")]
 
 
 def test_the_topic_policy_admits_only_ci_publishers_and_deployer_queues() -> None:

@@ -1,0 +1,195 @@
+"""Commands for the keys that sign deploys: `deployer keygen` and `deployer trust new|show|sign-update`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deployer.cli.options import Store, quiet, sign_key_option, store_options
+from deployer.protocol.errors import ConfigError
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the private key (PEM).")
+def keygen(out: Path) -> None:
+    """Write a new Ed25519 signing key (mode 0600, never overwriting) and print its key id and public key.
+
+    Use it as `--sign-key file:<path>`; put its public key in a trust document (`deployer trust new`).
+    """
+    import base64
+
+    from publisher.signing import keygen as make_key
+
+    key = make_key(out)
+    click.echo(f"wrote {out}")
+    click.echo(f"key id:     {key.keyid}")
+    click.echo(f"scheme:     {key.scheme}")
+    click.echo(f"public key: {base64.b64encode(key.der).decode()}")
+
+
+@click.group()
+def trust() -> None:
+    """Trust documents: which keys instances believe (baked into the image, updated by signed versions)."""
+
+
+@trust.command("new")
+@click.option(
+    "--deploy-key",
+    "deploy_keys",
+    multiple=True,
+    required=True,
+    help="A key that signs deploys (kms:… or file:…); repeatable.",
+)
+@click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    help="A key that signs trust updates [default: the deploy keys]; repeatable.",
+)
+@click.option(
+    "--threshold", default=1, show_default=True, type=click.IntRange(min=1), help="Signatures a deploy needs."
+)
+@click.option(
+    "--trust-threshold",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Signatures a trust update needs.",
+)
+@click.option(
+    "--version", "version", default=1, show_default=True, type=click.IntRange(min=1), help="This document's version."
+)
+@click.option(
+    "--floor", "floors", multiple=True, metavar="STAGE/ROLE/COMPONENT=SEQ", help="A channel's minimum seq; repeatable."
+)
+@click.option("--region", envvar=["AWS_REGION", "AWS_DEFAULT_REGION"], help="AWS region (for kms: keys).")
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="AWS endpoint (for kms: keys).")
+def trust_new(
+    deploy_keys: tuple[str, ...],
+    trust_keys: tuple[str, ...],
+    threshold: int,
+    trust_threshold: int,
+    version: int,
+    floors: tuple[str, ...],
+    region: str | None,
+    endpoint_url: str | None,
+) -> None:
+    """Print a trust document naming these keys' public halves (bake version 1 into the image)."""
+    from deployer.protocol.names import Channel
+    from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, Role, Trust, parse_trust
+    from publisher.signing import public_key, signer_from_spec
+
+    deployers = [public_key(signer_from_spec(spec, region, endpoint_url)) for spec in deploy_keys]
+    trusters = [public_key(signer_from_spec(spec, region, endpoint_url)) for spec in trust_keys] or deployers
+    seqs = {}
+    for floor in floors:
+        name, _, seq = floor.partition("=")
+        try:
+            seqs[Channel.parse(name)] = int(seq)
+        except ValueError as exc:
+            raise ConfigError(f"--floor {floor!r} must be stage/role/component=seq: {exc}") from None
+    document = Trust(
+        version=version,
+        keys={k.keyid: k for k in [*deployers, *trusters]},
+        roles={
+            DEPLOY_ROLE: Role(frozenset(k.keyid for k in deployers), threshold),
+            TRUST_ROLE: Role(frozenset(k.keyid for k in trusters), trust_threshold),
+        },
+        floors=seqs,
+    )
+    click.echo(parse_trust(document.to_json()).to_json())  # what an agent will parse, checked now
+
+
+@trust.command("show")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Agent config YAML.")
+@click.option("--json", "as_json", is_flag=True, help="The trust document itself.")
+def trust_show(config_path: Path, as_json: bool) -> None:
+    """What this instance trusts now: the baked trust file, or a newer signed version it accepted."""
+    from deployer.agent.config import load_config
+    from deployer.agent.trust_store import TRUST_CACHE_NAME, TrustStore, load_trust_file
+
+    config = load_config(config_path)
+    if config.trust_file is None:
+        click.echo("no trust_file configured: signed deploys are opened unverified, unsigned ones accepted")
+        return
+    baked = load_trust_file(config.trust_file)
+    store = TrustStore(
+        baked, required=config.require_signatures, cache=config.state_dir / TRUST_CACHE_NAME, fetch=lambda _v: None
+    )
+    current = store.current
+    assert current is not None
+    if as_json:
+        click.echo(current.to_json())
+        return
+    source = (
+        str(config.trust_file)
+        if current is baked
+        else f"{config.state_dir / TRUST_CACHE_NAME} (updated from the bucket)"
+    )
+    click.echo(
+        f"trust version {current.version} from {source}; signatures {'required' if config.require_signatures else 'verified when present'}"
+    )
+    for name, role in sorted(current.roles.items()):
+        click.echo(f"  {name}: {role.threshold} of {len(role.keyids)} key(s)")
+        for keyid in sorted(role.keyids):
+            click.echo(f"    {keyid}  {current.keys[keyid].scheme}")
+    for channel, seq in sorted(current.floors.items(), key=lambda item: str(item[0])):
+        click.echo(f"  floor {channel}: seq {seq}")
+
+
+@trust.command("sign-update")
+@store_options
+@click.option(
+    "--trust-doc",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The new trust document (JSON).",
+)
+@sign_key_option("Sign with this key of the CURRENT trust's trust role.")
+@quiet
+def trust_sign_update(store: Store, trust_doc: Path, sign_keys: tuple[str, ...]) -> None:
+    """Sign a trust version and store it in the bucket as `trust/<version>.json`.
+
+    A version's document never changes once stored; signing it again adds signatures (for a
+    threshold above one, each key holder runs this with their own key). Instances take it at
+    their next reconcile if, and only if, enough of the trust keys of the version they hold
+    signed it and it is exactly the next version.
+    """
+    from deployer.aws.s3 import get_document, put_conditional
+    from deployer.protocol.envelope import TRUST_PAYLOAD_TYPE, parse_envelope
+    from deployer.protocol.errors import PreconditionFailed
+    from deployer.protocol.trust import parse_trust
+    from publisher.signing import sign
+
+    if not sign_keys:
+        raise ConfigError("--sign-key is required: a trust update is only taken when signed")
+    payload = trust_doc.read_bytes()
+    document = parse_trust(payload)
+    key = store.layout.trust_key(document.version)
+    while True:
+        found = get_document(store.clients.s3, store.bucket, key)
+        envelope = sign(payload, TRUST_PAYLOAD_TYPE, store.signers(sign_keys))
+        if found is not None:
+            stored = parse_envelope(found[0])
+            if stored.payload != payload:
+                raise ConfigError(
+                    f"trust version {document.version} is already stored with another document (s3://{store.bucket}/{key})"
+                )
+            for signature in envelope.signatures:
+                stored = stored.with_signature(signature)
+            envelope = stored
+        try:
+            put_conditional(
+                store.clients.s3, store.bucket, key, envelope.to_json().encode(), if_match=found[1] if found else None
+            )
+            break
+        except PreconditionFailed:
+            continue  # another key holder signed at the same moment: merge with theirs
+    click.echo(
+        f"stored trust version {document.version} as s3://{store.bucket}/{key}, "
+        f"now signed by {len(envelope.signatures)} key(s)"
+    )
+
+
+COMMANDS = (keygen, trust)

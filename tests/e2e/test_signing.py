@@ -1,0 +1,231 @@
+"""Signed deploys against the emulator with real agent subprocesses: an instance applies only what
+the trusted keys signed, and every forged, tampered or replayed document changes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE, TRUST_PAYLOAD_TYPE, Envelope, parse_envelope
+from deployer.protocol.names import Channel
+from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, Role, Trust
+from publisher.publish import Publisher
+from publisher.signing import FileSigner, keygen, public_key, sign
+from tests.awsproxy import aws_proxy
+from tests.support import REGION, AgentProcess, Fleet, artifact, cli, publish_args, publish_on, wait_until
+
+API = Channel("prod", "web", "api")
+
+
+def make_key(tmp_path: Path, name: str) -> FileSigner:
+    path = tmp_path / f"{name}.pem"
+    keygen(path)
+    return FileSigner(path)
+
+
+def trust_of(*signers: FileSigner, version: int = 1, floors: dict[Channel, int] | None = None) -> Trust:
+    keys = {public_key(s).keyid: public_key(s) for s in signers}
+    role = Role(frozenset(keys), 1)
+    return Trust(version, keys, {DEPLOY_ROLE: role, TRUST_ROLE: role}, floors or {})
+
+
+def write_trust(path: Path, trust: Trust) -> Path:
+    path.write_text(trust.to_json())
+    return path
+
+
+def signed_publisher(fleet: Fleet, *signers: FileSigner) -> Publisher:
+    return Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout, signers=signers)
+
+
+def envelope_at(fleet: Fleet, key: str) -> Envelope:
+    body = fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=key)["Body"].read()
+    return parse_envelope(body)
+
+
+def send(fleet: Fleet, agent: AgentProcess, body: str) -> None:
+    fleet.clients.sqs.send_message(QueueUrl=agent.queue_url(), MessageBody=body)
+
+
+def applied_state(agent: AgentProcess) -> tuple[str, str]:
+    current = agent.root / "opt" / "api" / "current"
+    return str(current.resolve()), (agent.home / "state" / "state.json").read_text()
+
+
+@pytest.fixture
+def release_key(tmp_path: Path) -> FileSigner:
+    return make_key(tmp_path, "release")
+
+
+def test_a_signed_deploy_is_verified_and_applied_where_signatures_are_required(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    trust = write_trust(tmp_path / "trust.json", trust_of(release_key))
+    agent = start_agent(trust_file=str(trust), require_signatures=True)
+    deploy = publish_on(signed_publisher(fleet, release_key), API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    wait_until(lambda: agent.on_seq(deploy.seq), "the signed deploy to be applied")
+    assert agent.served() == "v1"
+    pointer = envelope_at(fleet, fleet.layout.pointer_key(API))
+    assert pointer.payload_type == DEPLOY_PAYLOAD_TYPE
+    assert [s.keyid for s in pointer.signatures] == [release_key.keyid]
+    signed = json.loads(pointer.payload)
+    assert signed["artifact_sha256"] == deploy.artifact_sha256
+    assert signed["artifact_size"] == (tmp_path / "v1.tar.gz").stat().st_size
+    shown = cli("trust", "show", "--config", str(agent.config_path))
+    assert "trust version 1" in shown.stdout, shown.stdout
+    assert "signatures required" in shown.stdout
+    assert release_key.keyid in shown.stdout
+
+
+def last_rejection(agent: AgentProcess) -> str:
+    report = agent.status()
+    return report.last_rejection.reason if report and report.last_rejection else ""
+
+
+def tampered(envelope: Envelope, **changes: Any) -> Envelope:
+    """The envelope with its payload edited, its signatures kept (what an attacker without the key can do)."""
+    doc = json.loads(envelope.payload)
+    doc.update(changes)
+    return Envelope(json.dumps(doc).encode(), envelope.payload_type, envelope.signatures)
+
+
+def test_every_forged_tampered_or_replayed_document_changes_nothing_but_last_rejection(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    intruder = make_key(tmp_path, "intruder")
+    trust = write_trust(tmp_path / "trust.json", trust_of(release_key, floors={API: 2}))
+    agent = start_agent(trust_file=str(trust), require_signatures=True)
+    publisher = signed_publisher(fleet, release_key)
+    below_floor = publish_on(publisher, API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    wait_until(lambda: bool(agent.events("message_rejected")), "seq 1 (below the floor) to be rejected")
+    assert "below the floor 2" in agent.events("message_rejected")[0]["reason"]
+    good = publish_on(publisher, API, artifact(tmp_path, "v2", "v2"), "rel-2")
+    wait_until(lambda: agent.on_seq(good.seq), "seq 2 to be applied")
+    assert below_floor.seq == 1
+    before = applied_state(agent)
+    signed = envelope_at(fleet, fleet.layout.history_key(API, good.seq))
+    other = replace(good, component="worker", seq=9, deploy_id="other-channel")
+    payload = good.to_json().encode()
+    rejected = {
+        "tampered payload": (tampered(signed, release_id="evil"), "0 valid signature(s)"),
+        "tampered signature": (
+            Envelope(
+                signed.payload, signed.payload_type, tuple(replace(s, sig=s.sig[::-1]) for s in signed.signatures)
+            ),
+            "0 valid signature(s)",
+        ),
+        "wrong payload type": (
+            sign(payload, TRUST_PAYLOAD_TYPE, [release_key]),
+            "is not 'application/vnd.deployer.deploy+json'",
+        ),
+        "unknown key": (
+            sign(payload, DEPLOY_PAYLOAD_TYPE, [intruder]),
+            f"not trusted to sign this: {intruder.keyid[:12]}",
+        ),
+        "unsigned": (None, "unsigned deploy document"),
+        "new seq not in history": (
+            sign(replace(good, seq=3, deploy_id="made-up").to_json().encode(), DEPLOY_PAYLOAD_TYPE, [release_key]),
+            "no deploy was published as seq 3",
+        ),
+    }
+    for case, (envelope, reason) in rejected.items():
+        send(fleet, agent, envelope.to_json() if envelope else good.to_json())
+        wait_until(lambda why=reason: why in last_rejection(agent), case)  # type: ignore[misc]
+        assert applied_state(agent) == before, case
+        assert agent.component().seq == good.seq
+    # Not rejections: a valid document for another channel is not this instance's; a replay is old news.
+    for body, event in (
+        (sign(other.to_json().encode(), DEPLOY_PAYLOAD_TYPE, [release_key]).to_json(), "message_not_mine"),
+        (signed.to_json(), "message_duplicate"),
+    ):
+        count = len(agent.events(event))
+        send(fleet, agent, body)
+        wait_until(lambda e=event, c=count: len(agent.events(e)) > c, event)  # type: ignore[misc]
+        assert applied_state(agent) == before
+    assert agent.alive()
+
+
+def test_a_manifest_or_artifact_swapped_under_a_valid_signature_is_rejected(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    trust = write_trust(tmp_path / "trust.json", trust_of(release_key))
+    agent = start_agent(trust_file=str(trust), require_signatures=True)
+    publisher = signed_publisher(fleet, release_key)
+    first = publish_on(publisher, API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    wait_until(lambda: agent.on_seq(first.seq), "the first release")
+    agent.stop()
+    s3 = fleet.clients.s3
+    manifest = publish_on(publisher, API, artifact(tmp_path, "v2", "v2"), "rel-2")
+    # Someone who can write releases/ but does not hold the key swaps what the deploy points at.
+    s3.put_object(Bucket=fleet.bucket, Key=manifest.manifest_key, Body=b"dest: /opt/api/current\n")
+    agent.start()
+    wait_until(lambda: agent.component().state.value == "rejected", "the swapped manifest to be rejected")
+    assert "manifest sha256" in (agent.component().error or "")
+    assert agent.served() == "v1"
+    swapped = publish_on(publisher, API, artifact(tmp_path, "v3", "v3"), "rel-3")
+    artifact_key = fleet.layout.artifact_key("api", swapped.release_id)
+    s3.put_object(Bucket=fleet.bucket, Key=artifact_key, Body=(tmp_path / "v1.tar.gz").read_bytes())
+    wait_until(
+        lambda: agent.component().seq == swapped.seq and agent.component().state.value == "rejected",
+        "the swapped artifact",
+    )
+    assert "mismatch" in (agent.component().error or "")  # its size or its sha256, whichever the swap broke
+    assert agent.served() == "v1"
+
+
+def test_a_kms_signed_deploy_is_verified_offline_by_an_agent_that_never_calls_kms(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    kms = boto3.client("kms", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    key = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    made = cli("trust", "new", "--deploy-key", f"kms:{key}")
+    assert made.returncode == 0, made.stderr
+    trust = tmp_path / "trust.json"
+    trust.write_text(made.stdout)
+    with aws_proxy(fleet.endpoint_url) as proxy:
+        agent = start_agent(trust_file=str(trust), require_signatures=True, endpoint_url=proxy.url)
+        published = cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--sign-key", f"kms:{key}"))
+        assert published.returncode == 0, published.stderr
+        wait_until(lambda: agent.on_seq(1), "the KMS-signed deploy to be applied")
+        assert proxy.count("kms") == 0
+    pointer = envelope_at(fleet, fleet.layout.pointer_key(API))
+    assert [s.keyid for s in pointer.signatures] == [json.loads(made.stdout)["roles"]["deploy"]["keyids"][0]]
+
+
+def test_trust_rotates_only_through_versions_the_held_trust_keys_signed(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    new_key = make_key(tmp_path, "new")
+    baked = write_trust(tmp_path / "trust-v1.json", trust_of(release_key))
+    agent = start_agent(trust_file=str(baked), require_signatures=True, reconcile_interval_seconds=1)
+    v2 = write_trust(tmp_path / "trust-v2.json", trust_of(new_key, version=2))
+
+    def sign_update(key: Path) -> None:
+        stored = cli(
+            "trust", "sign-update", "--bucket", fleet.bucket, "--trust-doc", str(v2), "--sign-key", f"file:{key}"
+        )
+        assert stored.returncode == 0, stored.stderr
+
+    sign_update(tmp_path / "new.pem")  # signed only by the key it introduces: refused
+    wait_until(lambda: bool(agent.events("trust_update_refused")), "the self-signed update to be refused")
+    assert "not trusted to sign this" in agent.events("trust_update_refused")[0]["error"]
+    early = publish_on(signed_publisher(fleet, new_key), API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    wait_until(lambda: "0 valid signature(s)" in last_rejection(agent), "the new key's deploy to be refused")
+    sign_update(tmp_path / "release.pem")  # the held trust key co-signs: taken at the next reconcile
+    wait_until(lambda: bool(agent.events("trust_updated")), "trust version 2 to be taken")
+    later = publish_on(signed_publisher(fleet, new_key), API, artifact(tmp_path, "v2", "v2"), "rel-2")
+    wait_until(lambda: agent.on_seq(later.seq), "the new key's deploy to be applied")
+    shown = cli("trust", "show", "--config", str(agent.config_path), "--json")
+    assert json.loads(shown.stdout)["version"] == 2
+    refusals = len(agent.events("message_rejected"))
+    publish_on(signed_publisher(fleet, release_key), API, artifact(tmp_path, "v3", "v3"), "rel-3")
+    wait_until(lambda: len(agent.events("message_rejected")) > refusals, "the retired key's deploy to be refused")
+    assert "deploy key(s) of trust version 2" in agent.events("message_rejected")[-1]["reason"]
+    assert agent.served() == "v2"
+    assert early.seq == 1
