@@ -21,6 +21,9 @@ locals {
   # harmless file instead, and provision.sh installs the version from the package index.
   upload    = local.is_wheel ? var.agent : "${path.root}/../scripts/config/agent.yml.example"
   agent_arg = local.is_wheel ? "--wheel /tmp/deployer-agent/${basename(var.agent)}" : "--version ${var.agent}"
+  # The same trick for the trust file: always upload something, pass --trust only for a real one.
+  trust_upload = var.trust_file != "" ? var.trust_file : "${path.root}/../scripts/config/agent.yml.example"
+  trust_arg    = var.trust_file != "" ? "--trust /tmp/deployer-trust/trust.json" : ""
 }
 
 source "amazon-ebs" "base" {
@@ -52,7 +55,7 @@ build {
   sources = ["source.amazon-ebs.base"]
 
   provisioner "shell" {
-    inline = ["mkdir -p /tmp/deployer-scripts /tmp/deployer-agent"]
+    inline = ["mkdir -p /tmp/deployer-scripts /tmp/deployer-agent /tmp/deployer-trust"]
   }
 
   provisioner "file" {
@@ -65,12 +68,17 @@ build {
     destination = "/tmp/deployer-agent/"
   }
 
+  provisioner "file" {
+    source      = local.trust_upload
+    destination = "/tmp/deployer-trust/trust.json"
+  }
+
   provisioner "shell" {
     # Wait for cloud-init on the builder: it may still hold the package manager's lock.
     inline = [
       "cloud-init status --wait >/dev/null || true",
-      "sudo bash /tmp/deployer-scripts/provision.sh ${local.agent_arg}",
-      "sudo rm -rf /tmp/deployer-scripts /tmp/deployer-agent",
+      "sudo bash /tmp/deployer-scripts/provision.sh ${local.agent_arg} ${local.trust_arg}",
+      "sudo rm -rf /tmp/deployer-scripts /tmp/deployer-agent /tmp/deployer-trust",
       # The AMI must boot like a new machine: cloud-init runs again and no state is carried.
       "sudo cloud-init clean --logs",
     ]

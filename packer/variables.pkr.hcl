@@ -67,3 +67,9 @@ variable "tags" {
   default     = {}
   description = "Extra tags for the AMI and its snapshots."
 }
+
+variable "trust_file" {
+  type        = string
+  default     = ""
+  description = "A trust document (`deployer trust new`) to bake in as /etc/deployer/trust.json: the keys whose signatures the fleet believes. Empty: no trust file."
+}

@@ -3,8 +3,11 @@
 # own venv, a config skeleton and the systemd units, enabled. The image carries the agent,
 # never the application: instances converge by boot replay.
 #
-#   provision.sh --wheel DIR_OR_FILE [--root DIR] [--python PYTHON] [--wheelhouse DIR]
+#   provision.sh --wheel DIR_OR_FILE [--root DIR] [--python PYTHON] [--wheelhouse DIR] [--trust FILE]
 #   provision.sh --version 0.1.0 ...        # from the package index instead of a wheel
+#
+# --trust installs a trust document (`deployer trust new`) as /etc/deployer/trust.json: the
+# keys whose signatures the fleet believes, the floor of every later signed trust update.
 #
 # --root / (the default, an AMI build) also installs Python with the distro's package manager
 # and creates the system user. Any other root is a prefix (tests, CI): the script uses the
@@ -19,6 +22,7 @@ wheel=""
 version=""
 wheelhouse=""
 python=""
+trust=""
 user=deployer
 
 usage() {
@@ -33,6 +37,7 @@ while [ $# -gt 0 ]; do
     --version) version=$2; shift 2 ;;
     --wheelhouse) wheelhouse=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
+    --trust) trust=$2; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "provision: unknown argument $1" >&2; usage ;;
   esac
@@ -162,5 +167,10 @@ install_agent
 install_file "$here/deployer-prepare-dirs" "$opt/bin/deployer-prepare-dirs" 0755
 install_file "$here/deployer-config-from-tags" "$opt/bin/deployer-config-from-tags" 0755
 install_file "$here/config/agent.yml.example" "$prefix/etc/deployer/agent.yml.example" 0644
+if [ -n "$trust" ]; then
+  # Checked with the agent's own parser before it goes into the image.
+  "$venv/bin/deployer" trust check "$trust"
+  install_file "$trust" "$prefix/etc/deployer/trust.json" 0644
+fi
 enable_units
 say "done: $("$venv/bin/deployer" --version) in $venv"

@@ -9,8 +9,6 @@ means is `decide.outcome_of`; both are pure.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,13 +23,12 @@ from deployer.agent.ledger import DeployStatus, Ledger, Start, plan_start
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
 from deployer.apply.engine import Applier, Milestone, is_active
-from deployer.apply.fetch import read_source
+from deployer.apply.fetch import fetch_release_manifest
 from deployer.apply.lock import ApplyLock
 from deployer.aws.retry import RetryPolicy
 from deployer.aws.s3 import get_document
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import (
-    ArtifactError,
     DeployerError,
     HookFailed,
     Interrupted,
@@ -39,8 +36,7 @@ from deployer.protocol.errors import (
     Unauthentic,
 )
 from deployer.protocol.layout import Layout
-from deployer.protocol.limits import MAX_MANIFEST_BYTES
-from deployer.protocol.manifest import Manifest, parse_manifest
+from deployer.protocol.manifest import Manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
@@ -59,22 +55,6 @@ REPORTED_STATE = {
     Outcome.UNAVAILABLE: ComponentState.FAILED,
     Outcome.REJECTED: ComponentState.REJECTED,
 }
-
-
-def pin_artifact(manifest: Manifest, deploy: Deploy) -> Manifest:
-    """The manifest to apply, its artifact held to what a signed deploy pinned. Pure.
-
-    A signed deploy carries the artifact's sha256 (and size, checked while streaming), so the
-    signature covers the artifact whatever digest the manifest carries (stretcher manifests may
-    carry md5 or sha1). A manifest whose own sha256 disagrees is refused.
-    """
-    if deploy.artifact_sha256 is None or manifest.src is None:
-        return manifest
-    if manifest.checksum_algorithm == "sha256" and manifest.checksum != deploy.artifact_sha256:
-        raise ArtifactError(
-            f"manifest checksum {manifest.checksum} is not the signed artifact_sha256 {deploy.artifact_sha256}"
-        )
-    return dataclasses.replace(manifest, checksum=deploy.artifact_sha256)
 
 
 class DeployRunner:
@@ -325,12 +305,7 @@ class DeployRunner:
         expected_key = self.layout.manifest_key(deploy.component, deploy.release_id)
         if deploy.manifest_key != expected_key:
             raise InvalidMessage(f"manifest_key {deploy.manifest_key!r} is not {expected_key!r}")
-        url = f"s3://{self.config.bucket}/{deploy.manifest_key}"
-        data = read_source(url, self.s3, MAX_MANIFEST_BYTES, self.policy)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != deploy.manifest_sha256:
-            raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")
-        return pin_artifact(parse_manifest(data), deploy)
+        return fetch_release_manifest(deploy, self.config.bucket, self.s3, self.policy)
 
     def _hook_env(self, deploy: Deploy) -> dict[str, str]:
         return {

@@ -1,8 +1,11 @@
-"""Open a manifest `src` (s3://, https://, http://, file://) as a byte stream, and fetch small documents."""
+"""Open a manifest `src` (s3://, https://, http://, file://) as a byte stream, fetch small documents,
+and fetch the manifest a deploy names, held to its digests."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import http.client
 import urllib.error
 import urllib.request
@@ -12,7 +15,10 @@ from urllib.parse import unquote, urlparse
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import open_object
-from deployer.protocol.errors import FetchError, TransientFetchError
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.errors import ArtifactError, FetchError, InvalidMessage, TransientFetchError
+from deployer.protocol.limits import MAX_MANIFEST_BYTES
+from deployer.protocol.manifest import Manifest, parse_manifest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -119,3 +125,33 @@ def _open_http(url: str) -> http.client.HTTPResponse:
         response.close()
         raise FetchError(f"GET {url} answered HTTP {response.status}")
     return response  # type: ignore[no-any-return]
+
+
+def fetch_release_manifest(deploy: Deploy, bucket: str, s3: S3Client, policy: RetryPolicy = DEFAULT_POLICY) -> Manifest:
+    """The manifest a deploy names, held to the deploy: its bytes must hash to `manifest_sha256`
+    (checked before parsing), and a signed deploy's artifact digest replaces the manifest's.
+
+    Raises InvalidMessage for a manifest that is not the deploy's, ArtifactError for a manifest
+    whose own sha256 disagrees with the signed one.
+    """
+    data = read_source(f"s3://{bucket}/{deploy.manifest_key}", s3, MAX_MANIFEST_BYTES, policy)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != deploy.manifest_sha256:
+        raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")
+    return pin_artifact(parse_manifest(data), deploy)
+
+
+def pin_artifact(manifest: Manifest, deploy: Deploy) -> Manifest:
+    """The manifest to apply, its artifact held to what a signed deploy pinned. Pure.
+
+    A signed deploy carries the artifact's sha256 (and size, checked while streaming), so the
+    signature covers the artifact whatever digest the manifest carries (stretcher manifests may
+    carry md5 or sha1). A manifest whose own sha256 disagrees is refused.
+    """
+    if deploy.artifact_sha256 is None or manifest.src is None:
+        return manifest
+    if manifest.checksum_algorithm == "sha256" and manifest.checksum != deploy.artifact_sha256:
+        raise ArtifactError(
+            f"manifest checksum {manifest.checksum} is not the signed artifact_sha256 {deploy.artifact_sha256}"
+        )
+    return dataclasses.replace(manifest, checksum=deploy.artifact_sha256)

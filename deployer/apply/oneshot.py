@@ -1,4 +1,5 @@
-"""`deployer apply`: stretcher's one-shot, so `echo s3://…/manifest.yml | deployer apply` can replace `| stretcher`.
+"""`deployer apply`: stretcher's one-shot, so `echo s3://…/manifest.yml | deployer apply` can replace `| stretcher`,
+and its signed form, `deployer apply --trust FILE --document s3://…/latest.json`.
 
 stdin is read as stretcher reads it: one line holding the manifest URL, or the JSON array a
 `consul watch -type event` handler receives, whose last event's base64 Payload is the URL.
@@ -16,12 +17,14 @@ from urllib.parse import urlparse
 import structlog
 
 from deployer.apply.engine import Applier, ApplyResult
-from deployer.apply.fetch import read_source
+from deployer.apply.fetch import fetch_release_manifest, read_source
 from deployer.apply.lock import ApplyLock
 from deployer.protocol.deploy import RELEASE_ID_PATTERN
+from deployer.protocol.envelope import MAX_ENVELOPE_BYTES
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 from deployer.protocol.manifest import parse_manifest
+from deployer.protocol.trust import DeployVerifier, Trust
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -88,5 +91,32 @@ def apply_manifest_url(
     with ApplyLock(state_dir):
         log.info("apply_started", manifest=url, strategy=manifest.sync_strategy.value)
         result = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout).apply(manifest, release_id, env={})
+    log.info("apply_succeeded", release_dir=str(result.release_dir or ""), reused=result.reused)
+    return result
+
+
+def apply_signed_document(
+    url: str,
+    *,
+    trust: Trust,
+    s3: S3Client,
+    root_dir: Path,
+    state_dir: Path,
+    hook_timeout: float,
+) -> ApplyResult:
+    """`deployer apply --trust FILE --document s3://…`: a channel's pointer or history entry, checked
+    as an agent checks it (envelope, type, signatures, floor), then its manifest (sha256 pinned)
+    and its artifact (sha256 and size pinned). Signatures are required: that is what --trust asks."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ConfigError(f"--document {url!r} must be an s3:// URL of a pointer or history object")
+    deploy = DeployVerifier(trust, required=True).open(read_source(url, s3, MAX_ENVELOPE_BYTES))
+    manifest = fetch_release_manifest(deploy, parsed.netloc, s3)
+    structlog.contextvars.bind_contextvars(release_id=deploy.release_id, seq=deploy.seq, deploy_id=deploy.deploy_id)
+    with ApplyLock(state_dir):
+        log.info("apply_started", document=url, channel=str(deploy.channel), strategy=manifest.sync_strategy.value)
+        result = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout).apply(
+            manifest, deploy.release_id, env={}, artifact_size=deploy.artifact_size
+        )
     log.info("apply_succeeded", release_dir=str(result.release_dir or ""), reused=result.reused)
     return result

@@ -12,7 +12,7 @@ import click
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS
 from deployer.apply.lock import DEFAULT_STATE_DIR
 from deployer.cli.options import Aws, aws_options, log_options
-from deployer.protocol.errors import DeployerError
+from deployer.protocol.errors import ConfigError, DeployerError
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path), help="Agent config YAML."
@@ -86,6 +86,13 @@ def boot(config_path: Path) -> None:
     envvar="DEPLOYER_ALLOW_HTTP",
     help="Accept an http:// manifest URL (anyone on the path could replace it).",
 )
+@click.option(
+    "--trust",
+    "trust_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Apply only a signed deploy document these keys signed (with --document) [default: the config's trust_file].",
+)
+@click.option("--document", "document_url", help="s3:// URL of a signed pointer or history document to apply.")
 @log_options
 def apply_command(
     aws: Aws,
@@ -93,9 +100,16 @@ def apply_command(
     config_path: Path | None,
     release_id: str | None,
     allow_http: bool,
+    trust_path: Path | None,
+    document_url: str | None,
     **paths: Any,
 ) -> None:
-    """Apply one manifest now, like stretcher: `echo s3://bucket/manifest.yml | deployer apply`."""
+    """Apply one manifest now, like stretcher: `echo s3://bucket/manifest.yml | deployer apply`.
+
+    With --trust (or a config with a trust_file) the input must be a signed deploy document
+    (--document, or its URL on stdin), verified as an agent verifies it; a bare manifest URL is
+    then refused, since nothing signs a manifest on its own.
+    """
     from deployer.agent.config import load_config
     from deployer.apply.oneshot import apply_manifest_url, manifest_url_from_stdin
     from deployer.aws.clients import make_clients
@@ -104,13 +118,33 @@ def apply_command(
     state_dir = paths["state_dir"] or (config.state_dir if config else DEFAULT_STATE_DIR)
     root_dir = paths["root_dir"] or (config.root_dir if config else Path("/"))
     hook_timeout = paths["hook_timeout"] or (config.hook_timeout_seconds if config else DEFAULT_HOOK_TIMEOUT_SECONDS)
-    url = manifest_url or manifest_url_from_stdin(sys.stdin.read())
+    trust_file = trust_path or (config.trust_file if config else None)
+    if trust_file is not None and manifest_url:
+        raise ConfigError("--manifest cannot be used with a trust file: apply a signed --document instead")
+    url = document_url or manifest_url or manifest_url_from_stdin(sys.stdin.read())
     if url is None:
         click.echo("no event on stdin; nothing to apply", err=True)
         return
     # S3 redirects a GetObject to the bucket's region, so any region will do when none is set.
     region = aws.region or (config.region if config else None) or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     clients = make_clients(region, aws.endpoint_url or (config.endpoint_url if config else None))
+    if trust_file is not None:
+        from deployer.agent.trust_store import load_trust_file
+        from deployer.apply.oneshot import apply_signed_document
+
+        apply_signed_document(
+            url,
+            trust=load_trust_file(trust_file),
+            s3=clients.s3,
+            root_dir=root_dir,
+            state_dir=state_dir,
+            hook_timeout=hook_timeout,
+        )
+        return
+    if document_url:
+        raise ConfigError(
+            "--document needs --trust (or a config with trust_file): a document is applied only when verified"
+        )
     apply_manifest_url(
         url,
         s3=clients.s3,

@@ -101,6 +101,19 @@ def trust_new(
     click.echo(parse_trust(document.to_json()).to_json())  # what an agent will parse, checked now
 
 
+@trust.command("check")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def trust_check(path: Path) -> None:
+    """Parse a trust document as an agent will (exit 1 naming what is wrong): run before baking it."""
+    from deployer.agent.trust_store import load_trust_file
+
+    document = load_trust_file(path)
+    roles = ", ".join(f"{name} {role.threshold} of {len(role.keyids)}" for name, role in sorted(document.roles.items()))
+    click.echo(
+        f"{path}: trust version {document.version}, {len(document.keys)} key(s), {roles}, {len(document.floors)} floor(s)"
+    )
+
+
 @trust.command("show")
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="Agent config YAML.")
 @click.option("--json", "as_json", is_flag=True, help="The trust document itself.")

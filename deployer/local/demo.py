@@ -29,9 +29,11 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
+from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, Role, Trust
 from publisher.fleet import fleet_rows, format_table, summary
 from publisher.infra import init_resources
 from publisher.publish import Publisher, ci_origin
+from publisher.signing import FileSigner, keygen
 
 BUCKET = "deployer-demo"
 STAGE, ROLE, COMPONENT = "demo", "web", "site"
@@ -59,12 +61,14 @@ def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -
         topic_arn = init_resources(clients, BUCKET, "deployer-demo").topic_arn
         echo(f"init: bucket {BUCKET}, topic {topic_arn}")
         layout = Layout()
-        publisher = Publisher(clients, BUCKET, topic_arn, layout)
+        signer, trust = _release_key(root)
+        echo(f"keys: release key {signer.keyid[:12]}… (Ed25519, {root / 'release.pem'}); agents require its signature")
+        publisher = Publisher(clients, BUCKET, topic_arn, layout, signers=[signer])
         channel = Channel(STAGE, ROLE, COMPONENT)
         processes: list[subprocess.Popen[bytes]] = []
         try:
             for index in range(1, agents + 1):
-                processes.append(_start_agent(root, index, topic_arn))
+                processes.append(_start_agent(root, index, topic_arn, trust))
             reader = ReportReader(clients.s3, BUCKET, layout)
             _wait(lambda: len(reader.refresh()) >= agents, "agents to boot", processes, root)
             echo(f"agents: {agents} started and subscribed ({time.monotonic() - started:.1f}s since start)")
@@ -80,7 +84,7 @@ def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -
                 echo(f"converged: {agents}/{agents} agents on seq {deploy.seq} in {time.monotonic() - t0:.2f}s")
 
             t0 = time.monotonic()
-            processes.append(_start_agent(root, agents + 1, topic_arn))
+            processes.append(_start_agent(root, agents + 1, topic_arn, trust))
             _wait(lambda: _converged(reader, 2, agents + 1), "the late agent", processes, root)
             echo(
                 f"boot replay: agent {agents + 1}, started after the publish, converged in {time.monotonic() - t0:.2f}s"
@@ -131,7 +135,16 @@ def _sample_release(root: Path, version: int) -> Path:
     return build
 
 
-def _start_agent(root: Path, index: int, topic_arn: str) -> subprocess.Popen[bytes]:
+def _release_key(root: Path) -> tuple[FileSigner, Path]:
+    """A signing key for the demo's CI, and the trust file its agents verify with."""
+    key = keygen(root / "release.pem")
+    role = Role(frozenset({key.keyid}), 1)
+    trust = root / "trust.json"
+    trust.write_text(Trust(1, {key.keyid: key}, {DEPLOY_ROLE: role, TRUST_ROLE: role}).to_json())
+    return FileSigner(root / "release.pem"), trust
+
+
+def _start_agent(root: Path, index: int, topic_arn: str, trust: Path) -> subprocess.Popen[bytes]:
     home = root / f"agent-{index}"
     home.mkdir(exist_ok=True)
     config = {
@@ -145,6 +158,8 @@ def _start_agent(root: Path, index: int, topic_arn: str) -> subprocess.Popen[byt
         "root_dir": str(home / "root"),
         "state_dir": str(home / "state"),
         "poll_wait_seconds": DEMO_POLL_WAIT_SECONDS,
+        "trust_file": str(trust),
+        "require_signatures": True,
     }
     (home / "agent.yml").write_text(yaml.safe_dump(config))
     with open(home / "agent.log", "ab") as log:

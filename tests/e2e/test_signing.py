@@ -229,3 +229,24 @@ def test_trust_rotates_only_through_versions_the_held_trust_keys_signed(
     assert "deploy key(s) of trust version 2" in agent.events("message_rejected")[-1]["reason"]
     assert agent.served() == "v2"
     assert early.seq == 1
+
+
+def test_deployer_apply_with_a_trust_applies_only_a_signed_document_like_an_agent(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner
+) -> None:
+    trust = write_trust(tmp_path / "trust.json", trust_of(release_key))
+    intruder = make_key(tmp_path, "intruder")
+    deploy = publish_on(signed_publisher(fleet, release_key), API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    pointer = f"s3://{fleet.bucket}/{fleet.layout.pointer_key(API)}"
+    root = tmp_path / "root"
+    paths = ("--root-dir", str(root), "--state-dir", str(tmp_path / "state"))
+    applied = cli("apply", "--trust", str(trust), "--document", pointer, *paths)
+    assert applied.returncode == 0, applied.stderr
+    assert (root / "opt/api/current/index.html").read_text() == "v1"
+    forged = sign(replace(deploy, release_id="rel-1").to_json().encode(), DEPLOY_PAYLOAD_TYPE, [intruder])
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=fleet.layout.pointer_key(API), Body=forged.to_json().encode())
+    refused = cli("apply", "--trust", str(trust), "--document", pointer, *paths)
+    assert refused.returncode == 1
+    assert "not trusted to sign this" in refused.stderr
+    bare = cli("apply", "--trust", str(trust), "--manifest", f"s3://{fleet.bucket}/{deploy.manifest_key}", *paths)
+    assert "apply a signed --document instead" in bare.stderr

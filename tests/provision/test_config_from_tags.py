@@ -69,3 +69,20 @@ def test_a_tag_that_could_break_the_yaml_is_refused(imds: type[FakeImds], tmp_pa
     code, output = from_tags(imds, tmp_path / "agent.yml")
     assert code == 1
     assert "characters the config does not allow" in output
+
+
+def test_a_baked_trust_file_is_used_and_signatures_are_required_only_when_tagged(
+    imds: type[FakeImds], tmp_path: Path
+) -> None:
+    out = tmp_path / "agent.yml"
+    (tmp_path / "trust.json").write_text("{}")  # the image's; only its presence matters here
+    imds.tags["deployer:require-signatures"] = "true"
+    code, output = from_tags(imds, out)
+    assert code == 0, output
+    config = load_config(out)
+    assert config.trust_file == tmp_path / "trust.json"
+    assert config.require_signatures is True
+    imds.tags["deployer:require-signatures"] = "yes"
+    code, output = from_tags(imds, out)
+    assert code == 1
+    assert "deployer:require-signatures must be true or false, got yes" in output

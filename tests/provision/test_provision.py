@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 import deployer
-from tests.provision.conftest import PACKER, UNITS, Provisioned, require_tool, run, snapshot
+from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, Role, Trust
+from publisher.signing import keygen
+from tests.provision.conftest import PACKER, UNITS, Provisioned, provision_command, require_tool, run, snapshot
 
 
 def test_provisioning_installs_the_agent_into_its_own_venv(provisioned: Provisioned) -> None:
@@ -89,3 +91,23 @@ def test_provisioning_without_a_wheel_stops_with_the_reason(tmp_path: Path) -> N
     )
     assert result.returncode == 1
     assert "no fleet_deployer wheel" in result.stderr
+
+
+def test_provisioning_bakes_a_checked_trust_file_and_refuses_a_broken_one(
+    provisioned: Provisioned, tmp_path: Path
+) -> None:
+    key = keygen(tmp_path / "release.pem")
+    role = Role(frozenset({key.keyid}), 1)
+    trust = tmp_path / "trust.json"
+    trust.write_text(Trust(1, {key.keyid: key}, {DEPLOY_ROLE: role, TRUST_ROLE: role}).to_json())
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"v": 1, "version": 0}')
+    refused = run(
+        [*provision_command(provisioned.root, provisioned.wheel), "--trust", str(broken)], cwd=provisioned.root
+    )
+    assert refused.returncode != 0
+    assert "version must be a positive integer" in refused.stderr
+    assert not (provisioned.root / "etc/deployer/trust.json").exists()
+    baked = run([*provision_command(provisioned.root, provisioned.wheel), "--trust", str(trust)], cwd=provisioned.root)
+    assert baked.returncode == 0, baked.stdout + baked.stderr
+    assert (provisioned.root / "etc/deployer/trust.json").read_text() == trust.read_text()

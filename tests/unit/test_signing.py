@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.agent.runner import pin_artifact
+from deployer.apply.fetch import pin_artifact
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE, TRUST_PAYLOAD_TYPE, Envelope, pae, parse_envelope
 from deployer.protocol.errors import ArtifactError, ConfigError, InvalidMessage, InvalidTrust, Unauthentic
 from deployer.protocol.manifest import Manifest
