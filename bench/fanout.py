@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,9 +30,15 @@ from bench.common import (
     wait_for,
 )
 from bench.report import Section, Table, Target
+from deployer.aws.clients import kms_client
+from deployer.aws.kms import KmsSigner
+from deployer.protocol.deploy import Deploy, new_deploy_id
+from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
 from deployer.protocol.manifest import Manifest, SyncStrategy
 from deployer.protocol.names import Channel
+from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, DeployVerifier, Role, Trust
 from publisher.publish import Publisher
+from publisher.signing import FileSigner, keygen, public_key, sign
 
 FLOOR_KEY = "floor/artifact.tar.gz"
 
@@ -110,20 +117,23 @@ def measure_floor(bench: Bench, n: int, deploys: int) -> list[float]:  # noqa: C
 
 
 def measure_agents(
-    bench: Bench, n: int, deploys: int
+    bench: Bench, n: int, deploys: int, signed: bool = False
 ) -> tuple[list[float], list[float], list[tuple[float, float, float, float]]]:
-    """N real `deployer agent` processes (poll_wait_seconds 20); converged = each logged apply_succeeded."""
+    """N real `deployer agent` processes (poll_wait_seconds 20); converged = each logged apply_succeeded.
+
+    `signed`: the publisher signs with an Ed25519 file key and every agent requires its signature."""
     bench.fresh()
     artifact = small_artifact(bench.workdir)
-    home = bench.dir(f"fanout-{n}")
-    agents = [AgentProc(bench, home / f"a{i:02d}", f"i-bench{n:03d}{i:09d}", ["api"]) for i in range(n)]
+    home = bench.dir(f"fanout-{n}{'-signed' if signed else ''}")
+    signers, trust = _release_key(home) if signed else ([], {})
+    agents = [AgentProc(bench, home / f"a{i:02d}", f"i-bench{n:03d}{i:09d}", ["api"], **trust) for i in range(n)]
     sns_at: list[float] = []
 
     def on_publish(**_: Any) -> None:
         sns_at.append(time.time())
 
     bench.clients.sns.meta.events.register("before-call.sns.Publish", on_publish)
-    publisher = Publisher(bench.clients, BUCKET, bench.topic_arn, bench.layout)
+    publisher = Publisher(bench.clients, BUCKET, bench.topic_arn, bench.layout, signers=signers)
     template = Manifest(dest="/opt/api/current", sync_strategy=SyncStrategy.SYMLINK)
     channel = Channel(STAGE, ROLE, "api")
     ours: list[float] = []
@@ -165,6 +175,64 @@ def measure_agents(
     return ours, from_sns, phases
 
 
+def _release_key(home: Path) -> tuple[list[FileSigner], dict[str, Any]]:
+    """A release key for the publisher, and the agent settings that require its signature."""
+    key = keygen(home / "release.pem")
+    role = Role(frozenset({key.keyid}), 1)
+    (home / "trust.json").write_text(Trust(1, {key.keyid: key}, {DEPLOY_ROLE: role, TRUST_ROLE: role}).to_json())
+    return [FileSigner(home / "release.pem")], {"trust_file": str(home / "trust.json"), "require_signatures": True}
+
+
+def signing_costs(bench: Bench) -> Table:
+    """In-process: signing a deploy (file key, KMS on the emulator), verifying it, and the envelope's size."""
+    home = bench.dir("signing")
+    [file_signer], _ = _release_key(home)
+    kms = kms_client(REGION, bench.emulator.url)
+    key_id = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    kms_signer = KmsSigner(kms, key_id)
+    deploy = Deploy(
+        deploy_id=new_deploy_id(), stage=STAGE, role=ROLE, component="api", seq=42, release_id="20261126T110624Z-f9465c9",
+        manifest_key="deployer/releases/api/20261126T110624Z-f9465c9/manifest.yml", manifest_sha256="a" * 64,
+        published_at="2026-11-26T11:06:24Z", origin={"github_repository": "acme/shop", "github_run_id": "1234567890"},
+        artifact_sha256="b" * 64, artifact_size=65_536,
+    )  # fmt: skip
+    payload = deploy.to_json().encode()
+    rows = []
+    for name, signer in (("Ed25519 file key", file_signer), ("KMS ECC_NIST_P256 (emulator)", kms_signer)):
+        reps = 200 if signer is file_signer else 20
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            envelope = sign(payload, DEPLOY_PAYLOAD_TYPE, [signer])
+        signing = (time.perf_counter() - t0) / reps
+        key = public_key(signer)
+        trust = Trust(
+            1,
+            {key.keyid: key},
+            {DEPLOY_ROLE: Role(frozenset({key.keyid}), 1), TRUST_ROLE: Role(frozenset({key.keyid}), 1)},
+        )
+        verifier, body = DeployVerifier(trust, required=True), envelope.to_json()
+        verifier.open(body)  # loads the key once, as an agent does
+        t0 = time.perf_counter()
+        for _ in range(200):
+            verifier.open(body)
+        verifying = (time.perf_counter() - t0) / 200
+        rows.append(
+            [name, f"{signing * 1000:.2f} ms", f"{verifying * 1000:.2f} ms", f"{len(payload)} B", f"{len(body)} B"]
+        )
+    return Table(
+        [
+            "key",
+            "sign (publisher, once per deploy)",
+            "open + verify (agent, per message)",
+            "deploy document",
+            "signed envelope",
+        ],
+        rows,
+        caption="In-process, median-free means over repetitions; the KMS row includes the round trip to the emulator "
+        "and the publisher's local check of the signature it got back.",
+    )
+
+
 def run(bench: Bench) -> Section:
     sizes = (1, 10) if bench.quick else (1, 10, 50)
     deploys = 3 if bench.quick else 10
@@ -176,6 +244,11 @@ def run(bench: Bench) -> Section:
         ours, from_sns, phases = measure_agents(bench, n, deploys)
         samples.append(Samples(n, floor, ours, from_sns, phases))
         print(f"  N={n}: floor p50 {ms(median(floor))}, ours p50 {ms(median(ours))}", flush=True)
+    print("  fan-out N=10 signed: agents ...", flush=True)
+    signed, _, _ = measure_agents(bench, 10, deploys, signed=True)
+    unsigned = next(s for s in samples if s.n == 10)
+    print(f"  N=10 signed: p50 {ms(median(signed))} (unsigned {ms(median(unsigned.ours))})", flush=True)
+    costs = signing_costs(bench)
 
     table = Table(
         [
@@ -289,4 +362,15 @@ def run(bench: Bench) -> Section:
         "across queues, so the N-growth seen here is an emulator artefact). A bigger artifact moves it by the "
         "apply time (figure 2)."
     )
-    return Section("fanout", "1. Fan-out convergence", meaning, [table, breakdown], targets, notes, moves)
+    signing = Table(
+        ["N = 10", "deployer p50", "deployer p95"],
+        [
+            ["unsigned", ms(median(unsigned.ours)), ms(percentile(unsigned.ours, 95))],
+            ["signed (Ed25519, agents require it)", ms(median(signed)), ms(percentile(signed, 95))],
+        ],
+        caption="The same fan-out with every deploy signed at publish and verified by each agent before anything "
+        "else (and its history entry verified again under the apply lock).",
+    )
+    return Section(
+        "fanout", "1. Fan-out convergence", meaning, [table, breakdown, signing, costs], targets, notes, moves
+    )
