@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -32,6 +33,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_SNS_MESSAGE_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
+from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
 from publisher.pack import sha256_file
@@ -79,6 +81,15 @@ def ci_origin(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return origin
 
 
+class Staged(Protocol):
+    """A staged rollout being published (`publisher.rollout.Staging`): its plan once the deploy id
+    is known, and its first cursor, written before the pointer moves."""
+
+    def plan(self, deploy_id: str) -> Plan: ...
+
+    def start(self, deploy: Deploy) -> None: ...
+
+
 class Publisher:
     def __init__(
         self,
@@ -123,6 +134,7 @@ class Publisher:
         template: Manifest,
         release_id: str | None = None,
         origin: Mapping[str, str] | None = None,
+        staged: Staged | None = None,
     ) -> PublishResult:
         self.check_resources()
         checksum = sha256_file(artifact)
@@ -152,10 +164,16 @@ class Publisher:
             origin,
             release_reused=not (artifact_new or manifest_new),
             artifact=(checksum, artifact.stat().st_size),
+            staged=staged,
         )
 
     def publish_existing(
-        self, channel: Channel, release_id: str, *, origin: Mapping[str, str] | None = None
+        self,
+        channel: Channel,
+        release_id: str,
+        *,
+        origin: Mapping[str, str] | None = None,
+        staged: Staged | None = None,
     ) -> PublishResult:
         """Deploy a release that is already in S3 (a rollback, or a promotion) as the channel's next seq.
 
@@ -179,6 +197,7 @@ class Publisher:
             origin,
             release_reused=True,
             artifact=self._existing_artifact(found[0]) if self.signers else None,
+            staged=staged,
         )
 
     def _existing_artifact(self, manifest_body: bytes) -> tuple[str, int]:
@@ -202,10 +221,12 @@ class Publisher:
         *,
         release_reused: bool,
         artifact: tuple[str, int] | None,
+        staged: Staged | None = None,
     ) -> PublishResult:
         signed = bool(self.signers and artifact)
+        deploy_id = new_deploy_id()
         template_deploy = Deploy(
-            deploy_id=new_deploy_id(),
+            deploy_id=deploy_id,
             stage=channel.stage,
             role=channel.role,
             component=channel.component,
@@ -217,9 +238,12 @@ class Publisher:
             origin=dict(origin or {}),
             artifact_sha256=artifact[0] if signed and artifact else None,
             artifact_size=artifact[1] if signed and artifact else None,
+            rollout=staged.plan(deploy_id) if staged else None,
         )
         if len(self._document(template_deploy)) + 32 > MAX_SNS_MESSAGE_BYTES:
             raise PublishError("deploy message would exceed the SNS 256 KiB limit; shorten origin")
+        if staged is not None:
+            staged.start(template_deploy)  # the cursor exists before any agent can see the deploy
         # 2 + 3. History (the seq claim), then the pointer.
         deploy, body = self._claim_and_point(template_deploy)
         # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
@@ -318,6 +342,14 @@ class Publisher:
     def _history(self, channel: Channel, seq: int) -> tuple[Deploy, bytes] | None:
         found = get_document(self.clients.s3, self.bucket, self.layout.history_key(channel, seq), self.policy)
         return (UNVERIFIED.open(found[0]), found[0]) if found else None
+
+    def announce(self, channel: Channel) -> str | None:
+        """Publish the channel's pointer to SNS again, byte for byte: how a rollout's cursor move
+        reaches the agents at once (they re-read the cursor). Returns the SNS error, if any."""
+        found = get_document(self.clients.s3, self.bucket, self.layout.pointer_key(channel), self.policy)
+        if found is None:
+            return f"{channel} has no pointer"
+        return self._notify(UNVERIFIED.open(found[0]), found[0])[1]
 
     def _notify(self, deploy: Deploy, body: bytes) -> tuple[str | None, str | None]:
         try:

@@ -18,7 +18,7 @@ from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import PublishError
 from deployer.protocol.names import Channel
 from publisher.history import iter_history
-from publisher.publish import Publisher, PublishResult
+from publisher.publish import Publisher, PublishResult, Staged
 
 
 def pick_previous(history_newest_first: Iterable[Deploy], current: Deploy) -> Deploy:
@@ -30,7 +30,12 @@ def pick_previous(history_newest_first: Iterable[Deploy], current: Deploy) -> De
 
 
 def rollback(
-    publisher: Publisher, channel: Channel, *, to: str | None = None, origin: Mapping[str, str] | None = None
+    publisher: Publisher,
+    channel: Channel,
+    *,
+    to: str | None = None,
+    origin: Mapping[str, str] | None = None,
+    staged: Staged | None = None,
 ) -> tuple[PublishResult, Deploy]:
     """Publish the previous (or the named) release as a new seq. Returns the result and the replaced deploy."""
     pointer = read_pointer(publisher.clients.s3, publisher.bucket, publisher.layout, channel, publisher.policy)
@@ -43,4 +48,4 @@ def rollback(
     elif to == current.release_id:
         raise PublishError(f"{channel} is already on release {to} (seq {current.seq})")
     marked = {**(origin or {}), "action": "rollback", "rollback_from_seq": str(current.seq)}
-    return publisher.publish_existing(channel, to, origin=marked), current
+    return publisher.publish_existing(channel, to, origin=marked, staged=staged), current

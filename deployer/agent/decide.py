@@ -17,6 +17,7 @@ from deployer.aws.retry import backoff_seconds
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import InfrastructureError, Interrupted, RejectedInput, Unauthentic
 from deployer.protocol.names import Channel
+from deployer.protocol.rollout import base_id
 
 #: A message whose apply failed is retried after 30 s, 60 s, 120 s, … (by SQS visibility), at most this.
 RETRY_VISIBILITY_BASE_SECONDS = 30
@@ -66,7 +67,7 @@ def decide_one(
     newest = (seen or {}).get(deploy.channel)
     if newest is not None and deploy.seq < newest[0]:
         return Verdict.STALE, f"seq {deploy.seq} is older than seq {newest[0]}, already seen from CI"
-    if newest is not None and deploy.seq == newest[0] and deploy.deploy_id != newest[1]:
+    if newest is not None and deploy.seq == newest[0] and base_id(deploy.deploy_id) != base_id(newest[1]):
         return (
             Verdict.REJECTED,
             f"seq {deploy.seq} was published as deploy {newest[1]}, message claims {deploy.deploy_id}",
@@ -76,6 +77,10 @@ def decide_one(
         return Verdict.APPLY, "newer than applied"
     seq, deploy_id = current
     if deploy.seq == seq:
+        if deploy.rollout is not None and base_id(deploy.deploy_id) == base_id(deploy_id):
+            # A staged rollout moves an instance between its two releases within one seq: the
+            # runner reads the cursor and changes nothing if this instance is where it belongs.
+            return Verdict.APPLY, f"seq {seq} is a staged rollout: its cursor decides the release"
         if deploy.deploy_id == deploy_id:
             return Verdict.DUPLICATE, f"seq {seq} already applied"
         # Invariant 1 says one seq has one deploy; two different ones means tampering or a bug.

@@ -226,17 +226,25 @@ class Agent:
             if deploy is None:
                 log.info("pointer_absent", channel=str(channel), reason=reason)
                 continue
+            self._catch_up(channel, deploy, reason)
+
+    def _catch_up(self, channel: Channel, deploy: Deploy, reason: str) -> None:
+        """Apply the channel's pointer if this instance is behind it (or a rollout's cursor moved)."""
+        verdict = self._verdict(deploy)
+        if verdict in (Verdict.STALE, Verdict.REJECTED) and self.runner.repair(channel):
+            # What was applied is not in history (a forgery trusted before, a tampered state file).
             verdict = self._verdict(deploy)
-            if verdict in (Verdict.STALE, Verdict.REJECTED) and self.runner.repair(channel):
-                # What was applied is not in history (a forgery trusted before, a tampered state file).
-                verdict = self._verdict(deploy)
-            if verdict is not Verdict.APPLY:
-                log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
-                continue
-            if not self.runner.worth_retrying(deploy):
-                continue
+        if verdict is not Verdict.APPLY:
+            log.debug("reconcile_up_to_date", channel=str(channel), seq=deploy.seq, verdict=verdict.value)
+            return
+        if not self.runner.worth_retrying(deploy):
+            return
+        applied = self.ledger.load().applied().get(channel)
+        if applied is None or deploy.seq > applied[0]:
             log.info("reconcile_behind", channel=str(channel), seq=deploy.seq, reason=reason)
-            self.runner.apply(deploy)
+        else:
+            log.debug("reconcile_rollout_check", channel=str(channel), seq=deploy.seq, reason=reason)
+        self.runner.apply(deploy)
 
     def _refresh_trust(self) -> None:
         try:

@@ -19,7 +19,7 @@ import structlog
 
 from deployer.agent.config import AgentConfig
 from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
-from deployer.agent.ledger import DeployStatus, Ledger, Start, plan_start
+from deployer.agent.ledger import DeployStatus, Ledger, LocalState, Start, plan_start
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
 from deployer.apply.engine import Applier, Milestone, is_active
@@ -39,6 +39,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
+from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, side_for, stable_variant
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
@@ -94,10 +95,17 @@ class DeployRunner:
 
     def worth_retrying(self, deploy: Deploy) -> bool:
         """Reconcile must not re-run a deploy that can never succeed, or one failing over and over
-        (the queue path bounds retries with maxReceiveCount; this is the same bound)."""
+        (the queue path bounds retries with maxReceiveCount; this is the same bound). A staged
+        rollout's deploy is always worth a look: its cursor may have moved."""
+        if deploy.rollout is not None:
+            return True
+        return not self._exhausted(deploy)
+
+    def _exhausted(self, deploy: Deploy) -> bool:
+        """Rejected for good, or failed `max_receive_count` times here."""
         record = self.ledger.deploy_record(deploy.deploy_id)
         if record is None:
-            return True
+            return False
         if record.status is DeployStatus.REJECTED or (
             record.status is DeployStatus.FAILED and record.attempts >= self.config.max_receive_count
         ):
@@ -109,8 +117,8 @@ class DeployRunner:
                 attempts=record.attempts,
                 next="publish a new deploy (or a rollback) to move this channel",
             )
-            return False
-        return True
+            return True
+        return False
 
     def apply(self, deploy: Deploy) -> tuple[Outcome, str]:
         """Apply one deploy under the machine lock; record state and status. Returns the outcome and why."""
@@ -126,6 +134,8 @@ class DeployRunner:
                 if verdict is not Verdict.APPLY:
                     log.info("apply_skipped", verdict=verdict.value, reason=why)
                     return Outcome.APPLIED, why
+                if deploy.rollout is not None:
+                    return self._apply_rollout(deploy, state)
                 return self._apply_locked(deploy)
         except Interrupted as exc:  # stopped while waiting for another apply to release the lock
             log.info("apply_interrupted", reason=str(exc), next="the message is handed back; the next start applies it")
@@ -217,6 +227,60 @@ class DeployRunner:
             return self._failed(deploy, exc, authentic=authentic)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
 
+    def _apply_rollout(self, deploy: Deploy, state: LocalState) -> tuple[Outcome, str]:
+        """A staged rollout's deploy: the cursor says which of its two releases this instance runs.
+
+        Nothing moves that is already where it belongs. An instance not admitted that already
+        runs the stable release only records it (no download, no hook) and reports `waiting`;
+        one that does not (a new instance, or an admitted one after an abort) applies it like
+        any release. The deploy is authenticated against history before anything is recorded.
+        """
+        plan = deploy.rollout
+        assert plan is not None
+        try:
+            cursor = self._cursor(deploy)
+        except Exception as exc:  # noqa: BLE001 - a network failure decides nothing; the message is retried
+            return outcome_of(exc), f"cannot read the rollout cursor: {exc}"
+        side = side_for(plan, deploy.deploy_id, self.instance_id, cursor)
+        target = deploy if side is Side.CANDIDATE else stable_variant(deploy)
+        waiting = side is Side.STABLE and (cursor is None or cursor.state is RolloutState.ROLLING)
+        wave = plan.wave_of(deploy.deploy_id, self.instance_id)
+        structlog.contextvars.bind_contextvars(deploy_id=target.deploy_id, release_id=target.release_id)
+        current = state.channels.get(deploy.channel)
+        if current is not None and current.deploy_id == target.deploy_id:
+            log.info("rollout_unchanged", side=side.value, wave=wave, next="nothing to do")
+            return Outcome.APPLIED, f"already on the rollout's {side.value} release"
+        if self._exhausted(target):
+            return Outcome.APPLIED, f"the rollout's {side.value} release cannot be applied here"
+        if side is Side.STABLE and current is not None and current.release_id == target.release_id:
+            try:
+                self._authenticate(target)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+                return self._failed(target, exc, authentic=False)
+            self.ledger.mark(target, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
+            log.info("rollout_holding_stable", wave=wave, cursor_wave=cursor.wave if cursor else None, next="waiting")
+            self._report(target, ComponentState.WAITING if waiting else ComponentState.OK)
+            return Outcome.APPLIED, f"runs the stable release; admitted in wave {wave}"
+        log.info("rollout_moving", side=side.value, wave=wave, next=f"applying the {side.value} release")
+        outcome, why = self._apply_locked(target)
+        if outcome is Outcome.APPLIED and waiting:
+            self._report(target, ComponentState.WAITING)
+        return outcome, why
+
+    def _cursor(self, deploy: Deploy) -> Cursor | None:
+        """The rollout's cursor, or None when there is none yet or it is not CI's (never admitted by a forgery)."""
+        key = self.layout.cursor_key(deploy.channel, deploy.deploy_id)
+        found = get_document(self.s3, self.config.bucket, key, self.policy)
+        if found is None:
+            return None
+        try:
+            return self.verifier().open_cursor(found[0], deploy.deploy_id)
+        except (InvalidMessage, Unauthentic) as exc:
+            log.error(
+                "rollout_cursor_rejected", key=key, error=str(exc), next="treated as absent: the stable release stays"
+            )
+            return None
+
     def _opens_as(self, raw: bytes, deploy_id: str) -> bool:
         try:
             return self.verifier().open(raw).deploy_id == deploy_id
@@ -236,6 +300,8 @@ class DeployRunner:
             raise Unauthentic(
                 f"{key} is not a valid deploy document ({exc}); nothing to authenticate against"
             ) from None
+        if recorded.rollout is not None and deploy.deploy_id == recorded.deploy_id + STABLE_SUFFIX:
+            recorded = stable_variant(recorded)  # the stable side of a rollout CI published
         if recorded != deploy:
             raise Unauthentic(
                 f"seq {deploy.seq} of {deploy.channel} was published as deploy {recorded.deploy_id} "

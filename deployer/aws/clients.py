@@ -17,6 +17,7 @@ from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
@@ -153,3 +154,9 @@ def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KM
     """Only publishers that sign with a KMS key need it (agents verify offline)."""
     session = boto3.session.Session(region_name=resolve_region(region))
     return _checked(session.client("kms", endpoint_url=endpoint_url, config=_config()))
+
+
+def cloudwatch_client(region: str | None = None, endpoint_url: str | None = None) -> CloudWatchClient:
+    """Only a rollout driver with `--alarm` needs it."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("cloudwatch", endpoint_url=endpoint_url, config=_config()))

@@ -2,7 +2,7 @@
 
 Commands are standalone click commands grouped by audience and attached here:
 `instance` (agent, boot, apply), `ci` (init, publish, rollback, history), `fleet` (status, gc,
-iam-policy), `keys` (keygen, trust) and `dev` (demo). Each imports what it runs inside its own body, so `deployer
+iam-policy), `rollouts` (rollout status/resume/abort), `keys` (keygen, trust) and `dev` (demo). Each imports what it runs inside its own body, so `deployer
 agent` never loads the publisher and `deployer publish` never loads the agent.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from deployer import __version__
-from deployer.cli import ci, dev, fleet, instance, keys
+from deployer.cli import ci, dev, fleet, instance, keys, rollouts
 from deployer.protocol.errors import DeployerError
 
 
@@ -33,5 +33,5 @@ def main() -> None:
     """Pull-based deployer for EC2 Auto Scaling fleets (S3 + SNS + per-instance SQS)."""
 
 
-for _command in (*instance.COMMANDS, *ci.COMMANDS, *fleet.COMMANDS, *keys.COMMANDS, *dev.COMMANDS):
+for _command in (*instance.COMMANDS, *ci.COMMANDS, *rollouts.COMMANDS, *fleet.COMMANDS, *keys.COMMANDS, *dev.COMMANDS):
     main.add_command(_command)

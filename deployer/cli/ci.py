@@ -20,6 +20,7 @@ from deployer.cli.options import (
     publisher_arn_option,
     queue_prefix_option,
     quiet,
+    rollout_options,
     sign_key_option,
     store_options,
     topic_option,
@@ -29,7 +30,12 @@ from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import Channel
 
 if TYPE_CHECKING:
-    from publisher.publish import PublishResult
+    from collections.abc import Callable, Sequence
+
+    from deployer.aws.reports import ReportReader
+    from deployer.protocol.deploy import Deploy
+    from publisher.publish import Publisher, PublishResult
+    from publisher.rollout import Gates, Staging
     from publisher.wait import WaitOptions
 
 #: Without --wait: the pointer moved but the SNS publish failed (agents converge at their next reconcile).
@@ -84,6 +90,7 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
 @sign_key_option("Sign the deploy (history, pointer and message become a signed envelope).")
+@rollout_options
 @wait_options
 @quiet
 def publish(
@@ -96,6 +103,7 @@ def publish(
     sync_strategy: str | None,
     release_id: str | None,
     sign_keys: tuple[str, ...],
+    gates: Gates | None,
     wait: WaitOptions | None,
 ) -> None:
     """Upload a release, move the channel pointer and notify the fleet.
@@ -116,16 +124,19 @@ def publish(
         template = dataclasses.replace(template, dest=dest)
     members = group_members(store, wait)
     publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
+    staging = stage(publisher, store, channel, gates, wait)
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
         if artifact.is_dir():
             artifact = pack_directory(artifact, Path(tmp) / "artifact.tar.gz")
         check_artifact(artifact)
-        result = publisher.publish(channel, artifact, template=template, release_id=release_id, origin=ci_origin())
+        result = publisher.publish(
+            channel, artifact, template=template, release_id=release_id, origin=ci_origin(), staged=staging
+        )
     deploy = result.deploy
     click.echo(
         f"published {deploy.channel} release {deploy.release_id} as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait, members)
+    conclude(result, store, wait, members, publisher, staging)
 
 
 @click.command()
@@ -134,6 +145,7 @@ def publish(
 @channel_options
 @click.option("--to", "to_release", help="Release id to go back to [default: the previous release].")
 @sign_key_option("Sign the rollback's deploy.")
+@rollout_options
 @wait_options
 @quiet
 def rollback(
@@ -142,6 +154,7 @@ def rollback(
     channel: Channel,
     to_release: str | None,
     sign_keys: tuple[str, ...],
+    gates: Gates | None,
     wait: WaitOptions | None,
 ) -> None:
     """Publish the previous (or --to) release as a new seq; instances re-activate it without downloading.
@@ -154,13 +167,14 @@ def rollback(
 
     members = group_members(store, wait)
     publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
-    result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin())
+    staging = stage(publisher, store, channel, gates, wait)
+    result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin(), staged=staging)
     deploy = result.deploy
     click.echo(
         f"rolled back {deploy.channel} from {replaced.release_id} (seq {replaced.seq}) to {deploy.release_id} "
         f"as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait, members)
+    conclude(result, store, wait, members, publisher, staging)
 
 
 @click.command()
@@ -199,9 +213,31 @@ def group_members(store: Store, wait: WaitOptions | None) -> frozenset[str]:
     return in_service_instances(autoscaling_client(store.aws.region, store.aws.endpoint_url), wait.asg)
 
 
-def conclude(result: PublishResult, store: Store, wait: WaitOptions | None, members: frozenset[str]) -> None:
+def stage(
+    publisher: Publisher, store: Store, channel: Channel, gates: Gates | None, wait: WaitOptions | None
+) -> Staging | None:
+    """With --waves: the stable release and the live instances the waves are cut from, read before publishing."""
+    if gates is None:
+        return None
+    from deployer.aws.reports import ReportReader
+    from publisher.rollout import prepare
+
+    if wait is not None:
+        gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
+    reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
+    return prepare(publisher, channel, gates, {who.instance_id: e for who, e in reader.refresh().items()})
+
+
+def conclude(
+    result: PublishResult,
+    store: Store,
+    wait: WaitOptions | None,
+    members: frozenset[str],
+    publisher: Publisher,
+    staging: Staging | None,
+) -> None:
     """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, then
-    follow the fleet if asked; exits with the verdict's code."""
+    follow the fleet if asked (a staged rollout: drive it); exits with the verdict's code."""
     from deployer.aws.reports import ReportReader
     from publisher.wait import ProgressPrinter, Waiter
 
@@ -214,13 +250,56 @@ def conclude(result: PublishResult, store: Store, wait: WaitOptions | None, memb
         )
         if wait is None:
             sys.exit(EXIT_NOTIFY_FAILED)
+    if staging is not None and wait is None:
+        click.echo(
+            f"rollout started at wave 0 of {deploy.rollout.last_wave if deploy.rollout else 0}; "
+            f"drive it with `deployer rollout resume --stage {deploy.stage} --role {deploy.role} --component {deploy.component}`"
+        )
+        return
     if wait is None:
         return
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, deploy.stage, deploy.role)
+    if staging is not None:
+        sys.exit(drive(publisher, store, reader, staging.gates, deploy, staging.driver))
     printer = ProgressPrinter(sys.stdout)
     outcome = Waiter(reader, wait, members).wait(deploy, printer)
     printer.finish(outcome)
     sys.exit(outcome.exit_code)
+
+
+def alarm_watch(store: Store, gates: Gates) -> Callable[[], Sequence[str]]:
+    """The `--alarm` gate: which of the named CloudWatch alarms are in ALARM right now."""
+    if not gates.alarms:
+        return tuple
+    from deployer.aws.clients import cloudwatch_client
+    from deployer.aws.cloudwatch import alarms_in_alarm
+
+    cloudwatch = cloudwatch_client(store.aws.region, store.aws.endpoint_url)
+
+    def firing() -> Sequence[str]:
+        return alarms_in_alarm(cloudwatch, gates.alarms)
+
+    return firing
+
+
+def drive(
+    publisher: Publisher,
+    store: Store,
+    reader: ReportReader,
+    gates: Gates,
+    deploy: Deploy,
+    driver: str | None = None,
+    force: bool = False,
+) -> int:
+    """Drive a staged rollout to its end; the exit code says how it ended."""
+    from publisher.rollout import EXIT_ROLLED_BACK, EXIT_SUPERSEDED, Driver, Verdict
+
+    runner = Driver(publisher, reader, gates, deploy, alarms=alarm_watch(store, gates), echo=click.echo)
+    if driver:
+        runner.driver = driver
+    runner.take(force=force)
+    verdict = runner.drive()
+    return {Verdict.DONE: 0, Verdict.ROLLED_BACK: EXIT_ROLLED_BACK, Verdict.SUPERSEDED: EXIT_SUPERSEDED}.get(verdict, 1)
 
 
 COMMANDS = (init, publish, rollback, history)

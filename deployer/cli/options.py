@@ -238,6 +238,75 @@ def wait_options(func: Command) -> Command:
     )
 
 
+def rollout_options(func: Command) -> Command:
+    """--waves and its gates, passed as `gates` (a `publisher.rollout.Gates`, or None without --waves)."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        waves: str | None,
+        bake: float,
+        max_failed: str,
+        progress_deadline: float,
+        alarms: tuple[str, ...],
+        lease: float,
+        **kwargs: Any,
+    ) -> Any:
+        gates = None
+        if waves:
+            from publisher.rollout import Gates  # only commands that publish load the publisher
+
+            specs = tuple(w.strip() for w in waves.split(",") if w.strip())
+            gates = Gates(specs, bake, max_failed, progress_deadline, alarms, lease)
+        return func(*args, gates=gates, **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option(
+                "--waves",
+                metavar="SPECS",
+                help="Stage the deploy: comma-separated waves, each an instance count or a percentage of the live "
+                "instances, e.g. 1,10%,50%,100%. Wave 1 is chosen from live heartbeats and never empty.",
+            ),
+            click.option(
+                "--bake",
+                default=0.0,
+                show_default=True,
+                type=click.FloatRange(min=0),
+                help="Seconds to watch each converged wave before the next.",
+            ),
+            click.option(
+                "--max-failed",
+                default="0",
+                show_default=True,
+                help="Failed instances tolerated per rollout: a count, or a percentage of the live ones.",
+            ),
+            click.option(
+                "--progress-deadline",
+                default=900.0,
+                show_default=True,
+                type=click.FloatRange(min=1),
+                help="Seconds a wave may take to converge before the rollout is rolled back.",
+            ),
+            click.option(
+                "--alarm",
+                "alarms",
+                multiple=True,
+                metavar="NAME",
+                help="A CloudWatch alarm in ALARM during the rollout rolls it back; repeatable.",
+            ),
+            click.option(
+                "--lease",
+                default=60.0,
+                show_default=True,
+                type=click.FloatRange(min=1),
+                help="Seconds a driver's claim on the rollout lasts unrenewed.",
+            ),
+        ],
+    )
+
+
 def log_options(func: Command) -> Command:
     """--log-json/--log-console and --log-level for the long-running commands; configures logging."""
 

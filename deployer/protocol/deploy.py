@@ -18,6 +18,7 @@ from deployer.protocol.decoding import json_object
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 from deployer.protocol.names import NAME_PATTERN, Channel
+from deployer.protocol.rollout import STABLE_SUFFIX, Plan, plan_from_dict
 from deployer.protocol.timestamps import parse_timestamp
 
 #: The only protocol version this code reads and writes.
@@ -45,7 +46,7 @@ _REQUIRED = (
 #: `artifact_sha256` / `artifact_size` are written by publishers that sign (agents older than
 #: signing refuse unknown keys, so unsigned documents stay as they were): the signature then
 #: covers the artifact itself, checked while it streams, whatever digest the manifest carries.
-_OPTIONAL = ("origin", "artifact_sha256", "artifact_size")
+_OPTIONAL = ("origin", "artifact_sha256", "artifact_size", "rollout")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Deploy:
     origin: dict[str, str] = field(default_factory=dict)
     artifact_sha256: str | None = None
     artifact_size: int | None = None
+    #: A staged rollout's plan: the stable release, the waves and their gates (None: everyone at once).
+    rollout: Plan | None = None
 
     @property
     def channel(self) -> Channel:
@@ -87,6 +90,8 @@ class Deploy:
         if self.artifact_sha256 is not None:
             doc["artifact_sha256"] = self.artifact_sha256
             doc["artifact_size"] = self.artifact_size
+        if self.rollout is not None:
+            doc["rollout"] = self.rollout.to_dict()
         return doc
 
     def to_json(self) -> str:
@@ -121,6 +126,8 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
     for key in ("stage", "role", "component"):
         _check_pattern(doc, key, NAME_PATTERN)
     _check_pattern(doc, "deploy_id", DEPLOY_ID_PATTERN)
+    if doc["deploy_id"].endswith(STABLE_SUFFIX):
+        raise InvalidMessage(f"deploy_id may not end with {STABLE_SUFFIX!r} (reserved for a rollout's stable side)")
     _check_pattern(doc, "release_id", RELEASE_ID_PATTERN)
     _check_pattern(doc, "manifest_sha256", SHA256_PATTERN)
     seq = doc["seq"]
@@ -149,6 +156,7 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         origin=dict(origin),
         artifact_sha256=doc.get("artifact_sha256"),
         artifact_size=doc.get("artifact_size"),
+        rollout=plan_from_dict(doc["rollout"], _check_release) if "rollout" in doc else None,
     )
 
 
@@ -156,6 +164,16 @@ def _check_pattern(doc: dict[str, Any], key: str, pattern: re.Pattern[str]) -> N
     value = doc[key]
     if not isinstance(value, str) or not pattern.match(value):
         raise InvalidMessage(f"{key} {value!r} does not match {pattern.pattern}")
+
+
+def _check_release(doc: dict[str, Any]) -> None:
+    """A release named inside another document (a rollout's stable release), checked like the deploy's own."""
+    _check_pattern(doc, "release_id", RELEASE_ID_PATTERN)
+    _check_pattern(doc, "manifest_sha256", SHA256_PATTERN)
+    manifest_key = doc["manifest_key"]
+    if not isinstance(manifest_key, str) or not manifest_key or len(manifest_key) > 1024:
+        raise InvalidMessage(f"manifest_key must be a non-empty S3 key, got {manifest_key!r}")
+    _check_artifact(doc)
 
 
 def _check_artifact(doc: dict[str, Any]) -> None:

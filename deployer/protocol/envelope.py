@@ -26,6 +26,7 @@ from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 #: The payload types this code signs and verifies; each kind of document has its own.
 DEPLOY_PAYLOAD_TYPE = "application/vnd.deployer.deploy+json"
 TRUST_PAYLOAD_TYPE = "application/vnd.deployer.trust+json"
+ROLLOUT_PAYLOAD_TYPE = "application/vnd.deployer.rollout+json"
 #: An envelope is small: a deploy document, or a trust document of a few keys, plus signatures.
 MAX_ENVELOPE_BYTES = MAX_DEPLOY_MESSAGE_BYTES
 #: More signatures than any sane threshold needs; a longer list is an attempt to make us work.

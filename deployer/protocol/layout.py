@@ -5,6 +5,7 @@
 <prefix>/releases/<component>/<release_id>/manifest.yml      immutable
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
+<prefix>/channels/<stage>/<role>/<component>/rollouts/<deploy_id>.json   a rollout's cursor
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
 <prefix>/trust/<version>.json                                 signed trust updates (immutable)
 ```
@@ -25,6 +26,7 @@ POINTER_NAME = "latest.json"
 RELEASES = "releases"
 CHANNELS = "channels"
 HISTORY = "history"
+ROLLOUTS = "rollouts"
 STATUS = "status"
 TRUST = "trust"
 REPORT_SUFFIX = ".json"
@@ -83,6 +85,10 @@ class Layout:
 
     def history_prefix(self, channel: Channel) -> str:
         return f"{self.channel_dir(channel)}/{HISTORY}/"
+
+    def cursor_key(self, channel: Channel, deploy_id: str) -> str:
+        """A staged rollout's cursor, written by CI only (conditionally)."""
+        return f"{self.channel_dir(channel)}/{ROLLOUTS}/{deploy_id}.json"
 
     def trust_key(self, version: int) -> str:
         """A signed trust update; zero-padded so a listing is in version order."""

@@ -61,6 +61,7 @@ class ComponentState(enum.StrEnum):
     PENDING = "pending"  # nothing applied yet
     APPLYING = "applying"
     OK = "ok"
+    WAITING = "waiting"  # a staged rollout has not admitted this instance yet: it runs the stable release
     FAILED = "failed"  # may succeed on retry (hook failure, network)
     REJECTED = "rejected"  # can never succeed (invalid manifest, checksum, unsafe archive)
 

@@ -38,6 +38,7 @@ from deployer.protocol.deploy import Deploy, deploy_from_dict, parse_deploy
 from deployer.protocol.envelope import (
     DEPLOY_PAYLOAD_TYPE,
     KEYID_PATTERN,
+    ROLLOUT_PAYLOAD_TYPE,
     TRUST_PAYLOAD_TYPE,
     Envelope,
     envelope_from_dict,
@@ -46,6 +47,7 @@ from deployer.protocol.envelope import (
 from deployer.protocol.errors import InvalidMessage, InvalidTrust, Unauthentic
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 from deployer.protocol.names import Channel
+from deployer.protocol.rollout import Cursor, parse_cursor
 
 TRUST_DOCUMENT_VERSION = 1
 #: The signature schemes a key may use: Ed25519 (file keys) and ECDSA P-256 with SHA-256 (KMS
@@ -278,6 +280,21 @@ class DeployVerifier:
         if deploy.seq < floor:
             raise Unauthentic(f"seq {deploy.seq} is below the floor {floor} the trust sets for {deploy.channel}")
         return deploy
+
+    def open_cursor(self, raw: str | bytes, deploy_id: str) -> Cursor:
+        """A rollout's cursor, held to the same rule as deploys: signed by the deploy keys (its own
+        payload type) where the trust says so. Only CI can advance a rollout."""
+        doc = json_object(raw, what="rollout cursor", limit=MAX_DEPLOY_MESSAGE_BYTES, error=InvalidMessage)
+        if not is_envelope(doc):
+            if self.required:
+                raise Unauthentic("unsigned rollout cursor, and this instance requires signatures")
+            return parse_cursor(raw, deploy_id)
+        envelope = envelope_from_dict(doc)
+        if self.trust is None:
+            if self.required:
+                raise Unauthentic("signatures are required but no trust file is configured")
+            return parse_cursor(envelope.payload, deploy_id)
+        return parse_cursor(self.trust.verified_payload(envelope, DEPLOY_ROLE, ROLLOUT_PAYLOAD_TYPE), deploy_id)
 
 
 #: What the publisher and the CLI use to read documents they wrote themselves: envelopes are

@@ -1,0 +1,153 @@
+"""`deployer rollout status|resume|abort`: see, continue or stop a channel's staged rollout from any CI job."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from deployer.cli.options import (
+    Store,
+    channel_options,
+    quiet,
+    sign_key_option,
+    store_options,
+    topic_option,
+    wait_options,
+)
+from deployer.protocol.errors import ConfigError
+from deployer.protocol.names import Channel
+
+if TYPE_CHECKING:
+    from deployer.protocol.deploy import Deploy
+    from publisher.publish import Publisher
+    from publisher.wait import WaitOptions
+
+
+@click.group()
+def rollout() -> None:
+    """A channel's staged rollout (`publish --waves`): where it is, continue it, or roll it back."""
+
+
+def _staged(
+    store: Store, topic_arn: str, channel: Channel, sign_keys: tuple[str, ...] = ()
+) -> tuple[Publisher, Deploy]:
+    from deployer.aws.s3 import read_pointer
+    from publisher.publish import Publisher
+
+    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
+    pointer = read_pointer(store.clients.s3, store.bucket, store.layout, channel)
+    if pointer is None or pointer.deploy.rollout is None:
+        raise ConfigError(f"{channel}'s current deploy is not a staged rollout")
+    return publisher, pointer.deploy
+
+
+@rollout.command("status")
+@store_options
+@topic_option()
+@channel_options
+@wait_options
+@quiet
+def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOptions | None) -> None:
+    """The plan, the cursor (wave, state, driver and lease) and where each wave's instances stand."""
+    from datetime import UTC, datetime
+
+    from deployer.aws.reports import ReportReader
+    from publisher.rollout import Cursors, count
+
+    publisher, deploy = _staged(store, topic_arn, channel)
+    plan = deploy.rollout
+    assert plan is not None
+    found = Cursors(publisher).read(channel, deploy.deploy_id)
+    if found is None:
+        click.echo(f"{channel} seq {deploy.seq}: no cursor yet")
+        return
+    cursor = found[0]
+    ttl = wait.heartbeat_ttl_s if wait else 1860.0
+    reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
+    entries = {who.instance_id: e for who, e in reader.refresh().items()}
+    click.echo(
+        f"{channel} seq {deploy.seq}: release {deploy.release_id} (stable {plan.stable.release_id}), "
+        f"waves {', '.join(plan.waves)}; {cursor.state.value} at wave {cursor.wave}/{plan.last_wave}, "
+        f"driver {cursor.driver} until {cursor.lease_until:%Y-%m-%dT%H:%M:%SZ}"
+        + (f"; reason: {cursor.reason}" if cursor.reason else "")
+    )
+    now = datetime.now(UTC)
+    for wave in range(plan.last_wave + 1):
+        tally = count(deploy, wave, entries, now, ttl)
+        members = {i for i in tally.admitted if plan.wave_of(deploy.deploy_id, i) == wave}
+        click.echo(
+            f"  wave {wave}: {len(members)} instance(s), {len(members & tally.converged)} ok, "
+            f"{len(members & set(tally.failed))} failed, {len(members & tally.waiting)} waiting"
+        )
+
+
+@rollout.command("resume")
+@store_options
+@topic_option()
+@channel_options
+@sign_key_option("Sign the cursor like the deploy (needed when agents require signatures).")
+@wait_options
+@click.option("--force", is_flag=True, help="Take the rollout over even if another driver's lease has not lapsed.")
+@click.option(
+    "--lease",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds this driver's claim lasts unrenewed.",
+)
+@quiet
+def rollout_resume(
+    store: Store,
+    topic_arn: str,
+    channel: Channel,
+    sign_keys: tuple[str, ...],
+    wait: WaitOptions | None,
+    force: bool,
+    lease: float,
+) -> None:
+    """Continue the rollout from its cursor's wave to the end (or to an automatic rollback)."""
+    from deployer.aws.reports import ReportReader
+    from deployer.cli.ci import drive
+    from publisher.rollout import Gates
+
+    publisher, deploy = _staged(store, topic_arn, channel, sign_keys)
+    plan = deploy.rollout
+    assert plan is not None
+    gates = Gates(plan.waves, plan.bake_s, plan.max_failed, plan.progress_deadline_s, (), lease)
+    if wait is not None:
+        gates = Gates(
+            plan.waves,
+            plan.bake_s,
+            plan.max_failed,
+            plan.progress_deadline_s,
+            (),
+            lease,
+            wait.heartbeat_ttl_s,
+            wait.poll_s,
+        )
+    reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
+    sys.exit(drive(publisher, store, reader, gates, deploy, force=force))
+
+
+@rollout.command("abort")
+@store_options
+@topic_option()
+@channel_options
+@sign_key_option("Sign the cursor like the deploy (needed when agents require signatures).")
+@click.option("--reason", default="aborted by an operator", show_default=True, help="Recorded in the cursor.")
+@quiet
+def rollout_abort(store: Store, topic_arn: str, channel: Channel, sign_keys: tuple[str, ...], reason: str) -> None:
+    """Roll the rollout back now: every instance returns to the stable release."""
+    from deployer.aws.reports import ReportReader
+    from publisher.rollout import Driver, Gates
+
+    publisher, deploy = _staged(store, topic_arn, channel, sign_keys)
+    plan = deploy.rollout
+    assert plan is not None
+    reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
+    Driver(publisher, reader, Gates(plan.waves), deploy, echo=click.echo).abort(reason)
+
+
+COMMANDS = (rollout,)

@@ -1,0 +1,359 @@
+"""Staged rollouts, the CI side: plan the waves, write the cursor, drive it wave by wave.
+
+There is no server. The driver is `publish --waves … --wait` itself, or `deployer rollout
+resume` in a later job: per wave it waits until every admitted live instance runs the
+candidate, bakes, then advances the cursor and announces it (the deploy document is published
+to SNS again, so admitted agents move at once; the others see it at reconcile). Failures above
+the budget, an alarm, or a missed progress deadline abort: the cursor says `aborted` and every
+instance returns to the stable release, which the admitted ones still hold on disk.
+
+Only the holder of the cursor's lease drives, and every cursor write is conditional: two CI
+jobs can never both advance one rollout, and a driver that dies leaves the fleet frozen where
+it was, never advancing, until `rollout resume` (or `abort`). A newer publish supersedes a
+rollout in flight: agents follow the higher seq, and the old driver stops.
+(docs/design.md, "Staged rollouts")
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from deployer.aws.reports import ReportEntry, ReportReader
+from deployer.aws.s3 import get_document, put_conditional, read_pointer
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.envelope import ROLLOUT_PAYLOAD_TYPE
+from deployer.protocol.errors import PreconditionFailed, PublishError
+from deployer.protocol.names import Channel
+from deployer.protocol.report import ComponentState
+from deployer.protocol.rollout import (
+    STABLE_SUFFIX,
+    Cursor,
+    Plan,
+    RolloutState,
+    Stable,
+    plan_waves,
+)
+from deployer.protocol.timestamps import age_seconds
+from deployer.protocol.trust import UNVERIFIED
+from publisher.publish import Publisher
+from publisher.signing import sign
+
+log = structlog.get_logger(__name__)
+
+#: How long a driver's claim on a rollout lasts without renewal; renewed every third of it.
+DEFAULT_LEASE_SECONDS = 60.0
+#: Exit codes beside publish --wait's 0 / 4 / 5.
+EXIT_ROLLED_BACK = 6
+EXIT_SUPERSEDED = 7
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The knobs of `publish --waves`: what to wait for, how long to watch, how much to tolerate."""
+
+    waves: tuple[str, ...]
+    bake_s: float = 0.0
+    max_failed: str = "0"
+    progress_deadline_s: float = 900.0
+    alarms: tuple[str, ...] = ()
+    lease_s: float = DEFAULT_LEASE_SECONDS
+    heartbeat_ttl_s: float = 1860.0
+    poll_s: float = 5.0
+
+
+def driver_id() -> str:
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Cursors:
+    """A channel's rollout cursors in S3: created once, then changed only by the lease holder (If-Match)."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+
+    def _key(self, channel: Channel, deploy_id: str) -> str:
+        return self.publisher.layout.cursor_key(channel, deploy_id)
+
+    def read(self, channel: Channel, deploy_id: str) -> tuple[Cursor, str] | None:
+        p = self.publisher
+        found = get_document(p.clients.s3, p.bucket, self._key(channel, deploy_id), p.policy)
+        return (UNVERIFIED.open_cursor(found[0], deploy_id), found[1]) if found else None
+
+    def write(self, channel: Channel, cursor: Cursor, etag: str | None) -> str:
+        """Create (etag None) or replace the cursor; PreconditionFailed if someone else wrote it since."""
+        p = self.publisher
+        payload = cursor.to_json().encode()
+        body = sign(payload, ROLLOUT_PAYLOAD_TYPE, p.signers).to_json().encode() if p.signers else payload
+        return put_conditional(
+            p.clients.s3, p.bucket, self._key(channel, cursor.deploy_id), body, if_match=etag, policy=p.policy
+        )
+
+
+@dataclass
+class Staging:
+    """What `Publisher.publish` needs to stage a deploy: the plan (made once the deploy id is known)
+    and the first cursor, written before the pointer moves so no agent ever finds a deploy without one."""
+
+    cursors: Cursors
+    gates: Gates
+    stable: Stable
+    live: tuple[str, ...]
+    driver: str = field(default_factory=driver_id)
+
+    def plan(self, deploy_id: str) -> Plan:
+        try:
+            waves, first, thresholds = plan_waves(self.gates.waves, deploy_id, self.live)
+        except ValueError as exc:
+            raise PublishError(str(exc)) from None
+        return Plan(
+            waves=waves,
+            first=first,
+            thresholds=thresholds,
+            stable=self.stable,
+            bake_s=self.gates.bake_s,
+            max_failed=self.gates.max_failed,
+            progress_deadline_s=self.gates.progress_deadline_s,
+        )
+
+    def start(self, deploy: Deploy) -> None:
+        now = _now()
+        cursor = Cursor(
+            deploy.deploy_id, 0, RolloutState.ROLLING, now, self.driver, now + timedelta(seconds=self.gates.lease_s)
+        )
+        self.cursors.write(deploy.channel, cursor, None)
+
+
+def prepare(publisher: Publisher, channel: Channel, gates: Gates, entries: Mapping[str, ReportEntry]) -> Staging:
+    """The stable release (what the channel runs now) and the live instances the waves are cut from."""
+    pointer = read_pointer(publisher.clients.s3, publisher.bucket, publisher.layout, channel, publisher.policy)
+    if pointer is None:
+        raise PublishError(f"{channel} has never been published: a first deploy has no stable release to stage from")
+    cursors = Cursors(publisher)
+    current = pointer.deploy
+    stable = Stable(
+        current.release_id,
+        current.manifest_key,
+        current.manifest_sha256,
+        current.artifact_sha256,
+        current.artifact_size,
+    )
+    if current.rollout is not None:
+        found = cursors.read(channel, current.deploy_id)
+        if found is None or found[0].state is not RolloutState.DONE:
+            stable = current.rollout.stable  # superseding a rollout that never finished: its stable stays stable
+    live = tuple(
+        sorted(
+            instance
+            for instance, entry in entries.items()
+            if entry.report is not None
+            and channel.component in entry.report.components
+            and age_seconds(entry.report.heartbeat_at) <= gates.heartbeat_ttl_s
+        )
+    )
+    return Staging(cursors, gates, stable, live)
+
+
+class Verdict(enum.StrEnum):
+    DONE = "done"
+    ROLLED_BACK = "rolled_back"
+    SUPERSEDED = "superseded"
+    LOST_LEASE = "lost_lease"
+
+
+@dataclass(frozen=True)
+class WaveCount:
+    """One poll's view of a rollout: per instance, what the driver waits for."""
+
+    wave: int
+    admitted: frozenset[str]
+    converged: frozenset[str]
+    failed: Mapping[str, str]
+    waiting: frozenset[str]
+    live: int
+
+    @property
+    def pending(self) -> frozenset[str]:
+        return self.admitted - self.converged - set(self.failed)
+
+    def line(self, deploy: Deploy, bake_left: float | None = None) -> str:
+        plan = deploy.rollout
+        assert plan is not None
+        label = plan.waves[min(self.wave, len(plan.waves) - 1)] if self.wave < len(plan.waves) else "100%"
+        text = (
+            f"{deploy.channel} seq {deploy.seq} wave {self.wave}/{plan.last_wave} ({label}): "
+            f"{len(self.admitted)} admitted, {len(self.converged)} ok, {len(self.failed)} failed, "
+            f"{len(self.pending)} pending, {len(self.waiting)} waiting, {self.live} live"
+        )
+        return text + (f", bake {bake_left:.0f}s left" if bake_left is not None else "")
+
+
+def count(deploy: Deploy, wave: int, entries: Mapping[str, ReportEntry], now: datetime, ttl_s: float) -> WaveCount:
+    """Pure: who is admitted at `wave` among the live instances, and where each stands."""
+    plan = deploy.rollout
+    assert plan is not None
+    admitted, converged, waiting, failed = set(), set(), set(), {}
+    live = 0
+    for instance, entry in entries.items():
+        report = entry.report
+        if report is None or deploy.component not in report.components:
+            continue
+        status = report.components[deploy.component]
+        if age_seconds(report.heartbeat_at, now) > ttl_s and status.deploy_id != deploy.deploy_id:
+            continue  # dead and never on the candidate: drops out of the denominator (scale-in)
+        live += 1
+        if status.deploy_id == deploy.deploy_id and status.state in (ComponentState.FAILED, ComponentState.REJECTED):
+            failed[instance] = status.error or status.state.value
+        if plan.admits(deploy.deploy_id, instance, wave):
+            admitted.add(instance)
+            if status.deploy_id == deploy.deploy_id and status.state is ComponentState.OK:
+                converged.add(instance)
+        elif status.deploy_id == deploy.deploy_id + STABLE_SUFFIX:
+            waiting.add(instance)
+    return WaveCount(wave, frozenset(admitted), frozenset(converged), failed, frozenset(waiting), live)
+
+
+@dataclass
+class Driver:
+    """Drives one rollout to done or rolled back, holding its lease; one line of progress per change."""
+
+    publisher: Publisher
+    reader: ReportReader
+    gates: Gates
+    deploy: Deploy
+    alarms: Callable[[], Sequence[str]] = lambda: ()
+    driver: str = field(default_factory=driver_id)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    echo: Callable[[str], None] = print
+    _etag: str | None = None
+    _cursor: Cursor | None = None
+    _renewed: float = 0.0
+
+    @property
+    def plan(self) -> Plan:
+        assert self.deploy.rollout is not None
+        return self.deploy.rollout
+
+    def take(self, *, force: bool = False) -> Cursor:
+        """Hold the rollout's lease: free, expired, ours, or taken over with `force`."""
+        found = Cursors(self.publisher).read(self.deploy.channel, self.deploy.deploy_id)
+        if found is None:
+            raise PublishError(f"deploy {self.deploy.deploy_id} has no rollout cursor")
+        cursor, self._etag = found
+        held = cursor.driver != self.driver and cursor.lease_until > _now()
+        if held and not force and cursor.state is RolloutState.ROLLING:
+            raise PublishError(
+                f"the rollout of seq {self.deploy.seq} is driven by {cursor.driver} until "
+                f"{cursor.lease_until:%H:%M:%SZ}; wait for its lease to lapse, or use --force"
+            )
+        return self._write(replace(cursor, driver=self.driver))
+
+    def drive(self) -> Verdict:
+        cursor = self._cursor or self.take()
+        if cursor.state is not RolloutState.ROLLING:
+            return Verdict.DONE if cursor.state is RolloutState.DONE else Verdict.ROLLED_BACK
+        for wave in range(cursor.wave, self.plan.last_wave + 1):
+            if wave > cursor.wave:
+                cursor = self._write(replace(cursor, wave=wave))
+                self.publisher.announce(self.deploy.channel)
+                log.info(
+                    "rollout_wave_started", seq=self.deploy.seq, wave=wave, next="waiting for the admitted instances"
+                )
+            stopped = self._watch(wave)
+            if stopped is not None:
+                return stopped
+            cursor = self._cursor or cursor
+        self._write(replace(cursor, state=RolloutState.DONE, reason=None))
+        self.publisher.announce(self.deploy.channel)
+        self.echo(f"OK: rollout of {self.deploy.channel} seq {self.deploy.seq} done in {self.plan.last_wave + 1} waves")
+        return Verdict.DONE
+
+    def abort(self, reason: str) -> Verdict:
+        """Every instance back to stable: the cursor says so and the deploy is announced again."""
+        cursor = self._cursor or self.take(force=True)
+        self._write(replace(cursor, state=RolloutState.ABORTED, reason=reason[:500]))
+        self.publisher.announce(self.deploy.channel)
+        log.error(
+            "rollout_aborted", seq=self.deploy.seq, reason=reason, next="every instance returns to the stable release"
+        )
+        self.echo(f"ROLLED BACK: {self.deploy.channel} seq {self.deploy.seq}: {reason}")
+        return Verdict.ROLLED_BACK
+
+    def _watch(self, wave: int) -> Verdict | None:
+        """Wait for the wave, then bake it; None when the next wave may start."""
+        started = self.clock()
+        baking_since: float | None = None
+        last = ""
+        while True:
+            if self._superseded():
+                self.echo(f"SUPERSEDED: a newer deploy of {self.deploy.channel} replaced seq {self.deploy.seq}")
+                return Verdict.SUPERSEDED
+            tally = count(self.deploy, wave, self._entries(), _now(), self.gates.heartbeat_ttl_s)
+            stop = self._gate(tally, wave, started if baking_since is None else None)
+            if stop is not None:
+                return self.abort(stop)
+            if baking_since is None and not tally.pending:
+                baking_since = self.clock()
+            bake_left = None if baking_since is None else self.plan.bake_s - (self.clock() - baking_since)
+            line = tally.line(self.deploy, bake_left if bake_left is not None and bake_left > 0 else None)
+            if line != last:
+                self.echo(line)
+                last = line
+            if bake_left is not None and bake_left <= 0:
+                return None
+            self._renew()
+            self.sleep(self.gates.poll_s)
+
+    def _gate(self, tally: WaveCount, wave: int, waiting_since: float | None) -> str | None:
+        """Why the rollout must stop now, if it must: an alarm, too many failures, a missed deadline."""
+        alarming = list(self.alarms())
+        if alarming:
+            return f"alarm(s) in ALARM: {', '.join(alarming)}"
+        budget = self.plan.failure_budget(tally.live)
+        if len(tally.failed) > budget:
+            worst = "; ".join(f"{i}: {e}" for i, e in sorted(tally.failed.items())[:3])
+            return f"{len(tally.failed)} failed, {budget} tolerated ({worst})"
+        if waiting_since is not None and self.clock() - waiting_since > self.plan.progress_deadline_s:
+            return f"wave {wave} missed its progress deadline of {self.plan.progress_deadline_s:.0f}s"
+        return None
+
+    def _entries(self) -> dict[str, ReportEntry]:
+        return {
+            who.instance_id: entry
+            for who, entry in self.reader.refresh().items()
+            if (who.stage, who.role) == (self.deploy.stage, self.deploy.role)
+        }
+
+    def _superseded(self) -> bool:
+        p = self.publisher
+        pointer = read_pointer(p.clients.s3, p.bucket, p.layout, self.deploy.channel, p.policy)
+        return pointer is not None and pointer.deploy.seq > self.deploy.seq
+
+    def _renew(self) -> None:
+        if self._cursor is not None and self.clock() - self._renewed >= self.gates.lease_s / 3:
+            self._write(self._cursor)
+
+    def _write(self, cursor: Cursor) -> Cursor:
+        now = _now()
+        renewed = replace(cursor, updated_at=now, lease_until=now + timedelta(seconds=self.gates.lease_s))
+        try:
+            self._etag = Cursors(self.publisher).write(self.deploy.channel, renewed, self._etag)
+        except PreconditionFailed:
+            raise PublishError(
+                "the rollout cursor was changed by someone else (another driver, or `rollout abort`); stopping"
+            ) from None
+        self._cursor, self._renewed = renewed, self.clock()
+        return renewed
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)

@@ -1,0 +1,135 @@
+"""Staged rollouts against the emulator with real agent subprocesses: waves in order, automatic
+rollback on failures, a dead driver that freezes the fleet, resume, supersede, a new instance
+mid-rollout, and a forged cursor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deployer.aws.s3 import read_pointer
+from deployer.protocol.deploy import Deploy
+from deployer.protocol.names import Channel
+from deployer.protocol.rollout import Cursor, RolloutState, parse_cursor
+from publisher.rollout import EXIT_ROLLED_BACK
+from tests.support import AgentProcess, Fleet, artifact, cli, publish_args, template_file, wait_until
+
+API = Channel("prod", "web", "api")
+#: Agents heartbeat every second, so the driver's view of the fleet is fresh.
+FLEET = {"heartbeat_interval_seconds": 1}
+FAST = ("--heartbeat-ttl", "8", "--poll-interval", "0.3", "--timeout", "120")
+
+
+def staged(fleet: Fleet, tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli(*publish_args(fleet, artifact(tmp_path, name, name), "--wait", *FAST, *extra))
+
+
+def current(fleet: Fleet) -> Deploy:
+    pointer = read_pointer(fleet.clients.s3, fleet.bucket, fleet.layout, API)
+    assert pointer is not None
+    return pointer.deploy
+
+
+def read_cursor(fleet: Fleet, deploy: Deploy) -> Cursor:
+    body = fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=fleet.layout.cursor_key(API, deploy.deploy_id))["Body"]
+    return parse_cursor(body.read(), deploy.deploy_id)
+
+
+def apply_times(agent: AgentProcess, deploy_id: str) -> list[str]:
+    return [e["timestamp"] for e in agent.events("apply_succeeded") if e.get("deploy_id") == deploy_id]
+
+
+def test_a_good_release_walks_every_wave_in_order_and_a_failing_one_rolls_back_by_itself(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**FLEET) for _ in range(10)]
+    first = cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST))
+    assert first.returncode == 0, first.stdout + first.stderr
+    good = staged(fleet, tmp_path, "v2", "--waves", "1,30%,100%", "--bake", "1")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "OK: rollout of prod/web/api seq 2 done in 3 waves" in good.stdout
+    deploy = current(fleet)
+    plan = deploy.rollout
+    assert plan is not None
+    assert all(agent.served() == "v2" for agent in agents)
+    # No instance applied the candidate before every instance of the waves before it had.
+    waves = {agent.instance_id: plan.wave_of(deploy.deploy_id, agent.instance_id or "") for agent in agents}
+    done = {agent.instance_id: min(apply_times(agent, deploy.deploy_id)) for agent in agents}
+    for wave in range(1, plan.last_wave + 1):
+        earlier = [t for i, t in done.items() if waves[i] < wave]
+        later = [t for i, t in done.items() if waves[i] == wave]
+        if earlier and later:
+            assert max(earlier) < min(later), (wave, waves, done)
+
+    broken = template_file(tmp_path / "broken.yml", "exit 3")
+    bad = staged(fleet, tmp_path, "v3", "--manifest", str(broken), "--waves", "1,50%,100%", "--max-failed", "0")
+    assert bad.returncode == EXIT_ROLLED_BACK, bad.stdout + bad.stderr
+    assert "ROLLED BACK: prod/web/api seq 3: 1 failed, 0 tolerated" in bad.stdout
+    rolled = current(fleet)
+    assert rolled.rollout is not None
+    assert rolled.rollout.stable.release_id == deploy.release_id
+    wait_until(lambda: all(agent.served() == "v2" for agent in agents), "every instance back on stable")
+    tried = [a for a in agents if any(e.get("deploy_id") == rolled.deploy_id for e in a.events("apply_started"))]
+    assert [a.instance_id for a in tried] == list(rolled.rollout.first)  # only wave 0 ever tried it
+
+
+def test_a_dead_driver_freezes_the_fleet_a_new_instance_follows_its_wave_and_resume_finishes(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**FLEET) for _ in range(4)]
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    # The driver's CI job dies right after publishing: the cursor stays at wave 0, leased for 2 s.
+    started = cli(*publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "1,100%", "--lease", "2"))
+    assert started.returncode == 0, started.stderr
+    assert "rollout started at wave 0 of 1" in started.stdout
+    deploy = current(fleet)
+    assert deploy.rollout is not None
+    [chosen] = deploy.rollout.first
+    by_id = {a.instance_id: a for a in agents}
+    wait_until(lambda: by_id[chosen].served() == "v2", "wave 0 to apply the candidate")
+    others = [a for a in agents if a.instance_id != chosen]
+    wait_until(lambda: all(a.component().state.value == "waiting" for a in others), "the others to wait")
+    assert all(a.served() == "v1" for a in others)
+    # A new instance booting now lands on the release of its wave: stable, it is not admitted yet.
+    late = start_agent(**FLEET)
+    wait_until(lambda: late.component().state.value == "waiting", "the new instance to hold stable")
+    assert late.served() == "v1"
+    status = cli("rollout", "status", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
+                 "--stage", "prod", "--role", "web", "--component", "api")  # fmt: skip
+    assert "rolling at wave 0/1" in status.stdout, status.stdout + status.stderr
+    cursor = read_cursor(fleet, deploy)
+    assert (cursor.state, cursor.wave) == (RolloutState.ROLLING, 0)  # frozen: nobody advances it
+    time.sleep(max(0.0, (cursor.lease_until - datetime.now(UTC)).total_seconds()) + 1)  # the dead driver's lease lapses
+    resumed = cli("rollout", "resume", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
+                  "--stage", "prod", "--role", "web", "--component", "api", *FAST)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert all(agent.served() == "v2" for agent in [*agents, late])
+
+
+def test_a_newer_publish_supersedes_a_rollout_in_flight(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**FLEET) for _ in range(3)]
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deployer",
+            *publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "1,100%", "--bake", "60", "--wait", *FAST),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: current(fleet).rollout is not None, "the staged deploy")
+    newer = cli(*publish_args(fleet, artifact(tmp_path, "v3", "v3"), "--wait", *FAST))
+    assert newer.returncode == 0, newer.stdout + newer.stderr
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 7, out + err
+    assert "SUPERSEDED" in out
+    assert all(agent.served() == "v3" for agent in agents)
