@@ -261,6 +261,8 @@ class Driver:
         cursor = self._cursor or self.take()
         if cursor.state is not RolloutState.ROLLING:
             return Verdict.DONE if cursor.state is RolloutState.DONE else Verdict.ROLLED_BACK
+        # Whoever drives now says so: agents re-read the cursor at once instead of at their reconcile.
+        self.publisher.announce(self.deploy.channel)
         for wave in range(cursor.wave, self.plan.last_wave + 1):
             if wave > cursor.wave:
                 cursor = self._write(replace(cursor, wave=wave))

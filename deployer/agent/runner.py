@@ -39,7 +39,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
-from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, side_for, stable_variant
+from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, base_id, side_for, stable_variant
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
@@ -241,12 +241,15 @@ class DeployRunner:
             cursor = self._cursor(deploy)
         except Exception as exc:  # noqa: BLE001 - a network failure decides nothing; the message is retried
             return outcome_of(exc), f"cannot read the rollout cursor: {exc}"
-        side = side_for(plan, deploy.deploy_id, self.instance_id, cursor)
+        current = state.channels.get(deploy.channel)
+        now = None
+        if current is not None and base_id(current.deploy_id) == deploy.deploy_id:
+            now = Side.STABLE if current.deploy_id.endswith(STABLE_SUFFIX) else Side.CANDIDATE
+        side = side_for(plan, deploy.deploy_id, self.instance_id, cursor, now)
         target = deploy if side is Side.CANDIDATE else stable_variant(deploy)
         waiting = side is Side.STABLE and (cursor is None or cursor.state is RolloutState.ROLLING)
         wave = plan.wave_of(deploy.deploy_id, self.instance_id)
         structlog.contextvars.bind_contextvars(deploy_id=target.deploy_id, release_id=target.release_id)
-        current = state.channels.get(deploy.channel)
         if current is not None and current.deploy_id == target.deploy_id:
             log.info("rollout_unchanged", side=side.value, wave=wave, next="nothing to do")
             return Outcome.APPLIED, f"already on the rollout's {side.value} release"

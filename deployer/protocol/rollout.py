@@ -145,8 +145,9 @@ def plan_waves(
     if any(b < a for a, b in itertools.pairwise(shares)):
         raise ValueError(f"waves must not shrink: {', '.join(specs)}")
     ranked = sorted(live, key=lambda instance: (bucket(deploy_id, instance), instance))
-    first_count = min(max(1, math.ceil(len(live) * shares[0] / BUCKETS)), MAX_FIRST_WAVE)
-    first = tuple(sorted(ranked[:first_count]))
+    number, percent = _spec(specs[0], "wave")
+    first_count = math.ceil(len(live) * number / 100) if percent else number
+    first = tuple(sorted(ranked[: min(max(1, first_count), MAX_FIRST_WAVE, len(live))]))
     thresholds = [max(1, share) for share in shares[1:]]
     if not thresholds or thresholds[-1] < BUCKETS:
         thresholds.append(BUCKETS)
@@ -303,13 +304,17 @@ class Side(enum.StrEnum):
     STABLE = "stable"
 
 
-def side_for(plan: Plan, deploy_id: str, instance_id: str, cursor: Cursor | None) -> Side:
+def side_for(plan: Plan, deploy_id: str, instance_id: str, cursor: Cursor | None, now: Side | None = None) -> Side:
     """Which release of a rollout this instance runs now. Pure.
 
-    No cursor (not written yet, or unreadable) or an aborted rollout: stable. A finished one:
-    the candidate. Otherwise: the candidate once the cursor's wave admits the instance.
+    No valid cursor (deleted, forged, unreadable): where it is (`now`), or stable if it is on
+    neither side yet, so an attacker who can write the bucket can neither advance nor revert a
+    rollout. An aborted rollout: stable. A finished one: the candidate. Otherwise: the candidate
+    once the cursor's wave admits the instance.
     """
-    if cursor is None or cursor.state is RolloutState.ABORTED:
+    if cursor is None:
+        return now or Side.STABLE
+    if cursor.state is RolloutState.ABORTED:
         return Side.STABLE
     if cursor.state is RolloutState.DONE or plan.admits(deploy_id, instance_id, cursor.wave):
         return Side.CANDIDATE

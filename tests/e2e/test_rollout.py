@@ -11,12 +11,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import boto3
+
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.names import Channel
 from deployer.protocol.rollout import Cursor, RolloutState, parse_cursor
 from publisher.rollout import EXIT_ROLLED_BACK
-from tests.support import AgentProcess, Fleet, artifact, cli, publish_args, template_file, wait_until
+from tests.support import REGION, AgentProcess, Fleet, artifact, cli, kill_hard, publish_args, template_file, wait_until
 
 API = Channel("prod", "web", "api")
 #: Agents heartbeat every second, so the driver's view of the fleet is fresh.
@@ -133,3 +135,42 @@ def test_a_newer_publish_supersedes_a_rollout_in_flight(
     assert driver.returncode == 7, out + err
     assert "SUPERSEDED" in out
     assert all(agent.served() == "v3" for agent in agents)
+
+
+def test_an_alarm_in_alarm_rolls_the_rollout_back_and_scale_in_never_blocks_a_wave(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**FLEET) for _ in range(3)]
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    # Scale-in mid-rollout: an instance dies during wave 0's bake; wave 1 goes on without it.
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deployer",
+            *publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "1,100%", "--bake", "3", "--wait", *FAST),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: current(fleet).rollout is not None, "the staged deploy")
+    deploy = current(fleet)
+    assert deploy.rollout is not None
+    victim = next(a for a in agents if a.instance_id not in deploy.rollout.first)
+    kill_hard(victim)
+    out, err = driver.communicate(timeout=90)
+    assert driver.returncode == 0, out + err
+    survivors = [a for a in agents if a is not victim]
+    assert all(a.served() == "v2" for a in survivors)
+    # An alarm in ALARM during the next rollout rolls it back.
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    cloudwatch.put_metric_alarm(
+        AlarmName="api-5xx", MetricName="5xx", Namespace="shop", Statistic="Sum", Period=60,
+        EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanThreshold",
+    )  # fmt: skip
+    cloudwatch.set_alarm_state(AlarmName="api-5xx", StateValue="ALARM", StateReason="injected by the test")
+    alarmed = staged(fleet, tmp_path, "v3", "--waves", "1,100%", "--alarm", "api-5xx")
+    assert alarmed.returncode == EXIT_ROLLED_BACK, alarmed.stdout + alarmed.stderr
+    assert "alarm(s) in ALARM: api-5xx" in alarmed.stdout
+    wait_until(lambda: all(a.served() == "v2" for a in survivors), "every instance on stable")

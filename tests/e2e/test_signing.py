@@ -14,7 +14,7 @@ import pytest
 
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE, TRUST_PAYLOAD_TYPE, Envelope, parse_envelope
 from deployer.protocol.names import Channel
-from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, Role, Trust
+from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, UNVERIFIED, Role, Trust
 from publisher.publish import Publisher
 from publisher.signing import FileSigner, keygen, public_key, sign
 from tests.awsproxy import aws_proxy
@@ -250,3 +250,37 @@ def test_deployer_apply_with_a_trust_applies_only_a_signed_document_like_an_agen
     assert "not trusted to sign this" in refused.stderr
     bare = cli("apply", "--trust", str(trust), "--manifest", f"s3://{fleet.bucket}/{deploy.manifest_key}", *paths)
     assert "apply a signed --document instead" in bare.stderr
+
+
+def test_a_forged_rollout_cursor_admits_nobody_and_only_a_signed_one_moves_the_fleet(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    trust = write_trust(tmp_path / "trust.json", trust_of(release_key))
+    agents = [
+        start_agent(trust_file=str(trust), require_signatures=True, heartbeat_interval_seconds=1) for _ in range(3)
+    ]
+    key = ("--sign-key", f"file:{tmp_path / 'release.pem'}")
+    fast = ("--heartbeat-ttl", "8", "--poll-interval", "0.3")
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), *key, "--wait", *fast)).returncode == 0
+    staged = cli(*publish_args(fleet, artifact(tmp_path, "v2", "v2"), *key, "--waves", "1,100%"))
+    assert staged.returncode == 0, staged.stderr
+    deploy = UNVERIFIED.open(
+        fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=fleet.layout.pointer_key(API))["Body"].read()
+    )
+    assert deploy.rollout is not None
+    waiting = [a for a in agents if a.instance_id not in deploy.rollout.first]
+    wait_until(lambda: all(a.component().state.value == "waiting" for a in waiting), "the unadmitted to wait")
+    # Someone who can write the bucket, without the key, moves the cursor to the last wave and announces it.
+    cursor_key = fleet.layout.cursor_key(API, deploy.deploy_id)
+    signed_cursor = parse_envelope(fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=cursor_key)["Body"].read())
+    forged = json.loads(signed_cursor.payload) | {"wave": 1}
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=cursor_key, Body=json.dumps(forged).encode())
+    signed_publisher(fleet, release_key).announce(API)
+    wait_until(lambda: all(a.events("rollout_cursor_rejected") for a in agents), "the forged cursor to be refused")
+    assert all(a.served() == "v1" for a in waiting)  # not advanced by it
+    assert all(a.served() == "v2" for a in agents if a not in waiting)  # nor reverted
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=cursor_key, Body=signed_cursor.to_json().encode())
+    resumed = cli("rollout", "resume", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn, "--stage", "prod",
+                  "--role", "web", "--component", "api", "--force", *key, *fast)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert all(a.served() == "v2" for a in agents)
