@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from deployer.aws.reports import ReportEntry
+from deployer.protocol.deploy import Deploy
 from deployer.protocol.names import Channel
 from deployer.protocol.report import FAILING_STATES, ComponentState
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, age_seconds
@@ -50,6 +51,8 @@ class Row:
     pointer_seq: int | None = None
     #: Heartbeating, but not on the pointer's seq.
     behind: bool = False
+    #: The wave that admits this instance, while the channel's pointer is a staged rollout.
+    wave: int | None = None
 
 
 def fleet_rows(
@@ -58,7 +61,7 @@ def fleet_rows(
     component: str | None = None,
     stale_after_s: float = 3600.0,
     now: datetime | None = None,
-    pointers: Mapping[Channel, int] | None = None,
+    pointers: Mapping[Channel, Deploy] | None = None,
 ) -> list[Row]:
     rows: list[Row] = []
     for entry in entries:
@@ -84,8 +87,10 @@ def fleet_rows(
         for name, status in sorted(report.components.items()):
             if component and name != component:
                 continue
-            pointer = (pointers or {}).get(Channel(who.stage, who.role, name))
+            deploy = (pointers or {}).get(Channel(who.stage, who.role, name))
+            pointer = deploy.seq if deploy else None
             behind = pointer is not None and age <= stale_after_s and (status.seq or 0) < pointer
+            wave = deploy.rollout.wave_of(deploy.deploy_id, who.instance_id) if deploy and deploy.rollout else None
             state, error = status.state.value, status.error or (status.last_error or "" if behind else "")
             if report.boot_error is not None:
                 state, error = BOOT_FAILED, report.boot_error
@@ -108,6 +113,7 @@ def fleet_rows(
                     heartbeat_at=report.heartbeat_at.strftime(TIMESTAMP_FORMAT),
                     pointer_seq=pointer,
                     behind=behind,
+                    wave=wave,
                 )
             )
     rows.sort(key=lambda r: (r.stage, r.role, r.component, r.instance_id))
@@ -140,6 +146,7 @@ def summary(rows: Iterable[Row]) -> list[str]:
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in failing)
         unbooted = sum(1 for r in members if r.state == BOOT_FAILED)
+        waiting = sum(1 for r in members if r.state == ComponentState.WAITING)
         stale = sum(1 for r in members if r.stale)
         behind = sum(1 for r in members if r.behind)
         pointer = next((r.pointer_seq for r in members if r.pointer_seq is not None), None)
@@ -147,6 +154,8 @@ def summary(rows: Iterable[Row]) -> list[str]:
             top = pointer
             on_top = sum(1 for r in members if r.seq == pointer and r.state == ComponentState.OK)
         line = f"{stage}/{role}/{component}: {on_top}/{len(members)} on seq {top if top is not None else '-'}, {failed} failed"
+        if waiting:
+            line += f", {waiting} waiting for their wave"
         if unbooted:
             line += f", {unbooted} cannot boot"
         if behind:
@@ -169,6 +178,14 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 3600:.0f}h"
 
 
+def _note(row: Row) -> str:
+    if row.stale:
+        return " (stale)"
+    if row.behind:
+        return f" (behind {row.pointer_seq})"
+    return f" (wave {row.wave})" if row.wave is not None else ""
+
+
 def format_table(rows: list[Row]) -> str:
     header = ("INSTANCE", "STAGE", "ROLE", "COMPONENT", "RELEASE", "SEQ", "STATE", "AGE", "ERROR")
     body = [
@@ -179,7 +196,7 @@ def format_table(rows: list[Row]) -> str:
             r.component,
             r.release_id,
             str(r.seq) if r.seq is not None else "-",
-            r.state + (" (stale)" if r.stale else f" (behind {r.pointer_seq})" if r.behind else ""),
+            r.state + _note(r),
             format_age(r.heartbeat_age_s),
             r.error[:60],
         )

@@ -50,11 +50,11 @@ def iter_history(
             log.warning("history_entry_invalid", key=key, error=str(exc), next="skipped")
 
 
-def pointer_seqs(
+def pointer_deploys(
     s3: S3Client, bucket: str, layout: Layout, channels: Iterable[Channel], policy: RetryPolicy = DEFAULT_POLICY
-) -> dict[Channel, int]:
-    """The pointer's seq of each channel that has one (unreadable pointers are left out)."""
-    found: dict[Channel, int] = {}
+) -> dict[Channel, Deploy]:
+    """The pointer's deploy of each channel that has one (unreadable pointers are left out)."""
+    found: dict[Channel, Deploy] = {}
     for channel in sorted(channels):
         try:
             pointer = read_pointer(s3, bucket, layout, channel, policy)
@@ -62,7 +62,7 @@ def pointer_seqs(
             log.warning("pointer_invalid", channel=str(channel), error=str(exc), next="not compared with")
             continue
         if pointer is not None:
-            found[channel] = pointer.deploy.seq
+            found[channel] = pointer.deploy
     return found
 
 

@@ -107,6 +107,11 @@ class Scope:
         return self.topic.queue_arn(queue_name_pattern(self.queue_prefix, self.stage, self.role))
 
     @property
+    def alarms(self) -> str:
+        topic = self.topic
+        return f"arn:{topic.partition}:cloudwatch:{topic.region}:{topic.account}:alarm:*"
+
+    @property
     def dead_letter_queues(self) -> str:
         return self.queues + DLQ_SUFFIX
 
@@ -175,6 +180,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
         # `--wait --asg`: the group's InService instances. Describe calls take no resource ARN.
         _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
+        # `--waves --alarm`: whether the rollout's alarms are in ALARM.
+        _allow("ReadAlarmsForRollouts", ["cloudwatch:DescribeAlarms"], scope.alarms),
         *_signing(scope),
     ]
 

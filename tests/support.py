@@ -383,6 +383,10 @@ def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentPro
         return agent
 
     yield start
+    for agent in started:  # all at once: each finishes its long poll in parallel
+        if agent.alive():
+            assert agent.process is not None
+            agent.process.send_signal(signal.SIGTERM)
     codes = {}
     for agent in started:
         if agent.process is not None:

@@ -40,10 +40,10 @@ def status(
     """Where the fleet stands: instances × components, with a summary per channel."""
     from deployer.aws.reports import ReportReader
     from publisher.fleet import channels_of, fleet_rows, format_table, summary
-    from publisher.history import pointer_seqs
+    from publisher.history import pointer_deploys
 
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
-    pointers = pointer_seqs(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
+    pointers = pointer_deploys(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
     rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
     if as_json:
         click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))

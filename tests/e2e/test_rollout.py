@@ -103,6 +103,9 @@ def test_a_dead_driver_freezes_the_fleet_a_new_instance_follows_its_wave_and_res
     status = cli("rollout", "status", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
                  "--stage", "prod", "--role", "web", "--component", "api")  # fmt: skip
     assert "rolling at wave 0/1" in status.stdout, status.stdout + status.stderr
+    fleet_view = cli("status", "--bucket", fleet.bucket)
+    assert "waiting (wave 1)" in fleet_view.stdout, fleet_view.stdout
+    assert "1/5 on seq 2, 0 failed, 4 waiting for their wave" in fleet_view.stdout
     cursor = read_cursor(fleet, deploy)
     assert (cursor.state, cursor.wave) == (RolloutState.ROLLING, 0)  # frozen: nobody advances it
     time.sleep(max(0.0, (cursor.lease_until - datetime.now(UTC)).total_seconds()) + 1)  # the dead driver's lease lapses

@@ -130,6 +130,7 @@ def test_ci_moves_only_its_stages_channels_and_never_touches_queues_or_deletes()
         "sns:Publish",
         "sns:GetTopicAttributes",
         "autoscaling:DescribeAutoScalingGroups",  # publish --wait --asg, read-only
+        "cloudwatch:DescribeAlarms",  # publish --waves --alarm, read-only
     }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
     assert puts == {"arn:aws:s3:::b/team/deployer/releases/*", "arn:aws:s3:::b/team/deployer/channels/dev/*"}

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState, ComponentStatus
 from publisher.fleet import fleet_rows, format_table, summary
-from tests.support import report_entry
+from tests.support import make_deploy, report_entry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 RECENT = NOW - timedelta(seconds=60)
@@ -65,7 +65,7 @@ def test_an_instance_heartbeating_on_an_older_seq_than_the_pointer_is_behind_wit
             report_entry("i-3", api(9), HOURS_AGO),
         ],
         now=NOW,
-        pointers={Channel("prod", "web", "api"): 16},
+        pointers={Channel("prod", "web", "api"): make_deploy(seq=16)},
     )
     by_instance = {r.instance_id: r for r in rows}
     assert (by_instance["i-2"].behind, by_instance["i-2"].error) == (True, "manifest sha256 … does not match")
