@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import apply, boot, fanout, idle, publish, scale
+from bench import apply, boot, fanout, idle, publish, rollout, scale
 from bench.common import REPO, Bench, aws_env, cpu_seconds
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
@@ -26,6 +26,7 @@ FIGURES: dict[str, Callable[[Bench], Section]] = {
     "idle": idle.run,
     "publish": publish.run,
     "scale": scale.run,
+    "rollout": rollout.run,
 }
 
 

@@ -250,11 +250,13 @@ class AgentProcess:
         self.config = agent_config(fleet, home, instance_id, **overrides)
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.process: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
     def command(self, verb: str = "agent") -> list[str]:
         return [sys.executable, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
 
     def start(self, env: dict[str, str] | None = None) -> AgentProcess:
+        self._terminated = False
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
@@ -264,10 +266,17 @@ class AgentProcess:
     def run_once(self, verb: str = "boot") -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(verb), capture_output=True, text=True, timeout=60, check=False)
 
+    def terminate(self) -> None:
+        """SIGTERM, once: a second one could land while the interpreter finalises, after our
+        handler is gone, and kill a process that was stopping cleanly."""
+        if self.process is not None and self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self) -> int:
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -384,9 +393,7 @@ def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentPro
 
     yield start
     for agent in started:  # all at once: each finishes its long poll in parallel
-        if agent.alive():
-            assert agent.process is not None
-            agent.process.send_signal(signal.SIGTERM)
+        agent.terminate()
     codes = {}
     for agent in started:
         if agent.process is not None:
