@@ -33,7 +33,7 @@ from deployer.protocol.deploy import Deploy
 from deployer.protocol.envelope import ROLLOUT_PAYLOAD_TYPE
 from deployer.protocol.errors import PreconditionFailed, PublishError
 from deployer.protocol.names import Channel
-from deployer.protocol.report import ComponentState
+from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS, ComponentState
 from deployer.protocol.rollout import (
     STABLE_SUFFIX,
     Cursor,
@@ -66,7 +66,7 @@ class Gates:
     progress_deadline_s: float = 900.0
     alarms: tuple[str, ...] = ()
     lease_s: float = DEFAULT_LEASE_SECONDS
-    heartbeat_ttl_s: float = 1860.0
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_SECONDS
     poll_s: float = 5.0
 
 
@@ -112,17 +112,19 @@ class Staging:
     def plan(self, deploy_id: str) -> Plan:
         try:
             waves, first, thresholds = plan_waves(self.gates.waves, deploy_id, self.live)
+            plan = Plan(
+                waves=waves,
+                first=first,
+                thresholds=thresholds,
+                stable=self.stable,
+                bake_s=self.gates.bake_s,
+                max_failed=self.gates.max_failed,
+                progress_deadline_s=self.gates.progress_deadline_s,
+            )
+            plan.failure_budget(len(self.live))  # a malformed --max-failed fails before anything is written
         except ValueError as exc:
             raise PublishError(str(exc)) from None
-        return Plan(
-            waves=waves,
-            first=first,
-            thresholds=thresholds,
-            stable=self.stable,
-            bake_s=self.gates.bake_s,
-            max_failed=self.gates.max_failed,
-            progress_deadline_s=self.gates.progress_deadline_s,
-        )
+        return plan
 
     def start(self, deploy: Deploy) -> None:
         now = _now()
@@ -166,7 +168,6 @@ class Verdict(enum.StrEnum):
     DONE = "done"
     ROLLED_BACK = "rolled_back"
     SUPERSEDED = "superseded"
-    LOST_LEASE = "lost_lease"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from deployer.cli.options import (
 )
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.names import Channel
+from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
     from deployer.protocol.deploy import Deploy
@@ -64,7 +65,7 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
         click.echo(f"{channel} seq {deploy.seq}: no cursor yet")
         return
     cursor = found[0]
-    ttl = wait.heartbeat_ttl_s if wait else 1860.0
+    ttl = wait.heartbeat_ttl_s if wait else DEFAULT_HEARTBEAT_TTL_SECONDS
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
     entries = {who.instance_id: e for who, e in reader.refresh().items()}
     click.echo(

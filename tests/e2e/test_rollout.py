@@ -30,6 +30,13 @@ def staged(fleet: Fleet, tmp_path: Path, name: str, *extra: str) -> subprocess.C
     return cli(*publish_args(fleet, artifact(tmp_path, name, name), "--wait", *FAST, *extra))
 
 
+def driving(fleet: Fleet, tmp_path: Path, name: str, *extra: str) -> subprocess.Popen[str]:
+    """`publish --waves 1,100% --wait` in the background: the driver, while the test changes the world."""
+    args = publish_args(fleet, artifact(tmp_path, name, name), "--waves", "1,100%", "--wait", *FAST, *extra)
+    command = [sys.executable, "-m", "deployer", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def current(fleet: Fleet) -> Deploy:
     pointer = read_pointer(fleet.clients.s3, fleet.bucket, fleet.layout, API)
     assert pointer is not None
@@ -120,17 +127,7 @@ def test_a_newer_publish_supersedes_a_rollout_in_flight(
 ) -> None:
     agents = [start_agent(**FLEET) for _ in range(3)]
     assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
-    driver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deployer",
-            *publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "1,100%", "--bake", "60", "--wait", *FAST),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = driving(fleet, tmp_path, "v2", "--bake", "60")
     wait_until(lambda: current(fleet).rollout is not None, "the staged deploy")
     newer = cli(*publish_args(fleet, artifact(tmp_path, "v3", "v3"), "--wait", *FAST))
     assert newer.returncode == 0, newer.stdout + newer.stderr
@@ -146,17 +143,7 @@ def test_an_alarm_in_alarm_rolls_the_rollout_back_and_scale_in_never_blocks_a_wa
     agents = [start_agent(**FLEET) for _ in range(3)]
     assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
     # Scale-in mid-rollout: an instance dies during wave 0's bake; wave 1 goes on without it.
-    driver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deployer",
-            *publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "1,100%", "--bake", "3", "--wait", *FAST),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = driving(fleet, tmp_path, "v2", "--bake", "3")
     wait_until(lambda: current(fleet).rollout is not None, "the staged deploy")
     deploy = current(fleet)
     assert deploy.rollout is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -81,6 +82,18 @@ class Rig:
     ledger: Ledger
     clock: Clock
     stop: threading.Event
+
+    def with_pointers(self, pointers: Mapping[Channel, Deploy | None]) -> Agent:
+        """The rig's agent, reading these channel pointers at reconcile."""
+        return Agent(
+            self.agent.config,
+            queue=self.queue,
+            runner=self.runner,
+            reporter=self.reporter,
+            ledger=self.ledger,
+            pointer=pointers.__getitem__,
+            stop=self.stop,
+        )
 
 
 @pytest.fixture
@@ -199,15 +212,7 @@ def test_serving_ends_when_the_stop_is_set_and_heartbeats_on_its_timer(rig: Rig)
 def test_reconcile_applies_a_pointer_ahead_of_the_ledger_and_skips_one_that_is_not(rig: Rig) -> None:
     pointers = {Channel("prod", "web", "api"): deploy("api", 4), Channel("prod", "web", "worker"): deploy("worker", 2)}
     rig.ledger.mark(deploy("worker", 2), DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
-    agent = Agent(
-        rig.agent.config,
-        queue=rig.queue,
-        runner=rig.runner,
-        reporter=rig.reporter,
-        ledger=rig.ledger,
-        pointer=pointers.__getitem__,
-        stop=rig.stop,
-    )
+    agent = rig.with_pointers(pointers)
     agent.reconcile(reason="test")
     assert rig.runner.applied == [("api", 4)]
 
@@ -241,15 +246,7 @@ def test_reconcile_asks_for_a_repair_when_the_pointer_looks_older_than_what_was_
         replace(deploy("api", 999999), deploy_id="forged"), DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE
     )
     pointers = {Channel("prod", "web", "api"): deploy("api", 4), Channel("prod", "web", "worker"): None}
-    agent = Agent(
-        rig.agent.config,
-        queue=rig.queue,
-        runner=rig.runner,
-        reporter=rig.reporter,
-        ledger=rig.ledger,
-        pointer=pointers.__getitem__,
-        stop=rig.stop,
-    )
+    agent = rig.with_pointers(pointers)
     agent.reconcile(reason="test")
     assert rig.runner.repairs == [Channel("prod", "web", "api")]
     assert rig.runner.applied == []  # the fake confirms the record, so nothing to re-apply
@@ -273,15 +270,7 @@ def test_a_deleted_queue_is_recreated_after_sqs_stops_refusing_its_name_then_rep
 ) -> None:
     monkeypatch.setattr(loop, "POLL_FAILURE_PAUSE_BASE_SECONDS", 0.001)
     pointers = {Channel("prod", "web", "api"): deploy("api", 2), Channel("prod", "web", "worker"): None}
-    agent = Agent(
-        rig.agent.config,
-        queue=rig.queue,
-        runner=rig.runner,
-        reporter=rig.reporter,
-        ledger=rig.ledger,
-        pointer=pointers.__getitem__,
-        stop=rig.stop,
-    )
+    agent = rig.with_pointers(pointers)
     rig.queue.send(deploy("api", 1).to_json())
     rig.queue.delete_queue()  # gc, an operator: the queue and its messages are gone
     rig.queue.refuse_ensure = 2  # QueueDeletedRecently, twice
