@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import get_document, read_pointer
+from deployer.aws.s3 import get_document, list_objects, read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.layout import Layout
@@ -30,10 +30,8 @@ def history_keys(
     s3: S3Client, bucket: str, layout: Layout, channel: Channel, policy: RetryPolicy = DEFAULT_POLICY
 ) -> list[str]:
     """Every history key of the channel, oldest seq first (a LIST costs one request per 1000 keys)."""
-    paginator = s3.get_paginator("list_objects_v2")
-    pages = policy.call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=layout.history_prefix(channel))))
-    keys = [obj["Key"] for page in pages for obj in page.get("Contents", []) if obj["Key"].endswith(".json")]
-    return sorted(keys)
+    listed = list_objects(s3, bucket, layout.history_prefix(channel), policy)
+    return sorted(item.key for item in listed if item.key.endswith(".json"))
 
 
 def iter_history(

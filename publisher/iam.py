@@ -30,7 +30,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.protocol.errors import ConfigError
-from deployer.protocol.layout import CHANNELS, HISTORY, POINTER_NAME, RELEASES, REPORT_SUFFIX, STATUS, TRUST, Layout
+from deployer.protocol.layout import (
+    CHANNELS,
+    CONDEMNED_NAME,
+    FLEET,
+    FLEET_PAGE_NAME,
+    HISTORY,
+    POINTER_NAME,
+    RELEASES,
+    REPORT_SUFFIX,
+    STATUS,
+    TRUST,
+    Layout,
+)
 from deployer.protocol.names import (
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
@@ -173,6 +185,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
     return [
         # Releases are per component and immutable; a release built once may be promoted to every stage.
         _allow("PutReleases", ["s3:GetObject", "s3:PutObject"], scope.objects(RELEASES, "*")),
+        # A publish takes a release back from `gc --releases` by deleting gc's mark (publisher/retention.py).
+        _allow("TakeReleasesBackFromGc", ["s3:DeleteObject"], scope.objects(RELEASES, "*", CONDEMNED_NAME)),
         _allow("MoveOwnStagesChannels", ["s3:GetObject", "s3:PutObject"], scope.objects(CHANNELS, stage, "*")),
         _allow("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, stage, "*")),
         # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
@@ -274,6 +288,15 @@ def _gc(scope: Scope) -> list[dict[str, Any]]:
         # sns:Unsubscribe supports no resource-level permissions.
         _allow("Unsubscribe", ["sns:Unsubscribe"], "*"),
         _allow("DeleteQueues", ["sqs:DeleteQueue", "sqs:GetQueueUrl"], scope.queues),
+        # `gc --releases`: a release may be promoted to any stage, so what refers to it is read in
+        # every stage, whatever --stage narrows above; it condemns (a mark), then deletes.
+        _allow(
+            "ReadWhatRefersToReleases", ["s3:GetObject"], [scope.objects(CHANNELS, "*"), scope.objects(STATUS, "*")]
+        ),
+        _allow("CondemnReleases", ["s3:GetObject", "s3:PutObject"], scope.objects(RELEASES, "*", CONDEMNED_NAME)),
+        _allow("DeleteReleases", ["s3:DeleteObject"], scope.objects(RELEASES, "*")),
+        # `deployer status --html … --upload`, from the same scheduled housekeeping job.
+        _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
     ]
 
 

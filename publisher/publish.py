@@ -33,10 +33,12 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_SNS_MESSAGE_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
+from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
 from publisher.pack import sha256_file
+from publisher.retention import check_not_condemned
 from publisher.signing import Signer, sign
 
 log = structlog.get_logger(__name__)
@@ -99,15 +101,18 @@ class Publisher:
         layout: Layout,
         policy: RetryPolicy = DEFAULT_POLICY,
         signers: Sequence[Signer] = (),
+        grace: Grace = DEFAULT_GRACE,
     ):
         """With `signers`, every deploy document is written (history, pointer, SNS) as an envelope
-        they signed, and pins the artifact's sha256 and size."""
+        they signed, and pins the artifact's sha256 and size. `grace` is release gc's protocol
+        (publisher/retention.py): every publish takes its release back from gc before it claims a seq."""
         self.clients = clients
         self.bucket = bucket
         self.topic_arn = topic_arn
         self.layout = layout
         self.policy = policy
         self.signers = tuple(signers)
+        self.grace = grace
 
     def check_resources(self) -> None:
         """One clear error for a missing bucket or topic, before anything is uploaded."""
@@ -150,6 +155,7 @@ class Publisher:
         )
         manifest_body = manifest.to_yaml().encode()
         manifest_key = self.layout.manifest_key(channel.component, release_id)
+        self._take_back_from_gc(channel.component, release_id)
 
         # 1. The release: immutable objects, artifact before the manifest that names it.
         artifact_new = self._put_immutable(artifact_key, artifact.read_bytes, checksum, "application/gzip")
@@ -184,6 +190,7 @@ class Publisher:
         if not RELEASE_ID_PATTERN.match(release_id):
             raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
         manifest_key = self.layout.manifest_key(channel.component, release_id)
+        self._take_back_from_gc(channel.component, release_id)
         found = get_document(self.clients.s3, self.bucket, manifest_key, self.policy)
         if found is None:
             raise PublishError(
@@ -199,6 +206,13 @@ class Publisher:
             artifact=self._existing_artifact(found[0]) if self.signers else None,
             staged=staged,
         )
+
+    def _take_back_from_gc(self, component: str, release_id: str) -> None:
+        """Before the release's objects are read or written: a release `deployer gc --releases`
+        condemned is taken back, or refused if gc may be deleting it (publisher/retention.py).
+        Checked first because a sweep deletes the mark last: no mark, then objects present,
+        means no sweep of this release is under way."""
+        check_not_condemned(self.clients, self.bucket, self.layout, component, release_id, self.policy, self.grace)
 
     def _existing_artifact(self, manifest_body: bytes) -> tuple[str, int]:
         """A stored release's artifact sha256 (from its manifest) and size (from S3), to sign."""

@@ -24,14 +24,17 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
 from deployer.aws.reports import ReportEntry, ReportReader
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import get_document, put_conditional, read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.envelope import ROLLOUT_PAYLOAD_TYPE
-from deployer.protocol.errors import PreconditionFailed, PublishError
+from deployer.protocol.errors import PreconditionFailed, PublishError, RejectedInput
+from deployer.protocol.layout import Layout
 from deployer.protocol.names import Channel
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS, ComponentState
 from deployer.protocol.rollout import (
@@ -46,6 +49,9 @@ from deployer.protocol.timestamps import age_seconds
 from deployer.protocol.trust import UNVERIFIED
 from publisher.publish import Publisher
 from publisher.signing import sign
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +80,42 @@ def driver_id() -> str:
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def read_cursor(
+    s3: S3Client, bucket: str, layout: Layout, channel: Channel, deploy_id: str, policy: RetryPolicy = DEFAULT_POLICY
+) -> tuple[Cursor, str] | None:
+    """A rollout's cursor and its etag, or None if it has none; RejectedInput if it does not parse or is forged.
+
+    Not verified: the driver and the fleet view read it as written; agents, which act on it,
+    verify their own copy.
+    """
+    found = get_document(s3, bucket, layout.cursor_key(channel, deploy_id), policy)
+    return (UNVERIFIED.open_cursor(found[0], deploy_id), found[1]) if found else None
+
+
+def rollout_cursors(
+    s3: S3Client, bucket: str, layout: Layout, pointers: Mapping[Channel, Deploy], policy: RetryPolicy = DEFAULT_POLICY
+) -> dict[Channel, Cursor]:
+    """The cursor of each pointer that is a staged rollout and has a readable one; one GET each.
+
+    A missing or unreadable cursor is left out: a view then says it does not know which waves
+    are admitted, which is also what agents conclude (a newcomer takes stable).
+    """
+    found: dict[Channel, Cursor] = {}
+    for channel, deploy in sorted(pointers.items()):
+        if deploy.rollout is None:
+            continue
+        try:
+            cursor = read_cursor(s3, bucket, layout, channel, deploy.deploy_id, policy)
+        except RejectedInput as exc:
+            log.warning(
+                "rollout_cursor_invalid", channel=str(channel), error=str(exc), next="admission shown as unknown"
+            )
+            continue
+        if cursor is not None:
+            found[channel] = cursor[0]
+    return found
+
+
 class Cursors:
     """A channel's rollout cursors in S3: created once, then changed only by the lease holder (If-Match)."""
 
@@ -85,8 +127,7 @@ class Cursors:
 
     def read(self, channel: Channel, deploy_id: str) -> tuple[Cursor, str] | None:
         p = self.publisher
-        found = get_document(p.clients.s3, p.bucket, self._key(channel, deploy_id), p.policy)
-        return (UNVERIFIED.open_cursor(found[0], deploy_id), found[1]) if found else None
+        return read_cursor(p.clients.s3, p.bucket, p.layout, channel, deploy_id, p.policy)
 
     def write(self, channel: Channel, cursor: Cursor, etag: str | None) -> str:
         """Create (etag None) or replace the cursor; PreconditionFailed if someone else wrote it since."""
@@ -188,9 +229,8 @@ class WaveCount:
     def line(self, deploy: Deploy, bake_left: float | None = None) -> str:
         plan = deploy.rollout
         assert plan is not None
-        label = plan.waves[min(self.wave, len(plan.waves) - 1)] if self.wave < len(plan.waves) else "100%"
         text = (
-            f"{deploy.channel} seq {deploy.seq} wave {self.wave}/{plan.last_wave} ({label}): "
+            f"{deploy.channel} seq {deploy.seq} wave {self.wave}/{plan.last_wave} ({plan.wave_label(self.wave)}): "
             f"{len(self.admitted)} admitted, {len(self.converged)} ok, {len(self.failed)} failed, "
             f"{len(self.pending)} pending, {len(self.waiting)} waiting, {self.live} live"
         )

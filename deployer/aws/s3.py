@@ -8,6 +8,7 @@ into ours (None for a missing object, `PreconditionFailed` for a lost conditiona
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, TYPE_CHECKING
 
 from botocore.awsrequest import AWSRequest
@@ -89,6 +90,37 @@ def read_pointer(
     return Pointer(verifier.open(body), etag)
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One row of a LIST."""
+
+    key: str
+    size: int
+    last_modified: datetime
+
+
+def list_objects(s3: S3Client, bucket: str, prefix: str, policy: RetryPolicy = DEFAULT_POLICY) -> list[StoredObject]:
+    """Every object under `prefix` (one request per 1,000 keys; the whole listing is one attempt)."""
+    paginator = s3.get_paginator("list_objects_v2")
+    pages = policy.call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
+    return [
+        StoredObject(obj["Key"], obj.get("Size", 0), obj["LastModified"])
+        for page in pages
+        for obj in page.get("Contents", [])
+    ]
+
+
+def delete_object(s3: S3Client, bucket: str, key: str, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+    """Delete `key`; deleting what is already gone succeeds (S3 answers 204 either way)."""
+    try:
+        policy.call(s3.delete_object, Bucket=bucket, Key=key)
+    except AwsError as exc:
+        if not is_not_found(exc):
+            raise AwsError(
+                f"cannot delete s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
+            ) from None
+
+
 def put_conditional(
     s3: S3Client,
     bucket: str,
@@ -118,6 +150,29 @@ def put_conditional(
     except AwsError as exc:
         if exc.status in PRECONDITION_STATUSES or exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
             raise PreconditionFailed(f"s3://{bucket}/{key} was written by someone else first", code=exc.code) from None
+        raise AwsError(
+            f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
+        ) from None
+    return str(response["ETag"])
+
+
+#: A page people open in a browser: always revalidated, so nobody reads an old fleet from a cache.
+PAGE_CACHE_CONTROL = "no-cache"
+PAGE_CONTENT_TYPE = "text/html; charset=utf-8"
+
+
+def put_page(s3: S3Client, bucket: str, key: str, body: bytes, policy: RetryPolicy = DEFAULT_POLICY) -> str:
+    """Write an HTML page whole (last writer wins: it is a view, regenerated from S3); returns its etag."""
+    try:
+        response = policy.call(
+            s3.put_object,
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType=PAGE_CONTENT_TYPE,
+            CacheControl=PAGE_CACHE_CONTROL,
+        )
+    except AwsError as exc:
         raise AwsError(
             f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
         ) from None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +22,12 @@ from deployer.cli.options import (
     topic_option,
 )
 from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
+from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, MIN_OLDER_THAN_DAYS
+
+if TYPE_CHECKING:
+    from deployer.protocol.deploy import Deploy
+    from deployer.protocol.names import Channel
+    from publisher.fleet import Row
 
 
 @click.command()
@@ -33,18 +42,47 @@ from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
     help="Seconds without a heartbeat before an instance is marked stale.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the fleet page (one self-contained HTML file, no script) here instead of printing the table.",
+)
+@click.option(
+    "--upload",
+    is_flag=True,
+    help="Put the fleet page into the bucket at <prefix>/fleet/index.html (needs s3:PutObject on that key).",
+)
 @quiet
 def status(
-    store: Store, stage: str | None, role: str | None, component: str | None, stale_after: float, as_json: bool
+    store: Store,
+    stage: str | None,
+    role: str | None,
+    component: str | None,
+    stale_after: float,
+    as_json: bool,
+    html_path: Path | None,
+    upload: bool,
 ) -> None:
-    """Where the fleet stands: instances × components, with a summary per channel."""
+    """Where the fleet stands: instances × components, with a summary per channel.
+
+    --html and --upload render the same view as a page: a grid per stage/role coloured by state,
+    each channel's pointer and summary, a staged rollout's waves, stale instances and last errors.
+    """
     from deployer.aws.reports import ReportReader
     from publisher.fleet import channels_of, fleet_rows, format_table, summary
     from publisher.history import pointer_deploys
 
+    if as_json and (html_path or upload):
+        raise click.UsageError("--json prints the fleet; --html/--upload render it as a page: choose one")
+    if upload and (stage or role or component):
+        raise click.UsageError("--upload replaces the whole fleet's page: drop --stage, --role and --component")
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
     pointers = pointer_deploys(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
     rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+    if html_path or upload:
+        _page(store, rows, pointers, html_path, upload)
+        return
     if as_json:
         click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))
         return
@@ -57,9 +95,31 @@ def status(
         click.echo(line)
 
 
+def _page(store: Store, rows: list[Row], pointers: Mapping[Channel, Deploy], path: Path | None, upload: bool) -> None:
+    """Render the fleet page once; write it to `path` and/or put it next to the status reports."""
+    from datetime import UTC, datetime
+
+    from deployer.aws.s3 import put_page
+    from publisher.page import render_page
+    from publisher.rollout import rollout_cursors
+
+    cursors = rollout_cursors(store.clients.s3, store.bucket, store.layout, pointers)
+    source = f"s3://{store.bucket}/{store.layout.key()}".rstrip("/")
+    body = render_page(rows, generated_at=datetime.now(UTC), pointers=pointers, cursors=cursors, source=source)
+    data = body.encode()
+    instances = len({(r.stage, r.role, r.instance_id) for r in rows})
+    if path is not None:
+        path.write_bytes(data)
+        click.echo(f"wrote {path} ({instances} instance(s), {len(data)} bytes)")
+    if upload:
+        key = store.layout.fleet_page_key()
+        put_page(store.clients.s3, store.bucket, key, data)
+        click.echo(f"uploaded s3://{store.bucket}/{key} ({instances} instance(s), {len(data)} bytes)")
+
+
 @click.command()
 @store_options
-@topic_option()
+@topic_option(required=False)
 @queue_prefix_option
 @click.option(
     "--ttl",
@@ -68,17 +128,65 @@ def status(
     type=click.FloatRange(min=MIN_GC_TTL_SECONDS),
     help=f"Seconds without a heartbeat after which an instance is collected (at least {MIN_GC_TTL_SECONDS:.0f}).",
 )
+@click.option("--releases", is_flag=True, help="Collect releases nothing refers to, instead of instances.")
+@click.option(
+    "--keep",
+    default=DEFAULT_KEEP,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="--releases: history entries per channel whose releases are kept (rollback targets).",
+)
+@click.option(
+    "--older-than",
+    "older_than_days",
+    default=DEFAULT_OLDER_THAN_DAYS,
+    show_default=True,
+    type=click.FloatRange(min=MIN_OLDER_THAN_DAYS),
+    help="--releases: days since a release was uploaded before it may be collected.",
+)
+@click.option("--component", callback=name_callback("component"), help="--releases: only this component's.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet
-def gc(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: bool, as_json: bool) -> None:
-    """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl.
+def gc(
+    store: Store,
+    topic_arn: str | None,
+    queue_prefix: str,
+    ttl: float,
+    releases: bool,
+    keep: int,
+    older_than_days: float,
+    component: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl;
+    with --releases, delete the releases nothing refers to.
 
     Silent means both the report's heartbeat and the object's own LastModified are older than
     --ttl: a heartbeat written into a body is only a claim.
 
-    Idempotent and safe to run on a schedule (cron, a scheduled Lambda).
+    A release is collected in two runs at least an hour apart: the first condemns it (a mark
+    in S3), the second deletes it if nothing refers to it yet. Referring means: a channel's
+    pointer (or its rollout's stable release), one of the last --keep history entries of a
+    channel, or a status report.
+
+    Idempotent and safe to run on a schedule (cron, a scheduled Lambda), next to publishes.
     """
+    if releases:
+        from publisher.retention import ReleaseCollector, describe_releases
+
+        outcome = ReleaseCollector(store.clients, store.bucket, store.layout).run(
+            keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
+        )
+        if as_json:
+            click.echo(json.dumps(outcome.to_dict(), indent=2))
+            return
+        for line in describe_releases(outcome):
+            click.echo(line)
+        return
+    if topic_arn is None:
+        raise click.UsageError("Missing option '--topic-arn' (or DEPLOYER_TOPIC_ARN): instance gc needs the topic.")
     from publisher.gc import Collector, describe
 
     collector = Collector(store.clients, store.bucket, topic_arn, store.layout, queue_prefix)

@@ -98,9 +98,9 @@ def prefix_option() -> Callable[[Command], Command]:
     )
 
 
-def topic_option() -> Callable[[Command], Command]:
+def topic_option(required: bool = True) -> Callable[[Command], Command]:
     return click.option(
-        "--topic-arn", envvar="DEPLOYER_TOPIC_ARN", required=True, help="SNS topic [env DEPLOYER_TOPIC_ARN]."
+        "--topic-arn", envvar="DEPLOYER_TOPIC_ARN", required=required, help="SNS topic [env DEPLOYER_TOPIC_ARN]."
     )
 
 

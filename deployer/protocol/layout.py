@@ -3,11 +3,13 @@
 ```
 <prefix>/releases/<component>/<release_id>/artifact.tar.gz   immutable
 <prefix>/releases/<component>/<release_id>/manifest.yml      immutable
+<prefix>/releases/<component>/<release_id>/condemned.json    gc's mark: deleted after a grace period
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
 <prefix>/channels/<stage>/<role>/<component>/rollouts/<deploy_id>.json   a rollout's cursor
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
 <prefix>/trust/<version>.json                                 signed trust updates (immutable)
+<prefix>/fleet/index.html                                     the fleet page (`deployer status --upload`)
 ```
 
 `deployer iam-policy` scopes its statements with the same segments (`RELEASES`, `CHANNELS`,
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployer.protocol.deploy import RELEASE_ID_PATTERN
 from deployer.protocol.names import DEFAULT_PREFIX, NAME_PATTERN, Channel, Owner
 
 ARTIFACT_NAME = "artifact.tar.gz"
 MANIFEST_NAME = "manifest.yml"
+CONDEMNED_NAME = "condemned.json"
 POINTER_NAME = "latest.json"
 RELEASES = "releases"
 CHANNELS = "channels"
@@ -29,6 +33,8 @@ HISTORY = "history"
 ROLLOUTS = "rollouts"
 STATUS = "status"
 TRUST = "trust"
+FLEET = "fleet"
+FLEET_PAGE_NAME = "index.html"
 REPORT_SUFFIX = ".json"
 
 
@@ -73,6 +79,40 @@ class Layout:
     def manifest_key(self, component: str, release_id: str) -> str:
         return f"{self.release_dir(component, release_id)}/{MANIFEST_NAME}"
 
+    def condemned_key(self, component: str, release_id: str) -> str:
+        """`deployer gc --releases`' mark on a release nothing refers to (publisher/retention.py)."""
+        return f"{self.release_dir(component, release_id)}/{CONDEMNED_NAME}"
+
+    def releases_prefix(self, component: str | None = None) -> str:
+        return self.key(RELEASES, *([component] if component else [])) + "/"
+
+    def release_object(self, key: str) -> tuple[str, str, str] | None:
+        """Parse `<prefix>/releases/<component>/<release_id>/<name>` into its three parts; None for
+        anything else. Pure: release gc acts only on keys the publisher could have written."""
+        head = self.releases_prefix()
+        parts = key[len(head) :].split("/") if key.startswith(head) else []
+        if (
+            len(parts) != 3
+            or not NAME_PATTERN.match(parts[0])
+            or not RELEASE_ID_PATTERN.match(parts[1])
+            or not parts[2]
+        ):
+            return None
+        return parts[0], parts[1], parts[2]
+
+    def channels_prefix(self) -> str:
+        return self.key(CHANNELS) + "/"
+
+    def channel_of_pointer(self, key: str) -> Channel | None:
+        """The channel whose pointer is at `key`; None for any other key. Pure."""
+        head = self.channels_prefix()
+        if not key.startswith(head) or not key.endswith(f"/{POINTER_NAME}"):
+            return None
+        try:
+            return Channel.parse(key[len(head) : -len(POINTER_NAME) - 1])
+        except ValueError:
+            return None
+
     def channel_dir(self, channel: Channel) -> str:
         return self.key(CHANNELS, channel.stage, channel.role, channel.component)
 
@@ -93,6 +133,10 @@ class Layout:
     def trust_key(self, version: int) -> str:
         """A signed trust update; zero-padded so a listing is in version order."""
         return self.key(TRUST, f"{version:010d}.json")
+
+    def fleet_page_key(self) -> str:
+        """The rendered fleet page: beside status/, never under it, so no reader takes it for a report."""
+        return self.key(FLEET, FLEET_PAGE_NAME)
 
     def status_prefix(self, stage: str | None = None, role: str | None = None) -> str:
         """Every report, one stage's, or one stage/role's (a role without a stage is ignored)."""

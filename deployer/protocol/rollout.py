@@ -103,6 +103,10 @@ class Plan:
     def last_wave(self) -> int:
         return len(self.thresholds)
 
+    def wave_label(self, wave: int) -> str:
+        """The wave as the operator wrote it; "100%" for the last wave the plan appended."""
+        return self.waves[wave] if wave < len(self.waves) else "100%"
+
     def failure_budget(self, live: int) -> int:
         """How many failed instances the rollout tolerates, for a fleet of `live` instances."""
         count, percent = _spec(self.max_failed, "max_failed")
@@ -314,8 +318,11 @@ def side_for(plan: Plan, deploy_id: str, instance_id: str, cursor: Cursor | None
     """
     if cursor is None:
         return now or Side.STABLE
+    return Side.CANDIDATE if wave_admitted(cursor, plan.wave_of(deploy_id, instance_id)) else Side.STABLE
+
+
+def wave_admitted(cursor: Cursor, wave: int) -> bool:
+    """Whether the instances of `wave` run the candidate now: none once aborted, all once done. Pure."""
     if cursor.state is RolloutState.ABORTED:
-        return Side.STABLE
-    if cursor.state is RolloutState.DONE or plan.admits(deploy_id, instance_id, cursor.wave):
-        return Side.CANDIDATE
-    return Side.STABLE
+        return False
+    return cursor.state is RolloutState.DONE or wave <= cursor.wave

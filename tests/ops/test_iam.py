@@ -121,11 +121,12 @@ def test_a_roles_queue_pattern_is_not_another_roles_even_when_one_name_starts_th
     assert not fnmatch.fnmatchcase(queue_name("deployer", "prod", theirs, "i-0abc"), pattern)
 
 
-def test_ci_moves_only_its_stages_channels_and_never_touches_queues_or_deletes() -> None:
+def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only_gcs_marks() -> None:
     policy = policy_for(Audience.CI, Scope(bucket="b", topic_arn=TOPIC, prefix="team/deployer", stage="dev"))
     assert actions(policy) == {
         "s3:GetObject",
         "s3:PutObject",
+        "s3:DeleteObject",  # taking a release back from gc --releases: its mark only
         "s3:ListBucket",
         "sns:Publish",
         "sns:GetTopicAttributes",
@@ -134,6 +135,19 @@ def test_ci_moves_only_its_stages_channels_and_never_touches_queues_or_deletes()
     }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
     assert puts == {"arn:aws:s3:::b/team/deployer/releases/*", "arn:aws:s3:::b/team/deployer/channels/dev/*"}
+    deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
+    assert deletes == {"arn:aws:s3:::b/team/deployer/releases/*/condemned.json"}
+
+
+def test_release_gc_reads_every_stage_and_deletes_only_releases_and_reports() -> None:
+    policy = policy_for(Audience.GC, Scope(bucket="b", topic_arn=TOPIC, stage="dev"))
+    deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
+    assert deletes == {"arn:aws:s3:::b/deployer/status/dev/*/*", "arn:aws:s3:::b/deployer/releases/*"}
+    puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
+    assert puts == {"arn:aws:s3:::b/deployer/releases/*/condemned.json", "arn:aws:s3:::b/deployer/fleet/index.html"}
+    # A release may be promoted to any stage: what refers to it is read everywhere, however narrowed.
+    gets = {r for s in statements(policy) if "s3:GetObject" in s["Action"] for r in as_list(s["Resource"])}
+    assert {"arn:aws:s3:::b/deployer/channels/*", "arn:aws:s3:::b/deployer/status/*"} <= gets
 
 
 def test_the_bucket_policy_refuses_unconditional_release_history_and_pointer_writes() -> None:
