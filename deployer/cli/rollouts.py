@@ -75,12 +75,15 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
         + (f"; reason: {cursor.reason}" if cursor.reason else "")
     )
     now = datetime.now(UTC)
+    # At the last wave every live instance is admitted: who is in which wave, and how it fares;
+    # at the cursor's wave, who still holds stable.
+    everyone = count(deploy, plan.last_wave, entries, now, ttl)
+    waiting = count(deploy, cursor.wave, entries, now, ttl).waiting
     for wave in range(plan.last_wave + 1):
-        tally = count(deploy, wave, entries, now, ttl)
-        members = {i for i in tally.admitted if plan.wave_of(deploy.deploy_id, i) == wave}
+        members = {i for i in everyone.admitted if plan.wave_of(deploy.deploy_id, i) == wave}
         click.echo(
-            f"  wave {wave}: {len(members)} instance(s), {len(members & tally.converged)} ok, "
-            f"{len(members & set(tally.failed))} failed, {len(members & tally.waiting)} waiting"
+            f"  wave {wave}: {len(members)} instance(s), {len(members & everyone.converged)} ok, "
+            f"{len(members & set(everyone.failed))} failed, {len(members & waiting)} waiting"
         )
 
 

@@ -110,6 +110,8 @@ def test_a_dead_driver_freezes_the_fleet_a_new_instance_follows_its_wave_and_res
     status = cli("rollout", "status", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
                  "--stage", "prod", "--role", "web", "--component", "api")  # fmt: skip
     assert "rolling at wave 0/1" in status.stdout, status.stdout + status.stderr
+    assert "wave 0: 1 instance(s), 1 ok, 0 failed, 0 waiting" in status.stdout, status.stdout
+    assert "wave 1: 4 instance(s), 0 ok, 0 failed, 4 waiting" in status.stdout, status.stdout
     fleet_view = cli("status", "--bucket", fleet.bucket)
     assert "waiting (wave 1)" in fleet_view.stdout, fleet_view.stdout
     assert "1/5 on seq 2, 0 failed, 4 waiting for their wave" in fleet_view.stdout
