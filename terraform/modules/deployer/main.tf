@@ -1,0 +1,132 @@
+# The shared half of fleet-deployer: the bucket, the topic and the CI (and optionally gc) role.
+# Every policy is rendered from terraform/policies/, which scripts/terraform-policies generates
+# from `deployer iam-policy`: the module grants exactly what the CLI prints.
+
+locals {
+  policies = "${path.module}/../../policies"
+  # Region and account come from the topic ARN, as `deployer iam-policy` takes them.
+  topic_arn_parts = split(":", aws_sns_topic.deploys.arn)
+  policy_vars = {
+    partition      = local.topic_arn_parts[1]
+    region         = local.topic_arn_parts[3]
+    account        = local.topic_arn_parts[4]
+    topic          = var.topic_name
+    bucket         = var.bucket_name
+    prefix         = var.prefix
+    queue_prefix   = var.queue_prefix
+    stage          = coalesce(var.ci_stage, "*")
+    publisher_arns = local.publisher_arns
+    sign_key_arns  = var.ci_sign_key_arns
+  }
+  publisher_arns = concat(aws_iam_role.ci[*].arn, var.publisher_arns)
+  ci_variant     = "ci${var.ci_stage == null ? "" : "-stage"}${length(var.ci_sign_key_arns) > 0 ? "-sign" : ""}"
+  ci_policy      = templatefile("${local.policies}/${local.ci_variant}.json.tftpl", local.policy_vars)
+  gc_policy      = templatefile("${local.policies}/gc.json.tftpl", local.policy_vars)
+  bucket_policy  = templatefile("${local.policies}/bucket.json.tftpl", local.policy_vars)
+  topic_policy = templatefile(
+    "${local.policies}/${length(local.publisher_arns) > 0 ? "topic-publishers" : "topic"}.json.tftpl", local.policy_vars
+  )
+}
+
+resource "aws_s3_bucket" "deploys" {
+  bucket        = var.bucket_name
+  force_destroy = var.force_destroy
+  tags          = var.tags
+}
+
+resource "aws_s3_bucket_public_access_block" "deploys" {
+  bucket                  = aws_s3_bucket.deploys.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "deploys" {
+  bucket = aws_s3_bucket.deploys.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "deploys" {
+  bucket = aws_s3_bucket.deploys.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm = "AES256"
+    }
+  }
+}
+
+resource "aws_s3_bucket_versioning" "deploys" {
+  count  = var.bucket_versioning ? 1 : 0
+  bucket = aws_s3_bucket.deploys.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "deploys" {
+  count  = var.bucket_lifecycle ? 1 : 0
+  bucket = aws_s3_bucket.deploys.id
+  rule {
+    id     = "abort-incomplete-multipart-uploads"
+    status = "Enabled"
+    filter {}
+    abort_incomplete_multipart_upload {
+      days_after_initiation = var.abort_incomplete_multipart_days
+    }
+  }
+}
+
+resource "aws_s3_bucket_policy" "deploys" {
+  count  = var.bucket_policy ? 1 : 0
+  bucket = aws_s3_bucket.deploys.id
+  policy = local.bucket_policy
+  # A bucket policy that denies is refused while public access blocks are being set.
+  depends_on = [aws_s3_bucket_public_access_block.deploys]
+}
+
+resource "aws_sns_topic" "deploys" {
+  name = var.topic_name
+  tags = var.tags
+}
+
+resource "aws_sns_topic_policy" "deploys" {
+  arn    = aws_sns_topic.deploys.arn
+  policy = local.topic_policy
+}
+
+resource "aws_iam_policy" "ci" {
+  name        = "${var.topic_name}-ci"
+  description = "fleet-deployer CI: publish, publish --wait, status, history, rollback (deployer iam-policy --for ci)"
+  policy      = local.ci_policy
+  tags        = var.tags
+}
+
+resource "aws_iam_role" "ci" {
+  count              = var.ci_role == null ? 0 : 1
+  name               = var.ci_role.name
+  assume_role_policy = var.ci_role.assume_role_policy
+  tags               = var.tags
+}
+
+resource "aws_iam_role_policy_attachment" "ci" {
+  for_each   = toset(concat(aws_iam_role.ci[*].name, var.ci_attach_to_roles))
+  role       = each.value
+  policy_arn = aws_iam_policy.ci.arn
+}
+
+resource "aws_iam_role" "gc" {
+  count              = var.gc_role == null ? 0 : 1
+  name               = var.gc_role.name
+  assume_role_policy = var.gc_role.assume_role_policy
+  tags               = var.tags
+}
+
+resource "aws_iam_role_policy" "gc" {
+  count  = var.gc_role == null ? 0 : 1
+  name   = "deployer-gc"
+  role   = aws_iam_role.gc[0].id
+  policy = local.gc_policy
+}

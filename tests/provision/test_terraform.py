@@ -1,0 +1,327 @@
+"""The Terraform module, for real: its policies are the CLI's, and terraform applies the example
+against moto on 127.0.0.1, an agent converges on what it created, and destroy leaves nothing.
+
+Terraform and the hashicorp/aws provider come from the machine (`terraform` on PATH, the provider
+in a plugin directory, `DEPLOYER_TF_PLUGIN_DIR`, default /opt/tf-plugins); without them these
+tests skip, in CI too: .ci/run installs nothing for them. Terraform never reaches the network:
+`init -plugin-dir` installs only from the local directory, every proxy variable points at a
+closed loopback port, the provider's endpoints are moto's, and it skips credential, account-id
+and metadata lookups (nothing contacts 169.254.169.254).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from deployer.aws.clients import make_clients
+from deployer.local.emulator import Emulator
+from deployer.protocol.layout import Layout
+from publisher.iam import Audience, Scope, policy_for
+from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.provision.conftest import REPO, SCRIPTS, run
+from tests.support import REGION, AgentProcess, Fleet, InstanceRole, cli, make_tree, wait_until
+
+TERRAFORM = REPO / "terraform"
+PLUGIN_DIR_ENV = "DEPLOYER_TF_PLUGIN_DIR"
+DEFAULT_PLUGIN_DIR = Path("/opt/tf-plugins")
+#: Every AWS service the module's resources (and the provider's own lookups) call.
+SERVICES = ("autoscaling", "ec2", "iam", "s3", "sns", "sqs", "sts")
+#: One of moto's built-in AMIs (listing them all costs seconds).
+AMI = "ami-03cf127a"
+#: init, validate, apply and destroy each start the provider; on 2 cores that is seconds apiece.
+TERRAFORM_TIMEOUT_SECONDS = 180
+
+
+def terraform_binary() -> str:
+    found = shutil.which("terraform")
+    if not found:
+        pytest.skip("terraform is not installed (it comes with the machine image; .ci/run does not install it)")
+    return found
+
+
+def plugin_dir() -> Path:
+    """The local provider mirror `terraform init -plugin-dir` installs hashicorp/aws from."""
+    configured = os.environ.get(PLUGIN_DIR_ENV)
+    path = Path(configured) if configured else DEFAULT_PLUGIN_DIR
+    if not (path / "registry.terraform.io/hashicorp/aws").is_dir():
+        pytest.skip(f"no hashicorp/aws provider mirror at {path} (set {PLUGIN_DIR_ENV} to one)")
+    return path
+
+
+def test_the_policy_templates_are_what_deployer_iam_policy_prints_now() -> None:
+    """The module must grant exactly what the CLI prints: a changed policy without regenerated
+    templates would leave every Terraform user on the old grants."""
+    result = run(
+        [str(SCRIPTS / "terraform-policies"), "--check"],
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "DEPLOYER_PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, (
+        "terraform/policies differs from `deployer iam-policy`: run scripts/terraform-policies\n"
+        + result.stdout
+        + result.stderr
+    )
+
+
+def test_the_terraform_files_are_formatted() -> None:
+    result = run([terraform_binary(), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)], env=quiet_env())
+    assert result.returncode == 0, "run `terraform fmt -recursive terraform`\n" + result.stdout + result.stderr
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """No update check, no prompts, and no user CLI config (which could name network mirrors)."""
+    return {**os.environ, "CHECKPOINT_DISABLE": "1", "TF_IN_AUTOMATION": "1", "TF_INPUT": "0", **extra}
+
+
+class Terraform:
+    """terraform in a throwaway copy of the example, its provider pointed at the emulator."""
+
+    def __init__(self, binary: str, workdir: Path, env: dict[str, str]) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.env = env
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = run(
+            [self.binary, *args, "-no-color"], timeout=TERRAFORM_TIMEOUT_SECONDS, cwd=self.workdir, env=self.env
+        )
+        assert result.returncode == 0, f"terraform {args[0]} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def outputs(self) -> dict[str, Any]:
+        result = run([self.binary, "output", "-json"], cwd=self.workdir, env=self.env)
+        assert result.returncode == 0, result.stderr
+        return {name: value["value"] for name, value in json.loads(result.stdout).items()}
+
+
+def emulator_provider(endpoint: str) -> str:
+    """An override file (merged into the example's provider block) that points it at moto."""
+    endpoints = "\n".join(f'    {service} = "{endpoint}"' for service in SERVICES)
+    return f"""provider "aws" {{
+  region                      = "{REGION}"
+  access_key                  = "testing"
+  secret_key                  = "testing"
+  skip_credentials_validation = true
+  skip_requesting_account_id  = true
+  skip_metadata_api_check     = true
+  skip_region_validation      = true
+  s3_use_path_style           = true
+  endpoints {{
+{endpoints}
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def terraform(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
+    """The example in tmp_path (state and .terraform never land in the repository), with the
+    files the modules read from the repository beside it: the policy templates and cloud-init."""
+    binary, plugins = terraform_binary(), plugin_dir()
+    work = tmp_path / "tf"
+    shutil.copytree(TERRAFORM, work / "terraform", ignore=shutil.ignore_patterns(".terraform*", "*.tfstate*"))
+    shutil.copytree(SCRIPTS / "cloud-init", work / "scripts/cloud-init")
+    example = work / "terraform/example"
+    (example / "emulator_override.tf").write_text(emulator_provider(aws_env.url))
+    cli_config = tmp_path / "terraformrc"
+    cli_config.write_text("")
+    proxy = f"http://127.0.0.1:{closed_port}"
+    env = quiet_env(
+        TF_CLI_CONFIG_FILE=str(cli_config),
+        TF_PLUGIN_CACHE_DIR="",
+        HOME=str(tmp_path),
+        AWS_EC2_METADATA_DISABLED="true",
+        # Anything that is not the emulator (a registry, a checkpoint, a real AWS endpoint) fails at once.
+        HTTP_PROXY=proxy,
+        HTTPS_PROXY=proxy,
+        NO_PROXY="127.0.0.1",
+    )
+    tf = Terraform(binary, example, env)
+    tf("init", "-backend=false", f"-plugin-dir={plugins}")
+    return tf
+
+
+def default_subnet(endpoint: str) -> str:
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    return str(subnets[0]["SubnetId"])
+
+
+def launch_template(endpoint: str, template_id: str) -> tuple[dict[str, Any], bytes]:
+    """The launch template's metadata options and its (decoded) user-data, as the emulator holds them."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    data = ec2.describe_launch_template_versions(LaunchTemplateId=template_id, Versions=["$Latest"])[
+        "LaunchTemplateVersions"
+    ][0]["LaunchTemplateData"]
+    return dict(data["MetadataOptions"]), base64.b64decode(data["UserData"])
+
+
+def agent_yml(user_data: bytes, scratch: Path) -> dict[str, Any]:
+    """The agent config the cloud-init user-data writes, after cloud-init itself (when installed)
+    accepted the document: a config Terraform re-encoded into invalid cloud-config would leave
+    every instance without one."""
+    cloud_init = shutil.which("cloud-init")
+    if cloud_init:
+        path = scratch / "user-data.yml"
+        path.write_bytes(user_data)
+        result = run([cloud_init, "schema", "--config-file", str(path)])
+        assert result.returncode == 0, result.stdout + result.stderr
+    cloud_config = yaml.safe_load(user_data)
+    (content,) = [f["content"] for f in cloud_config["write_files"] if f["path"] == "/etc/deployer/agent.yml"]
+    return dict(yaml.safe_load(content))
+
+
+def policies_in_place(endpoint: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Each policy as the emulator holds it (the bucket policy, which the test cannot attach, as rendered)."""
+    iam = boto3.client("iam", region_name=REGION, endpoint_url=endpoint)
+    sns = boto3.client("sns", region_name=REGION, endpoint_url=endpoint)
+    (ci,) = iam.list_attached_role_policies(RoleName="deployer-ci")["AttachedPolicies"]
+    ci_version = iam.get_policy(PolicyArn=ci["PolicyArn"])["Policy"]["DefaultVersionId"]
+    return {
+        "ci": iam.get_policy_version(PolicyArn=ci["PolicyArn"], VersionId=ci_version)["PolicyVersion"]["Document"],
+        "instance": iam.get_role_policy(RoleName="deployer-prod-web", PolicyName="deployer-agent")["PolicyDocument"],
+        "gc": iam.get_role_policy(RoleName="deployer-gc", PolicyName="deployer-gc")["PolicyDocument"],
+        "topic": json.loads(sns.get_topic_attributes(TopicArn=out["topic_arn"])["Attributes"]["Policy"]),
+        "bucket": json.loads(out["bucket_policy_json"]),
+    }
+
+
+def cli_policies(out: dict[str, Any]) -> dict[str, Any]:
+    """What `deployer iam-policy` prints for the names Terraform chose."""
+    scope = Scope(bucket=out["bucket_name"], topic_arn=out["topic_arn"], prefix=out["prefix"])
+    return {
+        "ci": policy_for(Audience.CI, replace(scope, stage="prod")),
+        "instance": policy_for(
+            Audience.INSTANCE,
+            replace(scope, stage="prod", role="web", asg_name=out["web_autoscaling_group_name"], deregister=True),
+        ),
+        "gc": policy_for(Audience.GC, scope),
+        "topic": policy_for(Audience.TOPIC, replace(scope, publishers=(out["ci_role_arn"],))),
+        "bucket": policy_for(Audience.BUCKET, scope),
+    }
+
+
+def leftovers(endpoint: str) -> dict[str, list[Any]]:
+    """Everything of the kinds the module creates (and the agent registers) still in the emulator."""
+    client = {name: boto3.client(name, region_name=REGION, endpoint_url=endpoint) for name in SERVICES}  # type: ignore[call-overload]
+    return {
+        "buckets": client["s3"].list_buckets()["Buckets"],
+        "topics": client["sns"].list_topics()["Topics"],
+        "subscriptions": client["sns"].list_subscriptions()["Subscriptions"],
+        "queues": client["sqs"].list_queues().get("QueueUrls", []),
+        "roles": client["iam"].list_roles()["Roles"],
+        "policies": client["iam"].list_policies(Scope="Local")["Policies"],
+        "instance_profiles": client["iam"].list_instance_profiles()["InstanceProfiles"],
+        "launch_templates": client["ec2"].describe_launch_templates()["LaunchTemplates"],
+        "groups": client["autoscaling"].describe_auto_scaling_groups()["AutoScalingGroups"],
+    }
+
+
+@pytest.fixture
+def hook_fake(aws_env: Emulator) -> Iterator[LifecycleFake]:
+    """moto lacks CompleteLifecycleAction: the agent talks to moto through a proxy that answers it."""
+    with lifecycle_proxy(aws_env.url) as fake:
+        yield fake
+
+
+@pytest.mark.e2e
+def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leaves_nothing(
+    terraform: Terraform, aws_env: Emulator, hook_fake: LifecycleFake, tmp_path: Path
+) -> None:
+    terraform("validate")
+    variables = {
+        "region": REGION,
+        "bucket_name": "tf-deploys",
+        "image_id": AMI,
+        "subnet_ids": [default_subnet(aws_env.url)],
+        "desired_capacity": 1,
+        "github_repository": "acme/api",
+        "github_oidc_provider_arn": "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com",
+        "gc_role": True,
+        "deregister_on_shutdown": True,
+        # The emulator's gaps (terraform/README.md): the provider waits a minute for a lifecycle
+        # header moto never sends; moto enforces the bucket policy's Denies without their
+        # conditions, so every publish would be refused; a bucket with releases in it is deleted
+        # only when forced.
+        "bucket_lifecycle": False,
+        "bucket_policy": False,
+        "force_destroy": True,
+    }
+    (terraform.workdir / "emulator.auto.tfvars.json").write_text(json.dumps(variables))
+    terraform("apply", "-auto-approve")
+    out = terraform.outputs()
+    assert out["ci_role_arn"].endswith(":role/deployer-ci")
+    assert out["gc_role_arn"].endswith(":role/deployer-gc")
+    # The templates, rendered with Terraform's names, are the CLI's policies for those names.
+    assert policies_in_place(aws_env.url, out) == cli_policies(out)
+
+    # The instance's config is the one its launch template carries, IMDSv2 only.
+    metadata, user_data = launch_template(aws_env.url, out["web_launch_template_id"])
+    assert metadata["HttpTokens"] == "required"
+    config = agent_yml(user_data, tmp_path)
+    assert config == out["web_agent_config"]
+    assert config["lifecycle_hook_name"] == "deployer-boot"
+    group = boto3.client("autoscaling", region_name=REGION, endpoint_url=aws_env.url).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[out["web_autoscaling_group_name"]]
+    )["AutoScalingGroups"][0]
+    (instance_id,) = [i["InstanceId"] for i in group["Instances"]]
+
+    # CI publishes with the environment the module outputs: one release before the instance boots
+    # (boot replay), one while its agent runs (the topic Terraform made delivers it).
+    ci_env = out["cli_environment"]
+
+    def publish(component: str, text: str) -> None:
+        build = make_tree(tmp_path / f"build-{component}", {"index.html": text})
+        args = ["--stage", "prod", "--role", "web", "--component", component, "--artifact", str(build)]
+        result = cli("publish", *args, env=ci_env)
+        assert result.returncode == 0, result.stderr
+
+    publish("provision", "provisioned")
+    fleet = Fleet(
+        clients=make_clients(REGION, aws_env.url),
+        bucket=out["bucket_name"],
+        topic_arn=out["topic_arn"],
+        endpoint_url=aws_env.url,
+        layout=Layout(out["prefix"]),
+    )
+    role = InstanceRole(aws_env.url, out["web_instance_role_arn"], out["web_instance_role_id"])
+    agent = AgentProcess(
+        fleet, tmp_path / "instance", instance_id, **config, endpoint_url=hook_fake.url, poll_wait_seconds=1
+    )
+    agent.role_id = role.role_id
+    agent.start(role.session_env(instance_id))
+    try:
+        wait_until(lambda: agent.on_seq(1, "provision") or not agent.alive(), "boot replay of provision")
+        assert agent.served("provision") == "provisioned"
+        # Entered service through the hook Terraform put on the group.
+        wait_until(lambda: bool(hook_fake.completed), "the launch hook to be completed")
+        assert hook_fake.completed[0]["AutoScalingGroupName"] == out["web_autoscaling_group_name"]
+        assert hook_fake.completed[0]["LifecycleActionResult"] == "CONTINUE"
+        publish("api", "hello from terraform")
+        wait_until(lambda: agent.on_seq(1, "api"), "the running agent to apply api seq 1")
+        assert agent.served("api") == "hello from terraform"
+    finally:
+        code = agent.stop()
+    # deregister_on_shutdown: the agent took its queues, subscription and report with it.
+    assert code == 0, agent.log_path.read_text()
+    left = leftovers(aws_env.url)
+    assert (left["queues"], left["subscriptions"]) == ([], []), left
+
+    # The state is the one apply just wrote (the agent removed only its own registrations).
+    terraform("destroy", "-auto-approve", "-refresh=false")
+    left = leftovers(aws_env.url)
+    assert left == {kind: [] for kind in left}
