@@ -23,7 +23,7 @@ from deployer.aws.clients import Clients, make_clients
 from deployer.local.emulator import Emulator
 from deployer.protocol.layout import Layout
 from publisher.infra import init_resources
-from publisher.pack import pack_directory
+from publisher.pack import Compression, pack_directory
 
 REGION = "us-east-1"
 BUCKET = "deployer-bench"
@@ -175,7 +175,7 @@ def big_artifact(workdir: Path, quick: bool) -> BigArtifact:
         shutil.rmtree(tree, ignore_errors=True)
         # About half the bytes random: the artifact is then ~half incompressible, like binaries + assets.
         make_tree(tree, files=files, total_bytes=total, random_share=0.5, seed=7)
-        pack_directory(tree, out)
+        pack_directory(tree, out, compression=Compression.GZIP)  # the stretcher baseline runs `tar xzf`
         marker.write_text("ok\n")
     count, size = tree_stats(tree)
     return BigArtifact(out, count, size, sha256_file(out))
@@ -192,7 +192,7 @@ def small_artifact(workdir: Path) -> Path:
         (tree / "index.html").write_text("small release\n")
         (tree / "app.txt").write_text("".join(" ".join(rng.choices(WORDS, k=12)) + "\n" for _ in range(200)))
         (tree / "asset.bin").write_bytes(rng.randbytes(48 * 1024))
-        pack_directory(tree, out)
+        pack_directory(tree, out, compression=Compression.GZIP)
     return out
 
 

@@ -31,11 +31,13 @@ from typing import Any
 
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.layout import (
+    ARTIFACTS,
     CHANNELS,
     CONDEMNED_NAME,
     FLEET,
     FLEET_PAGE_NAME,
     HISTORY,
+    MANIFEST_NAME,
     POINTER_NAME,
     RELEASES,
     REPORT_SUFFIX,
@@ -119,6 +121,11 @@ class Scope:
         return self.topic.queue_arn(queue_name_pattern(self.queue_prefix, self.stage, self.role))
 
     @property
+    def condemned_marks(self) -> list[str]:
+        """`gc --releases`' marks on releases and on content-addressed artifacts."""
+        return [self.objects(RELEASES, "*", CONDEMNED_NAME), self.objects(ARTIFACTS, f"*.{CONDEMNED_NAME}")]
+
+    @property
     def alarms(self) -> str:
         topic = self.topic
         return f"arn:{topic.partition}:cloudwatch:{topic.region}:{topic.account}:alarm:*"
@@ -184,9 +191,13 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
     stage = scope.stage or "*"
     return [
         # Releases are per component and immutable; a release built once may be promoted to every stage.
-        _allow("PutReleases", ["s3:GetObject", "s3:PutObject"], scope.objects(RELEASES, "*")),
+        _allow(
+            "PutReleasesAndArtifacts",
+            ["s3:GetObject", "s3:PutObject"],
+            [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")],
+        ),
         # A publish takes a release back from `gc --releases` by deleting gc's mark (publisher/retention.py).
-        _allow("TakeReleasesBackFromGc", ["s3:DeleteObject"], scope.objects(RELEASES, "*", CONDEMNED_NAME)),
+        _allow("TakeReleasesBackFromGc", ["s3:DeleteObject"], scope.condemned_marks),
         _allow("MoveOwnStagesChannels", ["s3:GetObject", "s3:PutObject"], scope.objects(CHANNELS, stage, "*")),
         _allow("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, stage, "*")),
         # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
@@ -209,7 +220,7 @@ def _signing(scope: Scope) -> list[dict[str, Any]]:
 def _instance(scope: Scope) -> list[dict[str, Any]]:
     owned = {"StringEquals": {f"aws:ResourceTag/{OWNER_TAG}": USERID}}
     statements = [
-        _allow("ReadReleases", ["s3:GetObject"], scope.objects(RELEASES, "*")),
+        _allow("ReadReleases", ["s3:GetObject"], [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")]),
         _allow("ReadOwnChannels", ["s3:GetObject"], scope.objects(CHANNELS, *scope.fleet, "*")),
         _allow("ReadTrustUpdates", ["s3:GetObject"], scope.objects(TRUST, "*")),
         # Only so that S3 answers 404, not 403, for a pointer never published or a trust version
@@ -291,10 +302,12 @@ def _gc(scope: Scope) -> list[dict[str, Any]]:
         # `gc --releases`: a release may be promoted to any stage, so what refers to it is read in
         # every stage, whatever --stage narrows above; it condemns (a mark), then deletes.
         _allow(
-            "ReadWhatRefersToReleases", ["s3:GetObject"], [scope.objects(CHANNELS, "*"), scope.objects(STATUS, "*")]
+            "ReadWhatRefersToReleases",
+            ["s3:GetObject"],
+            [scope.objects(CHANNELS, "*"), scope.objects(STATUS, "*"), scope.objects(RELEASES, "*", MANIFEST_NAME)],
         ),
-        _allow("CondemnReleases", ["s3:GetObject", "s3:PutObject"], scope.objects(RELEASES, "*", CONDEMNED_NAME)),
-        _allow("DeleteReleases", ["s3:DeleteObject"], scope.objects(RELEASES, "*")),
+        _allow("CondemnReleases", ["s3:GetObject", "s3:PutObject"], scope.condemned_marks),
+        _allow("DeleteReleases", ["s3:DeleteObject"], [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")]),
         # `deployer status --html … --upload`, from the same scheduled housekeeping job.
         _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
     ]

@@ -15,7 +15,8 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,20 +26,28 @@ import structlog
 
 from deployer.aws.clients import Clients
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import bucket_exists, get_document, head, put_conditional, read_pointer
-from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, new_deploy_id
+from deployer.aws.s3 import (
+    Upload,
+    bucket_exists,
+    get_document,
+    head,
+    put_conditional,
+    put_file_conditional,
+    read_pointer,
+)
+from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, inlinable, new_deploy_id
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
 from deployer.protocol.errors import AwsError, ConfigError, PreconditionFailed, PublishError, ReleaseConflict
 from deployer.protocol.layout import Layout
-from deployer.protocol.limits import MAX_SNS_MESSAGE_BYTES
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_SNS_MESSAGE_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
-from publisher.pack import sha256_file
-from publisher.retention import check_not_condemned
+from publisher.pack import Artifact, check_artifact, sha256_file, sniff
+from publisher.retention import ReleaseCondemned, check_not_condemned, take_back
 from publisher.signing import Signer, sign
 
 log = structlog.get_logger(__name__)
@@ -102,10 +111,13 @@ class Publisher:
         policy: RetryPolicy = DEFAULT_POLICY,
         signers: Sequence[Signer] = (),
         grace: Grace = DEFAULT_GRACE,
+        inline_manifests: bool = False,
     ):
         """With `signers`, every deploy document is written (history, pointer, SNS) as an envelope
         they signed, and pins the artifact's sha256 and size. `grace` is release gc's protocol
-        (publisher/retention.py): every publish takes its release back from gc before it claims a seq."""
+        (publisher/retention.py): every publish takes its release back from gc before it claims a seq.
+        With `inline_manifests`, a small manifest also travels inside the deploy document, saving
+        every agent a GET; off by default because agents older than it refuse the document."""
         self.clients = clients
         self.bucket = bucket
         self.topic_arn = topic_arn
@@ -113,6 +125,7 @@ class Publisher:
         self.policy = policy
         self.signers = tuple(signers)
         self.grace = grace
+        self.inline_manifests = inline_manifests
 
     def check_resources(self) -> None:
         """One clear error for a missing bucket or topic, before anything is uploaded."""
@@ -134,44 +147,135 @@ class Publisher:
     def publish(
         self,
         channel: Channel,
-        artifact: Path,
+        artifact: Path | Artifact,
         *,
         template: Manifest,
         release_id: str | None = None,
         origin: Mapping[str, str] | None = None,
         staged: Staged | None = None,
     ) -> PublishResult:
+        """Publish `artifact` (a packed `Artifact`, or a tarball CI built) as a new release.
+
+        The artifact is stored once per content, at `artifacts/sha256/<hex>`: a publish that finds
+        it there uploads nothing (a CI retry, a rebuild of the same tree, a promotion to another
+        stage). A tarball CI built is checked as every agent would check it, in a thread of its
+        own from the start, while the file is hashed and then uploaded; a failed check cancels the
+        upload and publishes nothing. The manifest, history and pointer are written conditionally.
+        """
         self.check_resources()
-        checksum = sha256_file(artifact)
-        release_id = release_id or default_release_id(checksum)
+        with ThreadPoolExecutor(1, thread_name_prefix="artifact-check") as pool:
+            if isinstance(artifact, Path):
+                compression = sniff(artifact)
+                checking = pool.submit(check_artifact, Artifact(artifact, "", 0, compression, checked=False))
+                artifact = Artifact(artifact, sha256_file(artifact), artifact.stat().st_size, compression, False)
+            else:
+                checking = pool.submit(lambda: None) if artifact.checked else pool.submit(check_artifact, artifact)
+            return self._publish(channel, artifact, checking, template, release_id, origin, staged)
+
+    def _publish(
+        self,
+        channel: Channel,
+        artifact: Artifact,
+        checking: Future[None],
+        template: Manifest,
+        release_id: str | None,
+        origin: Mapping[str, str] | None,
+        staged: Staged | None,
+    ) -> PublishResult:
+        release_id = release_id or default_release_id(artifact.sha256)
         if not RELEASE_ID_PATTERN.match(release_id):
             raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
-        artifact_key = self.layout.artifact_key(channel.component, release_id)
-        manifest = replace(
-            template,
-            src=f"s3://{self.bucket}/{artifact_key}",
-            checksum=checksum,
-            dest=template.dest or f"/opt/{channel.component}/current",
-        )
-        manifest_body = manifest.to_yaml().encode()
         manifest_key = self.layout.manifest_key(channel.component, release_id)
         self._take_back_from_gc(channel.component, release_id)
 
-        # 1. The release: immutable objects, artifact before the manifest that names it.
-        artifact_new = self._put_immutable(artifact_key, artifact.read_bytes, checksum, "application/gzip")
-        manifest_new = self._put_immutable(
-            manifest_key, lambda: manifest_body, hashlib.sha256(manifest_body).hexdigest(), "application/yaml"
+        # 1. The release: the artifact before the manifest that names it.
+        artifact_key, uploaded = self._store_artifact(channel.component, release_id, artifact, checking)
+        manifest = replace(
+            template,
+            src=f"s3://{self.bucket}/{artifact_key}",
+            checksum=artifact.sha256,
+            dest=template.dest or f"/opt/{channel.component}/current",
         )
+        manifest_body, manifest_new = self._put_manifest(manifest_key, manifest)
         return self._deploy(
             channel,
             release_id,
             manifest_key,
             hashlib.sha256(manifest_body).hexdigest(),
             origin,
-            release_reused=not (artifact_new or manifest_new),
-            artifact=(checksum, artifact.stat().st_size),
+            release_reused=not (uploaded or manifest_new),
+            artifact=(artifact.sha256, artifact.size),
             staged=staged,
+            manifest_body=manifest_body,
         )
+
+    def _store_artifact(
+        self, component: str, release_id: str, artifact: Artifact, checking: Future[None]
+    ) -> tuple[str, bool]:
+        """(key, uploaded?): the content-addressed key, uploaded unless an object of that size is
+        already there. If gc may be deleting that object right now (its mark is past the reprieve
+        window), the release gets a copy of its own under `releases/` instead, which gc cannot
+        touch while a pointer or recent history names it."""
+        blob = self.layout.blob_key(artifact.sha256)
+        if take_back(self.clients, self.bucket, self.layout.blob_mark_key(artifact.sha256), self.policy, self.grace):
+            found = head(self.clients.s3, self.bucket, blob, self.policy)
+            if found is not None and found.get("ContentLength") == artifact.size:
+                checking.result()
+                log.info("artifact_exists", key=blob, next="not uploading it again")
+                return blob, False
+            upload = Upload(
+                self.clients.s3, self.bucket, blob, artifact.path, artifact.sha256, artifact.compression.content_type
+            )
+            try:
+                checking.result()  # the check reads the file while the upload sends it
+            except BaseException:
+                upload.cancel()
+                raise
+            upload.result(self.policy)
+            return blob, True
+        own = self.layout.artifact_key(component, release_id)
+        log.warning("artifact_being_collected", key=blob, next=f"uploading the release's own copy to {own}")
+        checking.result()
+        try:
+            put_file_conditional(
+                self.clients.s3,
+                self.bucket,
+                own,
+                artifact.path,
+                artifact.sha256,
+                artifact.compression.content_type,
+                self.policy,
+            )
+        except PreconditionFailed:
+            self._same_content(own, artifact.sha256)
+            return own, False
+        return own, True
+
+    def _put_manifest(self, key: str, manifest: Manifest) -> tuple[bytes, bool]:
+        """(the manifest body the release has, written now?). A release published before artifacts
+        were content-addressed names its artifact elsewhere: the same release if all else is equal."""
+        body = manifest.to_yaml().encode()
+        try:
+            put_conditional(
+                self.clients.s3,
+                self.bucket,
+                key,
+                body,
+                policy=self.policy,
+                content_type="application/yaml",
+                metadata={"sha256": hashlib.sha256(body).hexdigest()},
+            )
+            return body, True
+        except PreconditionFailed:
+            pass
+        found = get_document(self.clients.s3, self.bucket, key, self.policy)
+        existing = parse_manifest(found[0]) if found else None
+        if found is None or existing is None or replace(existing, src=manifest.src) != manifest:
+            raise ReleaseConflict(
+                f"s3://{self.bucket}/{key} already exists with different content; releases are immutable, use a new release id"
+            )
+        log.info("release_object_exists", key=key, next="reusing the identical release")
+        return found[0], False
 
     def publish_existing(
         self,
@@ -196,6 +300,7 @@ class Publisher:
             raise PublishError(
                 f"release {release_id} of component {channel.component} does not exist (no s3://{self.bucket}/{manifest_key})"
             )
+        self._take_artifact_back_from_gc(channel.component, release_id, found[0])
         return self._deploy(
             channel,
             release_id,
@@ -205,7 +310,27 @@ class Publisher:
             release_reused=True,
             artifact=self._existing_artifact(found[0]) if self.signers else None,
             staged=staged,
+            manifest_body=found[0],
         )
+
+    def _take_artifact_back_from_gc(self, component: str, release_id: str, manifest_body: bytes) -> None:
+        """A stored release's content-addressed artifact is shared and collected on its own: take it
+        back from gc (or refuse), then make sure it is still there (a sweep deletes the artifact
+        before its mark, so no mark and the object present means no sweep is under way)."""
+        src = parse_manifest(manifest_body).src or ""
+        bucket, _, key = src.removeprefix("s3://").partition("/")
+        parsed = self.layout.blob_object(key) if src.startswith("s3://") and bucket == self.bucket else None
+        if parsed is None:
+            return  # the release's own copy, collected with the release
+        if not take_back(self.clients, self.bucket, self.layout.blob_mark_key(parsed[0]), self.policy, self.grace):
+            raise ReleaseCondemned(
+                f"the artifact of release {release_id} of {component} ({src}) is being deleted by "
+                "`deployer gc --releases`; publish the build again (it gets a copy of its own)"
+            )
+        if head(self.clients.s3, self.bucket, key, self.policy) is None:
+            raise PublishError(
+                f"release {release_id} of component {component} lost its artifact ({src} does not exist)"
+            )
 
     def _take_back_from_gc(self, component: str, release_id: str) -> None:
         """Before the release's objects are read or written: a release `deployer gc --releases`
@@ -236,7 +361,10 @@ class Publisher:
         release_reused: bool,
         artifact: tuple[str, int] | None,
         staged: Staged | None = None,
+        manifest_body: bytes | None = None,
     ) -> PublishResult:
+        """Claim the next seq for the release and announce it. `manifest_body` (the bytes that hash
+        to `manifest_sha256`) is carried inline when inlining is on and the document stays small."""
         signed = bool(self.signers and artifact)
         deploy_id = new_deploy_id()
         template_deploy = Deploy(
@@ -253,8 +381,14 @@ class Publisher:
             artifact_sha256=artifact[0] if signed and artifact else None,
             artifact_size=artifact[1] if signed and artifact else None,
             rollout=staged.plan(deploy_id) if staged else None,
+            manifest=inlinable(manifest_body) if self.inline_manifests and manifest_body is not None else None,
         )
-        if len(self._document(template_deploy)) + 32 > MAX_SNS_MESSAGE_BYTES:
+        size = len(self._document(template_deploy))
+        if template_deploy.manifest is not None and size + 32 > MAX_DEPLOY_MESSAGE_BYTES:
+            # Agents refuse a document over this bound: the manifest stays in S3 only (a long origin or plan).
+            template_deploy = replace(template_deploy, manifest=None)
+            size = len(self._document(template_deploy))
+        if size + 32 > MAX_SNS_MESSAGE_BYTES:
             raise PublishError("deploy message would exceed the SNS 256 KiB limit; shorten origin")
         if staged is not None:
             staged.start(template_deploy)  # the cursor exists before any agent can see the deploy
@@ -264,21 +398,8 @@ class Publisher:
         message_id, sns_error = self._notify(deploy, body)
         return PublishResult(deploy, release_reused=release_reused, sns_message_id=message_id, sns_error=sns_error)
 
-    def _put_immutable(self, key: str, body: Callable[[], bytes], sha256: str, content_type: str) -> bool:
-        """Create `key` once. Re-publishing identical content is a no-op; different content is refused."""
-        try:
-            put_conditional(
-                self.clients.s3,
-                self.bucket,
-                key,
-                body(),
-                policy=self.policy,
-                content_type=content_type,
-                metadata={"sha256": sha256},
-            )
-            return True
-        except PreconditionFailed:
-            pass
+    def _same_content(self, key: str, sha256: str) -> None:
+        """An object that was already there must be the same bytes: releases are immutable."""
         existing = head(self.clients.s3, self.bucket, key, self.policy) or {}
         metadata = existing.get("Metadata")
         if not isinstance(metadata, dict) or metadata.get("sha256") != sha256:
@@ -286,7 +407,6 @@ class Publisher:
                 f"s3://{self.bucket}/{key} already exists with different content; releases are immutable, use a new release id"
             )
         log.info("release_object_exists", key=key, next="reusing the identical object")
-        return False
 
     def _document(self, deploy: Deploy) -> bytes:
         """The deploy as written to history, the pointer and SNS: bare, or an envelope the signers signed."""

@@ -40,18 +40,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
 from deployer.aws.clients import Clients
-from deployer.aws.reports import ReportReader
+from deployer.aws.reports import FLEET_READ_CONCURRENCY, ReportReader
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import delete_object, get_document, head, list_objects, put_conditional
+from deployer.aws.s3 import ObjectReader, delete_object, get_document, head, list_objects, put_conditional
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import DeployerError, PreconditionFailed, PublishError
-from deployer.protocol.layout import CONDEMNED_NAME, MANIFEST_NAME, Layout
+from deployer.protocol.layout import ARTIFACTS, CONDEMNED_NAME, MANIFEST_NAME, Layout
+from deployer.protocol.manifest import parse_manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.retention import DEFAULT_GRACE, DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, SWEEP_AFTER_SECONDS, Grace
 from deployer.protocol.timestamps import age_seconds, utc_now_iso
@@ -68,14 +70,18 @@ class ReleaseCondemned(PublishError):
 
 @dataclass(frozen=True)
 class Release:
-    """One release directory in S3, as listed: its objects, their bytes, and gc's mark if any."""
+    """One release directory, or one content-addressed artifact (`component` is then
+    `ARTIFACTS` and `release_id` its sha256), as listed: its objects, their bytes, gc's mark."""
 
     component: str
     release_id: str
     #: (key, size) of every object but the mark, manifest first.
     objects: tuple[tuple[str, int], ...]
     newest: datetime
-    condemned_at: datetime | None = None
+    condemned_at: datetime | None
+    #: Where gc's mark is, and what a sweep lists again before deleting.
+    mark: str
+    prefix: str
 
     @property
     def size(self) -> int:
@@ -155,11 +161,48 @@ def group_releases(layout: Layout, listed: Iterable[tuple[str, int, datetime]]) 
                 tuple((key, size) for key, size, _ in rows),
                 max(modified for _, _, modified in rows),
                 marks.pop((component, release_id), None),
+                layout.condemned_key(component, release_id),
+                layout.release_dir(component, release_id) + "/",
             )
         )
     for (component, release_id), marked in marks.items():  # a sweep interrupted after its last object
-        releases.append(Release(component, release_id, (), marked, marked))
+        mark, prefix = layout.condemned_key(component, release_id), layout.release_dir(component, release_id) + "/"
+        releases.append(Release(component, release_id, (), marked, marked, mark, prefix))
     return releases
+
+
+def group_blobs(layout: Layout, listed: Iterable[tuple[str, int, datetime]]) -> list[Release]:
+    """LIST rows under artifacts/ → one candidate per content-addressed artifact. Pure."""
+    objects: dict[str, tuple[str, int, datetime]] = {}
+    marks: dict[str, datetime] = {}
+    for key, size, modified in listed:
+        parsed = layout.blob_object(key)
+        if parsed is None:
+            continue
+        digest, is_mark = parsed
+        if is_mark:
+            marks[digest] = modified
+        else:
+            objects[digest] = (key, size, modified)
+    blobs = []
+    for digest in sorted(set(objects) | set(marks)):
+        if digest in objects:
+            key, size, modified = objects[digest]
+            rows: tuple[tuple[str, int], ...] = ((key, size),)
+        else:  # a sweep interrupted after the artifact, before its mark
+            rows, modified = (), marks[digest]
+        blobs.append(
+            Release(
+                ARTIFACTS,
+                digest,
+                rows,
+                modified,
+                marks.get(digest),
+                layout.blob_mark_key(digest),
+                layout.blob_key(digest),
+            )
+        )
+    return blobs
 
 
 def deploy_references(layout: Layout, deploy: Deploy) -> set[tuple[str, str]]:
@@ -295,22 +338,66 @@ class ReleaseCollector:
         releases = self.releases(component)
         refs = self.references({r.component for r in releases}, keep)
         verdict = judge(releases, refs, now, older_than_days * SECONDS_PER_DAY, self.grace)
-        deleted: list[Release] = []
-        if not dry_run:
-            for release in verdict.condemn:
-                self._condemn(release)
-            for release in verdict.pardon:
-                delete_object(self.clients.s3, self.bucket, self._mark(release), self.policy)
-                log.info("release_pardoned", release=release.name, next="kept; it is referenced again")
-            deleted = [release for release in verdict.sweep if self._sweep(release, now)]
-        else:
-            deleted = verdict.sweep
+        deleted = self._carry_out(verdict, now, dry_run)
+        # Then the artifacts, judged by the manifests that are left (a condemned release's still counts).
+        gone = {(r.component, r.release_id) for r in deleted}
+        blobs = self.blobs()
+        blob_refs = self.blob_references([r for r in releases if (r.component, r.release_id) not in gone])
+        blob_verdict = judge(blobs, blob_refs, now, older_than_days * SECONDS_PER_DAY, self.grace)
+        deleted += self._carry_out(blob_verdict, now, dry_run)
         return Outcome(
-            dry_run, verdict.condemn, deleted, verdict.pardon, verdict.kept, refs.unknown, refs.unreadable_reports
+            dry_run,
+            verdict.condemn + blob_verdict.condemn,
+            deleted,
+            verdict.pardon + blob_verdict.pardon,
+            verdict.kept + blob_verdict.kept,
+            refs.unknown | blob_refs.unknown,
+            refs.unreadable_reports,
         )
 
+    def _carry_out(self, verdict: Judgement, now: datetime, dry_run: bool) -> list[Release]:
+        """Condemn, pardon and sweep as judged; the ones actually deleted (all swept ones in a dry run)."""
+        if dry_run:
+            return verdict.sweep
+        for release in verdict.condemn:
+            self._condemn(release)
+        for release in verdict.pardon:
+            delete_object(self.clients.s3, self.bucket, self._mark(release), self.policy)
+            log.info("release_pardoned", release=release.name, next="kept; it is referenced again")
+        return [release for release in verdict.sweep if self._sweep(release, now)]
+
+    def blobs(self) -> list[Release]:
+        listed = list_objects(self.clients.s3, self.bucket, self.layout.blobs_prefix(), self.policy)
+        return group_blobs(self.layout, ((o.key, o.size, o.last_modified) for o in listed))
+
+    def blob_references(self, releases: list[Release]) -> References:
+        """The artifacts the manifests of these releases name (one GET per manifest, concurrent).
+        A manifest that cannot be parsed names something unknown: no artifact is collected."""
+        manifests = [key for r in releases for key, _ in r.objects if key.endswith(f"/{MANIFEST_NAME}")]
+        reader = ObjectReader(self.clients.s3, self.bucket, self.policy)
+        with ThreadPoolExecutor(min(FLEET_READ_CONCURRENCY, max(1, len(manifests)))) as pool:
+            bodies = list(pool.map(reader.get, manifests))
+        named: set[str] = set()
+        unknown: set[str] = set()
+        for key, found in zip(manifests, bodies, strict=True):
+            if found is None:
+                continue  # deleted since the LIST: a concurrent sweep
+            try:
+                src = parse_manifest(found[0]).src or ""
+            except DeployerError as exc:
+                log.warning("release_gc_manifest_unreadable", key=key, error=str(exc), next="keeping every artifact")
+                unknown.add(ARTIFACTS)
+                continue
+            bucket, _, artifact_key = src.removeprefix("s3://").partition("/")
+            parsed = (
+                self.layout.blob_object(artifact_key) if src.startswith("s3://") and bucket == self.bucket else None
+            )
+            if parsed is not None:
+                named.add(parsed[0])
+        return References({ARTIFACTS: frozenset(named)}, frozenset(unknown))
+
     def _mark(self, release: Release) -> str:
-        return self.layout.condemned_key(release.component, release.release_id)
+        return release.mark
 
     def _condemn(self, release: Release) -> None:
         body = f'{{"condemned_at": "{utc_now_iso()}"}}\n'.encode()
@@ -327,9 +414,11 @@ class ReleaseCollector:
         if not isinstance(modified, datetime) or age_seconds(modified, now) < self.grace.sweep_after_s:
             log.info("release_reprieved", release=release.name, next="kept; its mark was taken back")
             return False
-        prefix = self.layout.release_dir(release.component, release.release_id) + "/"
-        listed = list_objects(self.clients.s3, self.bucket, prefix, self.policy)
-        current = group_releases(self.layout, ((o.key, o.size, o.last_modified) for o in listed))
+        listed = list_objects(self.clients.s3, self.bucket, release.prefix, self.policy)
+        rows = ((o.key, o.size, o.last_modified) for o in listed)
+        current = (
+            group_blobs(self.layout, rows) if release.component == ARTIFACTS else group_releases(self.layout, rows)
+        )
         if current and current[0].objects and current[0].newest > modified:
             # Written again after it was condemned (a publisher re-uploading a swept release): not ours to delete.
             delete_object(self.clients.s3, self.bucket, self._mark(release), self.policy)
@@ -342,6 +431,28 @@ class ReleaseCollector:
         return True
 
 
+def take_back(
+    clients: Clients,
+    bucket: str,
+    mark_key: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    grace: Grace = DEFAULT_GRACE,
+    now: datetime | None = None,
+) -> bool:
+    """Before a publish relies on an object gc may have condemned: True if nothing condemned it
+    or the mark was young enough to delete (the object is taken back), False if gc may be
+    deleting it now. One HEAD when nothing condemned it."""
+    mark = head(clients.s3, bucket, mark_key, policy)
+    if mark is None:
+        return True
+    modified = mark.get("LastModified")
+    if not isinstance(modified, datetime) or age_seconds(modified, now) >= grace.reprieve_within_s:
+        return False
+    delete_object(clients.s3, bucket, mark_key, policy)
+    log.info("condemned_object_taken_back", mark=mark_key, next="publishing it")
+    return True
+
+
 def check_not_condemned(
     clients: Clients,
     bucket: str,
@@ -352,24 +463,14 @@ def check_not_condemned(
     grace: Grace = DEFAULT_GRACE,
     now: datetime | None = None,
 ) -> None:
-    """Before a publish refers to a release that already exists: take it back from gc if it was
-    condemned recently, refuse if gc may be deleting it now. One HEAD when it is not condemned.
-
-    Called after the release's objects are in place and before the seq is claimed.
-    """
-    key = layout.condemned_key(component, release_id)
-    mark = head(clients.s3, bucket, key, policy)
-    if mark is None:
-        return
-    modified = mark.get("LastModified")
-    age = age_seconds(modified, now) if isinstance(modified, datetime) else grace.sweep_after_s
-    if age >= grace.reprieve_within_s:
+    """Before a publish refers to a release: take it back from gc, or refuse if gc may be
+    deleting it. Called before the release's objects are read or written."""
+    if not take_back(clients, bucket, layout.condemned_key(component, release_id), policy, grace, now):
         raise ReleaseCondemned(
             f"release {release_id} of {component} was condemned by `deployer gc --releases` "
-            f"{age:.0f} s ago and may be being deleted; publish the build again under a new release id"
+            f"more than {grace.reprieve_within_s:.0f} s ago and may be being deleted; "
+            "publish the build again under a new release id"
         )
-    delete_object(clients.s3, bucket, key, policy)
-    log.info("release_reprieved", component=component, release_id=release_id, next="publishing it")
 
 
 def describe_releases(outcome: Outcome) -> list[str]:

@@ -40,7 +40,7 @@ from deployer.local.emulator import Emulator
 from deployer.local.loopback import install_loopback_guard
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import Layout, ReportKey
-from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
+from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import DEFAULT_QUEUE_PREFIX, Channel, queue_name
 from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
 from publisher.infra import init_resources
@@ -419,8 +419,7 @@ def publish(fleet: Fleet, tmp_path: Path) -> Callable[..., Deploy]:
     def do(text: str | None = None, component: str = "api", post: tuple[Hook, ...] = ()) -> Deploy:
         n = next(counter)
         build = make_tree(tmp_path / f"build-{n}", {"index.html": text or f"release {n}"})
-        artifact = tmp_path / f"build-{n}.tar.gz"
-        pack_directory(build, artifact)
+        artifact = pack_directory(build, tmp_path / f"build-{n}.tar.zst")
         template = release_template(post)
         template = Manifest(**{**template.__dict__, "dest": f"/opt/{component}/current"})
         channel = Channel("prod", "web", component)
@@ -484,7 +483,15 @@ def silent_publisher(fleet: Fleet, sns: type[NoFanout] = NoFanout) -> Publisher:
 
 def artifact(tmp_path: Path, name: str, text: str) -> Path:
     build = make_tree(tmp_path / f"build-{name}", {"index.html": text})
-    return pack_directory(build, tmp_path / f"{name}.tar.gz")
+    return pack_directory(build, tmp_path / f"{name}.tar.zst").path
+
+
+def artifact_key_of(fleet: Fleet, deploy: Deploy) -> str:
+    """The S3 key of the artifact a deploy's manifest names (content-addressed, shared)."""
+    found = get_document(fleet.clients.s3, fleet.bucket, deploy.manifest_key)
+    assert found is not None
+    src = parse_manifest(found[0]).src or ""
+    return src.removeprefix(f"s3://{fleet.bucket}/")
 
 
 def publish_on(publisher: Publisher, channel: Channel, path: Path, release_id: str, **kwargs: Any) -> Deploy:

@@ -102,6 +102,8 @@ class Reporter(Protocol):
 
     def write(self) -> None: ...
 
+    def flush(self) -> None: ...
+
     def reject_message(self, message_id: str, reason: str) -> None: ...
 
 
@@ -245,6 +247,7 @@ class Agent:
         else:
             log.debug("reconcile_rollout_check", channel=str(channel), seq=deploy.seq, reason=reason)
         self.runner.apply(deploy)
+        self.reporter.flush()
 
     def _refresh_trust(self) -> None:
         try:
@@ -299,7 +302,8 @@ class Agent:
         """Apply the channel's newest deploy; if it proves unauthentic, the next newest, and so on.
 
         Once one is settled, the older ones in the batch are acknowledged as superseded (or handed
-        back with it, if a shutdown interrupted it).
+        back with it, if a shutdown interrupted it). The outcome's status report is written after
+        its message is settled: the acknowledgement is on the deploy's critical path, the report not.
         """
         pending = list(tried)
         outcome = Outcome.UNAUTHENTIC
@@ -315,6 +319,7 @@ class Agent:
             self._settle(message, dispose(outcome, message.receive_count), reason)
             if outcome is Outcome.UNAUTHENTIC:
                 self.reporter.reject_message(message.message_id, reason)
+            self.reporter.flush()
         rest = [by_receipt[d.incoming.receipt_handle] for d in pending]
         if outcome is Outcome.INTERRUPTED:
             self._hand_back(rest)

@@ -46,6 +46,8 @@ class StatusReporter:
         self.last_rejection: Rejection | None = None
         #: Why the last boot attempt failed; None once booted (a new reporter per attempt).
         self.boot_error: str | None = None
+        #: A change `note`d and not written yet; `flush` writes it.
+        self.unwritten = False
 
     def states(self) -> Mapping[str, ComponentState]:
         return {name: status.state for name, status in self.components.items()}
@@ -55,11 +57,27 @@ class StatusReporter:
         self.components[component] = status
 
     def update(self, component: str, **changes: Any) -> None:
+        self.note(component, **changes)
+        self.write()
+
+    def note(self, component: str, **changes: Any) -> None:
+        """Change a component's status in memory only; the next `flush` (or any write) sends it.
+
+        How a deploy's outcome is reported: the agent acknowledges the message first and writes
+        the report after, so the status PUT is not on the deploy's critical path. A crash in
+        between costs at most that report: boot reports the applied releases the ledger holds,
+        and a failed deploy is tried (and reported) again.
+        """
         current = self.components.get(component, ComponentStatus())
         if changes.get("error"):
             changes["last_error"] = changes["error"]
         self.components[component] = replace(current, updated_at=utc_now_iso(), **changes)
-        self.write()
+        self.unwritten = True
+
+    def flush(self) -> None:
+        """Write the report if a noted change is not written yet."""
+        if self.unwritten:
+            self.write()
 
     def reject_message(self, message_id: str, reason: str) -> None:
         self.last_rejection = Rejection(message_id=message_id, reason=reason, at=utc_now_iso())
@@ -83,6 +101,7 @@ class StatusReporter:
 
     def write(self) -> None:
         """Best effort: a status write failure is logged, never allowed to fail a deploy."""
+        self.unwritten = False
         try:
             self.policy.call(
                 self.s3.put_object,

@@ -12,14 +12,14 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from deployer.agent.config import AgentConfig
 from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
-from deployer.agent.ledger import DeployStatus, Ledger, LocalState, Start, plan_start
+from deployer.agent.ledger import DeployRecord, DeployStatus, Ledger, LocalState, Start, plan_start
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
 from deployer.apply.engine import Applier, Milestone, is_active
@@ -90,7 +90,7 @@ class DeployRunner:
             policy=self.policy,
             interrupt=shutdown.abandon,
         )
-        #: Runs each deploy's history GET beside its manifest GET.
+        #: Runs each deploy's history GET beside its manifest and artifact fetch.
         self._lookups = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
 
     def worth_retrying(self, deploy: Deploy) -> bool:
@@ -176,56 +176,100 @@ class DeployRunner:
 
         Anyone who can send to the topic or the queue can put a well-formed deploy document in
         front of the agent; only CI can write `history/<seq>`. So nothing about a deploy is
-        trusted — not its seq, not its deploy id — until `history/<seq>` is, byte for byte, the
-        same document. That GET runs beside the manifest GET (both are on every deploy's critical
-        path); an unauthentic deploy is rejected as such whatever its manifest did.
+        trusted — not its seq, not its deploy id, not an inline manifest — until `history/<seq>`
+        is, byte for byte, the same document. That GET runs beside the manifest (if it is not
+        inline) and the artifact download, both on every deploy's critical path: the artifact
+        is streamed into a hidden staging directory meanwhile, and the applier waits for the
+        confirmation before the release enters `releases/`, before any hook, before any record
+        or status says anything (`_begin`). An unauthentic deploy is rejected as such whatever
+        its manifest or artifact did.
         """
         record = self.ledger.deploy_record(deploy.deploy_id)
         started = time.monotonic()
-        authentic = False
-        try:
-            history = self._lookups.submit(self._authenticate, deploy)
+        history = self._lookups.submit(self._authenticate, deploy)
+        confirmed = threading.Event()
+
+        def confirm() -> None:
+            if not confirmed.is_set():
+                history.result()
+                confirmed.set()
+
+        failure: Exception | None = None
+        with ExitStack() as later:  # closed (the `applying` timer cancelled) before any outcome is noted
             try:
                 release = self._fetch_manifest(deploy)
-            finally:
-                history.result()
-                authentic = True  # only once history confirmed it, whatever the manifest did
-            start = plan_start(
-                record,
-                deploy.payload_hash(),
-                release_active=lambda: is_active(self.config.root_dir, release, deploy.release_id),
-            )
-            if start is Start.REJECT:
-                # Same idempotency key, different content: a corrupted ledger. Never apply it.
-                error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
-                log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
-                self.reporter.update(deploy.component, state=ComponentState.REJECTED, error=error)
-                return Outcome.REJECTED, error
-            if start is Start.SKIP_REJECTED:
-                assert record is not None
-                log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
-                return Outcome.REJECTED, record.error or "rejected before"
-            if start in (Start.RESUME, Start.FINISH):
-                assert record is not None
-                # We hold the lock, so the process that wrote this record is dead: resume.
-                log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
-                # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
-                self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True, authenticated=True)
-                if start is Start.FINISH:
-                    return self._completed(deploy, started, reused=True, output_tail="")
-            log.info("apply_started", release_id=deploy.release_id)
-            self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, authenticated=True)
-            with self._report_applying_if_slow(deploy):
+                start = plan_start(
+                    record,
+                    deploy.payload_hash(),
+                    release_active=lambda: is_active(self.config.root_dir, release, deploy.release_id),
+                )
+                if start not in (Start.FRESH, Start.RESUME):
+                    confirm()
+                    return self._settle_start(deploy, start, record, started)
+
+                def begin() -> None:
+                    confirm()
+                    self._begin(deploy, start, record, later)
+
+                if not self._fetches_before_confirmation(release):
+                    begin()
                 result = self.applier.apply(
                     release,
                     deploy.release_id,
                     self._hook_env(deploy),
                     on_milestone=lambda milestone: self._record_progress(deploy, milestone),
                     artifact_size=deploy.artifact_size,
+                    confirm=begin,
                 )
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
-            return self._failed(deploy, exc, authentic=authentic)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
+                failure = exc
+        if failure is not None:
+            if not confirmed.is_set():
+                try:
+                    confirm()  # an unauthentic deploy is rejected as such, whatever else failed
+                except Exception as unauthentic:  # noqa: BLE001 - as above
+                    return self._failed(deploy, unauthentic, authentic=False)
+            return self._failed(deploy, failure, authentic=True)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
+
+    def _settle_start(
+        self, deploy: Deploy, start: Start, record: DeployRecord | None, started: float
+    ) -> tuple[Outcome, str]:
+        """An authenticated deploy `plan_start` says not to apply afresh: refuse, skip, or record completion."""
+        if start is Start.REJECT:
+            # Same idempotency key, different content: a corrupted ledger. Never apply it.
+            error = f"deploy id {deploy.deploy_id} was seen before with a different payload"
+            log.error("deploy_payload_mismatch", error=error, next="rejected; the earlier record stands")
+            self.reporter.note(deploy.component, state=ComponentState.REJECTED, error=error)
+            return Outcome.REJECTED, error
+        assert record is not None
+        if start is Start.SKIP_REJECTED:
+            log.info("apply_skipped_rejected", error=record.error, next="rejected before; not attempted again")
+            return Outcome.REJECTED, record.error or "rejected before"
+        assert start is Start.FINISH
+        self._resume(deploy, record)
+        return self._completed(deploy, started, reused=True, output_tail="")
+
+    def _begin(self, deploy: Deploy, start: Start, record: DeployRecord | None, later: ExitStack) -> None:
+        """The deploy is CI's: record that it started (fsync'd) and report `applying` if it runs long."""
+        if start is Start.RESUME:
+            assert record is not None
+            self._resume(deploy, record)
+        log.info("apply_started", release_id=deploy.release_id)
+        self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, authenticated=True)
+        later.enter_context(self._report_applying_if_slow(deploy))
+
+    def _resume(self, deploy: Deploy, record: DeployRecord) -> None:
+        # We hold the lock, so the process that wrote this record is dead: resume.
+        log.warning("apply_resumed_after_crash", milestone=record.milestone.value, attempts=record.attempts)
+        # A crash counts as an attempt: a release whose hook takes the machine down must not loop forever.
+        self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, record.milestone, attempt=True, authenticated=True)
+
+    def _fetches_before_confirmation(self, release: Manifest) -> bool:
+        """Whether the artifact may be downloaded while history is still being read: only from this
+        fleet's own bucket, which only CI writes. A forged document (an inline manifest is part of
+        it) must not make an instance fetch from anywhere else before it is found out."""
+        return release.src is not None and release.src.startswith(f"s3://{self.config.bucket}/")
 
     def _apply_rollout(self, deploy: Deploy, state: LocalState) -> tuple[Outcome, str]:
         """A staged rollout's deploy: the cursor says which of its two releases this instance runs.
@@ -359,8 +403,13 @@ class DeployRunner:
         return Outcome.APPLIED, "applied"
 
     def _report(self, deploy: Deploy, state: ComponentState, *, error: str | None = None, **extra: Any) -> None:
-        """This deploy's component status: its state, and which deploy that state is about."""
-        self.reporter.update(
+        """This deploy's component status: its state, and which deploy that state is about.
+
+        Noted, not written: the caller (the loop) flushes it once the message is settled, so an
+        outcome's report costs no time between the apply and the acknowledgement. `applying`
+        is the exception, written at once by `_report_applying_if_slow`.
+        """
+        self.reporter.note(
             deploy.component,
             state=state,
             error=error,
@@ -408,6 +457,7 @@ class DeployRunner:
             with lock:
                 if not finished:
                     self._report(deploy, ComponentState.APPLYING)
+                    self.reporter.flush()
 
         timer = threading.Timer(APPLYING_REPORT_DELAY_SECONDS, report)
         timer.daemon = True

@@ -26,7 +26,7 @@ import structlog
 
 from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, ExtractStats, extract_verified
 from deployer.apply.fetch import open_source
-from deployer.apply.fsutil import fsync_dir, swap_symlink, write_atomic
+from deployer.apply.fsutil import fsync_dir, swap_symlink, sync_filesystem, write_atomic
 from deployer.apply.health import run_health_check
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS, run_hooks, tail_of
 from deployer.apply.prune import releases_to_prune
@@ -97,6 +97,8 @@ class Applier:
         self.interrupt = interrupt
         self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
         self._artifact_size: int | None = None
+        self._confirm: Callable[[], object] | None = None
+        self._refused: BaseException | None = None
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -109,10 +111,16 @@ class Applier:
         env: Mapping[str, str],
         on_milestone: Callable[[Milestone], object] | None = None,
         artifact_size: int | None = None,
+        confirm: Callable[[], object] | None = None,
     ) -> ApplyResult:
         """Apply one release. `on_milestone` is told when the release went live and when its post
         hooks finished, so a caller can record progress durably. `artifact_size` (from a signed
         deploy) is checked against the download, like the manifest's checksum.
+
+        `confirm`, when given, is called once before anything of the release takes effect: after
+        the artifact is staged and synced in its hidden directory, before it is renamed into
+        place, before any hook, the failure hooks included. Raising there leaves the machine as it
+        was. The agent confirms the deploy against history this way while the download runs.
 
         Raises the error of the tree that says what happens next (docs/design.md, "Errors and
         what happens next"), after the failure hooks ran and the previous release was
@@ -121,6 +129,7 @@ class Applier:
         deploy_log = DeployLog()
         self._on_milestone = on_milestone or (lambda _milestone: None)
         self._artifact_size = artifact_size
+        self._confirm, self._refused = confirm, None
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
@@ -129,9 +138,25 @@ class Applier:
         except Interrupted:
             raise
         except DeployerError as exc:
+            # Failed before it was confirmed (say, a checksum mismatch): its failure hooks run only
+            # once it is; a confirmation that fails instead is the error that counts.
+            self._confirmed()
             deploy_log.add(f"error: {exc}")
             self._failure_hooks(manifest, hook_env, deploy_log)
             raise
+
+    def _confirmed(self) -> None:
+        """Call `confirm` once (see `apply`); nothing takes effect before this returned. A refusal
+        is raised again on every later call, so no path gets past it."""
+        if self._refused is not None:
+            raise self._refused
+        confirm, self._confirm = self._confirm, None
+        if confirm is not None:
+            try:
+                confirm()
+            except BaseException as exc:
+                self._refused = exc
+                raise
 
     def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
         if manifest.src is None:
@@ -139,6 +164,7 @@ class Applier:
             cwd = self.root_dir
             env.setdefault("DEPLOYER_RELEASE_DIR", "")
             env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
+            self._confirmed()
             output = self._hooks(manifest, "pre", env, cwd, deploy_log)
             output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
             return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
@@ -165,14 +191,10 @@ class Applier:
 
         reused = _verified_on_disk(releases, release_id, manifest)
         if reused:
+            self._confirmed()
             deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
             log.info("release_reused", release_dir=str(release_dir))
         else:
-            if release_dir.exists():
-                # On disk but not recorded as this artifact (a crash before the record, a hand-made
-                # directory, a different artifact under the same id): never trust it, fetch afresh.
-                log.warning("release_dir_unverified", release_dir=str(release_dir), next="downloading it again")
-                _discard(release_dir)
             self._stage(manifest, releases, release_dir, deploy_log)
             _record_verified(releases, release_id, manifest)
 
@@ -249,15 +271,28 @@ class Applier:
 
         The whole streaming pass is one attempt under the retry policy: a download cut at any
         point (reset, clean close, stall) throws the partial tree away and starts again, so the
-        network never gets to decide anything about the release.
+        network never gets to decide anything about the release. The staged tree enters `final`
+        only once the deploy is confirmed (see `apply`).
         """
         assert manifest.src is not None
         _remove_stale_staging(parent)
-        stats = self.policy.call(self._stage_once, manifest, parent, final)
+        staging, stats = self.policy.call(self._stage_once, manifest, parent, final)
+        try:
+            self._confirmed()
+            if final.exists():
+                # On disk but not recorded as this artifact (a crash before the record, a hand-made
+                # directory, a different artifact under the same id): never trust it, replace it.
+                log.warning("release_dir_unverified", release_dir=str(final), next="replacing it with the download")
+                _discard(final)
+            os.replace(staging, final)
+            fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
         log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
 
-    def _stage_once(self, manifest: Manifest, parent: Path, final: Path) -> ExtractStats:
+    def _stage_once(self, manifest: Manifest, parent: Path, final: Path) -> tuple[Path, ExtractStats]:
         assert manifest.src is not None
         assert manifest.checksum is not None
         staging = parent / f"{STAGING_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
@@ -277,13 +312,11 @@ class Applier:
                 staging.chmod(manifest.dest_mode)
             # The release must be durable before anything points at it: a power cut after the
             # symlink swap must not find empty files.
-            os.sync()
-            os.replace(staging, final)
-            fsync_dir(parent)
+            sync_filesystem(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return stats
+        return staging, stats
 
     def _post_and_success(
         self, manifest: Manifest, env: Mapping[str, str], cwd: Path, deploy_log: DeployLog, rollback: object

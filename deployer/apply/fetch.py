@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import open_object
-from deployer.protocol.deploy import Deploy
+from deployer.protocol.deploy import Deploy, inline_manifest_bytes
 from deployer.protocol.errors import ArtifactError, FetchError, InvalidMessage, TransientFetchError
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
@@ -131,10 +131,16 @@ def fetch_release_manifest(deploy: Deploy, bucket: str, s3: S3Client, policy: Re
     """The manifest a deploy names, held to the deploy: its bytes must hash to `manifest_sha256`
     (checked before parsing), and a signed deploy's artifact digest replaces the manifest's.
 
+    A deploy that carries its manifest inline costs no request: the same bytes, held to the same
+    digest, whichever way they came (docs/design.md, "The deploy document").
+
     Raises InvalidMessage for a manifest that is not the deploy's, ArtifactError for a manifest
     whose own sha256 disagrees with the signed one.
     """
-    data = read_source(f"s3://{bucket}/{deploy.manifest_key}", s3, MAX_MANIFEST_BYTES, policy)
+    if deploy.manifest is not None:
+        data = inline_manifest_bytes(deploy.manifest)
+    else:
+        data = read_source(f"s3://{bucket}/{deploy.manifest_key}", s3, MAX_MANIFEST_BYTES, policy)
     digest = hashlib.sha256(data).hexdigest()
     if digest != deploy.manifest_sha256:
         raise InvalidMessage(f"manifest sha256 {digest} does not match the deploy's {deploy.manifest_sha256}")

@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written under `path` durable: syncfs(2) on the filesystem holding it.
+
+    A release is thousands of new files; fsync of each costs a journal commit apiece (6x slower
+    than one flush for 600 files on ext4 here), and sync(2) also waits for every other
+    filesystem's dirty pages (an application's logs on another volume). syncfs flushes this
+    filesystem only, with sync's guarantee for it. Where libc has no syncfs (not Linux), sync(2).
+    """
+    syncfs = _libc_syncfs()
+    if syncfs is not None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    os.sync()  # no syncfs, or it failed: the whole machine, as before
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs, or None (Python has no os.syncfs)."""
+    try:
+        import ctypes
+
+        syncfs: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        return None
+    return syncfs
 
 
 def fsync_dir(path: Path) -> None:

@@ -7,9 +7,11 @@ into ours (None for a missing object, `PreconditionFailed` for a lost conditiona
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import ClientError
@@ -90,6 +92,13 @@ def read_pointer(
     return Pointer(verifier.open(body), etag)
 
 
+def write_error(exc: AwsError, bucket: str, key: str) -> AwsError:
+    """What a failed PUT means: a lost conditional write, or an error naming the object."""
+    if exc.status in PRECONDITION_STATUSES or exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+        return PreconditionFailed(f"s3://{bucket}/{key} was written by someone else first", code=exc.code)
+    return AwsError(f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status)
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """One row of a LIST."""
@@ -148,12 +157,85 @@ def put_conditional(
             **condition,
         )
     except AwsError as exc:
-        if exc.status in PRECONDITION_STATUSES or exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            raise PreconditionFailed(f"s3://{bucket}/{key} was written by someone else first", code=exc.code) from None
-        raise AwsError(
-            f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
-        ) from None
+        raise write_error(exc, bucket, key) from None
     return str(response["ETag"])
+
+
+#: Multipart part size and parts in flight for artifact uploads: `aws s3 cp`'s 8 MiB parts, 6 at
+#: a time. Memory stays bounded whatever the artifact's size (s3transfer reads each part from the
+#: file as it sends it): publishing 1 GiB peaks at 88 MB here, 94 MB with 8 parts in flight
+#: (docs/benchmarks.md, figure 5; the target is < 100 MB).
+UPLOAD_PART_BYTES = 8 * 1024 * 1024
+UPLOAD_CONCURRENCY = 6
+
+
+class Upload:
+    """An artifact upload in flight (s3transfer: parallel multipart, bounded memory), started at
+    once so the caller can check the artifact meanwhile, and cancel the upload if the check fails."""
+
+    def __init__(self, s3: S3Client, bucket: str, key: str, path: Path, sha256: str, content_type: str) -> None:
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        self._config = TransferConfig(
+            multipart_threshold=UPLOAD_PART_BYTES,
+            multipart_chunksize=UPLOAD_PART_BYTES,
+            max_request_concurrency=UPLOAD_CONCURRENCY,
+        )
+        self._manager_type = TransferManager
+        self._args = (s3, str(path), bucket, key, {"ContentType": content_type, "Metadata": {"sha256": sha256}})
+        self._manager, self._future = self._start()
+
+    def _start(self) -> tuple[Any, Any]:
+        s3, path, bucket, key, extra = self._args
+        manager = self._manager_type(s3, self._config)
+        return manager, manager.upload(path, bucket, key, extra_args=extra)
+
+    def result(self, policy: RetryPolicy = DEFAULT_POLICY) -> None:
+        """Wait for the upload. A transient failure starts it again, under `policy`, like any call."""
+        attempts = iter([(self._manager, self._future)])
+
+        def attempt() -> None:
+            manager, future = next(attempts, None) or self._start()
+            try:
+                future.result()
+            finally:
+                manager.shutdown()
+
+        policy.call(attempt)
+
+    def cancel(self) -> None:
+        self._future.cancel()
+        with contextlib.suppress(Exception):  # whatever a cancelled transfer raises is the cancellation
+            self._manager.shutdown(cancel=True)
+
+
+def put_file_conditional(
+    s3: S3Client,
+    bucket: str,
+    key: str,
+    path: Path,
+    sha256: str,
+    content_type: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> None:
+    """Stream a file into `key` with `If-None-Match: *` in one PUT (≤ 5 GB); each attempt reads
+    the file again from the start. PreconditionFailed if the key exists."""
+
+    def attempt() -> None:
+        with open(path, "rb") as body:
+            s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                Metadata={"sha256": sha256},
+                IfNoneMatch="*",
+            )
+
+    try:
+        policy.call(attempt)
+    except AwsError as exc:
+        raise write_error(exc, bucket, key) from None
 
 
 #: A page people open in a browser: always revalidated, so nobody reads an old fleet from a cache.
@@ -173,9 +255,7 @@ def put_page(s3: S3Client, bucket: str, key: str, body: bytes, policy: RetryPoli
             CacheControl=PAGE_CACHE_CONTROL,
         )
     except AwsError as exc:
-        raise AwsError(
-            f"cannot write s3://{bucket}/{key}: {exc.code or exc}", code=exc.code, status=exc.status
-        ) from None
+        raise write_error(exc, bucket, key) from None
     return str(response["ETag"])
 
 

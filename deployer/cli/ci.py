@@ -17,6 +17,7 @@ from deployer.cli.options import (
     aws_options,
     bucket_option,
     channel_options,
+    inline_manifest_option,
     publisher_arn_option,
     queue_prefix_option,
     quiet,
@@ -74,7 +75,14 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
     "--artifact",
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="A .tar.gz, or a directory to pack into one.",
+    help="A .tar.gz or .tar.zst, or a directory to pack into one.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["zstd", "gzip"]),
+    default="zstd",
+    show_default=True,
+    help="How a directory is packed (zstd: about 20× faster to pack, 3× faster to unpack than gzip -6).",
 )
 @click.option(
     "--manifest",
@@ -90,6 +98,7 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
 @sign_key_option("Sign the deploy (history, pointer and message become a signed envelope).")
+@inline_manifest_option
 @rollout_options
 @wait_options
 @quiet
@@ -98,11 +107,13 @@ def publish(
     topic_arn: str,
     channel: Channel,
     artifact: Path,
+    compression: str,
     manifest_path: Path | None,
     dest: str | None,
     sync_strategy: str | None,
     release_id: str | None,
     sign_keys: tuple[str, ...],
+    inline_manifest: bool,
     gates: Gates | None,
     wait: WaitOptions | None,
 ) -> None:
@@ -113,7 +124,7 @@ def publish(
     instance of the group, until each converged, failed, was rejected or was lost; exit 0 all
     converged, 4 any failed/rejected/lost, 5 timeout.
     """
-    from publisher.pack import check_artifact, pack_directory
+    from publisher.pack import Artifact, Compression, pack_directory
     from publisher.publish import Publisher, ci_origin
 
     template = parse_manifest(manifest_path.read_bytes()) if manifest_path else Manifest()
@@ -123,14 +134,22 @@ def publish(
     if dest:
         template = dataclasses.replace(template, dest=dest)
     members = group_members(store, wait)
-    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
+    publisher = Publisher(
+        store.clients,
+        store.bucket,
+        topic_arn,
+        store.layout,
+        signers=store.signers(sign_keys),
+        inline_manifests=inline_manifest,
+    )
     staging = stage(publisher, store, channel, gates, wait)
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
+        packed: Path | Artifact = artifact
         if artifact.is_dir():
-            artifact = pack_directory(artifact, Path(tmp) / "artifact.tar.gz")
-        check_artifact(artifact)
+            packing = Compression(compression)
+            packed = pack_directory(artifact, Path(tmp) / f"artifact{packing.suffix}", compression=packing)
         result = publisher.publish(
-            channel, artifact, template=template, release_id=release_id, origin=ci_origin(), staged=staging
+            channel, packed, template=template, release_id=release_id, origin=ci_origin(), staged=staging
         )
     deploy = result.deploy
     click.echo(
@@ -145,6 +164,7 @@ def publish(
 @channel_options
 @click.option("--to", "to_release", help="Release id to go back to [default: the previous release].")
 @sign_key_option("Sign the rollback's deploy.")
+@inline_manifest_option
 @rollout_options
 @wait_options
 @quiet
@@ -154,6 +174,7 @@ def rollback(
     channel: Channel,
     to_release: str | None,
     sign_keys: tuple[str, ...],
+    inline_manifest: bool,
     gates: Gates | None,
     wait: WaitOptions | None,
 ) -> None:
@@ -166,7 +187,14 @@ def rollback(
     from publisher.rollback import rollback as do_rollback
 
     members = group_members(store, wait)
-    publisher = Publisher(store.clients, store.bucket, topic_arn, store.layout, signers=store.signers(sign_keys))
+    publisher = Publisher(
+        store.clients,
+        store.bucket,
+        topic_arn,
+        store.layout,
+        signers=store.signers(sign_keys),
+        inline_manifests=inline_manifest,
+    )
     staging = stage(publisher, store, channel, gates, wait)
     result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin(), staged=staging)
     deploy = result.deploy

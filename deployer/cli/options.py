@@ -130,6 +130,19 @@ def sign_key_option(help: str) -> Callable[[Command], Command]:
     )
 
 
+#: Opt-in until every agent of the fleet reads the deploy document's `manifest` key (README, "Upgrading").
+INLINE_MANIFEST_ENV = "DEPLOYER_INLINE_MANIFEST"
+
+inline_manifest_option = click.option(
+    "--inline-manifest/--no-inline-manifest",
+    "inline_manifest",
+    default=False,
+    envvar=INLINE_MANIFEST_ENV,
+    help="Carry a small manifest (≤ 4 KiB) inside the deploy document, saving every agent a GET. Needs "
+    f"agents that read it: upgrade agents first [env {INLINE_MANIFEST_ENV}; default: off].",
+)
+
+
 def aws_options(func: Command) -> Command:
     """--region and --endpoint-url, passed as `aws`."""
 

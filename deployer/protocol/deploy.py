@@ -16,7 +16,7 @@ from typing import Any
 
 from deployer.protocol.decoding import json_object
 from deployer.protocol.errors import InvalidMessage
-from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_INLINE_MANIFEST_BYTES
 from deployer.protocol.names import NAME_PATTERN, Channel
 from deployer.protocol.rollout import STABLE_SUFFIX, Plan, plan_from_dict
 from deployer.protocol.timestamps import parse_timestamp
@@ -46,7 +46,9 @@ _REQUIRED = (
 #: `artifact_sha256` / `artifact_size` are written by publishers that sign (agents older than
 #: signing refuse unknown keys, so unsigned documents stay as they were): the signature then
 #: covers the artifact itself, checked while it streams, whatever digest the manifest carries.
-_OPTIONAL = ("origin", "artifact_sha256", "artifact_size", "rollout")
+#: `manifest` (the manifest's exact text, when it is small) is written only by publishers told to
+#: inline manifests, for the same reason: agents older than it refuse the key (README, "Upgrading").
+_OPTIONAL = ("origin", "artifact_sha256", "artifact_size", "rollout", "manifest")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class Deploy:
     artifact_size: int | None = None
     #: A staged rollout's plan: the stable release, the waves and their gates (None: everyone at once).
     rollout: Plan | None = None
+    #: The manifest's exact text when the publisher inlined it (at most MAX_INLINE_MANIFEST_BYTES):
+    #: the agent then skips the manifest GET. Its UTF-8 bytes hash to `manifest_sha256`, checked here.
+    manifest: str | None = None
 
     @property
     def channel(self) -> Channel:
@@ -92,6 +97,8 @@ class Deploy:
             doc["artifact_size"] = self.artifact_size
         if self.rollout is not None:
             doc["rollout"] = self.rollout.to_dict()
+        if self.manifest is not None:
+            doc["manifest"] = self.manifest
         return doc
 
     def to_json(self) -> str:
@@ -142,6 +149,8 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
     origin = doc.get("origin", {})
     _check_origin(origin)
     _check_artifact(doc)
+    if "manifest" in doc:
+        _check_inline_manifest(doc["manifest"], doc["manifest_sha256"])
 
     return Deploy(
         deploy_id=doc["deploy_id"],
@@ -157,6 +166,7 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         artifact_sha256=doc.get("artifact_sha256"),
         artifact_size=doc.get("artifact_size"),
         rollout=plan_from_dict(doc["rollout"], _check_release) if "rollout" in doc else None,
+        manifest=doc.get("manifest"),
     )
 
 
@@ -184,6 +194,38 @@ def _check_artifact(doc: dict[str, Any]) -> None:
         _check_pattern(doc, "artifact_sha256", SHA256_PATTERN)
         if not isinstance(artifact_size, int) or isinstance(artifact_size, bool) or artifact_size < 0:
             raise InvalidMessage(f"artifact_size must be a byte count, got {artifact_size!r}")
+
+
+def inlinable(manifest_body: bytes) -> str | None:
+    """A manifest's text to carry in the deploy document, or None if it must stay in S3 only:
+    over MAX_INLINE_MANIFEST_BYTES, or not UTF-8 (a JSON string could not give the bytes back). Pure."""
+    if len(manifest_body) > MAX_INLINE_MANIFEST_BYTES:
+        return None
+    try:
+        return manifest_body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def inline_manifest_bytes(text: str) -> bytes:
+    """The bytes an inline manifest stands for: its UTF-8 encoding, which `manifest_sha256` pins."""
+    return text.encode("utf-8")
+
+
+def _check_inline_manifest(text: Any, manifest_sha256: str) -> None:
+    """An inline manifest is the manifest `manifest_sha256` names, byte for byte, or the document is
+    refused whole: a document that disagrees with itself was not written by a publisher."""
+    if not isinstance(text, str):
+        raise InvalidMessage(f"manifest must be the manifest's text (a string), got {type(text).__name__}")
+    try:
+        data = inline_manifest_bytes(text)
+    except UnicodeEncodeError:
+        raise InvalidMessage("manifest is not valid Unicode text (a lone surrogate)") from None
+    if len(data) > MAX_INLINE_MANIFEST_BYTES:
+        raise InvalidMessage(f"manifest is {len(data)} bytes inline, over the {MAX_INLINE_MANIFEST_BYTES}-byte limit")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest_sha256:
+        raise InvalidMessage(f"inline manifest sha256 {digest} does not match the deploy's {manifest_sha256}")
 
 
 def _check_origin(origin: Any) -> None:

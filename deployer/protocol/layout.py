@@ -4,6 +4,8 @@
 <prefix>/releases/<component>/<release_id>/artifact.tar.gz   immutable
 <prefix>/releases/<component>/<release_id>/manifest.yml      immutable
 <prefix>/releases/<component>/<release_id>/condemned.json    gc's mark: deleted after a grace period
+<prefix>/artifacts/sha256/<hex>                              an artifact, named by its content (shared)
+<prefix>/artifacts/sha256/<hex>.condemned.json               gc's mark on an artifact nothing names
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
 <prefix>/channels/<stage>/<role>/<component>/rollouts/<deploy_id>.json   a rollout's cursor
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployer.protocol.deploy import RELEASE_ID_PATTERN
+from deployer.protocol.deploy import RELEASE_ID_PATTERN, SHA256_PATTERN
 from deployer.protocol.names import DEFAULT_PREFIX, NAME_PATTERN, Channel, Owner
 
 ARTIFACT_NAME = "artifact.tar.gz"
@@ -28,6 +30,9 @@ MANIFEST_NAME = "manifest.yml"
 CONDEMNED_NAME = "condemned.json"
 POINTER_NAME = "latest.json"
 RELEASES = "releases"
+ARTIFACTS = "artifacts"
+#: The digest that names an artifact under artifacts/.
+BLOB_DIGEST = "sha256"
 CHANNELS = "channels"
 HISTORY = "history"
 ROLLOUTS = "rollouts"
@@ -82,6 +87,27 @@ class Layout:
     def condemned_key(self, component: str, release_id: str) -> str:
         """`deployer gc --releases`' mark on a release nothing refers to (publisher/retention.py)."""
         return f"{self.release_dir(component, release_id)}/{CONDEMNED_NAME}"
+
+    def blob_key(self, sha256: str) -> str:
+        """Where an artifact lives: named by its own sha256, so identical bytes are stored once and
+        a publish that finds the key needs no upload (the agent checks the bytes against the hash)."""
+        return self.key(ARTIFACTS, BLOB_DIGEST, sha256)
+
+    def blob_mark_key(self, sha256: str) -> str:
+        return f"{self.blob_key(sha256)}.{CONDEMNED_NAME}"
+
+    def blobs_prefix(self) -> str:
+        return self.key(ARTIFACTS, BLOB_DIGEST) + "/"
+
+    def blob_object(self, key: str) -> tuple[str, bool] | None:
+        """Parse `<prefix>/artifacts/sha256/<hex>[.condemned.json]` into (hex, is the mark); None
+        for anything else. Pure."""
+        head = self.blobs_prefix()
+        name = key[len(head) :] if key.startswith(head) else ""
+        digest, _, mark = name.partition(".")
+        if not SHA256_PATTERN.match(digest) or mark not in ("", CONDEMNED_NAME):
+            return None
+        return digest, bool(mark)
 
     def releases_prefix(self, component: str | None = None) -> str:
         return self.key(RELEASES, *([component] if component else [])) + "/"

@@ -28,6 +28,15 @@ MAX_DEPLOY_MESSAGE_BYTES = 16 * 1024
 #: Bound on a manifest document; stretcher manifests are a few hundred bytes.
 MAX_MANIFEST_BYTES = 256 * 1024
 
+#: Largest manifest a deploy document carries inline (its `manifest` key), in UTF-8 bytes; a larger
+#: one is fetched from S3 as before. Every copy of the document must stay under
+#: MAX_DEPLOY_MESSAGE_BYTES, the bound agents parse with (also signed: base64 adds a third, and
+#: signatures, `origin` and a rollout plan share the rest). A manifest `deployer publish` writes is
+#: 300-600 bytes, one with a dozen hooks and an env block about 2 KiB; JSON escaping adds ~10 % to
+#: YAML text, so 4 KiB inline is at most ~6 KiB in an envelope. The publisher still measures the
+#: whole document and leaves the manifest out when it would not fit.
+MAX_INLINE_MANIFEST_BYTES = 4 * 1024
+
 #: SQS message size maximum, 1 MiB since 2025, counting the body AND every message attribute
 #: (name, type and value). https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-messages.html
 MAX_SQS_MESSAGE_BYTES = 1024 * 1024

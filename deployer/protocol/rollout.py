@@ -183,6 +183,7 @@ def stable_variant(deploy: Deploy) -> Deploy:
         manifest_sha256=stable.manifest_sha256,
         artifact_sha256=stable.artifact_sha256,
         artifact_size=stable.artifact_size,
+        manifest=None,  # an inline manifest is the candidate's; the stable one is read from S3
     )
 
 

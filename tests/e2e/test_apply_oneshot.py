@@ -121,7 +121,7 @@ def _tree(seed: int) -> dict[str, str]:
 
 
 def _write_manifest(tmp_path: Path, name: str, files: dict[str, str]) -> Path:
-    artifact = pack_directory(make_tree(tmp_path / f"build-{name}", files), tmp_path / f"{name}.tar.gz")
+    artifact = pack_directory(make_tree(tmp_path / f"build-{name}", files), tmp_path / f"{name}.tar.zst").path
     manifest = Manifest(
         src=artifact.as_uri(),
         checksum=hashlib.sha256(artifact.read_bytes()).hexdigest(),

@@ -114,7 +114,7 @@ def test_cli_bad_input_gets_one_clear_error_line_and_a_non_zero_exit(fleet: Flee
     not_gzip.write_text("<html>oops</html>")
     result = cli(*base, "--artifact", str(not_gzip), env=env)
     assert result.returncode == 1
-    assert "is not gzip-compressed" in result.stderr
+    assert "is neither gzip nor zstd-compressed" in result.stderr
     assert "Traceback" not in result.stderr
 
     bad_manifest = tmp_path / "manifest.yml"

@@ -62,7 +62,7 @@ def test_every_boot_call_cut_short_is_retried_and_boot_converges(
 @pytest.mark.parametrize(
     "fault", [Fault.FIN_BEFORE_HEADERS, Fault.FIN_MID_HEADERS, Fault.FIN_MID_BODY, Fault.RST_MID_BODY]
 )
-@pytest.mark.parametrize("what", ["manifest.yml", "artifact.tar.gz", "/history/"])
+@pytest.mark.parametrize("what", ["manifest.yml", "/artifacts/", "/history/"])
 def test_a_release_download_cut_short_is_retried_not_rejected(
     what: str,
     fault: Fault,
@@ -85,7 +85,7 @@ def test_a_chunked_artifact_cut_inside_a_chunk_is_retried(
     proxy: FaultProxy, start_agent: Callable[..., AgentProcess], publish: Callable[..., Deploy], tmp_path: Path
 ) -> None:
     agent = start_agent(endpoint_url=proxy.url)
-    proxy.rule = cut_first("artifact.tar.gz", Fault.FIN_MID_CHUNK, times=2)
+    proxy.rule = cut_first("/artifacts/", Fault.FIN_MID_CHUNK, times=2)
     deploy = publish("chunk by chunk")
     wait_until(lambda: agent.on_seq(deploy.seq), "the release to land despite two cut chunks")
     assert proxy.counts[Fault.FIN_MID_CHUNK] == 2

@@ -18,7 +18,17 @@ from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, UNVERIFIED, Role, T
 from publisher.publish import Publisher
 from publisher.signing import FileSigner, keygen, public_key, sign
 from tests.awsproxy import aws_proxy
-from tests.support import REGION, AgentProcess, Fleet, artifact, cli, publish_args, publish_on, wait_until
+from tests.support import (
+    REGION,
+    AgentProcess,
+    Fleet,
+    artifact,
+    artifact_key_of,
+    cli,
+    publish_args,
+    publish_on,
+    wait_until,
+)
 
 API = Channel("prod", "web", "api")
 
@@ -76,7 +86,7 @@ def test_a_signed_deploy_is_verified_and_applied_where_signatures_are_required(
     assert [s.keyid for s in pointer.signatures] == [release_key.keyid]
     signed = json.loads(pointer.payload)
     assert signed["artifact_sha256"] == deploy.artifact_sha256
-    assert signed["artifact_size"] == (tmp_path / "v1.tar.gz").stat().st_size
+    assert signed["artifact_size"] == (tmp_path / "v1.tar.zst").stat().st_size
     shown = cli("trust", "show", "--config", str(agent.config_path))
     assert "trust version 1" in shown.stdout, shown.stdout
     assert "signatures required" in shown.stdout
@@ -168,9 +178,11 @@ def test_a_manifest_or_artifact_swapped_under_a_valid_signature_is_rejected(
     wait_until(lambda: agent.component().state.value == "rejected", "the swapped manifest to be rejected")
     assert "manifest sha256" in (agent.component().error or "")
     assert agent.served() == "v1"
+    agent.stop()  # the swap must land before the agent sees the deploy
     swapped = publish_on(publisher, API, artifact(tmp_path, "v3", "v3"), "rel-3")
-    artifact_key = fleet.layout.artifact_key("api", swapped.release_id)
-    s3.put_object(Bucket=fleet.bucket, Key=artifact_key, Body=(tmp_path / "v1.tar.gz").read_bytes())
+    artifact_key = artifact_key_of(fleet, swapped)
+    s3.put_object(Bucket=fleet.bucket, Key=artifact_key, Body=(tmp_path / "v1.tar.zst").read_bytes())
+    agent.start()
     wait_until(
         lambda: agent.component().seq == swapped.seq and agent.component().state.value == "rejected",
         "the swapped artifact",

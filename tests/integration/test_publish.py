@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import parse_deploy
-from deployer.protocol.errors import ConfigError, ReleaseConflict
+from deployer.protocol.errors import ConfigError, PublishError, ReleaseConflict
 from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import Channel
 from publisher.infra import init_resources
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
-from tests.support import BUCKET, TOPIC, Fleet, make_tree, write_release
+from tests.support import BUCKET, TOPIC, Fleet, add_file, make_tree, tar_bytes, write_release
 
 API = Channel("prod", "web", "api")
 SYMLINK = Manifest(sync_strategy=SyncStrategy.SYMLINK)
@@ -49,7 +52,7 @@ def test_publish_writes_release_history_pointer_and_notifies_in_one_document(fle
     s3 = fleet.clients.s3
     manifest = parse_manifest(s3.get_object(Bucket=BUCKET, Key=deploy.manifest_key)["Body"].read())
     assert manifest.checksum == digest
-    assert manifest.src == f"s3://{BUCKET}/deployer/releases/api/r1/artifact.tar.gz"
+    assert manifest.src == f"s3://{BUCKET}/deployer/artifacts/sha256/{digest}"  # named by its content
     assert manifest.dest == "/opt/api/current"
     assert manifest.sync_strategy is SyncStrategy.SYMLINK
     pointer = read_pointer(s3, BUCKET, fleet.layout, API)
@@ -149,3 +152,64 @@ def test_a_missing_topic_is_reported_before_anything_is_uploaded(fleet: Fleet, t
     with pytest.raises(ConfigError, match="no-such-topic"):
         Publisher(fleet.clients, BUCKET, topic, fleet.layout).publish(API, artifact, template=SYMLINK)
     assert "Contents" not in fleet.clients.s3.list_objects_v2(Bucket=BUCKET)
+
+
+def s3_calls(fleet: Fleet) -> Counter[str]:
+    """Every S3 operation the fleet's client makes from now on, counted by name."""
+    calls: Counter[str] = Counter()
+    fleet.clients.s3.meta.events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+    return calls
+
+
+def test_an_artifact_already_stored_is_not_uploaded_again_under_another_release_or_stage(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    first = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1").deploy
+    calls = s3_calls(fleet)
+    promoted = publisher(fleet).publish(Channel("staging", "web", "api"), artifact, template=SYMLINK, release_id="r2")
+    # The manifest, the history entry and the pointer: nothing of the artifact's bytes.
+    assert calls["PutObject"] == 3
+    assert calls["CreateMultipartUpload"] == 0
+    assert not promoted.release_reused  # a new release, sharing the stored artifact
+    manifests = [
+        parse_manifest(fleet.clients.s3.get_object(Bucket=BUCKET, Key=d.manifest_key)["Body"].read())
+        for d in (first, promoted.deploy)
+    ]
+    assert {m.src for m in manifests} == {f"s3://{BUCKET}/{fleet.layout.blob_key(digest)}"}
+
+
+def test_a_big_artifact_goes_up_in_parts_and_arrives_whole(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, digest = write_release(
+        tmp_path / "big.tar.gz", {"blob.bin": random.Random(1).randbytes(20 << 20).hex()[: 20 << 20]}
+    )
+    calls = s3_calls(fleet)
+    publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="big")
+    assert calls["UploadPart"] >= 2
+    stored = fleet.clients.s3.get_object(Bucket=BUCKET, Key=fleet.layout.blob_key(digest))["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == digest
+
+
+def test_an_artifact_with_an_unsafe_member_is_refused_and_no_release_names_it(fleet: Fleet, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.tar.gz"
+    evil.write_bytes(tar_bytes(lambda archive: add_file(archive, "../outside", b"x")))
+    with pytest.raises(PublishError, match=r"unsafe member: path with '\.\.'"):
+        publisher(fleet).publish(API, evil, template=SYMLINK, release_id="evil")
+    listed = fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix="deployer/")
+    assert not [o["Key"] for o in listed.get("Contents", []) if "/releases/" in o["Key"] or "/channels/" in o["Key"]]
+
+
+def test_a_release_published_before_artifacts_were_content_addressed_is_republished_as_it_is(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    old_key = fleet.layout.artifact_key("api", "old")
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=old_key, Body=artifact.read_bytes(), Metadata={"sha256": digest})
+    old = Manifest(
+        src=f"s3://{BUCKET}/{old_key}", checksum=digest, dest="/opt/api/current", sync_strategy=SyncStrategy.SYMLINK
+    )
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=fleet.layout.manifest_key("api", "old"), Body=old.to_yaml().encode())
+
+    again = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="old").deploy
+    manifest = parse_manifest(fleet.clients.s3.get_object(Bucket=BUCKET, Key=again.manifest_key)["Body"].read())
+    assert manifest.src == f"s3://{BUCKET}/{old_key}", "the stored release is kept as it was"

@@ -134,17 +134,32 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "cloudwatch:DescribeAlarms",  # publish --waves --alarm, read-only
     }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
-    assert puts == {"arn:aws:s3:::b/team/deployer/releases/*", "arn:aws:s3:::b/team/deployer/channels/dev/*"}
+    assert puts == {
+        "arn:aws:s3:::b/team/deployer/releases/*",
+        "arn:aws:s3:::b/team/deployer/artifacts/*",
+        "arn:aws:s3:::b/team/deployer/channels/dev/*",
+    }
     deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
-    assert deletes == {"arn:aws:s3:::b/team/deployer/releases/*/condemned.json"}
+    assert deletes == {
+        "arn:aws:s3:::b/team/deployer/releases/*/condemned.json",
+        "arn:aws:s3:::b/team/deployer/artifacts/*.condemned.json",
+    }
 
 
 def test_release_gc_reads_every_stage_and_deletes_only_releases_and_reports() -> None:
     policy = policy_for(Audience.GC, Scope(bucket="b", topic_arn=TOPIC, stage="dev"))
     deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
-    assert deletes == {"arn:aws:s3:::b/deployer/status/dev/*/*", "arn:aws:s3:::b/deployer/releases/*"}
+    assert deletes == {
+        "arn:aws:s3:::b/deployer/status/dev/*/*",
+        "arn:aws:s3:::b/deployer/releases/*",
+        "arn:aws:s3:::b/deployer/artifacts/*",
+    }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
-    assert puts == {"arn:aws:s3:::b/deployer/releases/*/condemned.json", "arn:aws:s3:::b/deployer/fleet/index.html"}
+    assert puts == {
+        "arn:aws:s3:::b/deployer/releases/*/condemned.json",
+        "arn:aws:s3:::b/deployer/artifacts/*.condemned.json",
+        "arn:aws:s3:::b/deployer/fleet/index.html",
+    }
     # A release may be promoted to any stage: what refers to it is read everywhere, however narrowed.
     gets = {r for s in statements(policy) if "s3:GetObject" in s["Action"] for r in as_list(s["Resource"])}
     assert {"arn:aws:s3:::b/deployer/channels/*", "arn:aws:s3:::b/deployer/status/*"} <= gets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest, SyncStrategy
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
+from publisher.pack import artifact_file
 from publisher.publish import Publisher
 from publisher.wait import EXIT_CONVERGED, EXIT_FAILED, EXIT_TIMEOUT, Outcome, Waiter, WaitOptions
 from tests.support import (
@@ -138,13 +140,15 @@ def test_a_rejected_release_is_reported_rejected_by_status_and_wait(
     fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
 ) -> None:
     agent = start_agent(**FAST_AGENT)
-    # `deployer publish` refuses unsafe archives, so publish one past it, as a hostile bucket writer could.
-    artifact = tmp_path / "evil.tar.gz"
-    artifact.write_bytes(tar_bytes(lambda archive: add_file(archive, "../escape.txt", b"x")))
+    # `deployer publish` refuses unsafe archives, so publish one past it (an `Artifact` that claims
+    # to be checked), as a hostile bucket writer could.
+    path = tmp_path / "evil.tar.gz"
+    path.write_bytes(tar_bytes(lambda archive: add_file(archive, "../escape.txt", b"x")))
+    unchecked = artifact_file(path)
     publisher = Publisher(fleet.clients, BUCKET, fleet.topic_arn, fleet.layout)
     deploy: Deploy = publisher.publish(
         Channel("prod", "web", "api"),
-        artifact,
+        dataclasses.replace(unchecked, checked=True),
         template=Manifest(sync_strategy=SyncStrategy.SYMLINK),
         release_id="evil",
     ).deploy

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 
 from deployer.agent.reporter import StatusReporter
+from deployer.aws.s3 import get_document
 from deployer.protocol.errors import PublishError
 from deployer.protocol.layout import ReportKey
+from deployer.protocol.manifest import parse_manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
 from deployer.protocol.retention import DEFAULT_GRACE, Grace
@@ -44,9 +46,17 @@ def collector(fleet: Fleet, grace: Grace = DEFAULT_GRACE) -> ReleaseCollector:
 
 
 def exists(fleet: Fleet, release_id: str, component: str = "api") -> bool:
-    keys = [fleet.layout.manifest_key(component, release_id), fleet.layout.artifact_key(component, release_id)]
-    found = [fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount", 0) for key in keys]
-    return all(found)
+    """The release's manifest, and the artifact it names, are both in S3."""
+    found = get_document(fleet.clients.s3, BUCKET, fleet.layout.manifest_key(component, release_id))
+    if found is None:
+        return False
+    src = parse_manifest(found[0]).src or ""
+    return get_document(fleet.clients.s3, BUCKET, src.removeprefix(f"s3://{BUCKET}/")) is not None
+
+
+def artifacts(fleet: Fleet) -> int:
+    listed = fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix=fleet.layout.blobs_prefix())
+    return sum(1 for o in listed.get("Contents", []) if not o["Key"].endswith(".json"))
 
 
 def condemned(fleet: Fleet, release_id: str) -> bool:
@@ -80,7 +90,7 @@ def test_a_release_nothing_refers_to_is_condemned_first_and_deleted_by_a_later_r
     # r6 is the pointer, r5 and r6 the last two history entries, r2 staging's pointer, r1 a report.
     assert [r.release_id for r in first.condemned] == ["r3", "r4"]
     assert first.deleted == []
-    assert first.kept == 4
+    assert first.kept == 10  # four releases and six artifacts, all still named by a manifest
     assert all(exists(fleet, r) for r in six), "condemning deletes nothing"
 
     second = gc.run(keep=2, older_than_days=14, now=MONTH_LATER + timedelta(hours=2))
@@ -89,16 +99,26 @@ def test_a_release_nothing_refers_to_is_condemned_first_and_deleted_by_a_later_r
     assert [r for r in six if exists(fleet, r)] == ["r1", "r2", "r5", "r6"]
     assert not any(condemned(fleet, r) for r in ("r3", "r4")), "the mark goes last"
     assert "2 release(s) deleted" in describe_releases(second)[-1]
+    # Their artifacts are shared objects, named by no manifest any more: condemned in turn.
+    assert [r.component for r in second.condemned] == ["artifacts", "artifacts"]
+    assert artifacts(fleet) == 6
 
     third = gc.run(keep=2, older_than_days=14, now=MONTH_LATER + timedelta(hours=4))
-    assert (third.condemned, third.deleted, third.kept) == ([], [], 4), "a second run finds nothing to do"
+    assert [r.component for r in third.deleted] == ["artifacts", "artifacts"]
+    assert third.bytes_reclaimed > 100 * 2
+    assert artifacts(fleet) == 4
+    assert all(exists(fleet, r) for r in ("r1", "r2", "r5", "r6"))
+
+    fourth = gc.run(keep=2, older_than_days=14, now=MONTH_LATER + timedelta(hours=6))
+    assert (fourth.condemned, fourth.deleted) == ([], []), "a later run finds nothing to do"
+    assert fourth.kept == 8  # four releases and their four artifacts
 
 
 @pytest.mark.usefixtures("six")
 def test_young_releases_are_kept_whatever_refers_to_them(fleet: Fleet) -> None:
     outcome = collector(fleet).run(keep=0, older_than_days=14)
     assert outcome.condemned == []
-    assert outcome.kept == 6
+    assert outcome.kept == 12  # six releases, six artifacts
 
 
 @pytest.mark.usefixtures("six")
@@ -209,7 +229,7 @@ def test_an_unreadable_history_entry_keeps_every_release_of_its_component(fleet:
 def test_gc_releases_from_the_command_line_says_what_it_would_do() -> None:
     result = cli("gc", "--bucket", BUCKET, "--releases", "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
-    assert '"kept": 6' in result.stdout
+    assert '"kept": 12' in result.stdout
     assert '"bytes_reclaimed": 0' in result.stdout
 
     too_soon = cli("gc", "--bucket", BUCKET, "--releases", "--older-than", "0.5")
@@ -283,3 +303,25 @@ def ci_in_a_loop(pub: Publisher, tmp_path: Path, seconds: float) -> Counter[str]
             outcomes["published"] += 1
         time.sleep(rng.uniform(0.0, 0.3))
     return outcomes
+
+
+def test_a_publish_of_an_artifact_gc_may_be_deleting_gets_a_copy_of_its_own(fleet: Fleet, tmp_path: Path) -> None:
+    grace = Grace(sweep_after_s=0.4, reprieve_within_s=0.2)
+    pub, gc = publisher(fleet, grace), collector(fleet, grace)
+    old = artifact(tmp_path, "old", "old build")
+    publish_on(pub, PROD, old, "r1")
+    publish_on(pub, PROD, artifact(tmp_path, "new", "new build"), "r2")
+    gc.run(keep=1, older_than_days=0)  # condemns r1
+    time.sleep(0.5)
+    swept = gc.run(keep=1, older_than_days=0)  # deletes r1, condemns its artifact
+    assert [r.release_id for r in swept.deleted] == ["r1"]
+    assert [r.component for r in swept.condemned] == ["artifacts"]
+    time.sleep(0.3)  # past the reprieve: the shared artifact may go any moment
+
+    again = publish_on(pub, PROD, old, "r3")
+    manifest = parse_manifest(fleet.clients.s3.get_object(Bucket=BUCKET, Key=again.manifest_key)["Body"].read())
+    assert manifest.src == f"s3://{BUCKET}/{fleet.layout.artifact_key('api', 'r3')}"
+    time.sleep(0.5)
+    later = gc.run(keep=1, older_than_days=0)
+    assert [r.component for r in later.deleted] == ["artifacts"], "the shared copy went"
+    assert exists(fleet, "r3"), "the release's own copy did not"

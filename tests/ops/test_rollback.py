@@ -11,7 +11,7 @@ from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import PublishError
 from publisher.history import describe_origin
 from publisher.rollback import pick_previous
-from tests.support import BUCKET, AgentProcess, Fleet, cli, make_deploy, wait_until
+from tests.support import BUCKET, AgentProcess, Fleet, artifact_key_of, cli, make_deploy, wait_until
 
 CHANNEL = ("--stage", "prod", "--role", "web", "--component", "api")
 
@@ -49,9 +49,9 @@ def test_rollback_reactivates_the_kept_release_without_downloading_it(
     wait_until(lambda: agent.on_seq(first.seq), "seq 1")
     second = publish("release two")
     wait_until(lambda: agent.on_seq(second.seq), "seq 2")
-    # Prove no download: the first release's artifact is gone from S3; only the disk copy is left.
-    artifact_key = fleet.layout.artifact_key("api", first.release_id)
-    fleet.clients.s3.delete_object(Bucket=BUCKET, Key=artifact_key)
+    # Prove no download: the first release's artifact in S3 is garbage now; only the disk copy is right.
+    artifact_key = artifact_key_of(fleet, first)
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=artifact_key, Body=b"not the release any more")
 
     result = cli("rollback", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, *CHANNEL)
     assert result.returncode == 0, result.stderr

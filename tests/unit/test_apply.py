@@ -279,3 +279,57 @@ def test_an_http_health_check_passes_on_2xx(tmp_path: Path, applier: Applier) ->
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_unconfirmed_deploy_is_staged_but_nothing_of_it_takes_effect(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    a2, d2 = release(tmp_path, "r2", {"index.html": "v2"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    ran = tmp_path / "hooks-ran"
+    hooks = Commands(pre=(Hook(f"touch {ran}"),), failure=(Hook(f"touch {ran}"),))
+    staged_when_asked: list[list[str]] = []
+    releases = current(applier).parent / "releases"
+    impostor = releases / "r2"
+    impostor.mkdir()  # unrecorded: replaced by a confirmed download, left alone by an unconfirmed one
+
+    def refuse() -> None:
+        staged_when_asked.append(sorted(p.name for p in releases.iterdir() if p.name.startswith(".incoming")))
+        raise RejectedInput("history does not confirm it")
+
+    with pytest.raises(RejectedInput, match="history"):
+        applier.apply(manifest_for(a2, d2, commands=hooks), "r2", ENV, confirm=refuse)
+    assert len(staged_when_asked) == 1
+    assert len(staged_when_asked[0]) == 1
+    assert impostor.is_dir()
+    assert not any(impostor.iterdir())
+    assert not any(p.name.startswith(".incoming") for p in releases.iterdir())
+    assert (current(applier) / "index.html").read_text() == "v1"
+    assert not ran.exists()  # neither its pre hooks nor its failure hooks
+
+
+def test_a_failure_before_confirmation_runs_failure_hooks_only_once_confirmed(tmp_path: Path, applier: Applier) -> None:
+    a1, _ = release(tmp_path, "r1", {"index.html": "v1"})
+    ran = tmp_path / "failure-ran"
+    order: list[str] = []
+
+    def confirm() -> None:
+        order.append("confirmed" if not ran.exists() else "too late")
+
+    bad = manifest_for(a1, "f" * 64, commands=Commands(failure=(Hook(f"touch {ran}"),)))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        applier.apply(bad, "r1", ENV, confirm=confirm)
+    assert order == ["confirmed"]
+    assert ran.exists()
+
+
+def test_a_reused_release_is_confirmed_before_its_hooks(tmp_path: Path, applier: Applier) -> None:
+    a1, d1 = release(tmp_path, "r1", {"index.html": "v1"})
+    applier.apply(manifest_for(a1, d1), "r1", ENV)
+    ran = tmp_path / "pre-ran"
+
+    def refuse() -> None:
+        raise RejectedInput("history does not confirm it")
+
+    with pytest.raises(RejectedInput):
+        applier.apply(manifest_for(a1, d1, commands=Commands(pre=(Hook(f"touch {ran}"),))), "r1", ENV, confirm=refuse)
+    assert not ran.exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,9 +65,14 @@ class FakeRunner:
 class FakeReporter:
     writes: int = 0
     rejections: list[tuple[str, str]] = field(default_factory=list)
+    #: Called on every flush (the runner notes an outcome, the loop flushes it).
+    on_flush: Callable[[], None] = lambda: None
 
     def write(self) -> None:
         self.writes += 1
+
+    def flush(self) -> None:
+        self.on_flush()
 
     def reject_message(self, message_id: str, reason: str) -> None:
         self.rejections.append((message_id, reason))
@@ -130,6 +135,15 @@ def test_only_the_highest_seq_per_channel_in_a_batch_is_applied_in_boot_order_an
     rig.agent.poll_once()
     assert rig.runner.applied == [("api", 3), ("worker", 1)]  # api before worker, as the config lists them
     assert rig.queue.pending() == []
+
+
+def test_an_outcome_is_reported_only_after_its_message_was_acknowledged(rig: Rig) -> None:
+    in_queue_at_flush: list[list[str]] = []
+    rig.reporter.on_flush = lambda: in_queue_at_flush.append(rig.queue.pending())
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 1)]
+    assert in_queue_at_flush == [[]]  # the report went out once, with the message already deleted
 
 
 def test_duplicates_and_older_seqs_are_acknowledged_without_applying(rig: Rig) -> None:
@@ -204,9 +218,19 @@ def test_serving_ends_when_the_stop_is_set_and_heartbeats_on_its_timer(rig: Rig)
         pointer=lambda _channel: None,
         stop=rig.stop,
     )
-    threading.Timer(0.3, rig.stop.set).start()
+
+    def stop_after_two_heartbeats() -> None:
+        # Not a fixed delay: on a loaded machine one poll can outlast it, and the stop would end
+        # serving before any timer came due, proving nothing.
+        deadline = time.monotonic() + 10
+        while rig.reporter.writes < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rig.stop.set()
+
+    threading.Thread(target=stop_after_two_heartbeats).start()
     agent.serve()
-    assert rig.reporter.writes >= 1
+    assert rig.stop.is_set()
+    assert rig.reporter.writes >= 2
 
 
 def test_reconcile_applies_a_pointer_ahead_of_the_ledger_and_skips_one_that_is_not(rig: Rig) -> None:

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from deployer.protocol.errors import PublishError
-from publisher.pack import SOURCE_DATE_EPOCH, pack_directory
+from publisher.pack import (
+    SOURCE_DATE_EPOCH,
+    Artifact,
+    Compression,
+    artifact_file,
+    check_artifact,
+    pack_directory,
+    sha256_file,
+)
 from tests.support import make_tree
 
 FILES = {"index.html": "hello", "static/app.js": "js", "static/css/site.css": "css", "bin/run": "#!/bin/sh\n"}
@@ -28,18 +36,18 @@ def test_the_same_directory_packs_to_the_same_bytes_at_any_time_under_any_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree = build(tmp_path / "build", 1_790_000_000)
-    first = pack_directory(tree, tmp_path / "one.tar.gz").read_bytes()
     now = time.time()
+    firsts = {c: pack_directory(tree, tmp_path / f"one-{c}", compression=c).path.read_bytes() for c in Compression}
     monkeypatch.setattr(time, "time", lambda: now + 3600)  # the CI retry runs an hour later
-    second = pack_directory(tree, tmp_path / "two.tar.gz")
-    assert second.read_bytes() == first
+    for compression, first in firsts.items():
+        second = pack_directory(tree, tmp_path / f"two-{compression}", compression=compression)
+        assert second.path.read_bytes() == first, compression
 
 
 def test_members_are_sorted_owned_by_root_stamped_with_one_time_and_keep_their_modes(tmp_path: Path) -> None:
     tree = build(tmp_path / "build", 1_790_000_000)
     os.utime(tree / "index.html", (1_790_000_500, 1_790_000_500))
-    with tarfile.open(pack_directory(tree, tmp_path / "a.tar.gz")) as archive:
-        members = archive.getmembers()
+    members = read_members(pack_directory(tree, tmp_path / "a.tar.zst").path)
     assert [m.name for m in members] == [
         "bin", "static", "index.html", "bin/run", "static/css", "static/app.js", "static/css/site.css",
     ]  # fmt: skip
@@ -52,11 +60,10 @@ def test_a_rebuilt_tree_packs_to_the_same_bytes_with_source_date_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(SOURCE_DATE_EPOCH, "1790000000")
-    first = pack_directory(build(tmp_path / "ci-run-1", 1_795_000_000), tmp_path / "1.tar.gz")
-    second = pack_directory(build(tmp_path / "ci-run-2", 1_795_000_999), tmp_path / "2.tar.gz")
-    assert first.read_bytes() == second.read_bytes()
-    with tarfile.open(first) as archive:
-        assert {m.mtime for m in archive.getmembers()} == {1_790_000_000}
+    first = pack_directory(build(tmp_path / "ci-run-1", 1_795_000_000), tmp_path / "1.tar.zst")
+    second = pack_directory(build(tmp_path / "ci-run-2", 1_795_000_999), tmp_path / "2.tar.zst")
+    assert first.sha256 == second.sha256
+    assert {m.mtime for m in read_members(first.path)} == {1_790_000_000}
 
 
 def test_a_source_date_epoch_that_is_not_a_number_is_refused_by_name(
@@ -65,3 +72,53 @@ def test_a_source_date_epoch_that_is_not_a_number_is_refused_by_name(
     monkeypatch.setenv(SOURCE_DATE_EPOCH, "yesterday")
     with pytest.raises(PublishError, match="SOURCE_DATE_EPOCH='yesterday' is not a number"):
         pack_directory(build(tmp_path / "b", 1), tmp_path / "b.tar.gz")
+
+
+def read_members(path: Path) -> list[tarfile.TarInfo]:
+    import zstandard
+
+    with (
+        open(path, "rb") as raw,
+        zstandard.ZstdDecompressor().stream_reader(raw) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as archive,
+    ):
+        return list(archive)
+
+
+def test_a_packed_directory_carries_its_own_sha256_and_size_so_publish_reads_it_once_more_only_to_upload(
+    tmp_path: Path,
+) -> None:
+    packed = pack_directory(build(tmp_path / "b", 1_790_000_000), tmp_path / "b.tar.zst")
+    assert packed.sha256 == sha256_file(packed.path)
+    assert packed.size == packed.path.stat().st_size
+    assert packed.checked
+    assert artifact_file(packed.path) == Artifact(packed.path, packed.sha256, packed.size, Compression.ZSTD, False)
+
+
+def test_gzip_packing_leaves_no_name_or_time_in_the_header(tmp_path: Path) -> None:
+    packed = pack_directory(build(tmp_path / "b", 1_790_000_000), tmp_path / "b.tar.gz", compression=Compression.GZIP)
+    header = packed.path.read_bytes()[:10]
+    assert header[:2] == b"\x1f\x8b"
+    assert header[3] & 0x08 == 0, "no file name"
+    assert header[4:8] == b"\0\0\0\0", "no timestamp"
+    with tarfile.open(packed.path) as archive:
+        assert "index.html" in archive.getnames()
+
+
+def test_a_directory_with_an_entry_no_agent_would_extract_is_refused_while_packing(tmp_path: Path) -> None:
+    tree = build(tmp_path / "b", 1_790_000_000)
+    (tree / "escape").symlink_to("../../etc/passwd")
+    with pytest.raises(PublishError, match="symlink 'escape' points outside the release"):
+        pack_directory(tree, tmp_path / "b.tar.zst")
+
+
+def test_an_artifact_file_is_recognised_by_content_and_checked_member_by_member(tmp_path: Path) -> None:
+    not_an_archive = tmp_path / "notes.tar.gz"
+    not_an_archive.write_text("hello")
+    with pytest.raises(PublishError, match="neither gzip nor zstd"):
+        artifact_file(not_an_archive)
+    truncated = tmp_path / "cut.tar.zst"
+    packed = pack_directory(build(tmp_path / "b", 1_790_000_000), tmp_path / "b.tar.zst")
+    truncated.write_bytes(packed.path.read_bytes()[:-40])
+    with pytest.raises(PublishError, match=r"is not a readable \.tar\.zst"):
+        check_artifact(artifact_file(truncated))

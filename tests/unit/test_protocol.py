@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -9,10 +10,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from deployer.protocol.deploy import deploy_from_dict, parse_deploy
+from deployer.protocol.deploy import deploy_from_dict, inlinable, parse_deploy
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.layout import Layout, ReportKey
-from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_INLINE_MANIFEST_BYTES
 from deployer.protocol.names import (
     INSTANCE_ID_PATTERN,
     NAME_PATTERN,
@@ -69,6 +70,52 @@ def test_an_invalid_document_is_rejected_with_an_error_naming_the_problem(
     with pytest.raises(InvalidMessage) as info:
         parse_deploy(json.dumps(doc))
     assert expected in str(info.value)
+
+
+MANIFEST_TEXT = (
+    "src: s3://b/deployer/releases/api/r1/artifact.tar.gz\nchecksum: " + "a" * 64 + "\ndest: /opt/api/current\n"
+)
+
+
+def with_inline(text: str = MANIFEST_TEXT) -> dict[str, Any]:
+    """A deploy document carrying `text` inline, pinned by its sha256 as a publisher writes it."""
+    return make_deploy(manifest_sha256=hashlib.sha256(text.encode()).hexdigest(), manifest=text).to_dict()
+
+
+def test_a_deploy_carrying_its_manifest_inline_survives_a_json_round_trip_byte_for_byte() -> None:
+    text = MANIFEST_TEXT + 'env: {GREETING: "héllo"}\n'  # non-ASCII: escaped in JSON, the same bytes after
+    deploy = deploy_from_dict(with_inline(text))
+    parsed = parse_deploy(deploy.to_json())
+    assert parsed == deploy
+    assert parsed.manifest is not None
+    assert hashlib.sha256(parsed.manifest.encode()).hexdigest() == deploy.manifest_sha256
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d.update(manifest=d["manifest"] + "# tampered\n"), "inline manifest sha256"),
+        (lambda d: d.update(manifest_sha256="0" * 64), "inline manifest sha256"),
+        (lambda d: d.update(manifest=7), "manifest must be the manifest's text"),
+        (lambda d: d.update(manifest="\ud800"), "not valid Unicode"),
+        (lambda d: d.update(manifest="#" * (MAX_INLINE_MANIFEST_BYTES + 1)), "over the 4096-byte limit"),
+    ],
+    ids=["text tampered", "digest tampered", "not text", "lone surrogate", "too big"],
+)
+def test_an_inline_manifest_that_is_not_the_pinned_one_rejects_the_whole_document(
+    mutate: Callable[[dict[str, Any]], object], expected: str
+) -> None:
+    doc = with_inline()
+    mutate(doc)
+    with pytest.raises(InvalidMessage, match=expected):
+        parse_deploy(json.dumps(doc))
+
+
+def test_only_a_small_utf8_manifest_is_inlinable() -> None:
+    assert inlinable(MANIFEST_TEXT.encode()) == MANIFEST_TEXT
+    assert inlinable(b"#" * MAX_INLINE_MANIFEST_BYTES) is not None
+    assert inlinable(b"#" * (MAX_INLINE_MANIFEST_BYTES + 1)) is None
+    assert inlinable(b"dest: \xff\n") is None  # not UTF-8: a JSON string could not give these bytes back
 
 
 @pytest.mark.parametrize("raw", ["not json", "[1, 2]", '"a string"', "", "{"])

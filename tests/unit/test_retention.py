@@ -24,6 +24,8 @@ def release(release_id: str, age: timedelta, condemned: timedelta | None = None,
         ((f"deployer/releases/{component}/{release_id}/manifest.yml", 100),),
         NOW - age,
         NOW - condemned if condemned is not None else None,
+        LAYOUT.condemned_key(component, release_id),
+        LAYOUT.release_dir(component, release_id) + "/",
     )
 
 
