@@ -161,35 +161,52 @@ class Publisher:
         stage). A tarball CI built is checked as every agent would check it, in a thread of its
         own from the start, while the file is hashed and then uploaded; a failed check cancels the
         upload and publishes nothing. The manifest, history and pointer are written conditionally.
+
+        The reads that decide what to write run side by side (the bucket and topic check, gc's
+        marks, whether the artifact is stored): on the way to the SNS call every round trip counts.
         """
-        self.check_resources()
-        with ThreadPoolExecutor(1, thread_name_prefix="artifact-check") as pool:
+        with ThreadPoolExecutor(4, thread_name_prefix="publish") as pool:
+            resources = pool.submit(self.check_resources)
             if isinstance(artifact, Path):
                 compression = sniff(artifact)
                 checking = pool.submit(check_artifact, Artifact(artifact, "", 0, compression, checked=False))
                 artifact = Artifact(artifact, sha256_file(artifact), artifact.stat().st_size, compression, False)
             else:
                 checking = pool.submit(lambda: None) if artifact.checked else pool.submit(check_artifact, artifact)
-            return self._publish(channel, artifact, checking, template, release_id, origin, staged)
+            release_id = release_id or default_release_id(artifact.sha256)
+            if not RELEASE_ID_PATTERN.match(release_id):
+                raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
+            taken = pool.submit(self._take_back_from_gc, channel.component, release_id)
+            stored = pool.submit(self._stored, artifact)
+            resources.result()  # a missing bucket or topic: one clear error before anything is written
+            taken.result()
+            return self._publish(channel, artifact, release_id, stored.result(), checking, template, origin, staged)
+
+    def _stored(self, artifact: Artifact) -> bool | None:
+        """Is the content-addressed artifact stored (True), absent (False), or being collected by
+        gc (None: its mark is past the reprieve)? The mark is read first: a sweep deletes the
+        object before its mark, so no mark and the object present means no sweep is under way."""
+        if not take_back(
+            self.clients, self.bucket, self.layout.blob_mark_key(artifact.sha256), self.policy, self.grace
+        ):
+            return None
+        found = head(self.clients.s3, self.bucket, self.layout.blob_key(artifact.sha256), self.policy)
+        return found is not None and found.get("ContentLength") == artifact.size
 
     def _publish(
         self,
         channel: Channel,
         artifact: Artifact,
+        release_id: str,
+        stored: bool | None,
         checking: Future[None],
         template: Manifest,
-        release_id: str | None,
         origin: Mapping[str, str] | None,
         staged: Staged | None,
     ) -> PublishResult:
-        release_id = release_id or default_release_id(artifact.sha256)
-        if not RELEASE_ID_PATTERN.match(release_id):
-            raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
         manifest_key = self.layout.manifest_key(channel.component, release_id)
-        self._take_back_from_gc(channel.component, release_id)
-
         # 1. The release: the artifact before the manifest that names it.
-        artifact_key, uploaded = self._store_artifact(channel.component, release_id, artifact, checking)
+        artifact_key, uploaded = self._store_artifact(channel.component, release_id, artifact, stored, checking)
         manifest = replace(
             template,
             src=f"s3://{self.bucket}/{artifact_key}",
@@ -210,16 +227,15 @@ class Publisher:
         )
 
     def _store_artifact(
-        self, component: str, release_id: str, artifact: Artifact, checking: Future[None]
+        self, component: str, release_id: str, artifact: Artifact, stored: bool | None, checking: Future[None]
     ) -> tuple[str, bool]:
         """(key, uploaded?): the content-addressed key, uploaded unless an object of that size is
         already there. If gc may be deleting that object right now (its mark is past the reprieve
         window), the release gets a copy of its own under `releases/` instead, which gc cannot
         touch while a pointer or recent history names it."""
         blob = self.layout.blob_key(artifact.sha256)
-        if take_back(self.clients, self.bucket, self.layout.blob_mark_key(artifact.sha256), self.policy, self.grace):
-            found = head(self.clients.s3, self.bucket, blob, self.policy)
-            if found is not None and found.get("ContentLength") == artifact.size:
+        if stored is not None:
+            if stored:
                 checking.result()
                 log.info("artifact_exists", key=blob, next="not uploading it again")
                 return blob, False

@@ -125,7 +125,7 @@ def publish(
     converged, 4 any failed/rejected/lost, 5 timeout.
     """
     from publisher.pack import Artifact, Compression, pack_directory
-    from publisher.publish import Publisher, ci_origin
+    from publisher.publish import ci_origin
 
     template = parse_manifest(manifest_path.read_bytes()) if manifest_path else Manifest()
     if manifest_path is None or sync_strategy:
@@ -134,14 +134,7 @@ def publish(
     if dest:
         template = dataclasses.replace(template, dest=dest)
     members = group_members(store, wait)
-    publisher = Publisher(
-        store.clients,
-        store.bucket,
-        topic_arn,
-        store.layout,
-        signers=store.signers(sign_keys),
-        inline_manifests=inline_manifest,
-    )
+    publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest)
     staging = stage(publisher, store, channel, gates, wait)
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
         packed: Path | Artifact = artifact
@@ -183,18 +176,11 @@ def rollback(
     "Previous" is the release of the highest history seq below the current one whose release id
     differs from the current release, so two rollbacks in a row toggle between the last two.
     """
-    from publisher.publish import Publisher, ci_origin
+    from publisher.publish import ci_origin
     from publisher.rollback import rollback as do_rollback
 
     members = group_members(store, wait)
-    publisher = Publisher(
-        store.clients,
-        store.bucket,
-        topic_arn,
-        store.layout,
-        signers=store.signers(sign_keys),
-        inline_manifests=inline_manifest,
-    )
+    publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest)
     staging = stage(publisher, store, channel, gates, wait)
     result, replaced = do_rollback(publisher, channel, to=to_release, origin=ci_origin(), staged=staging)
     deploy = result.deploy
@@ -228,6 +214,16 @@ def history(store: Store, channel: Channel, limit: int, as_json: bool) -> None:
         click.echo(f"{channel} has no deploys yet")
         return
     click.echo(format_history(deploys, current))
+
+
+def make_publisher(store: Store, topic_arn: str, sign_keys: tuple[str, ...], inline_manifest: bool) -> Publisher:
+    """The publisher `publish` and `rollback` share: the store's clients, its signers, inlining as asked."""
+    from publisher.publish import Publisher
+
+    signers = store.signers(sign_keys)
+    return Publisher(
+        store.clients, store.bucket, topic_arn, store.layout, signers=signers, inline_manifests=inline_manifest
+    )
 
 
 def group_members(store: Store, wait: WaitOptions | None) -> frozenset[str]:
