@@ -23,6 +23,11 @@ from bench.common import (
 )
 from bench.report import Section, Table, Target
 
+#: Issue 17's targets (they were 0.6× and 80 MB before it): wall against the stretcher pipeline
+#: for the 100 MB / 3,000-file artifact, and the apply process's peak RSS in MB (decimal).
+APPLY_RATIO_TARGET = 0.45
+APPLY_RSS_TARGET_MB = 60
+
 KEY = "bench/big/artifact.tar.gz"
 
 STRETCHER = r"""
@@ -146,12 +151,16 @@ def run(bench: Bench) -> Section:
     r = o_wall / b_wall
     targets = [
         Target(
-            "apply wall ≤ 0.6× the stretcher pipeline",
-            r <= 0.6,
+            f"apply wall ≤ {APPLY_RATIO_TARGET}× the stretcher pipeline",
+            r <= APPLY_RATIO_TARGET,
             f"{sec(o_wall)} vs {sec(b_wall)} = {r:.2f}× (CPU {ratio(o_cpu, b_cpu)}); per-run ratios "
             + ", ".join(f"{o.wall / b.wall:.2f}" for (o, _), b in zip(ours_runs, base_runs, strict=True)),
         ),
-        Target("apply peak RSS < 80 MB", o_rss * 1024 < 80e6, f"{mib(o_rss)} = {o_rss * 1024 / 1e6:.1f} MB (decimal)"),
+        Target(
+            f"apply peak RSS ≤ {APPLY_RSS_TARGET_MB} MB",
+            o_rss * 1024 <= APPLY_RSS_TARGET_MB * 1e6,
+            f"{mib(o_rss)} = {o_rss * 1024 / 1e6:.1f} MB (decimal)",
+        ),
     ]
     profile_lines = profile_path.read_text().splitlines()
     top = _profile_summary(profile_lines)

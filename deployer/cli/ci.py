@@ -82,7 +82,7 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
     type=click.Choice(["zstd", "gzip"]),
     default="zstd",
     show_default=True,
-    help="How a directory is packed (zstd: about 20× faster to pack, 3× faster to unpack than gzip -6).",
+    help="How a directory is packed (zstd packs 2-3× faster than gzip -6; agents read both).",
 )
 @click.option(
     "--manifest",
