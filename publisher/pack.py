@@ -169,19 +169,16 @@ def sniff(path: Path) -> Compression:
     return compression
 
 
-def check_artifact(artifact: Artifact) -> None:
+def check_artifact(path: Path, compression: Compression) -> None:
     """Fail in CI on what every agent would reject later: not a tarball, unsafe members."""
-    path = artifact.path
     try:
         with open(path, "rb") as raw:
             stream: Any = raw
-            if artifact.compression is Compression.ZSTD:
+            if compression is Compression.ZSTD:
                 import zstandard
 
                 stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=HASH_CHUNK)
-            with tarfile.open(
-                fileobj=stream, mode="r|" if artifact.compression is Compression.ZSTD else "r|gz"
-            ) as archive:
+            with tarfile.open(fileobj=stream, mode="r|" if compression is Compression.ZSTD else "r|gz") as archive:
                 for member in archive:
                     problem = check_member(member)
                     if problem:
@@ -190,7 +187,7 @@ def check_artifact(artifact: Artifact) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - tarfile, gzip and zstandard each raise their own
         raise PublishError(
-            f"artifact {path} is not a readable {artifact.compression.suffix} ({type(exc).__name__}: {exc})"
+            f"artifact {path} is not a readable {compression.suffix} ({type(exc).__name__}: {exc})"
         ) from None
 
 

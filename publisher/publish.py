@@ -169,29 +169,32 @@ class Publisher:
             resources = pool.submit(self.check_resources)
             if isinstance(artifact, Path):
                 compression = sniff(artifact)
-                checking = pool.submit(check_artifact, Artifact(artifact, "", 0, compression, checked=False))
+                checking = pool.submit(check_artifact, artifact, compression)
                 artifact = Artifact(artifact, sha256_file(artifact), artifact.stat().st_size, compression, False)
             else:
-                checking = pool.submit(lambda: None) if artifact.checked else pool.submit(check_artifact, artifact)
+                checking = (
+                    pool.submit(lambda: None)
+                    if artifact.checked
+                    else pool.submit(check_artifact, artifact.path, artifact.compression)
+                )
             release_id = release_id or default_release_id(artifact.sha256)
             if not RELEASE_ID_PATTERN.match(release_id):
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
             taken = pool.submit(self._take_back_from_gc, channel.component, release_id)
-            stored = pool.submit(self._stored, artifact)
+            stored = pool.submit(self._stored, artifact.sha256, artifact.size)
             resources.result()  # a missing bucket or topic: one clear error before anything is written
             taken.result()
             return self._publish(channel, artifact, release_id, stored.result(), checking, template, origin, staged)
 
-    def _stored(self, artifact: Artifact) -> bool | None:
-        """Is the content-addressed artifact stored (True), absent (False), or being collected by
-        gc (None: its mark is past the reprieve)? The mark is read first: a sweep deletes the
-        object before its mark, so no mark and the object present means no sweep is under way."""
-        if not take_back(
-            self.clients, self.bucket, self.layout.blob_mark_key(artifact.sha256), self.policy, self.grace
-        ):
+    def _stored(self, sha256: str, size: int | None = None) -> bool | None:
+        """Is the content-addressed artifact stored (True; of `size` bytes, if given), absent
+        (False), or being collected by gc (None: its mark is past the reprieve)? The mark is read
+        first: a sweep deletes the object before its mark, so no mark and the object present means
+        no sweep is under way."""
+        if not take_back(self.clients, self.bucket, self.layout.blob_mark_key(sha256), self.policy, self.grace):
             return None
-        found = head(self.clients.s3, self.bucket, self.layout.blob_key(artifact.sha256), self.policy)
-        return found is not None and found.get("ContentLength") == artifact.size
+        found = head(self.clients.s3, self.bucket, self.layout.blob_key(sha256), self.policy)
+        return found is not None and (size is None or found.get("ContentLength") == size)
 
     def _publish(
         self,
@@ -331,19 +334,18 @@ class Publisher:
 
     def _take_artifact_back_from_gc(self, component: str, release_id: str, manifest_body: bytes) -> None:
         """A stored release's content-addressed artifact is shared and collected on its own: take it
-        back from gc (or refuse), then make sure it is still there (a sweep deletes the artifact
-        before its mark, so no mark and the object present means no sweep is under way)."""
+        back from gc (or refuse), and make sure it is still there (`_stored`)."""
         src = parse_manifest(manifest_body).src or ""
-        bucket, _, key = src.removeprefix("s3://").partition("/")
-        parsed = self.layout.blob_object(key) if src.startswith("s3://") and bucket == self.bucket else None
-        if parsed is None:
+        digest = self.layout.blob_named_by(self.bucket, src)
+        if digest is None:
             return  # the release's own copy, collected with the release
-        if not take_back(self.clients, self.bucket, self.layout.blob_mark_key(parsed[0]), self.policy, self.grace):
+        stored = self._stored(digest)
+        if stored is None:
             raise ReleaseCondemned(
                 f"the artifact of release {release_id} of {component} ({src}) is being deleted by "
                 "`deployer gc --releases`; publish the build again (it gets a copy of its own)"
             )
-        if head(self.clients.s3, self.bucket, key, self.policy) is None:
+        if not stored:
             raise PublishError(
                 f"release {release_id} of component {component} lost its artifact ({src} does not exist)"
             )

@@ -104,9 +104,9 @@ class References:
         return component in self.unknown or release_id in self.releases.get(component, frozenset())
 
 
-@dataclass(frozen=True)
+@dataclass
 class Judgement:
-    """What one run does. Pure output of `judge`."""
+    """What one run does. Pure output of `judge` (filled in by it, read-only after)."""
 
     condemn: list[Release] = field(default_factory=list)
     sweep: list[Release] = field(default_factory=list)
@@ -120,7 +120,6 @@ def judge(
 ) -> Judgement:
     """Pure: which releases to condemn, which condemned ones to delete now, which to pardon."""
     out = Judgement()
-    kept = 0
     for release in sorted(releases, key=lambda r: (r.component, r.newest, r.release_id)):
         wanted = refs.wanted(release.component, release.release_id)
         if release.condemned_at is not None:
@@ -128,12 +127,11 @@ def judge(
                 out.pardon.append(release)
             elif age_seconds(release.condemned_at, now) >= grace.sweep_after_s:
                 out.sweep.append(release)
-            continue
-        if wanted or age_seconds(release.newest, now) < older_than_s:
-            kept += 1
-            continue
-        out.condemn.append(release)
-    return Judgement(out.condemn, out.sweep, out.pardon, kept)
+        elif wanted or age_seconds(release.newest, now) < older_than_s:
+            out.kept += 1
+        else:
+            out.condemn.append(release)
+    return out
 
 
 def group_releases(layout: Layout, listed: Iterable[tuple[str, int, datetime]]) -> list[Release]:
@@ -388,12 +386,9 @@ class ReleaseCollector:
                 log.warning("release_gc_manifest_unreadable", key=key, error=str(exc), next="keeping every artifact")
                 unknown.add(ARTIFACTS)
                 continue
-            bucket, _, artifact_key = src.removeprefix("s3://").partition("/")
-            parsed = (
-                self.layout.blob_object(artifact_key) if src.startswith("s3://") and bucket == self.bucket else None
-            )
-            if parsed is not None:
-                named.add(parsed[0])
+            digest = self.layout.blob_named_by(self.bucket, src)
+            if digest is not None:
+                named.add(digest)
         return References({ARTIFACTS: frozenset(named)}, frozenset(unknown))
 
     def _mark(self, release: Release) -> str:

@@ -21,7 +21,7 @@ import structlog
 
 from deployer.aws.clients import MAX_POOL_CONNECTIONS
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import ObjectReader
+from deployer.aws.s3 import ObjectReader, list_objects
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.report import StatusReport, parse_report
@@ -79,16 +79,13 @@ class ReportReader:
     def listing(self) -> dict[ReportKey, Listed]:
         """Every well-formed report key under the prefix, with its ETag and LastModified (no GET)."""
         prefix = self.layout.status_prefix(self.stage, self.role if self.stage else None)
-        paginator = self.s3.get_paginator("list_objects_v2")
-        pages = self.policy.call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
         listed: dict[ReportKey, Listed] = {}
-        for page in pages:
-            for obj in page.get("Contents", []):
-                who = self.layout.report_key(obj["Key"])
-                if who is None:
-                    log.debug("status_key_ignored", key=obj["Key"], next="not a report key; skipped")
-                    continue
-                listed[who] = Listed(obj["Key"], obj.get("ETag", ""), obj["LastModified"])
+        for obj in list_objects(self.s3, self.bucket, prefix, self.policy):
+            who = self.layout.report_key(obj.key)
+            if who is None:
+                log.debug("status_key_ignored", key=obj.key, next="not a report key; skipped")
+                continue
+            listed[who] = Listed(obj.key, obj.etag, obj.last_modified)
         return listed
 
     def refresh(self) -> dict[ReportKey, ReportEntry]:

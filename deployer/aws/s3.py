@@ -106,6 +106,7 @@ class StoredObject:
     key: str
     size: int
     last_modified: datetime
+    etag: str = ""
 
 
 def list_objects(s3: S3Client, bucket: str, prefix: str, policy: RetryPolicy = DEFAULT_POLICY) -> list[StoredObject]:
@@ -113,7 +114,7 @@ def list_objects(s3: S3Client, bucket: str, prefix: str, policy: RetryPolicy = D
     paginator = s3.get_paginator("list_objects_v2")
     pages = policy.call(lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
     return [
-        StoredObject(obj["Key"], obj.get("Size", 0), obj["LastModified"])
+        StoredObject(obj["Key"], obj.get("Size", 0), obj["LastModified"], obj.get("ETag", ""))
         for page in pages
         for obj in page.get("Contents", [])
     ]
@@ -174,21 +175,20 @@ class Upload:
     once so the caller can check the artifact meanwhile, and cancel the upload if the check fails."""
 
     def __init__(self, s3: S3Client, bucket: str, key: str, path: Path, sha256: str, content_type: str) -> None:
-        from s3transfer.manager import TransferConfig, TransferManager
+        self.s3, self.bucket, self.key, self.path = s3, bucket, key, path
+        self.extra = {"ContentType": content_type, "Metadata": {"sha256": sha256}}
+        self._manager, self._future = self._start()
 
-        self._config = TransferConfig(
+    def _start(self) -> tuple[Any, Any]:
+        from s3transfer.manager import TransferConfig, TransferManager  # only publish uploads artifacts
+
+        config = TransferConfig(
             multipart_threshold=UPLOAD_PART_BYTES,
             multipart_chunksize=UPLOAD_PART_BYTES,
             max_request_concurrency=UPLOAD_CONCURRENCY,
         )
-        self._manager_type = TransferManager
-        self._args = (s3, str(path), bucket, key, {"ContentType": content_type, "Metadata": {"sha256": sha256}})
-        self._manager, self._future = self._start()
-
-    def _start(self) -> tuple[Any, Any]:
-        s3, path, bucket, key, extra = self._args
-        manager = self._manager_type(s3, self._config)
-        return manager, manager.upload(path, bucket, key, extra_args=extra)
+        manager = TransferManager(self.s3, config)
+        return manager, manager.upload(str(self.path), self.bucket, self.key, extra_args=self.extra)
 
     def result(self, policy: RetryPolicy = DEFAULT_POLICY) -> None:
         """Wait for the upload. A transient failure starts it again, under `policy`, like any call."""

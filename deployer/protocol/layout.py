@@ -109,6 +109,13 @@ class Layout:
             return None
         return digest, bool(mark)
 
+    def blob_named_by(self, bucket: str, src: str) -> str | None:
+        """The sha256 of the content-addressed artifact a manifest's `src` names in `bucket`; None
+        for anything else (a release's own copy, another bucket, a URL). Pure."""
+        named, _, key = src.removeprefix("s3://").partition("/")
+        parsed = self.blob_object(key) if src.startswith("s3://") and named == bucket else None
+        return parsed[0] if parsed is not None and not parsed[1] else None
+
     def releases_prefix(self, component: str | None = None) -> str:
         return self.key(RELEASES, *([component] if component else [])) + "/"
 

@@ -18,6 +18,7 @@ from publisher.pack import (
     check_artifact,
     pack_directory,
     sha256_file,
+    sniff,
 )
 from tests.support import make_tree
 
@@ -121,4 +122,4 @@ def test_an_artifact_file_is_recognised_by_content_and_checked_member_by_member(
     packed = pack_directory(build(tmp_path / "b", 1_790_000_000), tmp_path / "b.tar.zst")
     truncated.write_bytes(packed.path.read_bytes()[:-40])
     with pytest.raises(PublishError, match=r"is not a readable \.tar\.zst"):
-        check_artifact(artifact_file(truncated))
+        check_artifact(truncated, sniff(truncated))

@@ -148,6 +148,15 @@ def test_layout_keys_follow_the_documented_s3_layout() -> None:
     assert Layout("").pointer_key(channel) == "channels/prod/web/api/latest.json"
 
 
+def test_only_a_content_addressed_key_in_the_fleets_bucket_names_a_shared_artifact() -> None:
+    layout, digest = Layout("deployer"), "ab" * 32
+    assert layout.blob_named_by("b", f"s3://b/{layout.blob_key(digest)}") == digest
+    assert layout.blob_named_by("b", f"s3://other/{layout.blob_key(digest)}") is None
+    assert layout.blob_named_by("b", f"s3://b/{layout.blob_mark_key(digest)}") is None
+    assert layout.blob_named_by("b", f"s3://b/{layout.artifact_key('api', 'r1')}") is None
+    assert layout.blob_named_by("b", f"https://b/{layout.blob_key(digest)}") is None
+
+
 #: Valid names, generated as words joined by single separators (the lookahead in NAME_PATTERN that
 #: caps the length makes hypothesis's regex generation slow); every draw is checked against it.
 names = st.from_regex(r"[a-z0-9]{1,8}(?:[-_][a-z0-9]{1,7}){0,2}", fullmatch=True).filter(
