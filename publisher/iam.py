@@ -12,6 +12,7 @@ Who may do what (docs/design.md, "The trust boundary"):
   endpoints of the deployer's queue-name pattern, with the attributes in the Subscribe call
   (there is no `SetSubscriptionAttributes`, so no subscription can be re-pointed or re-filtered).
 - `gc` removes registrations of instances that stopped heartbeating.
+- `trust` stores signed trust versions (`deployer trust sign-update`), signing with trust keys.
 - `bucket` is a bucket policy that makes conditional writes the rule, not a client habit:
   releases and history only with `If-None-Match: *`, pointers only with `If-Match` or
   `If-None-Match`.
@@ -66,6 +67,7 @@ class Audience(enum.StrEnum):
     CI = "ci"  # publish, publish --wait, rollback, history, status
     INSTANCE = "instance"  # the agent
     GC = "gc"  # deployer gc on a schedule
+    TRUST = "trust"  # deployer trust sign-update, by a holder of a trust key
     BUCKET = "bucket"  # a bucket policy: conditional writes enforced
     TOPIC = "topic"  # the topic policy `deployer init` sets
 
@@ -181,6 +183,7 @@ def policy_for(audience: Audience, scope: Scope) -> dict[str, Any]:
         Audience.CI: _ci,
         Audience.INSTANCE: _instance,
         Audience.GC: _gc,
+        Audience.TRUST: _trust,
         Audience.BUCKET: _bucket,
         Audience.TOPIC: _topic,
     }
@@ -191,9 +194,11 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
     stage = scope.stage or "*"
     return [
         # Releases are per component and immutable; a release built once may be promoted to every stage.
+        # AbortMultipartUpload: s3transfer aborts an upload it cannot finish; without it the parts
+        # stay stored, and billed, until a lifecycle rule removes them.
         _allow(
             "PutReleasesAndArtifacts",
-            ["s3:GetObject", "s3:PutObject"],
+            ["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"],
             [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")],
         ),
         # A publish takes a release back from `gc --releases` by deleting gc's mark (publisher/retention.py).
@@ -202,6 +207,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, stage, "*")),
         # HeadBucket and ListObjectsV2 (history, status) authorize as s3:ListBucket on the bucket.
         _allow("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
+        # `deployer status --html --upload` from CI as well as from the housekeeping job.
+        _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
         _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
         # `--wait --asg`: the group's InService instances. Describe calls take no resource ARN.
         _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
@@ -240,13 +247,17 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             ["s3:PutObject", *(["s3:DeleteObject"] if scope.deregister else [])],
             scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}"),
         ),
+        # Tagging on create needs sqs:TagQueue too (publisher/iam_model.py). TagQueue alone would
+        # let an instance re-tag another's queue as its own and take it over: it is granted only
+        # with the caller's own tag, and only on a queue that has no owner yet or is its own.
         _allow(
             "CreateQueuesTaggedAsOwn",
-            ["sqs:CreateQueue"],
+            ["sqs:CreateQueue", "sqs:TagQueue"],
             scope.queues,
             {
                 "StringEquals": {f"aws:RequestTag/{OWNER_TAG}": USERID},
                 "ForAllValues:StringEquals": {"aws:TagKeys": [OWNER_TAG]},
+                "StringEqualsIfExists": {f"aws:ResourceTag/{OWNER_TAG}": USERID},
             },
         ),
         _allow(
@@ -257,7 +268,7 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
                 "sqs:GetQueueAttributes",
                 "sqs:ReceiveMessage",
                 "sqs:SetQueueAttributes",
-                *(["sqs:DeleteQueue"] if scope.deregister else []),
+                *(["sqs:DeleteQueue", "sqs:GetQueueUrl"] if scope.deregister else []),
             ],
             scope.queues,
             owned,
@@ -268,7 +279,12 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             "SubscribeDeployerQueues",
             ["sns:Subscribe"],
             scope.topic_arn,
-            {"StringEquals": {"sns:Protocol": "sqs"}, "StringLike": {"sns:Endpoint": scope.queues}},
+            # The queue pattern also matches every DLQ (`…--i-1--dlq`): those are excluded by name.
+            {
+                "StringEquals": {"sns:Protocol": "sqs"},
+                "StringLike": {"sns:Endpoint": scope.queues},
+                "StringNotLike": {"sns:Endpoint": f"*{DLQ_SUFFIX}"},
+            },
         ),
     ]
     if scope.deregister:
@@ -311,6 +327,28 @@ def _gc(scope: Scope) -> list[dict[str, Any]]:
         # `deployer status --html … --upload`, from the same scheduled housekeeping job.
         _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
     ]
+
+
+def _trust(scope: Scope) -> list[dict[str, Any]]:
+    """`deployer trust sign-update`: read and conditionally write trust versions, sign with trust keys.
+
+    Kept apart from CI: a trust key holder can change who may sign releases, so the role that
+    stores trust versions is not the one every pipeline runs with.
+    """
+    arns = scope.kms_key_arns()
+    statements = [
+        _allow("ReadAndStoreTrustVersions", ["s3:GetObject", "s3:PutObject"], scope.objects(TRUST, "*")),
+        # Only so that a version not yet stored answers 404, not 403.
+        _allow(
+            "ListTrustVersions",
+            ["s3:ListBucket"],
+            scope.bucket_arn,
+            {"StringLike": {"s3:prefix": [scope.key_pattern(TRUST, "*")]}},
+        ),
+    ]
+    if arns:
+        statements.append(_allow("SignWithTrustKeys", ["kms:GetPublicKey", "kms:Sign"], arns))
+    return statements
 
 
 def _bucket(scope: Scope) -> list[dict[str, Any]]:
@@ -365,6 +403,9 @@ def _topic(scope: Scope) -> list[dict[str, Any]]:
             ["sns:Subscribe"],
             scope.topic_arn,
             {"StringNotLike": {"sns:Endpoint": topic.queue_arn(queue_name_pattern(scope.queue_prefix))}},
+        ),
+        _deny(
+            "NoDeadLetterQueues", ["sns:Subscribe"], scope.topic_arn, {"StringLike": {"sns:Endpoint": f"*{DLQ_SUFFIX}"}}
         ),
     ]
     if scope.publishers:

@@ -143,6 +143,18 @@ def dlq_policy(dlq_arn: str, owner_userid: str) -> str:
     )
 
 
+#: No queue may name this one as its dead-letter queue. SQS's default is `allowAll`: any queue
+#: of the account and region may, and SQS then moves its messages in past this queue's policy,
+#: so another instance could fill this instance's queue by redriving its own into it.
+#: https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SetQueueAttributes.html
+REDRIVE_DENY_ALL = json.dumps({"redrivePermission": "denyAll"})
+
+
+def redrive_allow_only(source_queue_arn: str) -> str:
+    """A DLQ's RedriveAllowPolicy: only its own instance's queue may dead-letter into it."""
+    return json.dumps({"redrivePermission": "byQueue", "sourceQueueArns": [source_queue_arn]})
+
+
 def attribute_bytes(attributes: Mapping[str, Mapping[str, str]]) -> int:
     """What message attributes add to a message's size: each name, data type and value, in UTF-8."""
     return sum(
@@ -232,6 +244,7 @@ class SqsQueue:
                 "MessageRetentionPeriod": str(DLQ_RETENTION_SECONDS),
                 "MaximumMessageSize": str(MAX_SQS_MESSAGE_BYTES),
                 "Policy": dlq_policy(dlq_arn, self.owner_userid),
+                "RedriveAllowPolicy": redrive_allow_only(dlq_arn.removesuffix(DLQ_SUFFIX)),
             },
         )
         url = self._create(self.name)
@@ -246,6 +259,7 @@ class SqsQueue:
                     {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.config.max_receive_count}
                 ),
                 "Policy": queue_policy(arn, self.config.topic_arn),
+                "RedriveAllowPolicy": REDRIVE_DENY_ALL,
             },
         )
         subscription_arn = self.policy.call(

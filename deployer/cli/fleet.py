@@ -203,8 +203,8 @@ def gc(
     "--for",
     "audience",
     required=True,
-    type=click.Choice(["ci", "instance", "gc", "bucket", "topic"]),
-    help="Who the policy is for: an identity policy (ci, instance, gc) or a resource policy (bucket, topic).",
+    type=click.Choice(["ci", "instance", "gc", "trust", "bucket", "topic"]),
+    help="Who the policy is for: an identity policy (ci, instance, gc, trust) or a resource policy (bucket, topic).",
 )
 @bucket_option()
 @prefix_option()
@@ -221,7 +221,7 @@ def gc(
     "sign_keys",
     multiple=True,
     metavar="kms:KEY",
-    help="CI: allow kms:Sign with this release key (its id or ARN); repeatable.",
+    help="CI: allow kms:Sign with this release key; trust: with this trust key (its id or ARN); repeatable.",
 )
 def iam_policy(
     audience: str,

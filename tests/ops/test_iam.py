@@ -83,10 +83,12 @@ def test_null_condition_keys_are_keys_s3_defines_for_put_object() -> None:
 def test_every_sqs_permission_of_an_instance_is_bound_to_the_queues_it_owns(scope: Scope) -> None:
     for statement in statements(policy_for(Audience.INSTANCE, scope), "sqs:"):
         condition = statement["Condition"]
-        if statement["Action"] == ["sqs:CreateQueue"]:
-            # It may only create a queue by tagging it as its own, and with no other tag.
+        if statement["Action"] == ["sqs:CreateQueue", "sqs:TagQueue"]:
+            # It may only create a queue by tagging it as its own, with no other tag, and tag only
+            # a queue that has no owner yet or is its own (else it could take another's over).
             assert condition["StringEquals"] == {f"aws:RequestTag/{OWNER_TAG}": USERID}
             assert condition["ForAllValues:StringEquals"] == {"aws:TagKeys": [OWNER_TAG]}
+            assert condition["StringEqualsIfExists"] == {f"aws:ResourceTag/{OWNER_TAG}": USERID}
         else:
             assert condition == {"StringEquals": {f"aws:ResourceTag/{OWNER_TAG}": USERID}}
         assert statement["Resource"].startswith(scope.topic.queue_arn(scope.queue_prefix + "--"))
@@ -126,6 +128,7 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
     assert actions(policy) == {
         "s3:GetObject",
         "s3:PutObject",
+        "s3:AbortMultipartUpload",  # s3transfer's cleanup of an upload it could not finish
         "s3:DeleteObject",  # taking a release back from gc --releases: its mark only
         "s3:ListBucket",
         "sns:Publish",
@@ -138,6 +141,7 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "arn:aws:s3:::b/team/deployer/releases/*",
         "arn:aws:s3:::b/team/deployer/artifacts/*",
         "arn:aws:s3:::b/team/deployer/channels/dev/*",
+        "arn:aws:s3:::b/team/deployer/fleet/index.html",
     }
     deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
     assert deletes == {
@@ -196,6 +200,7 @@ def test_the_topic_policy_admits_only_ci_publishers_and_deployer_queues() -> Non
         "OnlySqsSubscriptions": {"StringNotEquals": {"sns:Protocol": "sqs"}},
         "OnlyDeployerQueues": {"StringNotLike": {"sns:Endpoint": "arn:aws:sqs:eu-west-1:123456789012:deployer--*"}},
         "OnlyCiPublishes": {"ArnNotLike": {"aws:PrincipalArn": [CI_ROLE]}},
+        "NoDeadLetterQueues": {"StringLike": {"sns:Endpoint": "*--dlq"}},
     }
     with pytest.raises(Exception, match="not an IAM role or user ARN"):
         Scope(bucket="b", topic_arn=TOPIC, publishers=("ci-deployer",))
@@ -213,7 +218,7 @@ def test_init_sets_the_topic_policy(fleet: Fleet) -> None:
 def test_the_readme_shows_exactly_what_iam_policy_prints() -> None:
     section = README.read_text().split("## AWS resources and IAM", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"`deployer iam-policy (--for [^`]*)`:\n+```json\n(.*?)\n```", section, re.S)
-    assert [b[0].split()[1] for b in blocks] == ["ci", "instance", "gc", "bucket", "topic"]
+    assert [b[0].split()[1] for b in blocks] == ["ci", "instance", "gc", "trust", "bucket", "topic"]
     for flags, block in blocks:
         assert json.loads(block) == iam_policy(*shlex.split(flags), *README_ARGS), flags
 

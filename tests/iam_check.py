@@ -1,0 +1,294 @@
+"""The IAM check of the whole suite: every call the product made, decided as a real account would.
+
+`tests/iam_record.py` records each AWS call the product makes while the tests run, in every
+process. At the end of the session (tests/conftest.py) this module turns each record into the
+IAM requests the model derives (`publisher.iam_model.needs`), under the identity policy
+`deployer iam-policy` prints for the caller's role and the resource policies the product sets
+itself (the queue and DLQ policies it was seen setting, the topic policy, the bucket policy),
+and has the independent evaluator (`tests/iameval.py`) decide them all in one batch.
+
+It fails the run when a call is missing from the model, or when a role's own call would be
+denied. Calls that AWS cannot be asked about are counted apart: `operator` calls (`deployer
+init` runs with an administrator's rights) and an agent without an instance-role session
+(the emulator's default credentials have no `<role id>:<instance id>` to confine it by).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.protocol.layout import ARTIFACTS, CHANNELS, FLEET, RELEASES, STATUS, TRUST
+from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX
+from publisher.iam import Audience, Scope, policy_for
+from publisher.iam_model import OPERATIONS, Call, Need, Role, UnknownOperation, needs, operations
+from tests import iameval
+
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+#: The principals the roles run as (EC2 instances come with their own, recorded, identity).
+SESSIONS: dict[Role, tuple[str, str]] = {
+    Role.CI: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-ci/ci-job", "AROACIEXAMPLE00000001:ci-job"),
+    Role.GC: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-gc/gc-job", "AROAGCEXAMPLE00000001:gc-job"),
+    Role.TRUST: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-trust/holder", "AROATRUSTEXAMPLE00001:holder"),
+}
+AUDIENCE = {Role.CI: Audience.CI, Role.GC: Audience.GC, Role.TRUST: Audience.TRUST, Role.INSTANCE: Audience.INSTANCE}
+#: The first key segment after the prefix; what comes before it is the deployment's prefix.
+TOP_SEGMENTS = (RELEASES, ARTIFACTS, CHANNELS, STATUS, TRUST, FLEET)
+
+
+@dataclass(frozen=True)
+class Record:
+    test: str
+    role: Role
+    call: Call
+    status: int
+    caller: Mapping[str, str]
+    scope: Mapping[str, Any] | None
+    time: float
+
+
+@dataclass
+class Outcome:
+    """What the check found: coverage per role and every failure, with the test that made the call."""
+
+    evaluated: dict[Role, set[tuple[str, str]]] = field(default_factory=lambda: defaultdict(set))
+    requests: Counter[Role] = field(default_factory=Counter)
+    not_evaluated: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    seen: dict[Role, set[tuple[str, str]]] = field(default_factory=lambda: defaultdict(set))
+
+    def lines(self) -> list[str]:
+        lines = []
+        for role in sorted(self.evaluated):
+            ops = sorted(f"{s}:{o}" for s, o in self.evaluated[role])
+            lines.append(
+                f"IAM check: {role}: {len(ops)} distinct operations, {self.requests[role]} requests evaluated, "
+                f"all allowed: {', '.join(ops)}"
+                if not self.failures
+                else f"IAM check: {role}: {len(ops)} distinct operations, {self.requests[role]} requests evaluated"
+            )
+        for why, count in sorted(self.not_evaluated.items()):
+            lines.append(f"IAM check: not evaluated ({why}): {count} calls")
+        return lines + [f"IAM check FAILED: {failure}" for failure in self.failures]
+
+
+def load(directory: Path) -> tuple[list[Record], list[str]]:
+    """Every record written under `directory`, oldest first, and the calls the model does not know."""
+    records, unknown = [], []
+    for path in sorted(directory.glob("calls-*.jsonl")):
+        for line in path.read_text().splitlines():
+            raw = json.loads(line)
+            params = raw["params"]
+            account = _account(params) or ACCOUNT
+            call = Call(raw["service"], raw["operation"], params, raw["region"] or REGION, account)
+            if (call.service, call.operation) not in OPERATIONS:
+                unknown.append(f"{raw['test']}: {UnknownOperation.__name__}: {call.service} {call.operation}")
+                continue
+            records.append(
+                Record(raw["test"], Role(raw["role"]), call, raw["status"], raw["caller"], raw["scope"], raw["time"])
+            )
+    records.sort(key=lambda r: r.time)
+    return records, unknown
+
+
+def _account(params: Mapping[str, Any]) -> str | None:
+    for name in ("TopicArn", "SubscriptionArn", "Endpoint"):
+        value = params.get(name)
+        if isinstance(value, str) and value.startswith("arn:"):
+            return value.split(":")[4]
+    url = params.get("QueueUrl")
+    if isinstance(url, str):
+        parts = url.rstrip("/").split("/")
+        return parts[-2] if len(parts) >= 2 and parts[-2].isdigit() else None
+    return None
+
+
+def _prefix(key: str) -> str | None:
+    parts = key.split("/")
+    for index, part in enumerate(parts):
+        if part in TOP_SEGMENTS:
+            return "/".join(parts[:index])
+    return None
+
+
+class World:
+    """What the account holds while one test runs: queue tags and policies, the topic's policy.
+
+    Rebuilt from the records themselves, in time order, the way AWS would hold them: a queue
+    keeps the owner tag of its first creation (a CreateQueue of an existing queue with another
+    tag does not re-tag it on AWS, nor on LocalStack; moto re-tags), and the latest policy set.
+    """
+
+    def __init__(self) -> None:
+        self.queue_tags: dict[str, dict[str, str]] = {}
+        self.queue_policies: dict[str, Mapping[str, Any]] = {}
+        self.topic_policies: dict[str, Mapping[str, Any]] = {}
+
+    def learn(self, call: Call, status: int) -> None:
+        if status and not 200 <= status < 300:
+            return
+        if (call.service, call.operation) == ("sqs", "CreateQueue"):
+            self.queue_tags.setdefault(str(call.params["QueueName"]), dict(call.params.get("tags") or {}))
+        elif (call.service, call.operation) == ("sqs", "SetQueueAttributes"):
+            policy = (call.params.get("Attributes") or {}).get("Policy")
+            if policy:
+                self.queue_policies[_queue_name(call)] = json.loads(policy)
+        elif (call.service, call.operation) == ("sns", "SetTopicAttributes") and call.params.get("AttributeName") == (
+            "Policy"
+        ):
+            self.topic_policies[str(call.params["TopicArn"])] = json.loads(call.params["AttributeValue"])
+
+    def tags(self, call: Call) -> dict[str, str]:
+        if call.service != "sqs":
+            return {}
+        return self.queue_tags.get(_queue_name(call), {})
+
+    def resource_policy(self, call: Call, scope: Scope) -> Mapping[str, Any] | None:
+        if call.service == "sqs":
+            return self.queue_policies.get(_queue_name(call))
+        if call.service == "sns" and "TopicArn" in call.params:
+            return self.topic_policies.get(str(call.params["TopicArn"])) or policy_for(Audience.TOPIC, scope)
+        if call.service == "s3":
+            return policy_for(Audience.BUCKET, scope)
+        return None
+
+
+def _queue_name(call: Call) -> str:
+    return str(call.params.get("QueueName") or str(call.params.get("QueueUrl", "")).rstrip("/").rsplit("/", 1)[-1])
+
+
+def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> Scope:
+    """The `iam-policy` options an operator would have used for this record's role in its test."""
+    if record.role is Role.INSTANCE and record.scope:
+        config = record.scope
+        return Scope(
+            bucket=config["bucket"],
+            topic_arn=config["topic_arn"],
+            prefix=config.get("prefix", DEFAULT_PREFIX),
+            queue_prefix=config.get("queue_prefix", DEFAULT_QUEUE_PREFIX),
+            stage=config["stage"],
+            role=config["role"],
+            asg_name=config.get("lifecycle_asg_name"),
+            lifecycle=bool(config.get("lifecycle_hook_name")),
+            deregister=bool(config.get("deregister_on_shutdown")),
+        )
+    bucket, prefix, keys = "", None, set()
+    for other in test_records:
+        if other.role is not record.role:
+            continue
+        bucket = bucket or str(other.call.params.get("Bucket", ""))
+        key = other.call.params.get("Key") or other.call.params.get("Prefix")
+        prefix = prefix if prefix is not None else (_prefix(str(key)) if key else None)
+        if other.call.service == "kms" and "KeyId" in other.call.params:
+            keys.add(f"kms:{other.call.params['KeyId']}")
+    return Scope(
+        bucket=bucket or "unknown-bucket",
+        topic_arn=topic_arn,
+        prefix=DEFAULT_PREFIX if prefix is None else prefix,
+        sign_keys=tuple(sorted(keys)),
+    )
+
+
+def _topic(records: Iterable[Record]) -> str:
+    for record in records:
+        arn = record.call.params.get("TopicArn")
+        if isinstance(arn, str):
+            return arn
+        if record.scope and "topic_arn" in record.scope:
+            return str(record.scope["topic_arn"])
+    return f"arn:aws:sns:{REGION}:{ACCOUNT}:deployer-test"
+
+
+def _principal(record: Record) -> tuple[str, str] | None:
+    """(session ARN, aws:userid) the call runs as; None for an agent that has no instance-role session."""
+    if record.role is not Role.INSTANCE:
+        return SESSIONS[record.role]
+    arn, userid = record.caller.get("Arn", ""), record.caller.get("UserId", "")
+    return (arn, userid) if ":assumed-role/" in arn and ":" in userid else None
+
+
+def _context(need: Need, userid: str, arn: str) -> dict[str, str | list[str]]:
+    role_arn = arn.replace(":sts::", ":iam::").replace(":assumed-role/", ":role/").rsplit("/", 1)[0]
+    context: dict[str, str | list[str]] = {"aws:userid": userid, "aws:PrincipalArn": role_arn}
+    for key, value in need.context.items():
+        context[key] = list(value) if isinstance(value, tuple) else value
+    return context
+
+
+def check(directory: Path) -> Outcome:
+    records, unknown = load(directory)
+    outcome = Outcome(failures=list(unknown))
+    by_test: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_test[record.test].append(record)
+    requests: list[iameval.Request] = []
+    about: dict[str, tuple[Record, Need]] = {}
+    seen_requests: set[str] = set()
+    for test_records in by_test.values():
+        world, topic_arn = World(), _topic(test_records)
+        for record in test_records:
+            call = Call(**{**record.call.__dict__, "resource_tags": world.tags(record.call)})
+            call = Call(**{**call.__dict__, "missing": record.status == 404})
+            world.learn(call, record.status)
+            outcome.seen[record.role].add((call.service, call.operation))
+            if record.role is Role.OPERATOR:
+                outcome.not_evaluated["operator: deployer init runs as an administrator"] += 1
+                continue
+            principal = _principal(record)
+            if principal is None:
+                outcome.not_evaluated["agent without an instance-role session"] += 1
+                continue
+            scope = scope_of(record, test_records, topic_arn)
+            identity = policy_for(AUDIENCE[record.role], scope)
+            outcome.evaluated[record.role].add((call.service, call.operation))
+            for need in needs(call):
+                resource_policy = world.resource_policy(call, scope)
+                context = _context(need, principal[1], principal[0])
+                key = json.dumps(
+                    [record.role, principal, identity, resource_policy, need.action, need.resource, context]
+                )
+                if key in seen_requests:
+                    continue
+                seen_requests.add(key)
+                request_id = str(len(requests))
+                requests.append(
+                    iameval.Request(
+                        request_id, principal[0], (identity,), resource_policy, need.action, need.resource, context
+                    )
+                )
+                about[request_id] = (record, need)
+                outcome.requests[record.role] += 1
+    for decision in iameval.evaluate(requests) if requests else []:
+        record, need = about[decision.id]
+        if not decision.allowed:
+            why = f" ({need.why})" if need.why else ""
+            outcome.failures.append(
+                f"{record.test}: {record.role} {record.call.service}:{record.call.operation} needs {need.action} on "
+                f"{need.resource}{why} with {dict(need.context)}: {decision.decision} {decision.explain} "
+                f"{' '.join(decision.errors)}".rstrip()
+            )
+    return outcome
+
+
+def unlisted(outcome: Outcome) -> list[str]:
+    """Operations a role was seen making that `expected_calls` (what doctor asks about) does not list."""
+    from publisher.iam_model import Place, expected_calls
+
+    place = Place(
+        bucket="b",
+        topic_arn=f"arn:aws:sns:{REGION}:{ACCOUNT}:t",
+        userid=f"AROAEXAMPLE:{'i-0123456789abcdef0'}",
+        asg_name="web",
+        deregister=True,
+        sign_keys=("kms:k",),
+    )
+    missing = []
+    for role, seen in outcome.seen.items():
+        listed = operations(expected_calls(role, place))
+        missing += [f"{role} {s}:{o}" for s, o in sorted(seen - listed)]
+    return missing
