@@ -60,7 +60,7 @@ POLICY_VERSION = "2012-10-17"
 #: https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_variables.html
 USERID = "${aws:userid}"
 #: The principals `--publisher-arn` takes: IAM roles (a CI job's OIDC role) and users.
-_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
 
 
 class Audience(enum.StrEnum):
@@ -91,7 +91,7 @@ class Scope:
 
     def __post_init__(self) -> None:
         for arn in self.publishers:
-            if not _PRINCIPAL_ARN.match(arn):
+            if not PRINCIPAL_ARN.match(arn):
                 raise ConfigError(
                     f"publisher ARN {arn!r} is not an IAM role or user ARN (arn:aws:iam::ACCOUNT:role/NAME)"
                 )

@@ -72,6 +72,28 @@ NO_PERMISSION = frozenset({("sts", "GetCallerIdentity")})
 GROUP_UUID = "00000000-0000-4000-8000-000000000000"
 
 
+def default_key_policy(partition: str, account: str) -> dict[str, Any]:
+    """The key policy KMS gives a key created without one: the account's IAM policies decide.
+
+    KMS is the one service here whose resource policy is always evaluated: without a key policy
+    statement that lets the account's IAM decide, no identity policy can grant kms:Sign. The
+    product assumes release and trust keys keep this default.
+    https://docs.aws.amazon.com/kms/latest/developerguide/key-policy-default.html
+    """
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Enable IAM User Permissions",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            }
+        ],
+    }
+
+
 class UnknownOperation(DeployerError):
     """Raised when a call is not in the IAM model: its permissions were never worked out."""
 
@@ -215,6 +237,12 @@ def _create_queue(call: Call) -> list[Need]:
     return needs
 
 
+def _tag_queue(call: Call) -> list[Need]:
+    """Not called by the product (tags go in with CreateQueue); modelled for what an instance must not do."""
+    context = {**request_tags(call.params.get("Tags") or {}), **resource_tags(call.resource_tags)}
+    return [Need("sqs:TagQueue", queue_arn(call), context)]
+
+
 def _subscribe(call: Call) -> list[Need]:
     context = {"sns:Protocol": str(call.params["Protocol"]), "sns:Endpoint": str(call.params["Endpoint"])}
     return [Need("sns:Subscribe", topic_arn(call), context)]
@@ -251,6 +279,7 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     ("s3", "HeadBucket"): lambda call: [Need("s3:ListBucket", bucket_arn(call))],
     ("s3", "CreateBucket"): lambda call: [Need("s3:CreateBucket", bucket_arn(call))],
     ("sqs", "CreateQueue"): _create_queue,
+    ("sqs", "TagQueue"): _tag_queue,
     ("sqs", "GetQueueUrl"): _own("sqs:GetQueueUrl", queue_arn),
     ("sqs", "GetQueueAttributes"): _own("sqs:GetQueueAttributes", queue_arn),
     ("sqs", "SetQueueAttributes"): _own("sqs:SetQueueAttributes", queue_arn),
@@ -327,8 +356,9 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
     release = [RELEASES, place.component, "20261207T0000Z-0000000"]
     blob = [ARTIFACTS, "sha256", "0" * 64]
 
-    def call(service: str, operation: str, tags: Mapping[str, str] | None = None, **params: Any) -> Call:
-        return Call(service, operation, params, topic.region, topic.account, topic.partition, dict(tags or {}))
+    def call(service: str, operation: str, owned: Mapping[str, str] | None = None, **params: Any) -> Call:
+        """`owned`: the target's tags (a queue's owner tag)."""
+        return Call(service, operation, params, topic.region, topic.account, topic.partition, dict(owned or {}))
 
     def s3(operation: str, *parts: str, missing: bool = False, **params: Any) -> Call:
         found = call("s3", operation, Bucket=place.bucket, Key=layout.key(*parts), **params)
@@ -381,6 +411,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             call("s3", "ListObjectsV2", Bucket=place.bucket, Prefix=layout.key(CHANNELS) + "/"),
             s3("GetObject", CHANNELS, *channel, POINTER_NAME),
             s3("GetObject", *release, MANIFEST_NAME),
+            s3("HeadObject", *release, MANIFEST_NAME),
             s3("GetObject", *release, "condemned.json", missing=True),
             s3("PutObject", *release, "condemned.json", IfNoneMatch="*"),
             s3("DeleteObject", *release, MANIFEST_NAME),
@@ -399,6 +430,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
         call("s3", "CreateBucket", Bucket=place.bucket),
         call("sns", "CreateTopic", Name=topic.name),
         call("sns", "SetTopicAttributes", TopicArn=place.topic_arn),
+        call("sts", "GetCallerIdentity"),
         call("iam", "SimulatePrincipalPolicy", PolicySourceArn=f"arn:{topic.partition}:iam::{topic.account}:role/x"),
     ]
 
@@ -450,11 +482,15 @@ def _instance_calls(
             s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
         ]
     if place.asg_name:
+        # `*`: `--lifecycle` without `--asg`: the agent looks its group up first.
+        group = place.asg_name if place.asg_name != "*" else "any-group"
+        if place.asg_name == "*":
+            calls.append(call("autoscaling", "DescribeAutoScalingInstances", InstanceIds=[place.instance_id]))
         calls.append(
             call(
                 "autoscaling",
                 "CompleteLifecycleAction",
-                AutoScalingGroupName=place.asg_name,
+                AutoScalingGroupName=group,
                 LifecycleHookName="launch",
                 InstanceId=place.instance_id,
             )

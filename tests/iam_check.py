@@ -25,7 +25,7 @@ from typing import Any
 from deployer.protocol.layout import ARTIFACTS, CHANNELS, FLEET, RELEASES, STATUS, TRUST
 from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX
 from publisher.iam import Audience, Scope, policy_for
-from publisher.iam_model import OPERATIONS, Call, Need, Role, UnknownOperation, needs, operations
+from publisher.iam_model import OPERATIONS, Call, Need, Role, UnknownOperation, default_key_policy, needs, operations
 from tests import iameval
 
 ACCOUNT = "123456789012"
@@ -41,6 +41,14 @@ AUDIENCE = {Role.CI: Audience.CI, Role.GC: Audience.GC, Role.TRUST: Audience.TRU
 TOP_SEGMENTS = (RELEASES, ARTIFACTS, CHANNELS, STATUS, TRUST, FLEET)
 
 
+#: Errors that say the target does not exist: the call named a bucket, topic or queue outside
+#: the deployment (a test of a mistyped name). AWS answers a caller with no rights there 403
+#: instead; either way nothing is done, so there is no permission to judge.
+NOT_THERE = frozenset(
+    {"NoSuchBucket", "NotFound", "NotFoundException", "QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue"}
+)
+
+
 @dataclass(frozen=True)
 class Record:
     test: str
@@ -50,6 +58,7 @@ class Record:
     caller: Mapping[str, str]
     scope: Mapping[str, Any] | None
     time: float
+    error: str = ""
 
 
 @dataclass
@@ -61,6 +70,8 @@ class Outcome:
     not_evaluated: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     seen: dict[Role, set[tuple[str, str]]] = field(default_factory=lambda: defaultdict(set))
+    #: Tests whose agents ran without an instance-role session (their calls are not judged).
+    unconfined: set[str] = field(default_factory=set)
 
     def lines(self) -> list[str]:
         lines = []
@@ -74,6 +85,9 @@ class Outcome:
             )
         for why, count in sorted(self.not_evaluated.items()):
             lines.append(f"IAM check: not evaluated ({why}): {count} calls")
+        if self.unconfined:
+            files = sorted({test.split("::")[0] for test in self.unconfined})
+            lines.append(f"IAM check: agents without an instance-role session ran in: {', '.join(files)}")
         return lines + [f"IAM check FAILED: {failure}" for failure in self.failures]
 
 
@@ -90,7 +104,16 @@ def load(directory: Path) -> tuple[list[Record], list[str]]:
                 unknown.append(f"{raw['test']}: {UnknownOperation.__name__}: {call.service} {call.operation}")
                 continue
             records.append(
-                Record(raw["test"], Role(raw["role"]), call, raw["status"], raw["caller"], raw["scope"], raw["time"])
+                Record(
+                    raw["test"],
+                    Role(raw["role"]),
+                    call,
+                    raw["status"],
+                    raw["caller"],
+                    raw["scope"],
+                    raw["time"],
+                    raw.get("error", ""),
+                )
             )
     records.sort(key=lambda r: r.time)
     return records, unknown
@@ -128,10 +151,16 @@ class World:
         self.queue_tags: dict[str, dict[str, str]] = {}
         self.queue_policies: dict[str, Mapping[str, Any]] = {}
         self.topic_policies: dict[str, Mapping[str, Any]] = {}
+        #: Buckets the emulator said do not exist (a HEAD's 404 has no error code to tell).
+        self.missing_buckets: set[str] = set()
 
-    def learn(self, call: Call, status: int) -> None:
+    def learn(self, call: Call, record: Record) -> None:
+        status = record.status
+        if record.error == "NoSuchBucket" or (call.operation == "HeadBucket" and status == 404):
+            self.missing_buckets.add(str(call.params["Bucket"]))
         if status and not 200 <= status < 300:
             return
+        self.missing_buckets.discard(str(call.params.get("Bucket")))
         if (call.service, call.operation) == ("sqs", "CreateQueue"):
             self.queue_tags.setdefault(str(call.params["QueueName"]), dict(call.params.get("tags") or {}))
         elif (call.service, call.operation) == ("sqs", "SetQueueAttributes"):
@@ -155,6 +184,8 @@ class World:
             return self.topic_policies.get(str(call.params["TopicArn"])) or policy_for(Audience.TOPIC, scope)
         if call.service == "s3":
             return policy_for(Audience.BUCKET, scope)
+        if call.service == "kms":
+            return default_key_policy(call.partition, call.account)
         return None
 
 
@@ -212,7 +243,7 @@ def _principal(record: Record) -> tuple[str, str] | None:
     return (arn, userid) if ":assumed-role/" in arn and ":" in userid else None
 
 
-def _context(need: Need, userid: str, arn: str) -> dict[str, str | list[str]]:
+def request_context(need: Need, userid: str, arn: str) -> dict[str, str | list[str]]:
     role_arn = arn.replace(":sts::", ":iam::").replace(":assumed-role/", ":role/").rsplit("/", 1)[0]
     context: dict[str, str | list[str]] = {"aws:userid": userid, "aws:PrincipalArn": role_arn}
     for key, value in need.context.items():
@@ -220,51 +251,69 @@ def _context(need: Need, userid: str, arn: str) -> dict[str, str | list[str]]:
     return context
 
 
+def _skipped(record: Record, world: World) -> str | None:
+    """Why a record is not judged, or None."""
+    if record.error in NOT_THERE or record.call.params.get("Bucket") in world.missing_buckets:
+        return "the target does not exist: a mistyped name, refused either way"
+    if record.role is Role.OPERATOR:
+        return "operator: init and doctor run with an administrator's rights"
+    if _principal(record) is None:
+        return "agent without an instance-role session"
+    return None
+
+
+@dataclass
+class Batch:
+    """The distinct IAM requests of the run, each traced back to the call that raised it."""
+
+    requests: list[iameval.Request] = field(default_factory=list)
+    about: dict[str, tuple[Record, Need]] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
+
+    def add(self, record: Record, need: Need, identity: Mapping[str, Any], resource: Mapping[str, Any] | None) -> bool:
+        principal = _principal(record)
+        assert principal is not None
+        context = request_context(need, principal[1], principal[0])
+        key = json.dumps([record.role, principal, identity, resource, need.action, need.resource, context])
+        if key in self.keys:
+            return False
+        self.keys.add(key)
+        request_id = str(len(self.requests))
+        self.requests.append(
+            iameval.Request(request_id, principal[0], (identity,), resource, need.action, need.resource, context)
+        )
+        self.about[request_id] = (record, need)
+        return True
+
+
 def check(directory: Path) -> Outcome:
     records, unknown = load(directory)
-    outcome = Outcome(failures=list(unknown))
+    outcome, batch = Outcome(failures=list(unknown)), Batch()
     by_test: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         by_test[record.test].append(record)
-    requests: list[iameval.Request] = []
-    about: dict[str, tuple[Record, Need]] = {}
-    seen_requests: set[str] = set()
     for test_records in by_test.values():
         world, topic_arn = World(), _topic(test_records)
         for record in test_records:
-            call = Call(**{**record.call.__dict__, "resource_tags": world.tags(record.call)})
-            call = Call(**{**call.__dict__, "missing": record.status == 404})
-            world.learn(call, record.status)
+            call = Call(
+                **{**record.call.__dict__, "resource_tags": world.tags(record.call), "missing": record.status == 404}
+            )
+            world.learn(call, record)
             outcome.seen[record.role].add((call.service, call.operation))
-            if record.role is Role.OPERATOR:
-                outcome.not_evaluated["operator: deployer init runs as an administrator"] += 1
-                continue
-            principal = _principal(record)
-            if principal is None:
-                outcome.not_evaluated["agent without an instance-role session"] += 1
+            skipped = _skipped(record, world)
+            if skipped is not None:
+                outcome.not_evaluated[skipped] += 1
+                if record.role is Role.INSTANCE and _principal(record) is None:
+                    outcome.unconfined.add(record.test)
                 continue
             scope = scope_of(record, test_records, topic_arn)
             identity = policy_for(AUDIENCE[record.role], scope)
             outcome.evaluated[record.role].add((call.service, call.operation))
             for need in needs(call):
-                resource_policy = world.resource_policy(call, scope)
-                context = _context(need, principal[1], principal[0])
-                key = json.dumps(
-                    [record.role, principal, identity, resource_policy, need.action, need.resource, context]
-                )
-                if key in seen_requests:
-                    continue
-                seen_requests.add(key)
-                request_id = str(len(requests))
-                requests.append(
-                    iameval.Request(
-                        request_id, principal[0], (identity,), resource_policy, need.action, need.resource, context
-                    )
-                )
-                about[request_id] = (record, need)
-                outcome.requests[record.role] += 1
-    for decision in iameval.evaluate(requests) if requests else []:
-        record, need = about[decision.id]
+                if batch.add(record, need, identity, world.resource_policy(call, scope)):
+                    outcome.requests[record.role] += 1
+    for decision in iameval.evaluate(batch.requests) if batch.requests else []:
+        record, need = batch.about[decision.id]
         if not decision.allowed:
             why = f" ({need.why})" if need.why else ""
             outcome.failures.append(
@@ -279,16 +328,19 @@ def unlisted(outcome: Outcome) -> list[str]:
     """Operations a role was seen making that `expected_calls` (what doctor asks about) does not list."""
     from publisher.iam_model import Place, expected_calls
 
-    place = Place(
-        bucket="b",
-        topic_arn=f"arn:aws:sns:{REGION}:{ACCOUNT}:t",
-        userid=f"AROAEXAMPLE:{'i-0123456789abcdef0'}",
-        asg_name="web",
-        deregister=True,
-        sign_keys=("kms:k",),
-    )
+    places = [
+        Place(
+            bucket="b",
+            topic_arn=f"arn:aws:sns:{REGION}:{ACCOUNT}:t",
+            userid="AROAEXAMPLE:i-0123456789abcdef0",
+            asg_name=group,
+            deregister=True,
+            sign_keys=("kms:k",),
+        )
+        for group in ("web", "*")
+    ]
     missing = []
     for role, seen in outcome.seen.items():
-        listed = operations(expected_calls(role, place))
+        listed = set().union(*(operations(expected_calls(role, place)) for place in places))
         missing += [f"{role} {s}:{o}" for s, o in sorted(seen - listed)]
     return missing

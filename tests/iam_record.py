@@ -40,6 +40,7 @@ KEPT_PARAMS = frozenset(
         "QueueUrl",
         "QueueName",
         "tags",
+        "Tags",
         "TopicArn",
         "Protocol",
         "Endpoint",
@@ -94,13 +95,21 @@ WEAK: tuple[tuple[str, str, str], ...] = (
 Frame = tuple[str, str]  # (module, function)
 _inherited = threading.local()
 _lock = threading.Lock()
-_caller: dict[str, str] = {}
+#: GetCallerIdentity's answer, by the access key that asked: who a later call with that key is.
+_callers: dict[str, dict[str, str]] = {}
 _config: dict[str, dict[str, Any] | None] = {}
 
 
 def role_of(frames: Iterable[Frame]) -> str | None:
-    """Pure: the role for a call made under `frames` (innermost first); None for the harness."""
+    """Pure: the role for a call made under `frames` (innermost first); None for the harness.
+
+    A call whose nearest caller outside the libraries is a test module is the harness, even
+    inside a product callback (a test's hook that plays an instance in the middle of gc).
+    """
     listed = list(frames)
+    nearest = next((m for m, _ in listed if m.split(".", 1)[0] in ("tests", "deployer", "publisher")), "")
+    if nearest.startswith("tests."):
+        return None
     for rules in (STRONG, WEAK):
         for module, function in listed:
             for prefix, name, role in rules:
@@ -175,26 +184,30 @@ def _write(record: dict[str, Any]) -> None:
         out.write(line)
 
 
-def initialize_client_plugin(client: Any) -> None:
-    """botocore's entry point: called for every client created while the plugin variable is set."""
-    if not os.environ.get(RECORDS_ENV):
-        return
-    _patch_threads()
-    service = client.meta.service_model.service_name
-    region = client.meta.region_name
+class _ClientRecorder:
+    """The event handlers registered on one client."""
 
-    def before(params: Mapping[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.service = client.meta.service_model.service_name
+        self.region = client.meta.region_name
+
+    def access_key(self) -> str:
+        credentials = getattr(self.client._request_signer, "_credentials", None)
+        return str(getattr(credentials, "access_key", "") or "")
+
+    def before(self, params: Mapping[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
         role = role_of(_frames())
         if role is None:
             return
         record = {
             "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
             "role": role,
-            "service": service,
+            "service": self.service,
             "operation": model.name,
-            "region": region,
+            "region": self.region,
             "params": _kept(params),
-            "caller": dict(_caller),
+            "caller": dict(_callers.get(self.access_key(), {})),
             "scope": _agent_scope() if role == "instance" else None,
             "time": time.time(),
         }
@@ -203,20 +216,30 @@ def initialize_client_plugin(client: Any) -> None:
         else:
             context["deployer_iam_record"] = record
 
-    def after(http_response: Any, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
+    def after(self, http_response: Any, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
         record = context.pop("deployer_iam_record", None)
         if record is None:
             return
+        record["error"] = str(parsed.get("Error", {}).get("Code", "")) if http_response.status_code >= 300 else ""
         if record["operation"] == "GetCallerIdentity" and http_response.status_code == 200:
-            _caller.update({"UserId": str(parsed.get("UserId", "")), "Arn": str(parsed.get("Arn", ""))})
-            record["caller"] = dict(_caller)
+            caller = {"UserId": str(parsed.get("UserId", "")), "Arn": str(parsed.get("Arn", ""))}
+            with _lock:
+                _callers[self.access_key()] = caller
+            record["caller"] = caller
         _write({**record, "status": http_response.status_code})
 
-    def failed(context: dict[str, Any], **_: Any) -> None:
+    def failed(self, context: dict[str, Any], **_: Any) -> None:
         record = context.pop("deployer_iam_record", None)
         if record is not None:
             _write({**record, "status": 0})
 
-    client.meta.events.register("before-parameter-build", before)
-    client.meta.events.register("after-call", after)
-    client.meta.events.register("after-call-error", failed)
+
+def initialize_client_plugin(client: Any) -> None:
+    """botocore's entry point: called for every client created while the plugin variable is set."""
+    if not os.environ.get(RECORDS_ENV):
+        return
+    _patch_threads()
+    recorder = _ClientRecorder(client)
+    client.meta.events.register("before-parameter-build", recorder.before)
+    client.meta.events.register("after-call", recorder.after)
+    client.meta.events.register("after-call-error", recorder.failed)

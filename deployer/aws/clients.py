@@ -18,10 +18,12 @@ from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_cloudwatch import CloudWatchClient
+    from mypy_boto3_iam import IAMClient
     from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_sts import STSClient
 
 #: A stalled TCP connect fails fast; the retry policy tries again.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -55,6 +57,7 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("autoscaling", "DescribeAutoScalingGroups"): ("AutoScalingGroups",),
     ("kms", "GetPublicKey"): ("PublicKey", "KeyId"),
     ("kms", "Sign"): ("Signature",),
+    ("iam", "SimulatePrincipalPolicy"): ("EvaluationResults",),
 }
 #: Protocols whose successful answers are never empty (JSON at least `{}`, XML a root element).
 NON_EMPTY_PROTOCOLS = frozenset({"json", "query"})
@@ -139,9 +142,7 @@ def caller_userid(
     GetCallerIdentity needs no IAM permission, so an instance can always learn what IAM's
     `${aws:userid}` is for it. https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
     """
-    session = boto3.session.Session(region_name=resolve_region(region))
-    sts = _checked(session.client("sts", endpoint_url=endpoint_url, config=_config()))
-    return str(policy.call(sts.get_caller_identity)["UserId"])
+    return str(policy.call(sts_client(region, endpoint_url).get_caller_identity)["UserId"])
 
 
 def autoscaling_client(region: str | None = None, endpoint_url: str | None = None) -> AutoScalingClient:
@@ -160,3 +161,14 @@ def cloudwatch_client(region: str | None = None, endpoint_url: str | None = None
     """Only a rollout driver with `--alarm` needs it."""
     session = boto3.session.Session(region_name=resolve_region(region))
     return _checked(session.client("cloudwatch", endpoint_url=endpoint_url, config=_config()))
+
+
+def iam_client(region: str | None = None, endpoint_url: str | None = None) -> IAMClient:
+    """Only `deployer doctor` needs it: IAM's policy simulator, read-only."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("iam", endpoint_url=endpoint_url, config=_config()))
+
+
+def sts_client(region: str | None = None, endpoint_url: str | None = None) -> STSClient:
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("sts", endpoint_url=endpoint_url, config=_config()))

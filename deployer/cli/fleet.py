@@ -1,17 +1,21 @@
-"""Commands for operators looking after a fleet: `deployer status`, `gc` and `iam-policy`."""
+"""Commands for operators looking after a fleet: `deployer status`, `gc`, `iam-policy` and `doctor`."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from deployer.cli.options import (
+    Aws,
+    Command,
     Store,
+    aws_options,
     bucket_option,
     name_callback,
     prefix_option,
@@ -21,6 +25,7 @@ from deployer.cli.options import (
     store_options,
     topic_option,
 )
+from deployer.protocol.errors import ConfigError
 from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
 from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, MIN_OLDER_THAN_DAYS
 
@@ -28,6 +33,10 @@ if TYPE_CHECKING:
     from deployer.protocol.deploy import Deploy
     from deployer.protocol.names import Channel
     from publisher.fleet import Row
+    from publisher.iam import Scope
+
+#: `deployer doctor`'s exit code when the role would be denied something (1 is an error).
+DOCTOR_DENIED_EXIT = 3
 
 
 @click.command()
@@ -198,6 +207,72 @@ def gc(
         click.echo(line)
 
 
+def scope_options(func: Command) -> Command:
+    """The names a policy is written for (`iam-policy`, `doctor`), passed as one `scope`."""
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        bucket: str,
+        prefix: str,
+        topic_arn: str,
+        queue_prefix: str,
+        stage: str | None,
+        role: str | None,
+        asg_name: str | None,
+        lifecycle: bool,
+        deregister: bool,
+        publisher_arns: tuple[str, ...],
+        sign_keys: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        from publisher.iam import Scope
+
+        scope = Scope(
+            bucket=bucket,
+            topic_arn=topic_arn,
+            prefix=prefix,
+            queue_prefix=queue_prefix,
+            stage=stage,
+            role=role,
+            asg_name=asg_name,
+            lifecycle=lifecycle,
+            deregister=deregister,
+            publishers=publisher_arns,
+            sign_keys=sign_keys,
+        )
+        return func(*args, scope=scope, **kwargs)
+
+    options = [
+        bucket_option(),
+        prefix_option(),
+        topic_option(),
+        queue_prefix_option,
+        click.option("--stage", callback=name_callback("stage"), help="CI/instance/gc: narrow to one stage."),
+        click.option("--role", callback=name_callback("role"), help="Instance/gc: narrow to one role (with --stage)."),
+        click.option(
+            "--asg", "asg_name", help="Instance: allow completing the launch hook of this Auto Scaling group."
+        ),
+        click.option(
+            "--lifecycle", is_flag=True, help="Instance: allow completing launch hooks (of --asg, else any group)."
+        ),
+        click.option(
+            "--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status)."
+        ),
+        publisher_arn_option,
+        click.option(
+            "--sign-key",
+            "sign_keys",
+            multiple=True,
+            metavar="kms:KEY",
+            help="CI: allow kms:Sign with this release key; trust: with this trust key (its id or ARN); repeatable.",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @click.command("iam-policy")
 @click.option(
     "--for",
@@ -206,35 +281,71 @@ def gc(
     type=click.Choice(["ci", "instance", "gc", "trust", "bucket", "topic"]),
     help="Who the policy is for: an identity policy (ci, instance, gc, trust) or a resource policy (bucket, topic).",
 )
-@bucket_option()
-@prefix_option()
-@topic_option()
-@queue_prefix_option
-@click.option("--stage", callback=name_callback("stage"), help="CI/instance/gc: narrow to one stage.")
-@click.option("--role", callback=name_callback("role"), help="Instance/gc: narrow to one role (with --stage).")
-@click.option("--asg", "asg_name", help="Instance: allow completing the launch hook of this Auto Scaling group.")
-@click.option("--lifecycle", is_flag=True, help="Instance: allow completing launch hooks (of --asg, else any group).")
-@click.option("--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status).")
-@publisher_arn_option
+@scope_options
+def iam_policy(audience: str, scope: Scope) -> None:
+    """Print a least-privilege IAM policy (JSON): for CI, the instances, gc or trust key holders, or the bucket's or topic's policy."""
+    from publisher.iam import Audience, policy_for, render
+
+    click.echo(render(policy_for(Audience(audience), scope)))
+
+
+@click.command()
 @click.option(
-    "--sign-key",
-    "sign_keys",
-    multiple=True,
-    metavar="kms:KEY",
-    help="CI: allow kms:Sign with this release key; trust: with this trust key (its id or ARN); repeatable.",
+    "--for",
+    "examined",
+    required=True,
+    type=click.Choice(["ci", "instance", "gc", "trust"]),
+    help="The role to examine: the same choice as `iam-policy --for`.",
 )
-def iam_policy(
-    audience: str,
-    asg_name: str | None,
-    publisher_arns: tuple[str, ...],
-    sign_keys: tuple[str, ...],
-    **scope: str | bool | None,
-) -> None:
-    """Print a least-privilege IAM policy (JSON): for CI, the instances or gc, or the bucket's or topic's policy."""
-    from publisher.iam import Audience, Scope, policy_for, render
+@click.option(
+    "--principal",
+    help="The IAM role (or user) ARN to examine; default: the role behind the caller's credentials.",
+)
+@click.option(
+    "--iam-endpoint-url",
+    envvar="AWS_ENDPOINT_URL_IAM",
+    help="IAM's endpoint, if not AWS's (neither emulator has the policy simulator) [env AWS_ENDPOINT_URL_IAM].",
+)
+@scope_options
+@aws_options
+def doctor(examined: str, principal: str | None, iam_endpoint_url: str | None, scope: Scope, aws: Aws) -> None:
+    """Ask the account's IAM policy simulator whether a role may make every call the deployer makes.
 
-    chosen = Scope(asg_name=asg_name, publishers=publisher_arns, sign_keys=sign_keys, **scope)  # type: ignore[arg-type]
-    click.echo(render(policy_for(Audience(audience), chosen)))
+    Read-only: it calls `iam:SimulatePrincipalPolicy` (and `sts:GetCallerIdentity` without
+    --principal), which the caller needs; it changes nothing. Every denial is printed with the
+    statement of `deployer iam-policy` that grants it. Exit 0 when everything is allowed, 3 when
+    anything would be denied.
+    """
+    from deployer.aws.clients import iam_client, sts_client
+    from deployer.aws.simulator import caller_principal, simulate
+    from publisher.doctor import examine, report
+    from publisher.iam import PRINCIPAL_ARN
+    from publisher.iam_model import Context, Role
+
+    chosen = principal or caller_principal(sts_client(aws.region, aws.endpoint_url))
+    if not PRINCIPAL_ARN.match(chosen):
+        raise ConfigError(f"--principal {chosen!r} is not an IAM role or user ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    iam = iam_client(aws.region, iam_endpoint_url or aws.endpoint_url)
+
+    def ask(action: str, resource: str, context: Context) -> tuple[bool, str]:
+        answer = simulate(iam, chosen, action, resource, context)
+        return answer.allowed, answer.decision
+
+    findings = examine(Role(examined), scope, ask)
+    for line in report(Role(examined), chosen, findings, scope_flags(scope)):
+        click.echo(line)
+    if any(not f.allowed for f in findings):
+        raise SystemExit(DOCTOR_DENIED_EXIT)
 
 
-COMMANDS = (status, gc, iam_policy)
+def scope_flags(scope: Scope) -> str:
+    """The narrowing flags of `scope`, as `iam-policy` takes them (for the fix lines)."""
+    flags = [f"--{name} {value}" for name, value in (("stage", scope.stage), ("role", scope.role)) if value]
+    flags += [f"--asg {scope.asg_name}"] if scope.asg_name else []
+    flags += ["--lifecycle"] if scope.lifecycle and not scope.asg_name else []
+    flags += ["--deregister"] if scope.deregister else []
+    flags += [f"--sign-key {key}" for key in scope.sign_keys]
+    return "".join(f" {flag}" for flag in flags)
+
+
+COMMANDS = (status, gc, iam_policy, doctor)
