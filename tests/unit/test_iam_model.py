@@ -1,0 +1,91 @@
+"""The IAM model (`publisher.iam_model`): complete for the code as written, and right about the
+dependent actions only the API reference names."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+
+from publisher.iam_model import (
+    ABORT_ON_FAILURE,
+    ABSENCE_NEEDS_LIST,
+    OPERATIONS,
+    TAG_ON_CREATE,
+    Call,
+    Need,
+    UnknownOperation,
+    needs,
+)
+
+REPO = Path(__file__).parents[2]
+#: The clients the product builds (deployer/aws/clients.py).
+SERVICES = ("s3", "sqs", "sns", "sts", "kms", "autoscaling", "cloudwatch", "iam")
+#: Calls made for the product by s3transfer (uploads: single, multipart, and the abort of a failed one).
+TRANSFER = {("s3", op) for op in ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload")}
+TRANSFER |= {("s3", "AbortMultipartUpload")}
+#: Method names the sweep finds that are not AWS calls, with what they are.
+NOT_AWS = {"verify": "cryptography's public-key verify: agents verify signatures offline, never with kms:Verify"}
+
+
+def product_sources() -> list[Path]:
+    return sorted((REPO / "deployer").rglob("*.py")) + sorted((REPO / "publisher").rglob("*.py"))
+
+
+def test_every_client_method_the_product_code_names_is_in_the_model() -> None:
+    """A static sweep, so an operation no test exercises still cannot reach a fleet unmodelled."""
+    defined = {
+        node.name
+        for path in product_sources()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef)
+    }
+    named = set()
+    for path in product_sources():
+        text = path.read_text()
+        named |= set(re.findall(r"\.([a-z][a-z0-9_]+)\b", text))
+        named |= set(re.findall(r"""(?:get_paginator|generate_presigned_url)\(\s*["']([a-z0-9_]+)["']""", text))
+    used = set(TRANSFER)
+    for service in SERVICES:
+        client = boto3.client(service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        mapping = client.meta.method_to_api_mapping
+        used |= {(service, mapping[name]) for name in (named - defined - set(NOT_AWS)) & set(mapping)}
+        client.close()
+    assert sorted(used - set(OPERATIONS)) == []
+    assert ("sqs", "CreateQueue") in used  # the sweep sees what it should
+
+
+def call(service: str, operation: str, **params: object) -> Call:
+    return Call(service, operation, params, "us-east-1", "123456789012")
+
+
+def test_a_tagged_create_queue_also_needs_tag_queue_with_the_request_tags() -> None:
+    found = needs(call("sqs", "CreateQueue", QueueName="q", tags={"deployer-owner": "AROA:i-1"}))
+    assert [n.action for n in found] == ["sqs:CreateQueue", "sqs:TagQueue"]
+    assert found[1].why == TAG_ON_CREATE
+    assert found[1].context == {"aws:RequestTag/deployer-owner": "AROA:i-1", "aws:TagKeys": ("deployer-owner",)}
+    assert [n.action for n in needs(call("sqs", "CreateQueue", QueueName="q"))] == ["sqs:CreateQueue"]
+
+
+def test_a_multipart_upload_needs_the_abort_that_s3transfer_runs_when_it_fails() -> None:
+    found = needs(call("s3", "CreateMultipartUpload", Bucket="b", Key="k"))
+    assert Need("s3:AbortMultipartUpload", "arn:aws:s3:::b/k", why=ABORT_ON_FAILURE) in found
+
+
+def test_a_read_that_found_nothing_needs_the_list_that_makes_it_a_404() -> None:
+    found = needs(Call("s3", "GetObject", {"Bucket": "b", "Key": "p/k"}, "us-east-1", "1", missing=True))
+    assert found[1] == Need("s3:ListBucket", "arn:aws:s3:::b", {"s3:prefix": "p/k"}, ABSENCE_NEEDS_LIST)
+    assert len(needs(call("s3", "GetObject", Bucket="b", Key="p/k"))) == 1
+
+
+def test_conditional_writes_carry_their_condition_keys() -> None:
+    [put] = needs(call("s3", "PutObject", Bucket="b", Key="k", IfNoneMatch="*"))
+    assert put.context == {"s3:if-none-match": "*"}
+
+
+def test_a_call_the_model_does_not_know_is_refused_by_name() -> None:
+    with pytest.raises(UnknownOperation, match="sqs PurgeQueue is not in the IAM model"):
+        needs(call("sqs", "PurgeQueue", QueueUrl="https://sqs/1/q"))
