@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ from tests import iameval
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 #: The principals the roles run as (EC2 instances come with their own, recorded, identity).
+#: `{account}` is the deployment's (moto's 123456789012, LocalStack's 000000000000).
 SESSIONS: dict[Role, tuple[str, str]] = {
-    Role.CI: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-ci/ci-job", "AROACIEXAMPLE00000001:ci-job"),
-    Role.GC: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-gc/gc-job", "AROAGCEXAMPLE00000001:gc-job"),
-    Role.TRUST: (f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-trust/holder", "AROATRUSTEXAMPLE00001:holder"),
+    Role.CI: ("arn:aws:sts::{account}:assumed-role/deployer-ci/ci-job", "AROACIEXAMPLE00000001:ci-job"),
+    Role.GC: ("arn:aws:sts::{account}:assumed-role/deployer-gc/gc-job", "AROAGCEXAMPLE00000001:gc-job"),
+    Role.TRUST: ("arn:aws:sts::{account}:assumed-role/deployer-trust/holder", "AROATRUSTEXAMPLE00001:holder"),
 }
 AUDIENCE = {Role.CI: Audience.CI, Role.GC: Audience.GC, Role.TRUST: Audience.TRUST, Role.INSTANCE: Audience.INSTANCE}
 #: The first key segment after the prefix; what comes before it is the deployment's prefix.
@@ -59,6 +60,8 @@ class Record:
     scope: Mapping[str, Any] | None
     time: float
     error: str = ""
+    #: The deployment's account (its topic's), which every role of the test works in.
+    account: str = ACCOUNT
 
 
 @dataclass
@@ -238,7 +241,8 @@ def _topic(records: Iterable[Record]) -> str:
 def _principal(record: Record) -> tuple[str, str] | None:
     """(session ARN, aws:userid) the call runs as; None for an agent that has no instance-role session."""
     if record.role is not Role.INSTANCE:
-        return SESSIONS[record.role]
+        arn, userid = SESSIONS[record.role]
+        return arn.format(account=record.account), userid
     arn, userid = record.caller.get("Arn", ""), record.caller.get("UserId", "")
     return (arn, userid) if ":assumed-role/" in arn and ":" in userid else None
 
@@ -295,6 +299,7 @@ def check(directory: Path) -> Outcome:
     for test_records in by_test.values():
         world, topic_arn = World(), _topic(test_records)
         for record in test_records:
+            record = replace(record, account=topic_arn.split(":")[4])
             call = Call(
                 **{**record.call.__dict__, "resource_tags": world.tags(record.call), "missing": record.status == 404}
             )

@@ -14,11 +14,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,8 +48,12 @@ from deployer.protocol.report import ComponentState, ComponentStatus, StatusRepo
 from publisher.infra import init_resources
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
+from tests import iam_record, iameval
+from tests.emulators import LOCALSTACK, LocalStack, selected, skip_moto_only
 from tests.faultproxy import FaultProxy, random_faults
 
+#: Where this run's IAM records are (set in the collecting process only).
+IAM_RECORDS = pytest.StashKey[Path]()
 REGION = "us-east-1"
 BUCKET = "deployer-test"
 TOPIC = "deployer-test"
@@ -58,20 +64,77 @@ FAST_POLICY = RetryPolicy(max_attempts=5, base_seconds=0.01, cap_seconds=0.05, d
 install_loopback_guard()
 
 
+# -- the IAM check: every call the product makes, recorded in every process --------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Record the product's AWS calls in this process, the xdist workers and every subprocess.
+
+    Set once, by the process that collects the results (the controller, or the only process):
+    workers and subprocesses inherit the environment. The repository goes on PYTHONPATH so an
+    agent started from any directory can import the recorder.
+    """
+    if hasattr(config, "workerinput") or os.environ.get(iam_record.RECORDS_ENV):
+        return
+    directory = Path(tempfile.mkdtemp(prefix="deployer-iam-records-"))
+    config.stash[IAM_RECORDS] = directory
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ[iam_record.RECORDS_ENV] = str(directory)
+    os.environ[iam_record.PLUGINS_ENV] = iam_record.PLUGIN
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Decide every recorded call under the generated policies; a denied own call fails the run."""
+    directory = session.config.stash.get(IAM_RECORDS, None)
+    if directory is None or not any(directory.glob("calls-*.jsonl")):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter is not None else print
+    reason = iameval.available()
+    if reason is not None:
+        say(f"IAM check: skipped: {reason}")
+        if os.environ.get("CI"):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return
+    from tests.iam_check import check, unlisted
+
+    outcome = check(directory)
+    for line in outcome.lines():
+        say(line)
+    gaps = unlisted(outcome)
+    for gap in gaps:
+        say(f"IAM check FAILED: {gap} is made by the product but not in publisher.iam_model.expected_calls (doctor)")
+    if outcome.failures or gaps:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator | LocalStack]:
+    """moto, started per session (per xdist worker); or, with DEPLOYER_TEST_EMULATOR=localstack,
+    the LocalStack that `scripts/localstack run` started (see tests/emulators.py)."""
+    if selected() == LOCALSTACK:
+        yield LocalStack.from_environment()
+        return
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
     with Emulator(log_path=log_path) as server:
         yield server
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip_moto_only(items)
+
+
 @pytest.fixture
-def aws_env(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+def aws_env(emulator: Emulator | LocalStack, monkeypatch: pytest.MonkeyPatch) -> Emulator | LocalStack:
     """A clean emulator and an environment pointing every boto3 client (and subprocess) at it."""
     emulator.reset()
     monkeypatch.setenv("AWS_ENDPOINT_URL", emulator.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    # test/test: LocalStack checks a presigned URL of an access key it does not know against the
+    # secret "test" (and refuses it otherwise); moto takes any.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_REGION", REGION)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -92,7 +155,7 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(aws_env: Emulator) -> Fleet:
+def fleet(aws_env: Emulator | LocalStack) -> Fleet:
     clients = make_clients(REGION, aws_env.url)
     result = init_resources(clients, BUCKET, TOPIC)
     return Fleet(clients=clients, bucket=BUCKET, topic_arn=result.topic_arn, endpoint_url=aws_env.url)
@@ -251,12 +314,16 @@ class AgentProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.process: subprocess.Popen[bytes] | None = None
         self._terminated = False
+        self._env: dict[str, str] | None = None
 
     def command(self, verb: str = "agent") -> list[str]:
         return [sys.executable, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
 
     def start(self, env: dict[str, str] | None = None) -> AgentProcess:
+        """Start (or restart) the agent; a restart keeps the environment (its identity) of the first start."""
         self._terminated = False
+        self._env = env if env is not None else self._env
+        env = self._env
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
@@ -358,15 +425,23 @@ class InstanceRole:
         }
 
 
-@pytest.fixture
-def instance_role(fleet: Fleet) -> InstanceRole:
+def fleet_instance_role(fleet: Fleet, name: str = "fleet-instance") -> InstanceRole:
+    """The instance role of the test fleet in the emulator's IAM, created on first use."""
     iam = boto3.client("iam", region_name=REGION, endpoint_url=fleet.endpoint_url)
     trust = {
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
     }
-    role = iam.create_role(RoleName="fleet-instance", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+    try:
+        role = iam.get_role(RoleName=name)["Role"]
+    except iam.exceptions.NoSuchEntityException:
+        role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]
     return InstanceRole(fleet.endpoint_url, role["Arn"], role["RoleId"])
+
+
+@pytest.fixture
+def instance_role(fleet: Fleet) -> InstanceRole:
+    return fleet_instance_role(fleet)
 
 
 @pytest.fixture
@@ -377,12 +452,17 @@ def start_agent(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., AgentPro
         instance_id: str | None = None,
         boot: bool = True,
         env: dict[str, str] | None = None,
-        role: InstanceRole | None = None,
+        role: InstanceRole | bool | None = True,
         **overrides: Any,
     ) -> AgentProcess:
+        """Start an agent; like on EC2 it runs as an instance-role session named after its instance
+        id (so IAM's `${aws:userid}` confines it and the IAM check can judge its calls), unless
+        `role=False`."""
         index = len(started) + 1
         agent = AgentProcess(fleet, tmp_path / f"agent-{index}", instance_id or f"i-e2e{index:013d}", **overrides)
-        if role is not None:
+        if role is True:
+            role = fleet_instance_role(fleet)
+        if isinstance(role, InstanceRole):
             env = {**(env or {}), **role.session_env(agent.instance_id or "")}
             agent.role_id = role.role_id
         started.append(agent.start(env))

@@ -1,8 +1,9 @@
 """`deployer demo`: the whole path on the embedded emulator, end to end, with real subprocess agents.
 
-Starts moto on 127.0.0.1, creates the bucket and topic, starts N agents (each with its own
-root and state directory), publishes two releases and watches every agent converge, then
-boots one more agent after the fact to show boot replay, and stops everything it started.
+Starts moto on 127.0.0.1 (or uses an emulator already running there, such as LocalStack, given
+as `endpoint_url`), creates the bucket and topic, starts N agents (each with its own root and
+state directory), publishes two releases and watches every agent converge, then boots one more
+agent after the fact to show boot replay, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -45,19 +46,22 @@ DEMO_POLL_WAIT_SECONDS = 2
 Echo = Callable[[str], None]
 
 
-def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -> None:
+def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print, endpoint_url: str | None = None) -> None:
+    """`endpoint_url`: an emulator already running on loopback (its bucket and topic are made if
+    missing), instead of starting moto here; it is left running."""
     install_loopback_guard()  # the demo talks to the emulator on 127.0.0.1 and nothing else
     started = time.monotonic()
-    with _workdir(workdir) as root, Emulator(log_path=root / "moto.log") as emulator:
+    with _workdir(workdir) as root, _emulator(root, endpoint_url) as url:
         os.environ.update(
-            AWS_ENDPOINT_URL=emulator.url,
-            AWS_ACCESS_KEY_ID="demo",
-            AWS_SECRET_ACCESS_KEY="demo",  # noqa: S106 - the emulator accepts any credentials
+            AWS_ENDPOINT_URL=url,
+            # LocalStack checks presigned URLs of keys it does not know against the secret "test".
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",  # noqa: S106 - the emulators accept these
             AWS_REGION=REGION,
             AWS_EC2_METADATA_DISABLED="true",
         )
-        echo(f"emulator: moto server on {emulator.url} (logs in {root})")
-        clients = make_clients(REGION, emulator.url)
+        echo(f"emulator: {url if endpoint_url else 'moto server on ' + url} (logs in {root})")
+        clients = make_clients(REGION, url)
         topic_arn = init_resources(clients, BUCKET, "deployer-demo").topic_arn
         echo(f"init: bucket {BUCKET}, topic {topic_arn}")
         layout = Layout()
@@ -85,7 +89,7 @@ def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -
 
             t0 = time.monotonic()
             processes.append(_start_agent(root, agents + 1, topic_arn, trust))
-            _wait(lambda: _converged(reader, 2, agents + 1), "the late agent", processes, root)
+            _wait(lambda: _converged(reader, seq, agents + 1), "the late agent", processes, root)
             echo(
                 f"boot replay: agent {agents + 1}, started after the publish, converged in {time.monotonic() - t0:.2f}s"
             )
@@ -102,7 +106,18 @@ def run_demo(agents: int = 3, workdir: Path | None = None, echo: Echo = print) -
                 echo(line)
         finally:
             _stop_all(processes)
-        echo(f"\ndemo finished in {time.monotonic() - started:.1f}s; agents and emulator stopped")
+        stopped = "agents stopped" if endpoint_url else "agents and emulator stopped"
+        echo(f"\ndemo finished in {time.monotonic() - started:.1f}s; {stopped}")
+
+
+@contextlib.contextmanager
+def _emulator(root: Path, endpoint_url: str | None) -> Iterator[str]:
+    """The emulator's URL: `endpoint_url` as given, or a moto started here and stopped after."""
+    if endpoint_url:
+        yield endpoint_url.rstrip("/")
+        return
+    with Emulator(log_path=root / "moto.log") as emulator:
+        yield emulator.url
 
 
 @contextlib.contextmanager

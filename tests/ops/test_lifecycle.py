@@ -81,6 +81,7 @@ def agent_config(fleet: Fleet, endpoint: str, **extra: str) -> AgentConfig:
     )
 
 
+@pytest.mark.moto_only(reason="Auto Scaling lifecycle hooks: LocalStack's community core answers 501")
 def test_a_healthy_boot_completes_the_launch_hook_with_continue_finding_its_group(
     fleet: Fleet, asg: tuple[LifecycleFake, str]
 ) -> None:
@@ -99,6 +100,7 @@ def test_a_healthy_boot_completes_the_launch_hook_with_continue_finding_its_grou
     assert len(fake.completed) == 1
 
 
+@pytest.mark.moto_only(reason="Auto Scaling lifecycle hooks: LocalStack's community core answers 501")
 def test_a_failed_boot_abandons_the_launch_so_auto_scaling_replaces_the_instance(
     fleet: Fleet, asg: tuple[LifecycleFake, str]
 ) -> None:
@@ -112,6 +114,7 @@ def test_a_failed_boot_abandons_the_launch_so_auto_scaling_replaces_the_instance
     assert fake.completed[0]["LifecycleActionResult"] == "ABANDON"
 
 
+@pytest.mark.moto_only(reason="Auto Scaling lifecycle hooks: LocalStack's community core answers 501")
 def test_nothing_is_called_when_disabled_and_an_instance_outside_any_group_is_skipped(
     fleet: Fleet, asg: tuple[LifecycleFake, str]
 ) -> None:
@@ -125,6 +128,7 @@ def test_nothing_is_called_when_disabled_and_an_instance_outside_any_group_is_sk
     assert fake.completed == []
 
 
+@pytest.mark.moto_only(reason="Auto Scaling lifecycle hooks: LocalStack's community core answers 501")
 def test_aws_trouble_never_takes_the_agent_down(fleet: Fleet, asg: tuple[LifecycleFake, str], closed_port: int) -> None:
     _, instance = asg
     cfg = agent_config(fleet, f"http://127.0.0.1:{closed_port}", lifecycle_hook_name=HOOK, lifecycle_asg_name="web-asg")
