@@ -290,6 +290,15 @@ class Batch:
         return True
 
 
+def _in_account(record: Record, account: str) -> Record:
+    """`record` in its deployment's account (moto's 123456789012, LocalStack's 000000000000); a
+    call that names a queue without its URL is in that account too."""
+    record = replace(record, account=account)
+    if _account(record.call.params) is None:
+        record = replace(record, call=replace(record.call, account=account))
+    return record
+
+
 def check(directory: Path) -> Outcome:
     records, unknown = load(directory)
     outcome, batch = Outcome(failures=list(unknown)), Batch()
@@ -298,8 +307,9 @@ def check(directory: Path) -> Outcome:
         by_test[record.test].append(record)
     for test_records in by_test.values():
         world, topic_arn = World(), _topic(test_records)
-        for record in test_records:
-            record = replace(record, account=topic_arn.split(":")[4])
+        account = topic_arn.split(":")[4]
+        for listed in test_records:
+            record = _in_account(listed, account)
             call = Call(
                 **{**record.call.__dict__, "resource_tags": world.tags(record.call), "missing": record.status == 404}
             )

@@ -107,6 +107,14 @@ class Reporter(Protocol):
     def reject_message(self, message_id: str, reason: str) -> None: ...
 
 
+#: What a failed step of the loop leads to, for its log line.
+_NEXT_AFTER_FAILURE = {
+    "poll": "polling again after a pause",
+    "reconcile": "reconciling again at the next interval; deploys still arrive through the queue",
+    "heartbeat": "writing the report again at the next heartbeat",
+}
+
+
 class Agent:
     """The long-poll loop over ports: receive, decide, apply, settle; reconcile and heartbeat on timers."""
 
@@ -136,52 +144,70 @@ class Agent:
     # -- serving ---------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Poll until the stop flag is set; reconcile and heartbeat on their timers."""
+        """Poll until the stop flag is set; reconcile and heartbeat on their timers.
+
+        One exception boundary for every step of a pass (`_guarded`): whatever a poll, a heal, a
+        periodic reconcile or a heartbeat raises — a busy apply lock, a corrupt ledger, AWS
+        failing during a repair — is logged with what happens next, and the loop goes on.
+        Only a shutdown ends it. A failed step does not skip the others: reconcile and the
+        heartbeat still run on their timers while SQS is down.
+        """
         next_reconcile = _next(self.config.reconcile_interval_seconds)
         next_heartbeat = _next(self.config.heartbeat_interval_seconds, jitter=0.0)
         release_free_memory(freeze=True)  # boot parsed service models and applied releases; keep idle RSS low
         log.info("agent_serving", queue=self.queue.name)
         failures = 0
         while not self.stop.is_set():
-            try:
-                if self.queue_missing:
-                    self.heal()
-                self.poll_once()
-                failures = 0
-            except Interrupted:
-                break
-            except QueueMissing as exc:
-                log.error(
-                    "queue_missing",
-                    queue=self.queue.name,
-                    error=str(exc),
-                    next="re-creating queue, DLQ and subscription",
-                )
-                self.queue_missing = True
-                continue  # straight to heal(): no pause, the timers below still run on the next turn
-            except Exception as exc:  # noqa: BLE001 - the agent outlives any one failed poll
+            polled = self._guarded("poll", self._poll)
+            if polled is False:
                 failures += 1
                 pause = backoff_seconds(
                     failures, base=POLL_FAILURE_PAUSE_BASE_SECONDS, cap=POLL_FAILURE_PAUSE_CAP_SECONDS, jitter=0.5
                 )
-                log.error(
-                    "queue_recreate_failed" if self.queue_missing else "poll_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    pause_s=round(pause, 2),
-                    next=(
-                        "re-creating again after the pause (SQS refuses a deleted queue's name for 60 s)"
-                        if self.queue_missing
-                        else "polling again after the pause"
-                    ),
-                )
+                log.info("poll_paused", pause_s=round(pause, 2), next="polling again after the pause")
                 self.stop.wait(pause)
+            elif polled is True:
+                failures = 0
             now = time.monotonic()
             if not self.stop.is_set() and now >= next_reconcile:
-                self.reconcile(reason="periodic")
+                self._guarded("reconcile", lambda: self.reconcile(reason="periodic"))
                 next_reconcile = _next(self.config.reconcile_interval_seconds)
             if now >= next_heartbeat:
-                self.reporter.write()
+                self._guarded("heartbeat", self.reporter.write)
                 next_heartbeat = _next(self.config.heartbeat_interval_seconds, jitter=0.0)
+
+    def _poll(self) -> None:
+        if self.queue_missing:
+            self.heal()
+        self.poll_once()
+
+    def _guarded(self, step: str, run: Callable[[], object]) -> bool | None:
+        """Run one step of a pass: True if it finished, False if it failed, None if the queue is gone.
+
+        A shutdown during the step stops the loop (the flag is set); a deleted queue is marked
+        for `heal`; anything else is logged and the loop carries on.
+        """
+        try:
+            run()
+            return True
+        except Interrupted:
+            self.stop.set()
+            return True
+        except QueueMissing as exc:
+            log.error(
+                "queue_missing", queue=self.queue.name, error=str(exc), next="re-creating queue, DLQ and subscription"
+            )
+            self.queue_missing = True
+            return None  # straight to heal(): no pause
+        except Exception as exc:  # noqa: BLE001 - the agent outlives any one failed step
+            log.error(
+                "queue_recreate_failed" if step == "poll" and self.queue_missing else f"{step}_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                next=_NEXT_AFTER_FAILURE[step]
+                if not (step == "poll" and self.queue_missing)
+                else "re-creating again after a pause (SQS refuses a deleted queue's name for 60 s)",
+            )
+            return False
 
     def heal(self) -> None:
         """Re-create queue, DLQ and subscription, then say so and catch up.

@@ -24,7 +24,7 @@ from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import ObjectReader, list_objects
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import Layout, ReportKey
-from deployer.protocol.report import StatusReport, parse_report
+from deployer.protocol.report import MAX_REPORT_BYTES, StatusReport, parse_report
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -54,6 +54,7 @@ class Listed:
     s3_key: str
     etag: str
     last_modified: datetime
+    size: int = 0
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ReportReader:
             if who is None:
                 log.debug("status_key_ignored", key=obj.key, next="not a report key; skipped")
                 continue
-            listed[who] = Listed(obj.key, obj.etag, obj.last_modified)
+            listed[who] = Listed(obj.key, obj.etag, obj.last_modified, obj.size)
         return listed
 
     def refresh(self) -> dict[ReportKey, ReportEntry]:
@@ -117,11 +118,19 @@ class ReportReader:
         return [entry for entry in found if entry is not None]
 
     def _read(self, who: ReportKey, listed: Listed) -> ReportEntry | None:
-        found = self.objects.get(listed.s3_key)
+        """One report, never more than its limit downloaded: the listing's size is checked before
+        the GET, and the GET asks for one byte past the limit in case the object grew since."""
+        if listed.size > MAX_REPORT_BYTES:
+            oversized = f"report is {listed.size} bytes, over the {MAX_REPORT_BYTES}-byte limit"
+            log.warning("status_report_unreadable", key=listed.s3_key, error=oversized, next="shown as unreadable")
+            return ReportEntry(who, listed.s3_key, listed.etag, listed.last_modified, None, oversized)
+        found = self.objects.get(listed.s3_key, limit=MAX_REPORT_BYTES)
         if found is None:
             return None  # deleted between LIST and GET (gc, or an agent deregistering)
-        body, etag = found
+        body, etag, size = found
         try:
+            if size > MAX_REPORT_BYTES:
+                raise InvalidReport(f"report is {size} bytes, over the {MAX_REPORT_BYTES}-byte limit")
             report: StatusReport | None = parse_report(body, who)
             error = None
         except InvalidReport as exc:

@@ -319,21 +319,29 @@ class ObjectReader:
             max_pool_connections=MAX_POOL_CONNECTIONS,
         )
 
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        """(body, etag) of `key`, or None if it does not exist; transient failures are retried."""
-        return self.policy.call(self._attempt, key)
+    def get(self, key: str, limit: int | None = None) -> tuple[bytes, str, int] | None:
+        """(body, etag, size) of `key`, or None if it does not exist; transient failures are retried.
 
-    def _attempt(self, key: str) -> tuple[bytes, str] | None:
+        With `limit`, at most `limit` + 1 bytes are downloaded (a `Range` request): an object the
+        reader would refuse anyway costs no memory, however large its writer made it. `size` is
+        the object's whole size (from `Content-Range`), so the caller can say by how much.
+        """
+        return self.policy.call(self._attempt, key, limit)
+
+    def _attempt(self, key: str, limit: int | None) -> tuple[bytes, str, int] | None:
         url = self.s3.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=PRESIGNED_TTL_SECONDS
         )
-        response = self.http.send(AWSRequest(method="GET", url=url).prepare())
+        headers = {"Range": f"bytes=0-{limit}"} if limit is not None else {}
+        response = self.http.send(AWSRequest(method="GET", url=url, headers=headers).prepare())
         status = response.status_code
         if status == 404:
             return None
         if status == 429 or status >= 500:
             raise TransientFetchError(f"S3 answered HTTP {status} for s3://{self.bucket}/{key}")
-        if status != 200:
+        if status == 416:  # a Range on an empty object
+            return b"", response.headers.get("etag", ""), 0
+        if status not in (200, 206):
             raise AwsError(f"cannot read s3://{self.bucket}/{key}: HTTP {status}", code=str(status), status=status)
         body, declared = response.content, response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) != len(body):
@@ -341,4 +349,5 @@ class ObjectReader:
         etag = response.headers.get("etag")
         if not etag:
             raise IncompleteAnswer(f"s3://{self.bucket}/{key}: an answer without an ETag: the connection was cut")
-        return body, etag
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return body, etag, int(total) if total.isdigit() else len(body)

@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployer.protocol.decoding import json_object
+from deployer.protocol.decoding import json_object, load_json
 from deployer.protocol.errors import InvalidMessage
-from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_INLINE_MANIFEST_BYTES
+from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_INLINE_MANIFEST_BYTES, MAX_SQS_MESSAGE_BYTES
 from deployer.protocol.names import NAME_PATTERN, Channel
 from deployer.protocol.rollout import STABLE_SUFFIX, Plan, plan_from_dict
 from deployer.protocol.timestamps import parse_timestamp
@@ -245,9 +245,9 @@ def unwrap_body(body: str) -> str:
     SNS propagates the attribute) can still arrive wrapped.
     """
     try:
-        doc = json.loads(body)
-    except ValueError:
-        return body
+        doc = load_json(body, what="message body", limit=MAX_SQS_MESSAGE_BYTES, error=InvalidMessage)
+    except InvalidMessage:
+        return body  # parse_deploy says what is wrong with it
     if isinstance(doc, dict) and doc.get("Type") == "Notification" and isinstance(doc.get("Message"), str):
         return str(doc["Message"])
     return body

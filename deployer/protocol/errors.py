@@ -103,6 +103,11 @@ class QueueMissing(InfrastructureError):
     operator, a script): the agent re-creates queue, DLQ and subscription, then reconciles."""
 
 
+class LockBusy(InfrastructureError):
+    """Raised when another apply held this machine's apply lock for longer than we wait: the
+    machine was busy, which says nothing about the release (retried later, never counted)."""
+
+
 # -- the release failed on this machine ------------------------------------------------------
 
 
@@ -131,10 +136,6 @@ class ActivationFailed(ReleaseFailed):
 
 class Interrupted(DeployerError):
     """Raised when a shutdown was requested during a wait; nothing is decided about the release."""
-
-
-class LockBusy(DeployerError):
-    """Raised when another apply held this machine's apply lock for longer than we wait."""
 
 
 # -- the CI side -----------------------------------------------------------------------------

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from deployer.protocol.decoding import json_object
+from deployer.protocol.deploy import DEPLOY_ID_PATTERN, RELEASE_ID_PATTERN
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.names import NAME_PATTERN
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
+
+#: Short fields shown as they are (versions, timestamps): printable ASCII, no control characters.
+PRINTABLE = re.compile(r"^[\x20-\x7e]{0,64}$")
 
 STATUS_VERSION = 1
 #: Bound on one report; a real one is ~1 KiB plus at most one 4 KiB output tail per component.
@@ -162,8 +167,8 @@ def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
     return StatusReport(
         key=key,
         heartbeat_at=heartbeat,
-        agent_version=_optional_str(doc, "agent_version") or "",
-        started_at=_optional_str(doc, "started_at"),
+        agent_version=_matching(doc, "agent_version", "report", PRINTABLE) or "",
+        started_at=_matching(doc, "started_at", "report", PRINTABLE),
         components={name: _component(name, value) for name, value in components.items()},
         last_rejection=_rejection(doc.get("last_rejection")),
         boot_error=_optional_str(doc, "boot_error"),
@@ -188,12 +193,12 @@ def _component(name: object, value: object) -> ComponentStatus:
         raise InvalidReport(f"{where}.seq must be a positive integer or null, got {seq!r}")
     return ComponentStatus(
         state=state,
-        release_id=_optional_str(value, "release_id", where),
+        release_id=_matching(value, "release_id", where, RELEASE_ID_PATTERN),
         seq=seq,
-        deploy_id=_optional_str(value, "deploy_id", where),
+        deploy_id=_matching(value, "deploy_id", where, DEPLOY_ID_PATTERN),
         error=_optional_str(value, "error", where),
         output_tail=_optional_str(value, "output_tail", where),
-        updated_at=_optional_str(value, "updated_at", where),
+        updated_at=_matching(value, "updated_at", where, PRINTABLE),
         last_error=_optional_str(value, "last_error", where),
     )
 
@@ -205,6 +210,15 @@ def _rejection(value: object) -> Rejection | None:
         raise InvalidReport(f"last_rejection must be null or an object with {sorted(_REJECTION_KEYS)}, got {value!r}")
     fields = {name: _optional_str(value, name, "last_rejection") or "" for name in sorted(_REJECTION_KEYS)}
     return Rejection(**fields)
+
+
+def _matching(doc: Mapping[str, Any], name: str, where: str, pattern: re.Pattern[str]) -> str | None:
+    """An identifier an instance writes: a table row shows it as is, so it keeps to its grammar
+    (a newline in a release id would print a row for an instance that does not exist)."""
+    value = _optional_str(doc, name, where)
+    if value is not None and not pattern.match(value):
+        raise InvalidReport(f"{where}.{name} {value[:80]!r} is not a valid {name.replace('_', ' ')}")
+    return value
 
 
 def _optional_str(doc: Mapping[str, Any], name: str, where: str = "") -> str | None:

@@ -145,3 +145,65 @@ def test_fleet_reads_cost_a_list_per_thousand_reports_plus_a_get_per_changed_one
         # gc reads only what may be stale: a healthy fleet costs one LIST.
         Collector(clients, BUCKET, fleet.topic_arn, fleet.layout, policy=FAST_POLICY).run(3600)
         assert (proxy.count("s3", "LIST"), proxy.count("s3", "GET")) == (1, 0)
+
+
+def hostile_report(instance: str, kind: str) -> bytes:
+    good = json.loads(write_report_doc(instance))
+    if kind == "deep nesting":
+        return b'{"v": 1, "components": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    if kind == "over the size limit":
+        return json.dumps({**good, "boot_error": "x" * (300 * 1024)}).encode()
+    if kind == "a newline in a release id":
+        good["components"]["api"]["release_id"] = "r1\ni-0ghost  prod  web  api  r9  9  ok"
+    elif kind == "an escape sequence in a release id":
+        good["components"]["api"]["release_id"] = "r1\x1b]0;pwned\x07"
+    elif kind == "NaN":
+        return json.dumps(good).replace('"seq": 1', '"seq": NaN').encode()
+    elif kind == "a duplicate key":
+        return json.dumps(good).replace('"v": 1', '"v": 1, "v": 1').encode()
+    elif kind == "invalid UTF-8":
+        return json.dumps(good).encode().replace(b'"ok"', b'"\xff\xfe"')
+    return json.dumps(good).encode()
+
+
+HOSTILE_REPORTS = [
+    "deep nesting",
+    "over the size limit",
+    "a newline in a release id",
+    "an escape sequence in a release id",
+    "NaN",
+    "a duplicate key",
+    "invalid UTF-8",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE_REPORTS)
+def test_a_hostile_report_in_a_fleet_of_50_is_one_unreadable_row_and_the_other_49_read_as_they_are(
+    fleet: Fleet, kind: str, tmp_path: Path
+) -> None:
+    for index in range(49):
+        put_raw(fleet, f"i-{index:04d}", write_report_doc(f"i-{index:04d}"))
+    put_raw(fleet, "i-hostile", hostile_report("i-hostile", kind))
+    entries = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+    assert len(entries) == 50
+    assert [str(e.who) for e in entries.values() if e.report is None] == ["prod/web/i-hostile"]
+    table = cli("status", "--bucket", BUCKET)
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("i-")]
+    assert len(rows) == 50  # no forged row
+    assert "\x1b" not in table.stdout
+    assert "\x07" not in table.stdout
+    [hostile] = [line for line in rows if line.startswith("i-hostile")]
+    assert "unreadable" in hostile
+    doc = json.loads(cli("status", "--bucket", BUCKET, "--json").stdout)
+    states = [r["state"] for r in doc["instances"]]
+    assert (states.count("ok"), states.count("unreadable")) == (49, 1)
+    page = cli("status", "--bucket", BUCKET, "--html", str(tmp_path / "fleet.html"))
+    assert page.returncode == 0, page.stderr
+
+
+def test_the_table_shows_control_characters_in_free_text_as_escapes() -> None:
+    from publisher.text import render_table
+
+    table = render_table(("ERROR",), [("hook said \x1b[2J\x1b]0;owned\x07 then\nmore\u202e",)])
+    assert table.splitlines() == ["ERROR", "hook said \\x1b[2J\\x1b]0;owned\\x07 then\\nmore\\u202e"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from deployer.agent import loop
 from deployer.agent.config import AgentConfig, config_from_dict
@@ -18,7 +19,7 @@ from deployer.agent.loop import Agent
 from deployer.agent.queue_stub import MemoryQueue
 from deployer.apply.engine import Milestone
 from deployer.protocol.deploy import Deploy
-from deployer.protocol.errors import AwsError
+from deployer.protocol.errors import AwsError, LockBusy
 from deployer.protocol.names import Channel
 from tests.support import make_deploy
 
@@ -309,3 +310,65 @@ def test_a_deleted_queue_is_recreated_after_sqs_stops_refusing_its_name_then_rep
     assert rig.runner.applied == [("api", 2)]  # what was published meanwhile, from the pointer
     assert rig.reporter.writes >= 1
     assert not agent.queue_missing
+
+
+def test_a_deeply_nested_message_beside_a_genuine_one_is_dead_lettered_and_the_genuine_one_applied(rig: Rig) -> None:
+    poison = "[" * 5_000 + "]" * 5_000  # under the size limit, past the interpreter's recursion limit
+    rig.queue.send(poison)
+    rig.queue.send(deploy("api", 1).to_json())
+    rig.agent.poll_once()
+    assert rig.runner.applied == [("api", 1)]
+    [(body, reason)] = rig.queue.dead_letters
+    assert body == poison
+    assert "nests deeper than" in reason
+    assert rig.queue.pending() == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [LockBusy("another apply held the lock for 3600 s"), ValueError("corrupt ledger"), AwsError("SlowDown")],
+    ids=["the apply lock", "a corrupt ledger", "an AWS error during repair"],
+)
+def test_a_failure_in_the_periodic_reconcile_is_logged_and_serving_goes_on(
+    rig: Rig, failure: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner raises out of a reconcile's catch-up (shown with the real runner for a lock held
+    past its timeout): before one boundary covered every step, this ended `serve()`."""
+    config = replace(rig.agent.config, reconcile_interval_seconds=0.01, heartbeat_interval_seconds=0.01)
+    ahead = {Channel("prod", "web", "api"): deploy("api", 5), Channel("prod", "web", "worker"): None}
+    calls: list[int] = []
+    applying = rig.runner.apply
+
+    def apply(received: Deploy) -> tuple[Outcome, str]:
+        if received.seq == 5:
+            calls.append(1)
+            raise failure
+        return applying(received)
+
+    monkeypatch.setattr(rig.runner, "apply", apply)
+    agent = Agent(
+        config,
+        queue=rig.queue,
+        runner=rig.runner,
+        reporter=rig.reporter,
+        ledger=rig.ledger,
+        pointer=ahead.__getitem__,
+        stop=rig.stop,
+    )
+    rig.queue.send(deploy("api", 1).to_json())
+
+    def stop_after_two_reconciles() -> None:
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rig.stop.set()
+
+    threading.Thread(target=stop_after_two_reconciles).start()
+    with capture_logs() as logs:
+        agent.serve()  # returns only because of the stop
+    assert len(calls) >= 2
+    assert rig.runner.applied == [("api", 1)]  # the queue kept being served
+    failed = [e for e in logs if e["event"] == "reconcile_failed"]
+    assert failed
+    assert failed[0]["next"].startswith("reconciling again at the next interval")
+    assert type(failure).__name__ in failed[0]["error"]
