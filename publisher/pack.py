@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from deployer.aws.s3 import ObjectChecksum
 from deployer.protocol.artifact import check_member
 from deployer.protocol.errors import PublishError
 
@@ -55,18 +56,19 @@ class Artifact:
     size: int
     compression: Compression
     checked: bool
+    #: The checksum S3 will hold for it once uploaded (`ObjectChecksum`); "" if unknown.
+    s3_checksum: str = ""
 
 
 class _Hashing:
     """A write-only file that hashes and counts what passes through it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+        self.raw, self.digests = raw, ObjectChecksum()
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
-        self.digest.update(view)
-        self.size += view.nbytes
+        self.digests.update(view)
         return self.raw.write(view)
 
     def flush(self) -> None:
@@ -113,7 +115,8 @@ def pack_directory(
         with _compressor(hashing, compression) as compressed, _tar_writer(compressed) as archive:
             for path in paths:
                 archive.add(path, arcname=str(path.relative_to(source)), recursive=False, filter=normalise)
-    return Artifact(out, hashing.digest.hexdigest(), hashing.size, compression, checked=True)
+    digests = hashing.digests
+    return Artifact(out, digests.whole.hexdigest(), digests.size, compression, True, digests.value)
 
 
 def _compressor(sink: _Hashing, compression: Compression) -> Any:
@@ -150,7 +153,16 @@ def _source_date_epoch() -> int | None:
 def artifact_file(path: Path) -> Artifact:
     """A tarball CI built: its compression (by content), sha256 and size; its members are
     checked separately (`check_artifact`; `Publisher.publish` does both at once)."""
-    return Artifact(path, sha256_file(path), path.stat().st_size, sniff(path), checked=False)
+    return file_artifact(path, sniff(path))
+
+
+def file_artifact(path: Path, compression: Compression) -> Artifact:
+    """A file as an `Artifact` still to be checked: one read for its sha256, size and S3 checksum."""
+    digests = ObjectChecksum()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digests.update(chunk)
+    return Artifact(path, digests.whole.hexdigest(), digests.size, compression, False, digests.value)
 
 
 def sniff(path: Path) -> Compression:

@@ -29,11 +29,13 @@ from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import (
     Upload,
     bucket_exists,
+    checksums_match,
     get_document,
     head,
     put_conditional,
     put_file_conditional,
     read_pointer,
+    stored_checksum,
 )
 from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, inlinable, new_deploy_id
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
@@ -46,7 +48,7 @@ from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
-from publisher.pack import Artifact, check_artifact, sha256_file, sniff
+from publisher.pack import Artifact, check_artifact, file_artifact, sniff
 from publisher.retention import ReleaseCondemned, check_not_condemned, take_back
 from publisher.signing import Signer, sign
 
@@ -170,7 +172,7 @@ class Publisher:
             if isinstance(artifact, Path):
                 compression = sniff(artifact)
                 checking = pool.submit(check_artifact, artifact, compression)
-                artifact = Artifact(artifact, sha256_file(artifact), artifact.stat().st_size, compression, False)
+                artifact = file_artifact(artifact, compression)
             else:
                 checking = (
                     pool.submit(lambda: None)
@@ -181,20 +183,37 @@ class Publisher:
             if not RELEASE_ID_PATTERN.match(release_id):
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
             taken = pool.submit(self._take_back_from_gc, channel.component, release_id)
-            stored = pool.submit(self._stored, artifact.sha256, artifact.size)
+            stored = pool.submit(self._stored, artifact.sha256, artifact.s3_checksum)
             resources.result()  # a missing bucket or topic: one clear error before anything is written
             taken.result()
             return self._publish(channel, artifact, release_id, stored.result(), checking, template, origin, staged)
 
-    def _stored(self, sha256: str, size: int | None = None) -> bool | None:
-        """Is the content-addressed artifact stored (True; of `size` bytes, if given), absent
-        (False), or being collected by gc (None: its mark is past the reprieve)? The mark is read
-        first: a sweep deletes the object before its mark, so no mark and the object present means
-        no sweep is under way."""
+    def _stored(self, sha256: str, checksum: str | None = None) -> bool | None:
+        """Is the content-addressed artifact stored (True), absent (False), or being collected by
+        gc (None: its mark is past the reprieve)? The mark is read first: a sweep deletes the
+        object before its mark, so no mark and the object present means no sweep is under way.
+
+        With `checksum` (the `ObjectChecksum` of the local file), stored means S3's own checksum of
+        the object matches it: an object damaged or overwritten since (even at the same size), or
+        uploaded before S3 kept a SHA256 checksum for it, is uploaded again and so repaired. A
+        size or a writer's metadata would vouch for bytes S3 never checked."""
         if not take_back(self.clients, self.bucket, self.layout.blob_mark_key(sha256), self.policy, self.grace):
             return None
-        found = head(self.clients.s3, self.bucket, self.layout.blob_key(sha256), self.policy)
-        return found is not None and (size is None or found.get("ContentLength") == size)
+        key = self.layout.blob_key(sha256)
+        found = head(self.clients.s3, self.bucket, key, self.policy, checksum=checksum is not None)
+        if found is None or checksum is None:
+            return found is not None
+        held = stored_checksum(found)
+        if not checksums_match(held, checksum):
+            log.warning(
+                "artifact_stored_differs",
+                key=key,
+                held=held,
+                expected=checksum,
+                next="uploading it again: S3's checksum of the stored object does not match these bytes",
+            )
+            return False
+        return True
 
     def _publish(
         self,

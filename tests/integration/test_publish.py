@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from deployer.aws.s3 import read_pointer
+from deployer.aws.s3 import UPLOAD_PART_BYTES, checksums_match, read_pointer
 from deployer.protocol.deploy import parse_deploy
 from deployer.protocol.errors import ConfigError, PublishError, ReleaseConflict
 from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import Channel
 from publisher.infra import init_resources
-from publisher.pack import pack_directory
+from publisher.pack import file_artifact, pack_directory, sniff
 from publisher.publish import Publisher
 from tests.support import BUCKET, TOPIC, Fleet, add_file, make_tree, tar_bytes, write_release
 
@@ -187,6 +187,35 @@ def test_a_big_artifact_goes_up_in_parts_and_arrives_whole(fleet: Fleet, tmp_pat
     publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="big")
     assert calls["UploadPart"] >= 2
     stored = fleet.clients.s3.get_object(Bucket=BUCKET, Key=fleet.layout.blob_key(digest))["Body"].read()
+    assert hashlib.sha256(stored).hexdigest() == digest
+
+
+@pytest.mark.parametrize("size", [3 << 10, 20 << 20], ids=["one PUT", "in parts"])
+def test_the_checksum_computed_while_hashing_is_the_one_s3_holds_for_the_upload(
+    fleet: Fleet, tmp_path: Path, size: int
+) -> None:
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"blob.bin": random.Random(2).randbytes(size).hex()[:size]})
+    publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1")
+    held = fleet.clients.s3.head_object(Bucket=BUCKET, Key=fleet.layout.blob_key(digest), ChecksumMode="ENABLED")
+    expected = file_artifact(artifact, sniff(artifact)).s3_checksum
+    assert checksums_match(held["ChecksumSHA256"], expected)
+    parts = -(-artifact.stat().st_size // UPLOAD_PART_BYTES)
+    assert expected.endswith(f"-{parts}") == (parts > 1)  # in parts: a composite checksum
+
+
+def test_a_stored_artifact_damaged_at_the_same_size_is_uploaded_again_and_so_repaired(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r1")
+    key = fleet.layout.blob_key(digest)
+    size = fleet.clients.s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
+    # Same size, other bytes, written by someone who could write artifacts/ (or a bad disk):
+    fleet.clients.s3.put_object(Bucket=BUCKET, Key=key, Body=b"\0" * size, Metadata={"sha256": digest})
+    calls = s3_calls(fleet)
+    publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r2")
+    assert calls["PutObject"] == 4  # the artifact again, then the manifest, the history entry and the pointer
+    stored = fleet.clients.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     assert hashlib.sha256(stored).hexdigest() == digest
 
 

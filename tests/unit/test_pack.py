@@ -93,7 +93,9 @@ def test_a_packed_directory_carries_its_own_sha256_and_size_so_publish_reads_it_
     assert packed.sha256 == sha256_file(packed.path)
     assert packed.size == packed.path.stat().st_size
     assert packed.checked
-    assert artifact_file(packed.path) == Artifact(packed.path, packed.sha256, packed.size, Compression.ZSTD, False)
+    assert artifact_file(packed.path) == Artifact(
+        packed.path, packed.sha256, packed.size, Compression.ZSTD, False, packed.s3_checksum
+    )
 
 
 def test_gzip_packing_leaves_no_name_or_time_in_the_header(tmp_path: Path) -> None:
