@@ -62,6 +62,8 @@ class Record:
     error: str = ""
     #: The deployment's account (its topic's), which every role of the test works in.
     account: str = ACCOUNT
+    #: The `deployer` subcommand of the process that made the call ("" in the test process).
+    command: str = ""
 
 
 @dataclass
@@ -116,6 +118,7 @@ def load(directory: Path) -> tuple[list[Record], list[str]]:
                     raw["scope"],
                     raw["time"],
                     raw.get("error", ""),
+                    command=raw.get("command", ""),
                 )
             )
     records.sort(key=lambda r: r.time)
@@ -238,12 +241,22 @@ def _topic(records: Iterable[Record]) -> str:
     return f"arn:aws:sns:{REGION}:{ACCOUNT}:deployer-test"
 
 
+#: An instance process that never asked who it is (`deployer apply`, which touches nothing of its
+#: own): judged as an instance-role session, since no call of its depends on the owner.
+ONE_SHOT = (
+    "arn:aws:sts::{account}:assumed-role/fleet-instance/i-0oneshot00000000",
+    "AROAFLEETINSTANCE0001:i-0oneshot00000000",
+)
+
+
 def _principal(record: Record) -> tuple[str, str] | None:
     """(session ARN, aws:userid) the call runs as; None for an agent that has no instance-role session."""
     if record.role is not Role.INSTANCE:
         arn, userid = SESSIONS[record.role]
         return arn.format(account=record.account), userid
     arn, userid = record.caller.get("Arn", ""), record.caller.get("UserId", "")
+    if not arn and record.command == "apply":
+        return ONE_SHOT[0].format(account=record.account), ONE_SHOT[1]
     return (arn, userid) if ":assumed-role/" in arn and ":" in userid else None
 
 

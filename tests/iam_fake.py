@@ -10,17 +10,17 @@ action is refused and recorded, so a test can prove doctor changed nothing.
 
 from __future__ import annotations
 
-import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from xml.sax.saxutils import escape
 
 from publisher.iam_model import default_key_policy
 from tests import iameval
+from tests.support import loopback_server
 
 NAMESPACE = "https://iam.amazonaws.com/doc/2010-05-08/"
 DECISIONS = {
@@ -123,12 +123,6 @@ def serve_simulator() -> Iterator[FakeSimulator]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with loopback_server(Handler) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()

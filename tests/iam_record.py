@@ -175,6 +175,14 @@ def _read_agent_config() -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
+def _command() -> str:
+    """The `deployer` subcommand this process runs ("apply", "agent", …), "" if it is not the CLI."""
+    argv = sys.argv
+    if argv and argv[0].endswith(("deployer/__main__.py", "/deployer")):
+        return next((arg for arg in argv[1:] if not arg.startswith("-")), "")
+    return ""
+
+
 def _write(record: dict[str, Any]) -> None:
     directory = os.environ.get(RECORDS_ENV)
     if not directory:
@@ -209,6 +217,7 @@ class _ClientRecorder:
             "params": _kept(params),
             "caller": dict(_callers.get(self.access_key(), {})),
             "scope": _agent_scope() if role == "instance" else None,
+            "command": _command(),
             "time": time.time(),
         }
         if context.get("is_presign_request"):

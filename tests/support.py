@@ -199,18 +199,25 @@ class FakeImds(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_imds(tags: dict[str, str] | None = None) -> Iterator[type[FakeImds]]:
-    """A FakeImds on 127.0.0.1, its own class (so a test may change its tags); `.url` says where."""
-    handler: type[FakeImds] = type("Imds", (FakeImds,), {"tags": dict(tags or {})})
+def loopback_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on a free port of 127.0.0.1 in a thread; yields its URL, shuts it down after."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield handler
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def serve_imds(tags: dict[str, str] | None = None) -> Iterator[type[FakeImds]]:
+    """A FakeImds on 127.0.0.1, its own class (so a test may change its tags); `.url` says where."""
+    handler: type[FakeImds] = type("Imds", (FakeImds,), {"tags": dict(tags or {})})
+    with loopback_server(handler) as url:
+        handler.url = url
+        yield handler
 
 
 @pytest.fixture

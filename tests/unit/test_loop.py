@@ -89,10 +89,10 @@ class Rig:
     clock: Clock
     stop: threading.Event
 
-    def with_pointers(self, pointers: Mapping[Channel, Deploy | None]) -> Agent:
-        """The rig's agent, reading these channel pointers at reconcile."""
+    def with_pointers(self, pointers: Mapping[Channel, Deploy | None], config: AgentConfig | None = None) -> Agent:
+        """The rig's agent (with `config`, if given), reading these channel pointers at reconcile."""
         return Agent(
-            self.agent.config,
+            config or self.agent.config,
             queue=self.queue,
             runner=self.runner,
             reporter=self.reporter,
@@ -346,15 +346,7 @@ def test_a_failure_in_the_periodic_reconcile_is_logged_and_serving_goes_on(
         return applying(received)
 
     monkeypatch.setattr(rig.runner, "apply", apply)
-    agent = Agent(
-        config,
-        queue=rig.queue,
-        runner=rig.runner,
-        reporter=rig.reporter,
-        ledger=rig.ledger,
-        pointer=ahead.__getitem__,
-        stop=rig.stop,
-    )
+    agent = rig.with_pointers(ahead, config)
     rig.queue.send(deploy("api", 1).to_json())
 
     def stop_after_two_reconciles() -> None:
