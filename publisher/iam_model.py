@@ -453,7 +453,7 @@ def _instance_calls(
     owner = {OWNER_TAG: place.userid}
     calls: list[Call] = [call("sts", "GetCallerIdentity")]
     for queue in (name + DLQ_SUFFIX, name):
-        url = f"https://sqs.{topic.region}.amazonaws.com/{topic.account}/{queue}"
+        url = f"https://sqs.{topic.region}.amazonaws.com/{topic.account}/{queue}"  # the shape only
         calls += [
             call("sqs", "CreateQueue", QueueName=queue, tags=owner),
             call("sqs", "GetQueueAttributes", owner, QueueUrl=url),

@@ -22,7 +22,7 @@ from publisher.iam_model import default_key_policy
 from tests import iameval
 from tests.support import loopback_server
 
-NAMESPACE = "https://iam.amazonaws.com/doc/2010-05-08/"
+NAMESPACE = "https://iam.amazonaws.com/doc/2010-05-08/"  # IAM's XML namespace: a name, never contacted
 DECISIONS = {
     iameval.ALLOWED: "allowed",
     iameval.IMPLICITLY_DENIED: "implicitDeny",

@@ -76,7 +76,7 @@ TRUST_HOLDER = Principal(
 
 def queue(owner: Principal, dlq: bool = False) -> str:
     name = queue_name("deployer", "prod", "web", owner.userid.split(":")[1]) + (DLQ_SUFFIX if dlq else "")
-    return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{name}"
+    return f"http://127.0.0.1:4566/{ACCOUNT}/{name}"  # only its path is read: account and name
 
 
 def queue_arn(owner: Principal, dlq: bool = False) -> str:
