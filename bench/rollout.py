@@ -27,7 +27,7 @@ from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from deployer.protocol.names import Channel
 from deployer.protocol.rollout import STABLE_SUFFIX
 from publisher.publish import Publisher
-from publisher.rollout import Driver, Gates, Staging, Verdict, prepare
+from publisher.rollout import Driver, Gates, RolloutEnd, Staging, prepare
 from tests.awsproxy import AwsProxy, aws_proxy
 
 PLAIN = Manifest(dest="/opt/api/current", sync_strategy=SyncStrategy.SYMLINK)
@@ -89,7 +89,7 @@ def run(bench: Bench) -> Section:
             aborted_at: list[float] = []
             original = driver.abort
 
-            def timed_abort(reason: str) -> Verdict:
+            def timed_abort(reason: str) -> RolloutEnd:
                 aborted_at.append(datetime.now(UTC).timestamp())
                 return original(reason)
 

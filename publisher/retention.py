@@ -219,7 +219,9 @@ def deploy_references(layout: Layout, deploy: Deploy) -> set[tuple[str, str]]:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Collection:
+    """What one `gc --releases` run condemned, deleted, pardoned and kept."""
+
     dry_run: bool
     condemned: list[Release]
     deleted: list[Release]
@@ -329,7 +331,7 @@ class ReleaseCollector:
         component: str | None = None,
         dry_run: bool = False,
         now: datetime | None = None,
-    ) -> Outcome:
+    ) -> Collection:
         """List the releases, then read what refers to them (in that order: a release that
         appears after the LIST is not judged at all), then condemn, pardon and sweep."""
         now = now or datetime.now(UTC)
@@ -343,7 +345,7 @@ class ReleaseCollector:
         blob_refs = self.blob_references([r for r in releases if (r.component, r.release_id) not in gone])
         blob_verdict = judge(blobs, blob_refs, now, older_than_days * SECONDS_PER_DAY, self.grace)
         deleted += self._carry_out(blob_verdict, now, dry_run)
-        return Outcome(
+        return Collection(
             dry_run,
             verdict.condemn + blob_verdict.condemn,
             deleted,
@@ -468,7 +470,7 @@ def check_not_condemned(
         )
 
 
-def describe_releases(outcome: Outcome) -> list[str]:
+def describe_releases(outcome: Collection) -> list[str]:
     """What a run did (or would do), one line per release and a total. Pure."""
     dry = outcome.dry_run
     lines = [f"{'would delete' if dry else 'deleted'} {r.name} ({format_bytes(r.size)})" for r in outcome.deleted]

@@ -205,7 +205,9 @@ def prepare(publisher: Publisher, channel: Channel, gates: Gates, entries: Mappi
     return Staging(cursors, gates, stable, live)
 
 
-class Verdict(enum.StrEnum):
+class RolloutEnd(enum.StrEnum):
+    """How a driven rollout ended (the agent's own decisions are `deployer.agent.decide.Verdict`)."""
+
     DONE = "done"
     ROLLED_BACK = "rolled_back"
     SUPERSEDED = "superseded"
@@ -298,10 +300,10 @@ class Driver:
             )
         return self._write(replace(cursor, driver=self.driver))
 
-    def drive(self) -> Verdict:
+    def drive(self) -> RolloutEnd:
         cursor = self._cursor or self.take()
         if cursor.state is not RolloutState.ROLLING:
-            return Verdict.DONE if cursor.state is RolloutState.DONE else Verdict.ROLLED_BACK
+            return RolloutEnd.DONE if cursor.state is RolloutState.DONE else RolloutEnd.ROLLED_BACK
         # Whoever drives now says so: agents re-read the cursor at once instead of at their reconcile.
         self.publisher.announce(self.deploy.channel)
         for wave in range(cursor.wave, self.plan.last_wave + 1):
@@ -318,9 +320,9 @@ class Driver:
         self._write(replace(cursor, state=RolloutState.DONE, reason=None))
         self.publisher.announce(self.deploy.channel)
         self.echo(f"OK: rollout of {self.deploy.channel} seq {self.deploy.seq} done in {self.plan.last_wave + 1} waves")
-        return Verdict.DONE
+        return RolloutEnd.DONE
 
-    def abort(self, reason: str) -> Verdict:
+    def abort(self, reason: str) -> RolloutEnd:
         """Every instance back to stable: the cursor says so and the deploy is announced again."""
         cursor = self._cursor or self.take(force=True)
         self._write(replace(cursor, state=RolloutState.ABORTED, reason=reason[:500]))
@@ -329,9 +331,9 @@ class Driver:
             "rollout_aborted", seq=self.deploy.seq, reason=reason, next="every instance returns to the stable release"
         )
         self.echo(f"ROLLED BACK: {self.deploy.channel} seq {self.deploy.seq}: {reason}")
-        return Verdict.ROLLED_BACK
+        return RolloutEnd.ROLLED_BACK
 
-    def _watch(self, wave: int) -> Verdict | None:
+    def _watch(self, wave: int) -> RolloutEnd | None:
         """Wait for the wave, then bake it; None when the next wave may start."""
         started = self.clock()
         baking_since: float | None = None
@@ -339,7 +341,7 @@ class Driver:
         while True:
             if self._superseded():
                 self.echo(f"SUPERSEDED: a newer deploy of {self.deploy.channel} replaced seq {self.deploy.seq}")
-                return Verdict.SUPERSEDED
+                return RolloutEnd.SUPERSEDED
             tally = count(self.deploy, wave, self._entries(), _now(), self.gates.heartbeat_ttl_s)
             stop = self._gate(tally, wave, started if baking_since is None else None)
             if stop is not None:

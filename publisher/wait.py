@@ -55,7 +55,9 @@ class WaitOptions:
     asg: str | None = None
 
 
-class Outcome(enum.StrEnum):
+class Convergence(enum.StrEnum):
+    """Where one expected instance stands against the seq `--wait` waits for."""
+
     PENDING = "pending"  # not on the target seq yet, still heartbeating
     CONVERGED = "converged"  # ok on the target seq (or a newer one)
     FAILED = "failed"
@@ -65,7 +67,7 @@ class Outcome(enum.StrEnum):
 
 
 #: Outcomes after which the wait stops watching an instance.
-SETTLED = frozenset({Outcome.CONVERGED, Outcome.FAILED, Outcome.REJECTED, Outcome.LOST})
+SETTLED = frozenset({Convergence.CONVERGED, Convergence.FAILED, Convergence.REJECTED, Convergence.LOST})
 
 
 def is_live(entry: ReportEntry, now: datetime, ttl_s: float) -> bool:
@@ -87,33 +89,33 @@ def expected_instances(
     )
 
 
-def classify(entry: ReportEntry | None, deploy: Deploy, now: datetime, ttl_s: float) -> Outcome:
+def classify(entry: ReportEntry | None, deploy: Deploy, now: datetime, ttl_s: float) -> Convergence:
     if entry is None:
-        return Outcome.LOST
+        return Convergence.LOST
     if entry.report is None:
-        return Outcome.UNREADABLE if is_live(entry, now, ttl_s) else Outcome.LOST
+        return Convergence.UNREADABLE if is_live(entry, now, ttl_s) else Convergence.LOST
     status = entry.report.components.get(deploy.component)
     seq, state = (status.seq, status.state) if status else (None, None)
     if seq is not None and seq >= deploy.seq and state is ComponentState.OK:
-        return Outcome.CONVERGED
+        return Convergence.CONVERGED
     if seq == deploy.seq and state is ComponentState.FAILED:
-        return Outcome.FAILED
+        return Convergence.FAILED
     if seq == deploy.seq and state is ComponentState.REJECTED:
-        return Outcome.REJECTED
+        return Convergence.REJECTED
     if not is_live(entry, now, ttl_s):
-        return Outcome.LOST
-    return Outcome.PENDING
+        return Convergence.LOST
+    return Convergence.PENDING
 
 
 @dataclass(frozen=True)
 class Progress:
     deploy: Deploy
-    outcomes: Mapping[str, Outcome]
+    outcomes: Mapping[str, Convergence]
     errors: Mapping[str, str]
     elapsed_s: float
     allow_lost: bool = False
 
-    def count(self, *outcomes: Outcome) -> int:
+    def count(self, *outcomes: Convergence) -> int:
         return sum(1 for o in self.outcomes.values() if o in outcomes)
 
     @property
@@ -122,16 +124,16 @@ class Progress:
 
     @property
     def failed(self) -> int:
-        bad = {Outcome.FAILED, Outcome.REJECTED} | (set() if self.allow_lost else {Outcome.LOST})
+        bad = {Convergence.FAILED, Convergence.REJECTED} | (set() if self.allow_lost else {Convergence.LOST})
         return self.count(*bad)
 
     def line(self) -> str:
         total = len(self.outcomes)
         return (
-            f"{self.deploy.channel} seq {self.deploy.seq}: {self.count(Outcome.CONVERGED)}/{total} converged, "
-            f"{self.count(Outcome.FAILED, Outcome.REJECTED)} failed, {self.count(Outcome.LOST)} lost, "
-            f"{self.count(Outcome.PENDING)} pending"
-            + (f", {unreadable} unreadable" if (unreadable := self.count(Outcome.UNREADABLE)) else "")
+            f"{self.deploy.channel} seq {self.deploy.seq}: {self.count(Convergence.CONVERGED)}/{total} converged, "
+            f"{self.count(Convergence.FAILED, Convergence.REJECTED)} failed, {self.count(Convergence.LOST)} lost, "
+            f"{self.count(Convergence.PENDING)} pending"
+            + (f", {unreadable} unreadable" if (unreadable := self.count(Convergence.UNREADABLE)) else "")
             + f" ({self.elapsed_s:.0f}s)"
         )
 
@@ -162,21 +164,21 @@ def assess(
         entry = entries.get(instance)
         if entry is None and instance in unreported:
             booting = elapsed_s < ttl_s
-            outcomes[instance] = Outcome.PENDING if booting else Outcome.LOST
+            outcomes[instance] = Convergence.PENDING if booting else Convergence.LOST
             errors[instance] = (
                 "in service but no status report yet" if booting else "in service but never wrote a status report"
             )
-        elif outcome in (Outcome.FAILED, Outcome.REJECTED) and entry is not None and entry.report is not None:
+        elif outcome in (Convergence.FAILED, Convergence.REJECTED) and entry is not None and entry.report is not None:
             status = entry.report.components.get(deploy.component)
             errors[instance] = (status.error if status else None) or ""
-        elif outcome is Outcome.UNREADABLE and entry is not None:
+        elif outcome is Convergence.UNREADABLE and entry is not None:
             errors[instance] = f"unreadable report: {entry.error}"
-        elif outcome is Outcome.PENDING and entry is not None and entry.report is not None:
+        elif outcome is Convergence.PENDING and entry is not None and entry.report is not None:
             if entry.report.boot_error is not None:
                 errors[instance] = f"the agent cannot boot (it retries): {entry.report.boot_error}"
             else:
                 errors[instance] = _behind(entry.report.components.get(deploy.component))
-        elif outcome is Outcome.LOST:
+        elif outcome is Convergence.LOST:
             errors[instance] = _lost_reason(entry)
     return Progress(deploy, outcomes, errors, elapsed_s, allow_lost)
 
@@ -266,7 +268,7 @@ class ProgressPrinter:
         self._last_elapsed = 0.0
 
     def __call__(self, progress: Progress) -> None:
-        counts = tuple(progress.count(o) for o in Outcome)
+        counts = tuple(progress.count(o) for o in Convergence)
         if self.tty:
             self.stream.write("\r\x1b[K" + progress.line())
         elif counts != self._last or progress.elapsed_s - self._last_elapsed >= self.quiet_every_s:
@@ -282,7 +284,7 @@ class ProgressPrinter:
         if self.tty:
             self.stream.write("\n")
         for instance, outcome in progress.outcomes.items():
-            if outcome is not Outcome.CONVERGED:
+            if outcome is not Convergence.CONVERGED:
                 detail = progress.errors.get(instance, "")
                 self.stream.write(f"  {instance}: {outcome.value}{': ' + detail if detail else ''}\n")
         self.stream.write(verdict_line(result) + "\n")
@@ -292,14 +294,14 @@ class ProgressPrinter:
 def verdict_line(result: WaitResult) -> str:
     progress = result.progress
     total = len(progress.outcomes)
-    converged = progress.count(Outcome.CONVERGED)
+    converged = progress.count(Convergence.CONVERGED)
     if total == 0:
         return f"no live instance of {progress.deploy.stage}/{progress.deploy.role} runs {progress.deploy.component}; nothing to wait for"
     if result.exit_code == EXIT_FAILED:
         return f"FAILED: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.failed} failed or lost"
     if result.exit_code == EXIT_TIMEOUT:
-        return f"TIMEOUT after {progress.elapsed_s:.0f}s: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.count(Outcome.PENDING, Outcome.UNREADABLE)} pending"
-    lost = progress.count(Outcome.LOST)
+        return f"TIMEOUT after {progress.elapsed_s:.0f}s: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.count(Convergence.PENDING, Convergence.UNREADABLE)} pending"
+    lost = progress.count(Convergence.LOST)
     return f"OK: {converged}/{total} converged on seq {progress.deploy.seq}" + (
         f" ({lost} lost, allowed)" if lost else ""
     )

@@ -67,7 +67,7 @@ class Record:
 
 
 @dataclass
-class Outcome:
+class Findings:
     """What the check found: coverage per role and every failure, with the test that made the call."""
 
     evaluated: dict[Role, set[tuple[str, str]]] = field(default_factory=lambda: defaultdict(set))
@@ -312,9 +312,9 @@ def _in_account(record: Record, account: str) -> Record:
     return record
 
 
-def check(directory: Path) -> Outcome:
+def check(directory: Path) -> Findings:
     records, unknown = load(directory)
-    outcome, batch = Outcome(failures=list(unknown)), Batch()
+    outcome, batch = Findings(failures=list(unknown)), Batch()
     by_test: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         by_test[record.test].append(record)
@@ -352,7 +352,7 @@ def check(directory: Path) -> Outcome:
     return outcome
 
 
-def unlisted(outcome: Outcome) -> list[str]:
+def unlisted(outcome: Findings) -> list[str]:
     """Operations a role was seen making that `expected_calls` (what doctor asks about) does not list."""
     from publisher.iam_model import Place, expected_calls
 

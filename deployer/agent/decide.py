@@ -13,7 +13,7 @@ import enum
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from deployer.aws.retry import backoff_seconds
+from deployer.backoff import backoff_seconds
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import InfrastructureError, Interrupted, RejectedInput, Unauthentic
 from deployer.protocol.names import Channel

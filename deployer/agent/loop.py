@@ -49,8 +49,9 @@ from deployer.agent.shutdown import Shutdown
 from deployer.agent.trust_store import NO_TRUST, TRUST_CACHE_NAME, TrustStore, load_trust_file
 from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
-from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, backoff_seconds
+from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import get_document, read_pointer
+from deployer.backoff import backoff_seconds
 from deployer.protocol.deploy import Deploy, unwrap_body
 from deployer.protocol.errors import Interrupted, QueueMissing, RejectedInput
 from deployer.protocol.layout import Layout, ReportKey

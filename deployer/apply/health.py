@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from deployer.apply.hooks import run_hooks, tail_of
-from deployer.aws.retry import pause
+from deployer.backoff import pause
 from deployer.protocol.errors import HealthCheckFailed, HookFailed
 from deployer.protocol.manifest import HealthCheck, Hook
 

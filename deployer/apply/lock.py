@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from deployer.aws.retry import pause
+from deployer.backoff import pause
 from deployer.protocol.errors import LockBusy
 
 #: Where the apply lock (and the agent's ledger) live on an instance.

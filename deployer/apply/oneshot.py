@@ -56,8 +56,10 @@ def manifest_url_from_stdin(text: str) -> str | None:
         raise ConfigError(f"the last Consul event's Payload is not base64 text: {exc}") from None
 
 
-def default_release_id(checksum: str | None) -> str:
-    """Same artifact → same release directory, so a re-run reuses it instead of downloading."""
+def oneshot_release_id(checksum: str | None) -> str:
+    """`deployer apply`'s release directory name: the same artifact → the same directory, so a
+    re-run reuses it instead of downloading (a published release is named by CI instead:
+    `publisher.publish.default_release_id`)."""
     return f"sha-{checksum[:16]}" if checksum else "commands-only"
 
 
@@ -84,7 +86,7 @@ def apply_manifest_url(
 ) -> ApplyResult:
     check_manifest_url(url, allow_http=allow_http)
     manifest = parse_manifest(read_source(url, s3, MAX_MANIFEST_BYTES))
-    release_id = release_id or default_release_id(manifest.checksum)
+    release_id = release_id or oneshot_release_id(manifest.checksum)
     if not RELEASE_ID_PATTERN.match(release_id):
         raise ConfigError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
     structlog.contextvars.bind_contextvars(release_id=release_id)

@@ -13,7 +13,6 @@ the agent stops is not a verdict on anything.
 from __future__ import annotations
 
 import http.client
-import random
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.parsers import ResponseParserError
 
+from deployer.backoff import backoff_seconds
 from deployer.protocol.errors import AwsError, IncompleteAnswer, Interrupted, TransientFetchError
 
 T = TypeVar("T")
@@ -60,28 +60,6 @@ TRANSIENT_ERROR_CODES = frozenset(
         "KMSThrottlingException",
     }
 )
-
-
-def backoff_seconds(
-    attempt: int, *, base: float, cap: float, jitter: float = 1.0, rng: Callable[[], float] = random.random
-) -> float:
-    """How long to wait before attempt `attempt + 1`: `base · 2^(attempt-1)`, capped, minus jitter. Pure.
-
-    `jitter` is the share of that delay drawn at random: 1.0 is full jitter (anywhere in
-    [0, delay], what AWS recommends for many clients hitting one service), 0.0 none (a fixed
-    schedule such as the SQS redelivery backoff).
-    """
-    delay = min(cap, base * 2.0 ** max(attempt - 1, 0))
-    return delay * (1.0 - jitter * rng())
-
-
-def pause(seconds: float, interrupt: threading.Event | None, what: str) -> None:
-    """Every deliberate wait outside the retry policy (lock polling, health-check retries): sleep,
-    or raise Interrupted as soon as `interrupt` is set, so a stop is never held up by a nap."""
-    if interrupt is None:
-        time.sleep(seconds)
-    elif interrupt.wait(seconds):
-        raise Interrupted(f"stopped while waiting for {what}")
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -316,14 +316,16 @@ def drive(
     force: bool = False,
 ) -> int:
     """Drive a staged rollout to its end; the exit code says how it ended."""
-    from publisher.rollout import EXIT_ROLLED_BACK, EXIT_SUPERSEDED, Driver, Verdict
+    from publisher.rollout import EXIT_ROLLED_BACK, EXIT_SUPERSEDED, Driver, RolloutEnd
 
     runner = Driver(publisher, reader, gates, deploy, alarms=alarm_watch(store, gates), echo=click.echo)
     if driver:
         runner.driver = driver
     runner.take(force=force)
     verdict = runner.drive()
-    return {Verdict.DONE: 0, Verdict.ROLLED_BACK: EXIT_ROLLED_BACK, Verdict.SUPERSEDED: EXIT_SUPERSEDED}.get(verdict, 1)
+    return {RolloutEnd.DONE: 0, RolloutEnd.ROLLED_BACK: EXIT_ROLLED_BACK, RolloutEnd.SUPERSEDED: EXIT_SUPERSEDED}.get(
+        verdict, 1
+    )
 
 
 COMMANDS = (init, publish, rollback, history)

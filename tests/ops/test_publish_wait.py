@@ -19,7 +19,7 @@ from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
 from publisher.pack import artifact_file
 from publisher.publish import Publisher
-from publisher.wait import EXIT_CONVERGED, EXIT_FAILED, EXIT_TIMEOUT, Outcome, Waiter, WaitOptions
+from publisher.wait import EXIT_CONVERGED, EXIT_FAILED, EXIT_TIMEOUT, Convergence, Waiter, WaitOptions
 from tests.support import (
     BUCKET,
     FAST_AGENT,
@@ -158,7 +158,7 @@ def test_a_rejected_release_is_reported_rejected_by_status_and_wait(
     )
     result = waiter.wait(deploy, lambda _progress: None)
     assert result.exit_code == EXIT_FAILED
-    assert result.progress.outcomes == {agent.instance_id: Outcome.REJECTED}
+    assert result.progress.outcomes == {agent.instance_id: Convergence.REJECTED}
     [row] = status_rows()
     assert row["state"] == "rejected"
     assert ".." in str(row["error"])

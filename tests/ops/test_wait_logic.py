@@ -14,7 +14,7 @@ from publisher.wait import (
     EXIT_CONVERGED,
     EXIT_FAILED,
     EXIT_TIMEOUT,
-    Outcome,
+    Convergence,
     ProgressPrinter,
     Waiter,
     WaitOptions,
@@ -57,24 +57,24 @@ def test_expected_instances_are_the_live_ones_of_the_channel_that_run_the_compon
 
 
 def test_an_instance_on_the_target_seq_or_newer_and_ok_has_converged() -> None:
-    assert classify(report("i", seq=2), deploy(2), NOW, TTL) is Outcome.CONVERGED
-    assert classify(report("i", seq=3), deploy(2), NOW, TTL) is Outcome.CONVERGED
-    assert classify(report("i", seq=2, state="applying"), deploy(2), NOW, TTL) is Outcome.PENDING
-    assert classify(report("i", seq=1), deploy(2), NOW, TTL) is Outcome.PENDING
+    assert classify(report("i", seq=2), deploy(2), NOW, TTL) is Convergence.CONVERGED
+    assert classify(report("i", seq=3), deploy(2), NOW, TTL) is Convergence.CONVERGED
+    assert classify(report("i", seq=2, state="applying"), deploy(2), NOW, TTL) is Convergence.PENDING
+    assert classify(report("i", seq=1), deploy(2), NOW, TTL) is Convergence.PENDING
 
 
 def test_failed_and_rejected_count_only_for_the_target_seq() -> None:
-    assert classify(report("i", seq=2, state="failed"), deploy(2), NOW, TTL) is Outcome.FAILED
-    assert classify(report("i", seq=2, state="rejected"), deploy(2), NOW, TTL) is Outcome.REJECTED
+    assert classify(report("i", seq=2, state="failed"), deploy(2), NOW, TTL) is Convergence.FAILED
+    assert classify(report("i", seq=2, state="rejected"), deploy(2), NOW, TTL) is Convergence.REJECTED
     # An older deploy's failure says nothing about this one yet.
-    assert classify(report("i", seq=1, state="failed"), deploy(2), NOW, TTL) is Outcome.PENDING
+    assert classify(report("i", seq=1, state="failed"), deploy(2), NOW, TTL) is Convergence.PENDING
 
 
 def test_an_instance_whose_heartbeat_went_stale_or_whose_report_vanished_is_lost() -> None:
-    assert classify(report("i", seq=1, state="applying", age=TTL + 1), deploy(2), NOW, TTL) is Outcome.LOST
-    assert classify(None, deploy(2), NOW, TTL) is Outcome.LOST
+    assert classify(report("i", seq=1, state="applying", age=TTL + 1), deploy(2), NOW, TTL) is Convergence.LOST
+    assert classify(None, deploy(2), NOW, TTL) is Convergence.LOST
     # A converged instance stays converged even if it stops heartbeating afterwards.
-    assert classify(report("i", seq=2, age=TTL + 1), deploy(2), NOW, TTL) is Outcome.CONVERGED
+    assert classify(report("i", seq=2, age=TTL + 1), deploy(2), NOW, TTL) is Convergence.CONVERGED
 
 
 def test_exit_codes_all_converged_zero_failures_four_timeout_five() -> None:
@@ -183,7 +183,7 @@ def test_an_unreadable_report_is_expected_while_fresh_and_never_counts_as_conver
     expected = expected_instances(entries, deploy(2), NOW, TTL)
     assert expected == {"i-ok", "i-bad"}
     progress = assess(deploy(2), expected, entries, NOW, TTL, 1)
-    assert progress.outcomes == {"i-bad": Outcome.UNREADABLE, "i-ok": Outcome.CONVERGED}
+    assert progress.outcomes == {"i-bad": Convergence.UNREADABLE, "i-ok": Convergence.CONVERGED}
     assert not progress.settled
     assert progress.errors == {"i-bad": "unreadable report: heartbeat_at 'soon' is not a timestamp"}
     assert progress.exit_code(timed_out=True) == EXIT_TIMEOUT
@@ -200,10 +200,10 @@ def test_a_group_member_without_a_report_is_pending_for_one_ttl_then_lost() -> N
     target, entries = deploy(2), {"a": report("a", seq=2)}
     expected, unreported = frozenset({"a", "i-silent"}), frozenset({"i-silent"})
     booting = assess(target, expected, entries, NOW, TTL, TTL - 1, unreported=unreported)
-    assert booting.outcomes["i-silent"] is Outcome.PENDING
+    assert booting.outcomes["i-silent"] is Convergence.PENDING
     assert booting.errors["i-silent"] == "in service but no status report yet"
     silent = assess(target, expected, entries, NOW, TTL, TTL, unreported=unreported)
-    assert silent.outcomes["i-silent"] is Outcome.LOST
+    assert silent.outcomes["i-silent"] is Convergence.LOST
     assert silent.errors["i-silent"] == "in service but never wrote a status report"
     assert silent.exit_code(timed_out=False) == EXIT_FAILED
 
@@ -215,7 +215,7 @@ def test_the_waiter_expects_the_groups_members_and_a_member_that_reported_then_v
     cache = FakeCache({"a": report("a", seq=1)}, first, {"a": report("a", seq=2)})
     waiter = Waiter(cache, options, frozenset({"a", "late"}), clock=clock, sleep=clock.sleep, now=lambda: NOW)
     result = waiter.wait(deploy(2), lambda _p: None)
-    assert result.progress.outcomes == {"a": Outcome.CONVERGED, "late": Outcome.LOST}
+    assert result.progress.outcomes == {"a": Convergence.CONVERGED, "late": Convergence.LOST}
     assert result.progress.errors["late"] == "status report removed"
 
 
@@ -224,6 +224,6 @@ def test_an_agent_that_cannot_boot_is_pending_with_the_reason_never_converged() 
     assert entry.report is not None
     broken = replace(entry, report=replace(entry.report, boot_error="AwsError: AccessDenied"))
     progress = assess(deploy(2), frozenset({"i-broken"}), {"i-broken": broken}, NOW, TTL, 1)
-    assert progress.outcomes == {"i-broken": Outcome.PENDING}
+    assert progress.outcomes == {"i-broken": Convergence.PENDING}
     assert progress.errors == {"i-broken": "the agent cannot boot (it retries): AwsError: AccessDenied"}
     assert progress.exit_code(timed_out=True) == EXIT_TIMEOUT

@@ -75,13 +75,13 @@ def test_an_instance_heartbeating_on_an_older_seq_than_the_pointer_is_behind_wit
 
 
 def test_wait_says_where_a_pending_instance_is_and_its_last_error() -> None:
-    from publisher.wait import Outcome, assess
+    from publisher.wait import Convergence, assess
     from tests.support import make_deploy
 
     stuck = {"api": ComponentStatus(state=ComponentState.OK, seq=10, last_error="hook post #0 exited 4")}
     entries = {"i-2": report_entry("i-2", stuck, RECENT)}
     progress = assess(make_deploy(seq=16), frozenset(entries), entries, NOW, 600, 5)
-    assert progress.outcomes == {"i-2": Outcome.PENDING}
+    assert progress.outcomes == {"i-2": Convergence.PENDING}
     assert progress.errors == {"i-2": "on seq 10 (ok), last error: hook post #0 exited 4"}
 
 

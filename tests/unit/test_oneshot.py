@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deployer.apply.oneshot import default_release_id, manifest_url_from_stdin
+from deployer.apply.oneshot import manifest_url_from_stdin, oneshot_release_id
 from deployer.protocol.errors import ConfigError
 
 URL = "s3://bucket/deployer/releases/api/r1/manifest.yml"
@@ -43,6 +43,6 @@ def test_bad_stdin_is_a_clear_error(stdin: str, expected: str) -> None:
         manifest_url_from_stdin(stdin)
 
 
-def test_the_default_release_id_follows_the_artifact() -> None:
-    assert default_release_id("ab" * 32) == "sha-abababababababab"
-    assert default_release_id(None) == "commands-only"
+def test_a_one_shot_apply_names_its_release_after_the_artifact() -> None:
+    assert oneshot_release_id("ab" * 32) == "sha-abababababababab"
+    assert oneshot_release_id(None) == "commands-only"

@@ -6,7 +6,8 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from deployer.aws.retry import RetryPolicy, backoff_seconds, is_transient, pause
+from deployer.aws.retry import RetryPolicy, is_transient
+from deployer.backoff import backoff_seconds, pause
 from deployer.protocol.errors import AwsError, Interrupted
 
 FAST = RetryPolicy(max_attempts=4, base_seconds=0.001, cap_seconds=0.002, deadline_seconds=5)
