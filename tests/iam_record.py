@@ -79,6 +79,7 @@ STRONG: tuple[tuple[str, str, str], ...] = (
     ("deployer.cli.fleet", "status", "ci"),
     ("deployer.cli.fleet", "gc", "gc"),
     ("deployer.cli.fleet", "doctor", "operator"),
+    ("publisher.trust_update", "", "trust"),
     ("deployer.cli.keys", "", "trust"),
     ("deployer.cli.ci", "init", "operator"),
     ("deployer.cli.ci", "", "ci"),

@@ -169,39 +169,14 @@ def trust_sign_update(store: Store, trust_doc: Path, sign_keys: tuple[str, ...])
     their next reconcile if, and only if, enough of the trust keys of the version they hold
     signed it and it is exactly the next version.
     """
-    from deployer.aws.s3 import get_document, put_conditional
-    from deployer.protocol.envelope import TRUST_PAYLOAD_TYPE, parse_envelope
-    from deployer.protocol.errors import PreconditionFailed
-    from deployer.protocol.trust import parse_trust
-    from publisher.signing import sign
+    from publisher.trust_update import store_trust_version
 
-    if not sign_keys:
-        raise ConfigError("--sign-key is required: a trust update is only taken when signed")
-    payload = trust_doc.read_bytes()
-    document = parse_trust(payload)
-    key = store.layout.trust_key(document.version)
-    while True:
-        found = get_document(store.clients.s3, store.bucket, key)
-        envelope = sign(payload, TRUST_PAYLOAD_TYPE, store.signers(sign_keys))
-        if found is not None:
-            stored = parse_envelope(found[0])
-            if stored.payload != payload:
-                raise ConfigError(
-                    f"trust version {document.version} is already stored with another document (s3://{store.bucket}/{key})"
-                )
-            for signature in envelope.signatures:
-                stored = stored.with_signature(signature)
-            envelope = stored
-        try:
-            put_conditional(
-                store.clients.s3, store.bucket, key, envelope.to_json().encode(), if_match=found[1] if found else None
-            )
-            break
-        except PreconditionFailed:
-            continue  # another key holder signed at the same moment: merge with theirs
+    stored = store_trust_version(
+        store.clients, store.bucket, store.layout, trust_doc.read_bytes(), store.signers(sign_keys)
+    )
     click.echo(
-        f"stored trust version {document.version} as s3://{store.bucket}/{key}, "
-        f"now signed by {len(envelope.signatures)} key(s)"
+        f"stored trust version {stored.version} as s3://{store.bucket}/{stored.key}, "
+        f"now signed by {len(stored.envelope.signatures)} key(s)"
     )
 
 
