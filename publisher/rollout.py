@@ -212,6 +212,13 @@ class RolloutEnd(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
     SUPERSEDED = "superseded"
 
+    @property
+    def exit_code(self) -> int:
+        """`publish --waves --wait` and `rollout resume`: 0 done, 6 rolled back, 7 superseded."""
+        return {RolloutEnd.DONE: 0, RolloutEnd.ROLLED_BACK: EXIT_ROLLED_BACK, RolloutEnd.SUPERSEDED: EXIT_SUPERSEDED}[
+            self
+        ]
+
 
 @dataclass(frozen=True)
 class WaveCount:

@@ -316,16 +316,19 @@ def drive(
     force: bool = False,
 ) -> int:
     """Drive a staged rollout to its end; the exit code says how it ended."""
-    from publisher.rollout import EXIT_ROLLED_BACK, EXIT_SUPERSEDED, Driver, RolloutEnd
+    from publisher.rollout import Driver, driver_id
 
-    runner = Driver(publisher, reader, gates, deploy, alarms=alarm_watch(store, gates), echo=click.echo)
-    if driver:
-        runner.driver = driver
-    runner.take(force=force)
-    verdict = runner.drive()
-    return {RolloutEnd.DONE: 0, RolloutEnd.ROLLED_BACK: EXIT_ROLLED_BACK, RolloutEnd.SUPERSEDED: EXIT_SUPERSEDED}.get(
-        verdict, 1
+    runner = Driver(
+        publisher,
+        reader,
+        gates,
+        deploy,
+        alarms=alarm_watch(store, gates),
+        driver=driver or driver_id(),
+        echo=click.echo,
     )
+    runner.take(force=force)
+    return runner.drive().exit_code
 
 
 COMMANDS = (init, publish, rollback, history)

@@ -126,9 +126,34 @@ def _page(store: Store, rows: list[Row], pointers: Mapping[Channel, Deploy], pat
         click.echo(f"uploaded s3://{store.bucket}/{key} ({instances} instance(s), {len(data)} bytes)")
 
 
-@click.command()
+class GcGroup(click.Group):
+    """`gc instances` and `gc releases`; the old spelling `gc [--releases] …` still works, with a
+    deprecation notice on stderr, so scheduled jobs keep running while they are updated."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] in self.commands or args[0] in ("--help", "-h"):
+            return super().parse_args(ctx, args)
+        chosen = "releases" if "--releases" in args else "instances"
+        old = "gc --releases" if chosen == "releases" else "gc"
+        click.echo(f"warning: `deployer {old}` is deprecated: use `deployer gc {chosen}`", err=True)
+        return super().parse_args(ctx, [chosen, *(arg for arg in args if arg != "--releases")])
+
+
+@click.group(cls=GcGroup)
+def gc() -> None:
+    """Housekeeping on a schedule: `gc instances` (silent instances) and `gc releases` (unused releases).
+
+    Idempotent and safe to run on a schedule (cron, a scheduled Lambda), next to publishes.
+    """
+
+
+dry_run_option = click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@gc.command("instances")
 @store_options
-@topic_option(required=False)
+@topic_option()
 @queue_prefix_option
 @click.option(
     "--ttl",
@@ -137,65 +162,15 @@ def _page(store: Store, rows: list[Row], pointers: Mapping[Channel, Deploy], pat
     type=click.FloatRange(min=MIN_GC_TTL_SECONDS),
     help=f"Seconds without a heartbeat after which an instance is collected (at least {MIN_GC_TTL_SECONDS:.0f}).",
 )
-@click.option("--releases", is_flag=True, help="Collect releases nothing refers to, instead of instances.")
-@click.option(
-    "--keep",
-    default=DEFAULT_KEEP,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="--releases: history entries per channel whose releases are kept (rollback targets).",
-)
-@click.option(
-    "--older-than",
-    "older_than_days",
-    default=DEFAULT_OLDER_THAN_DAYS,
-    show_default=True,
-    type=click.FloatRange(min=MIN_OLDER_THAN_DAYS),
-    help="--releases: days since a release was uploaded before it may be collected.",
-)
-@click.option("--component", callback=name_callback("component"), help="--releases: only this component's.")
-@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@dry_run_option
+@json_option
 @quiet
-def gc(
-    store: Store,
-    topic_arn: str | None,
-    queue_prefix: str,
-    ttl: float,
-    releases: bool,
-    keep: int,
-    older_than_days: float,
-    component: str | None,
-    dry_run: bool,
-    as_json: bool,
-) -> None:
-    """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl;
-    with --releases, delete the releases nothing refers to.
+def gc_instances(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: bool, as_json: bool) -> None:
+    """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl.
 
     Silent means both the report's heartbeat and the object's own LastModified are older than
     --ttl: a heartbeat written into a body is only a claim.
-
-    A release is collected in two runs at least an hour apart: the first condemns it (a mark
-    in S3), the second deletes it if nothing refers to it yet. Referring means: a channel's
-    pointer (or its rollout's stable release), one of the last --keep history entries of a
-    channel, or a status report.
-
-    Idempotent and safe to run on a schedule (cron, a scheduled Lambda), next to publishes.
     """
-    if releases:
-        from publisher.retention import ReleaseCollector, describe_releases
-
-        outcome = ReleaseCollector(store.clients, store.bucket, store.layout).run(
-            keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
-        )
-        if as_json:
-            click.echo(json.dumps(outcome.to_dict(), indent=2))
-            return
-        for line in describe_releases(outcome):
-            click.echo(line)
-        return
-    if topic_arn is None:
-        raise click.UsageError("Missing option '--topic-arn' (or DEPLOYER_TOPIC_ARN): instance gc needs the topic.")
     from publisher.gc import Collector, describe
 
     collector = Collector(store.clients, store.bucket, topic_arn, store.layout, queue_prefix)
@@ -204,6 +179,49 @@ def gc(
         click.echo(json.dumps({"dry_run": dry_run, "removed": [dataclasses.asdict(r) for r in removed]}, indent=2))
         return
     for line in describe(removed, dry_run=dry_run):
+        click.echo(line)
+
+
+@gc.command("releases")
+@store_options
+@click.option(
+    "--keep",
+    default=DEFAULT_KEEP,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="History entries per channel whose releases are kept (rollback targets).",
+)
+@click.option(
+    "--older-than",
+    "older_than_days",
+    default=DEFAULT_OLDER_THAN_DAYS,
+    show_default=True,
+    type=click.FloatRange(min=MIN_OLDER_THAN_DAYS),
+    help="Days since a release was uploaded before it may be collected.",
+)
+@click.option("--component", callback=name_callback("component"), help="Only this component's releases.")
+@dry_run_option
+@json_option
+@quiet
+def gc_releases(
+    store: Store, keep: int, older_than_days: float, component: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Delete the releases nothing refers to.
+
+    A release is collected in two runs at least an hour apart: the first condemns it (a mark
+    in S3), the second deletes it if nothing refers to it yet. Referring means: a channel's
+    pointer (or its rollout's stable release), one of the last --keep history entries of a
+    channel, or a status report.
+    """
+    from publisher.retention import ReleaseCollector, describe_releases
+
+    outcome = ReleaseCollector(store.clients, store.bucket, store.layout).run(
+        keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
+    )
+    if as_json:
+        click.echo(json.dumps(outcome.to_dict(), indent=2))
+        return
+    for line in describe_releases(outcome):
         click.echo(line)
 
 

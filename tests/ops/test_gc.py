@@ -135,11 +135,11 @@ def test_gc_removes_only_stale_instances_subscription_first_and_a_dry_run_remove
 
 def test_the_gc_command_reports_in_text_and_json_and_refuses_a_ttl_short_enough_to_catch_a_hook(fleet: Fleet) -> None:
     register(fleet, "i-alive")
-    text = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
+    text = cli("gc", "instances", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
     assert (text.returncode, text.stdout.strip()) == (0, "0 stale instance(s) would be removed"), text.stderr
-    machine = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--json")
+    machine = cli("gc", "instances", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--json")
     assert json.loads(machine.stdout) == {"dry_run": False, "removed": []}
-    short = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--ttl", "60")
+    short = cli("gc", "instances", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--ttl", "60")
     assert short.returncode == 2
     assert "60" in short.stderr
 

@@ -7,6 +7,7 @@ injected `now`; the race test instead scales the protocol's two delays down toge
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -227,18 +228,29 @@ def test_an_unreadable_history_entry_keeps_every_release_of_its_component(fleet:
 
 @pytest.mark.usefixtures("six")
 def test_gc_releases_from_the_command_line_says_what_it_would_do() -> None:
-    result = cli("gc", "--bucket", BUCKET, "--releases", "--dry-run", "--json")
+    result = cli("gc", "releases", "--bucket", BUCKET, "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
     assert '"kept": 12' in result.stdout
     assert '"bytes_reclaimed": 0' in result.stdout
 
-    too_soon = cli("gc", "--bucket", BUCKET, "--releases", "--older-than", "0.5")
+    too_soon = cli("gc", "releases", "--bucket", BUCKET, "--older-than", "0.5")
     assert too_soon.returncode == 2
     assert "--older-than" in too_soon.stderr
 
-    no_topic = cli("gc", "--bucket", BUCKET)
+    no_topic = cli("gc", "instances", "--bucket", BUCKET)
     assert no_topic.returncode == 2
     assert "--topic-arn" in no_topic.stderr
+
+
+@pytest.mark.usefixtures("six")
+def test_the_old_gc_spelling_still_works_and_says_what_replaces_it() -> None:
+    old = cli("gc", "--bucket", BUCKET, "--releases", "--dry-run", "--json")
+    assert old.returncode == 0, old.stderr
+    assert json.loads(old.stdout)["kept"] == 12
+    assert "`deployer gc --releases` is deprecated: use `deployer gc releases`" in old.stderr
+    no_topic = cli("gc", "--bucket", BUCKET)
+    assert "`deployer gc` is deprecated: use `deployer gc instances`" in no_topic.stderr
+    assert no_topic.returncode == 2
 
 
 def test_releases_published_and_rolled_back_to_while_gc_runs_are_never_deleted_under_a_pointer(

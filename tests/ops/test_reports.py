@@ -124,7 +124,7 @@ def test_publish_wait_counts_an_unreadable_report_as_not_converged_and_times_out
 
 def test_gc_judges_an_unreadable_report_by_the_age_of_its_object_and_does_not_crash(fleet: Fleet) -> None:
     put_raw(fleet, "i-garbled", b"\x00\x01 not json")
-    result = cli("gc", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
+    result = cli("gc", "instances", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0 stale instance(s) would be removed"  # written just now: not stale
 
