@@ -37,13 +37,14 @@ from deployer.aws.s3 import (
     read_pointer,
     stored_checksum,
 )
-from deployer.protocol.deploy import RELEASE_ID_PATTERN, Deploy, inlinable, new_deploy_id
+from deployer.protocol.deploy import Deploy, inlinable, new_deploy_id
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
 from deployer.protocol.errors import AwsError, ConfigError, PreconditionFailed, PublishError, ReleaseConflict
 from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_SNS_MESSAGE_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
 from deployer.protocol.names import Channel
+from deployer.protocol.release import RELEASE_ID_PATTERN
 from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso

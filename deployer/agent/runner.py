@@ -39,7 +39,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
-from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, base_id, side_for, stable_variant
+from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, base_id, side_for
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class DeployRunner:
         if current is not None and base_id(current.deploy_id) == deploy.deploy_id:
             now = Side.STABLE if current.deploy_id.endswith(STABLE_SUFFIX) else Side.CANDIDATE
         side = side_for(plan, deploy.deploy_id, self.instance_id, cursor, now)
-        target = deploy if side is Side.CANDIDATE else stable_variant(deploy)
+        target = deploy if side is Side.CANDIDATE else deploy.stable_variant()
         waiting = side is Side.STABLE and (cursor is None or cursor.state is RolloutState.ROLLING)
         wave = plan.wave_of(deploy.deploy_id, self.instance_id)
         structlog.contextvars.bind_contextvars(deploy_id=target.deploy_id, release_id=target.release_id)
@@ -348,7 +348,7 @@ class DeployRunner:
                 f"{key} is not a valid deploy document ({exc}); nothing to authenticate against"
             ) from None
         if recorded.rollout is not None and deploy.deploy_id == recorded.deploy_id + STABLE_SUFFIX:
-            recorded = stable_variant(recorded)  # the stable side of a rollout CI published
+            recorded = recorded.stable_variant()  # the stable side of a rollout CI published
         if recorded != deploy:
             raise Unauthentic(
                 f"seq {deploy.seq} of {deploy.channel} was published as deploy {recorded.deploy_id} "

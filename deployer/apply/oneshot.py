@@ -19,11 +19,11 @@ import structlog
 from deployer.apply.engine import Applier, ApplyResult
 from deployer.apply.fetch import fetch_release_manifest, read_source
 from deployer.apply.lock import ApplyLock
-from deployer.protocol.deploy import RELEASE_ID_PATTERN
 from deployer.protocol.envelope import MAX_ENVELOPE_BYTES
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
 from deployer.protocol.manifest import parse_manifest
+from deployer.protocol.release import RELEASE_ID_PATTERN
 from deployer.protocol.trust import DeployVerifier, Trust
 
 if TYPE_CHECKING:

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deployer.protocol.decoding import json_object, load_json
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_INLINE_MANIFEST_BYTES, MAX_SQS_MESSAGE_BYTES
 from deployer.protocol.names import NAME_PATTERN, Channel
+from deployer.protocol.release import DEPLOY_ID_PATTERN, check_pattern, check_release
 from deployer.protocol.rollout import STABLE_SUFFIX, Plan, plan_from_dict
 from deployer.protocol.timestamps import parse_timestamp
 
 #: The only protocol version this code reads and writes.
 PROTOCOL_VERSION = 1
 
-#: release ids become directory names: no leading dot, no slash.
-RELEASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEPLOY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MAX_ORIGIN_ENTRIES = 16
 MAX_ORIGIN_VALUE_LENGTH = 256
 
@@ -76,6 +72,21 @@ class Deploy:
     @property
     def channel(self) -> Channel:
         return Channel(self.stage, self.role, self.component)
+
+    def stable_variant(self) -> Deploy:
+        """The stable side of a rollout deploy: same channel and seq, the stable release, its own id. Pure."""
+        assert self.rollout is not None
+        stable = self.rollout.stable
+        return replace(
+            self,
+            deploy_id=self.deploy_id + STABLE_SUFFIX,
+            release_id=stable.release_id,
+            manifest_key=stable.manifest_key,
+            manifest_sha256=stable.manifest_sha256,
+            artifact_sha256=stable.artifact_sha256,
+            artifact_size=stable.artifact_size,
+            manifest=None,  # an inline manifest is the candidate's; the stable one is read from S3
+        )
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -131,24 +142,19 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         raise InvalidMessage(f"deploy document has unknown key(s): {', '.join(unknown)}")
 
     for key in ("stage", "role", "component"):
-        _check_pattern(doc, key, NAME_PATTERN)
-    _check_pattern(doc, "deploy_id", DEPLOY_ID_PATTERN)
+        check_pattern(doc, key, NAME_PATTERN)
+    check_pattern(doc, "deploy_id", DEPLOY_ID_PATTERN)
     if doc["deploy_id"].endswith(STABLE_SUFFIX):
         raise InvalidMessage(f"deploy_id may not end with {STABLE_SUFFIX!r} (reserved for a rollout's stable side)")
-    _check_pattern(doc, "release_id", RELEASE_ID_PATTERN)
-    _check_pattern(doc, "manifest_sha256", SHA256_PATTERN)
+    check_release(doc)
     seq = doc["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise InvalidMessage(f"seq must be a positive integer, got {seq!r}")
-    manifest_key = doc["manifest_key"]
-    if not isinstance(manifest_key, str) or not manifest_key or len(manifest_key) > 1024:
-        raise InvalidMessage(f"manifest_key must be a non-empty S3 key, got {manifest_key!r}")
     published_at = doc["published_at"]
     if not isinstance(published_at, str) or parse_timestamp(published_at) is None:
         raise InvalidMessage(f"published_at must be an ISO 8601 UTC timestamp, got {published_at!r}")
     origin = doc.get("origin", {})
     _check_origin(origin)
-    _check_artifact(doc)
     if "manifest" in doc:
         _check_inline_manifest(doc["manifest"], doc["manifest_sha256"])
 
@@ -159,41 +165,15 @@ def deploy_from_dict(doc: dict[str, Any]) -> Deploy:
         component=doc["component"],
         seq=seq,
         release_id=doc["release_id"],
-        manifest_key=manifest_key,
+        manifest_key=doc["manifest_key"],
         manifest_sha256=doc["manifest_sha256"],
         published_at=published_at,
         origin=dict(origin),
         artifact_sha256=doc.get("artifact_sha256"),
         artifact_size=doc.get("artifact_size"),
-        rollout=plan_from_dict(doc["rollout"], _check_release) if "rollout" in doc else None,
+        rollout=plan_from_dict(doc["rollout"]) if "rollout" in doc else None,
         manifest=doc.get("manifest"),
     )
-
-
-def _check_pattern(doc: dict[str, Any], key: str, pattern: re.Pattern[str]) -> None:
-    value = doc[key]
-    if not isinstance(value, str) or not pattern.match(value):
-        raise InvalidMessage(f"{key} {value!r} does not match {pattern.pattern}")
-
-
-def _check_release(doc: dict[str, Any]) -> None:
-    """A release named inside another document (a rollout's stable release), checked like the deploy's own."""
-    _check_pattern(doc, "release_id", RELEASE_ID_PATTERN)
-    _check_pattern(doc, "manifest_sha256", SHA256_PATTERN)
-    manifest_key = doc["manifest_key"]
-    if not isinstance(manifest_key, str) or not manifest_key or len(manifest_key) > 1024:
-        raise InvalidMessage(f"manifest_key must be a non-empty S3 key, got {manifest_key!r}")
-    _check_artifact(doc)
-
-
-def _check_artifact(doc: dict[str, Any]) -> None:
-    artifact_sha256, artifact_size = doc.get("artifact_sha256"), doc.get("artifact_size")
-    if (artifact_sha256 is None) != (artifact_size is None):
-        raise InvalidMessage("artifact_sha256 and artifact_size come together or not at all")
-    if artifact_sha256 is not None:
-        _check_pattern(doc, "artifact_sha256", SHA256_PATTERN)
-        if not isinstance(artifact_size, int) or isinstance(artifact_size, bool) or artifact_size < 0:
-            raise InvalidMessage(f"artifact_size must be a byte count, got {artifact_size!r}")
 
 
 def inlinable(manifest_body: bytes) -> str | None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployer.protocol.deploy import RELEASE_ID_PATTERN, SHA256_PATTERN
 from deployer.protocol.names import DEFAULT_PREFIX, NAME_PATTERN, Channel, Owner
+from deployer.protocol.release import RELEASE_ID_PATTERN, SHA256_PATTERN
 
 ARTIFACT_NAME = "artifact.tar.gz"
 MANIFEST_NAME = "manifest.yml"

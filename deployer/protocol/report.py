@@ -18,10 +18,10 @@ from datetime import datetime
 from typing import Any
 
 from deployer.protocol.decoding import json_object
-from deployer.protocol.deploy import DEPLOY_ID_PATTERN, RELEASE_ID_PATTERN
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.names import NAME_PATTERN
+from deployer.protocol.release import DEPLOY_ID_PATTERN, RELEASE_ID_PATTERN
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
 
 #: Short fields shown as they are (versions, timestamps): printable ASCII, no control characters.

@@ -23,16 +23,14 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.names import INSTANCE_ID_PATTERN
+from deployer.protocol.release import check_release
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
-
-if TYPE_CHECKING:
-    from deployer.protocol.deploy import Deploy
 
 #: Buckets are basis points: a wave's threshold of 1000 admits 10 % of instances.
 BUCKETS = 10_000
@@ -171,29 +169,13 @@ def _spec(spec: str, what: str) -> tuple[int, bool]:
     return int(match.group(1)), bool(match.group(2))
 
 
-def stable_variant(deploy: Deploy) -> Deploy:
-    """The stable side of a rollout deploy: same channel and seq, the stable release, its own id. Pure."""
-    assert deploy.rollout is not None
-    stable = deploy.rollout.stable
-    return replace(
-        deploy,
-        deploy_id=deploy.deploy_id + STABLE_SUFFIX,
-        release_id=stable.release_id,
-        manifest_key=stable.manifest_key,
-        manifest_sha256=stable.manifest_sha256,
-        artifact_sha256=stable.artifact_sha256,
-        artifact_size=stable.artifact_size,
-        manifest=None,  # an inline manifest is the candidate's; the stable one is read from S3
-    )
-
-
 def base_id(deploy_id: str) -> str:
     """The deploy id CI published, for either side of a rollout."""
     return deploy_id.removesuffix(STABLE_SUFFIX)
 
 
-def plan_from_dict(value: Any, check: Any) -> Plan:
-    """Parse the `rollout` key of a deploy document; `check(doc, key, pattern)` is the deploy parser's."""
+def plan_from_dict(value: Any) -> Plan:
+    """Parse the `rollout` key of a deploy document; its stable release is checked like the deploy's own."""
     if not isinstance(value, dict):
         raise InvalidMessage("rollout must be an object")
     unknown = sorted(set(value) - _PLAN_KEYS)
@@ -228,7 +210,7 @@ def plan_from_dict(value: Any, check: Any) -> Plan:
         <= set(stable)
     ):
         raise InvalidMessage("rollout.stable must name release_id, manifest_key and manifest_sha256")
-    check(stable)
+    check_release(stable)
     numbers: dict[str, float] = {}
     for key in ("bake_s", "progress_deadline_s"):
         number = value.get(key)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployer.protocol.decoding import json_object
-from deployer.protocol.deploy import Deploy, deploy_from_dict, parse_deploy
+from deployer.protocol.deploy import Deploy, parse_deploy
 from deployer.protocol.envelope import (
     DEPLOY_PAYLOAD_TYPE,
     KEYID_PATTERN,
@@ -265,36 +265,35 @@ class DeployVerifier:
         Raises InvalidMessage for a malformed document and Unauthentic for one that is not
         signed as the trust requires; both are rejected, never applied.
         """
-        doc = json_object(raw, what="deploy document", limit=MAX_DEPLOY_MESSAGE_BYTES, error=InvalidMessage)
-        if not is_envelope(doc):
-            if self.required:
-                raise Unauthentic("unsigned deploy document, and this instance requires signatures")
-            return deploy_from_dict(doc)
-        envelope = envelope_from_dict(doc)
-        if self.trust is None:
-            if self.required:
-                raise Unauthentic("signatures are required but no trust file is configured")
-            return parse_deploy(envelope.payload)  # nothing to verify against: as trusted as a bare document
-        deploy = parse_deploy(self.trust.verified_payload(envelope, DEPLOY_ROLE, DEPLOY_PAYLOAD_TYPE))
-        floor = self.trust.floor(deploy.channel)
-        if deploy.seq < floor:
-            raise Unauthentic(f"seq {deploy.seq} is below the floor {floor} the trust sets for {deploy.channel}")
+        payload, verified = self._open(raw, "deploy document", DEPLOY_PAYLOAD_TYPE)
+        deploy = parse_deploy(payload)
+        if verified and self.trust is not None:
+            floor = self.trust.floor(deploy.channel)
+            if deploy.seq < floor:
+                raise Unauthentic(f"seq {deploy.seq} is below the floor {floor} the trust sets for {deploy.channel}")
         return deploy
 
     def open_cursor(self, raw: str | bytes, deploy_id: str) -> Cursor:
         """A rollout's cursor, held to the same rule as deploys: signed by the deploy keys (its own
         payload type) where the trust says so. Only CI can advance a rollout."""
-        doc = json_object(raw, what="rollout cursor", limit=MAX_DEPLOY_MESSAGE_BYTES, error=InvalidMessage)
+        payload, _ = self._open(raw, "rollout cursor", ROLLOUT_PAYLOAD_TYPE)
+        return parse_cursor(payload, deploy_id)
+
+    def _open(self, raw: str | bytes, what: str, payload_type: str) -> tuple[str | bytes, bool]:
+        """The document inside `raw` and whether its signatures were verified: a bare document
+        (refused when signatures are required), an envelope's payload as it is (no trust to
+        verify against), or the payload the trust's deploy keys signed with `payload_type`."""
+        doc = json_object(raw, what=what, limit=MAX_DEPLOY_MESSAGE_BYTES, error=InvalidMessage)
         if not is_envelope(doc):
             if self.required:
-                raise Unauthentic("unsigned rollout cursor, and this instance requires signatures")
-            return parse_cursor(raw, deploy_id)
+                raise Unauthentic(f"unsigned {what}, and this instance requires signatures")
+            return raw, False
         envelope = envelope_from_dict(doc)
         if self.trust is None:
             if self.required:
                 raise Unauthentic("signatures are required but no trust file is configured")
-            return parse_cursor(envelope.payload, deploy_id)
-        return parse_cursor(self.trust.verified_payload(envelope, DEPLOY_ROLE, ROLLOUT_PAYLOAD_TYPE), deploy_id)
+            return envelope.payload, False  # nothing to verify against: as trusted as a bare document
+        return self.trust.verified_payload(envelope, DEPLOY_ROLE, payload_type), True
 
 
 #: What the publisher and the CLI use to read documents they wrote themselves: envelopes are

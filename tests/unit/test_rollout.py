@@ -28,7 +28,6 @@ from deployer.protocol.rollout import (
     parse_cursor,
     plan_waves,
     side_for,
-    stable_variant,
 )
 from publisher.rollout import count
 from tests.support import make_deploy, report_entry
@@ -144,7 +143,7 @@ def test_a_cursor_is_parsed_strictly_and_only_for_its_own_rollout() -> None:
 def test_the_stable_side_is_its_own_deploy_at_the_same_seq_and_moving_between_sides_is_applied() -> None:
     plan = Plan(("1", "100%"), ("i-first",), (BUCKETS,), STABLE)
     candidate = make_deploy(rollout=plan, deploy_id="d-1", seq=9)
-    stable = stable_variant(candidate)
+    stable = candidate.stable_variant()
     assert (stable.deploy_id, stable.seq, stable.release_id) == ("d-1" + STABLE_SUFFIX, 9, "rel-stable")
     applied = {API: (9, stable.deploy_id)}
     assert decide_one(candidate, applied, [API], {API: (9, stable.deploy_id)})[0] is Verdict.APPLY
