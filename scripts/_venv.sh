@@ -16,8 +16,15 @@ ensure_venv() {
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   local stamp="$venv/.installed-$extra"
   if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -e "${repo}[${extra}]"
+    # pip's and the build backend's chatter goes to a log, shown only if the install fails.
+    local log="$venv/pip.log"
+    echo "installing the project and its ${extra} dependencies into $venv (when pyproject.toml changed; ~1 min)" >&2
+    if ! { "$venv/bin/python" -m pip install --quiet --upgrade pip \
+      && "$venv/bin/python" -m pip install --quiet -e "${repo}[${extra}]"; } >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "error: installing the project into $venv failed (log above, kept in $log)" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
