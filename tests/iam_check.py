@@ -1,16 +1,17 @@
 """The IAM check of the whole suite: every call the product made, decided as a real account would.
 
 `tests/iam_record.py` records each AWS call the product makes while the tests run, in every
-process. At the end of the session (tests/conftest.py) this module turns each record into the
+process. At the end of the session (`pytest_sessionfinish` in tests/support.py) this module turns each record into the
 IAM requests the model derives (`publisher.iam_model.needs`), under the identity policy
 `deployer iam-policy` prints for the caller's role and the resource policies the product sets
 itself (the queue and DLQ policies it was seen setting, the topic policy, the bucket policy),
 and has the independent evaluator (`tests/iameval.py`) decide them all in one batch.
 
 It fails the run when a call is missing from the model, or when a role's own call would be
-denied. Calls that AWS cannot be asked about are counted apart: `operator` calls (`deployer
-init` runs with an administrator's rights) and an agent without an instance-role session
-(the emulator's default credentials have no `<role id>:<instance id>` to confine it by).
+denied. Calls there is no permission to judge are counted apart: `operator` calls (`init` and
+`doctor` run with an administrator's rights), calls to a bucket, topic or queue that does not
+exist (a test of a mistyped name), and an agent without an instance-role session (the
+emulator's default credentials have no `<role id>:<instance id>` to confine it by).
 """
 
 from __future__ import annotations
