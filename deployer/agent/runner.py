@@ -22,6 +22,7 @@ from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
 from deployer.agent.ledger import DeployRecord, DeployStatus, Ledger, LocalState, Start, plan_start
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
+from deployer.apply.confirmation import Confirmation
 from deployer.apply.engine import Applier, Milestone, is_active
 from deployer.apply.fetch import fetch_release_manifest
 from deployer.apply.lock import ApplyLock
@@ -187,13 +188,7 @@ class DeployRunner:
         record = self.ledger.deploy_record(deploy.deploy_id)
         started = time.monotonic()
         history = self._lookups.submit(self._authenticate, deploy)
-        confirmed = threading.Event()
-
-        def confirm() -> None:
-            if not confirmed.is_set():
-                history.result()
-                confirmed.set()
-
+        authentic = Confirmation(history.result)
         failure: Exception | None = None
         with ExitStack() as later:  # closed (the `applying` timer cancelled) before any outcome is noted
             try:
@@ -204,31 +199,32 @@ class DeployRunner:
                     release_active=lambda: is_active(self.config.root_dir, release, deploy.release_id),
                 )
                 if start not in (Start.FRESH, Start.RESUME):
-                    confirm()
+                    authentic.require()
                     return self._settle_start(deploy, start, record, started)
 
                 def begin() -> None:
-                    confirm()
+                    authentic.require()
                     self._begin(deploy, start, record, later)
 
+                # What the applier waits for before anything takes effect: history, then the start record.
+                begun = Confirmation(begin)
                 if not self._fetches_before_confirmation(release):
-                    begin()
+                    begun.require()
                 result = self.applier.apply(
                     release,
                     deploy.release_id,
                     self._hook_env(deploy),
                     on_milestone=lambda milestone: self._record_progress(deploy, milestone),
                     artifact_size=deploy.artifact_size,
-                    confirm=begin,
+                    confirm=begun,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
                 failure = exc
         if failure is not None:
-            if not confirmed.is_set():
-                try:
-                    confirm()  # an unauthentic deploy is rejected as such, whatever else failed
-                except Exception as unauthentic:  # noqa: BLE001 - as above
-                    return self._failed(deploy, unauthentic, authentic=False)
+            try:
+                authentic.require()  # an unauthentic deploy is rejected as such, whatever else failed
+            except Exception as unauthentic:  # noqa: BLE001 - as above
+                return self._failed(deploy, unauthentic, authentic=False)
             return self._failed(deploy, failure, authentic=True)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
 

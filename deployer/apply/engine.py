@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from deployer.apply.confirmation import Confirmation, confirmed
 from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, ExtractStats, extract_verified
 from deployer.apply.fetch import open_source
 from deployer.apply.fsutil import fsync_dir, swap_symlink, sync_filesystem, write_atomic
@@ -97,8 +98,7 @@ class Applier:
         self.interrupt = interrupt
         self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
         self._artifact_size: int | None = None
-        self._confirm: Callable[[], object] | None = None
-        self._refused: BaseException | None = None
+        self._confirmation = confirmed()
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -111,16 +111,16 @@ class Applier:
         env: Mapping[str, str],
         on_milestone: Callable[[Milestone], object] | None = None,
         artifact_size: int | None = None,
-        confirm: Callable[[], object] | None = None,
+        confirm: Confirmation | None = None,
     ) -> ApplyResult:
         """Apply one release. `on_milestone` is told when the release went live and when its post
         hooks finished, so a caller can record progress durably. `artifact_size` (from a signed
         deploy) is checked against the download, like the manifest's checksum.
 
-        `confirm`, when given, is called once before anything of the release takes effect: after
-        the artifact is staged and synced in its hidden directory, before it is renamed into
-        place, before any hook, the failure hooks included. Raising there leaves the machine as it
-        was. The agent confirms the deploy against history this way while the download runs.
+        `confirm`, when given, is required before anything of the release takes effect: after the
+        artifact is staged and synced in its hidden directory, before it is renamed into place,
+        before any hook, the failure hooks included. A refusal leaves the machine as it was. The
+        agent confirms the deploy against history this way while the download runs.
 
         Raises the error of the tree that says what happens next (docs/design.md, "Errors and
         what happens next"), after the failure hooks ran and the previous release was
@@ -129,7 +129,7 @@ class Applier:
         deploy_log = DeployLog()
         self._on_milestone = on_milestone or (lambda _milestone: None)
         self._artifact_size = artifact_size
-        self._confirm, self._refused = confirm, None
+        self._confirmation = confirm or confirmed()
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
@@ -140,23 +140,10 @@ class Applier:
         except DeployerError as exc:
             # Failed before it was confirmed (say, a checksum mismatch): its failure hooks run only
             # once it is; a confirmation that fails instead is the error that counts.
-            self._confirmed()
+            self._confirmation.require()
             deploy_log.add(f"error: {exc}")
             self._failure_hooks(manifest, hook_env, deploy_log)
             raise
-
-    def _confirmed(self) -> None:
-        """Call `confirm` once (see `apply`); nothing takes effect before this returned. A refusal
-        is raised again on every later call, so no path gets past it."""
-        if self._refused is not None:
-            raise self._refused
-        confirm, self._confirm = self._confirm, None
-        if confirm is not None:
-            try:
-                confirm()
-            except BaseException as exc:
-                self._refused = exc
-                raise
 
     def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
         if manifest.src is None:
@@ -164,7 +151,7 @@ class Applier:
             cwd = self.root_dir
             env.setdefault("DEPLOYER_RELEASE_DIR", "")
             env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
-            self._confirmed()
+            self._confirmation.require()
             output = self._hooks(manifest, "pre", env, cwd, deploy_log)
             output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
             return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
@@ -191,7 +178,7 @@ class Applier:
 
         reused = _verified_on_disk(releases, release_id, manifest)
         if reused:
-            self._confirmed()
+            self._confirmation.require()
             deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
             log.info("release_reused", release_dir=str(release_dir))
         else:
@@ -278,7 +265,7 @@ class Applier:
         _remove_stale_staging(parent)
         staging, stats = self.policy.call(self._stage_once, manifest, parent, final)
         try:
-            self._confirmed()
+            self._confirmation.require()
             if final.exists():
                 # On disk but not recorded as this artifact (a crash before the record, a hand-made
                 # directory, a different artifact under the same id): never trust it, replace it.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from deployer.apply.confirmation import Confirmation
 from deployer.apply.engine import Applier
 from deployer.protocol.errors import (
     ActivationFailed,
@@ -297,7 +298,7 @@ def test_an_unconfirmed_deploy_is_staged_but_nothing_of_it_takes_effect(tmp_path
         raise RejectedInput("history does not confirm it")
 
     with pytest.raises(RejectedInput, match="history"):
-        applier.apply(manifest_for(a2, d2, commands=hooks), "r2", ENV, confirm=refuse)
+        applier.apply(manifest_for(a2, d2, commands=hooks), "r2", ENV, confirm=Confirmation(refuse))
     assert len(staged_when_asked) == 1
     assert len(staged_when_asked[0]) == 1
     assert impostor.is_dir()
@@ -317,7 +318,7 @@ def test_a_failure_before_confirmation_runs_failure_hooks_only_once_confirmed(tm
 
     bad = manifest_for(a1, "f" * 64, commands=Commands(failure=(Hook(f"touch {ran}"),)))
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        applier.apply(bad, "r1", ENV, confirm=confirm)
+        applier.apply(bad, "r1", ENV, confirm=Confirmation(confirm))
     assert order == ["confirmed"]
     assert ran.exists()
 
@@ -331,5 +332,29 @@ def test_a_reused_release_is_confirmed_before_its_hooks(tmp_path: Path, applier:
         raise RejectedInput("history does not confirm it")
 
     with pytest.raises(RejectedInput):
-        applier.apply(manifest_for(a1, d1, commands=Commands(pre=(Hook(f"touch {ran}"),))), "r1", ENV, confirm=refuse)
+        applier.apply(
+            manifest_for(a1, d1, commands=Commands(pre=(Hook(f"touch {ran}"),))),
+            "r1",
+            ENV,
+            confirm=Confirmation(refuse),
+        )
     assert not ran.exists()
+
+
+def test_a_confirmation_runs_its_check_once_and_repeats_a_refusal_to_everyone_after() -> None:
+    calls: list[int] = []
+
+    def refuse() -> None:
+        calls.append(1)
+        raise RejectedInput("history does not confirm it")
+
+    latch = Confirmation(refuse)
+    for _ in range(3):
+        with pytest.raises(RejectedInput, match="history does not confirm it"):
+            latch.require()
+    assert calls == [1]
+    assert latch.settled
+    passed = Confirmation(lambda: calls.append(2))
+    passed.require()
+    passed.require()
+    assert calls == [1, 2]
