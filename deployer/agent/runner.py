@@ -300,9 +300,13 @@ class DeployRunner:
                 self._authenticate(target)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
                 return self._failed(target, exc, authentic=False)
-            self.ledger.mark(target, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
             log.info("rollout_holding_stable", wave=wave, cursor_wave=cursor.wave if cursor else None, next="waiting")
-            self._report(target, ComponentState.WAITING if waiting else ComponentState.OK)
+            self._transition(
+                target,
+                DeployStatus.COMPLETED,
+                Milestone.POST_HOOKS_DONE,
+                ComponentState.WAITING if waiting else ComponentState.OK,
+            )
             return Outcome.APPLIED, f"runs the stable release; admitted in wave {wave}"
         log.info("rollout_moving", side=side.value, wave=wave, next=f"applying the {side.value} release")
         outcome, why = self._apply_locked(target)
@@ -365,15 +369,6 @@ class DeployRunner:
             log.error("deploy_unauthentic", error=error, next="rejected to the DLQ; the running release stays")
             return outcome, error
         rejected = outcome is Outcome.REJECTED
-        # A network or AWS failure is not held against the release: it does not use up attempts.
-        self.ledger.mark(
-            deploy,
-            DeployStatus.REJECTED if rejected else DeployStatus.FAILED,
-            Milestone.STARTED,
-            error=error,
-            attempt=outcome is Outcome.FAILED,
-            authenticated=authentic,
-        )
         if expected:
             log.error(
                 "apply_failed",
@@ -384,19 +379,53 @@ class DeployRunner:
         else:
             log.exception("apply_crashed", error=error, next="will be retried")
         tail = exc.output_tail if isinstance(exc, HookFailed) else None
-        self._report(deploy, REPORTED_STATE[outcome], error=error, output_tail=tail or None)
+        # A network or AWS failure is not held against the release: it does not use up attempts.
+        self._transition(
+            deploy,
+            DeployStatus.REJECTED if rejected else DeployStatus.FAILED,
+            Milestone.STARTED,
+            REPORTED_STATE[outcome],
+            error=error,
+            output_tail=tail or None,
+            attempt=outcome is Outcome.FAILED,
+            authenticated=authentic,
+        )
         return outcome, error
 
     def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> tuple[Outcome, str]:
-        self.ledger.mark(deploy, DeployStatus.COMPLETED, Milestone.POST_HOOKS_DONE)
         log.info(
             "apply_succeeded",
             release_id=deploy.release_id,
             reused=reused,
             duration_s=round(time.monotonic() - started, 3),
         )
-        self._report(deploy, ComponentState.OK, output_tail=output_tail or None)
+        self._transition(
+            deploy,
+            DeployStatus.COMPLETED,
+            Milestone.POST_HOOKS_DONE,
+            ComponentState.OK,
+            output_tail=output_tail or None,
+        )
         return Outcome.APPLIED, "applied"
+
+    def _transition(
+        self,
+        deploy: Deploy,
+        status: DeployStatus,
+        milestone: Milestone,
+        state: ComponentState,
+        *,
+        error: str | None = None,
+        attempt: bool = False,
+        authenticated: bool = False,
+        **report: Any,
+    ) -> None:
+        """Where a deploy ended, in the one order that survives a crash: the ledger first (fsync'd;
+        what the next start trusts), then the status report (noted, flushed once the message is
+        settled), so a report never says more than the ledger holds. `report`: more fields of the
+        component's status (`output_tail`)."""
+        self.ledger.mark(deploy, status, milestone, error=error, attempt=attempt, authenticated=authenticated)
+        self._report(deploy, state, error=error, **report)
 
     def _report(self, deploy: Deploy, state: ComponentState, *, error: str | None = None, **extra: Any) -> None:
         """This deploy's component status: its state, and which deploy that state is about.
