@@ -124,7 +124,7 @@ class Scope:
 
     @property
     def condemned_marks(self) -> list[str]:
-        """`gc --releases`' marks on releases and on content-addressed artifacts."""
+        """`gc releases`' marks on releases and on content-addressed artifacts."""
         return [self.objects(RELEASES, "*", CONDEMNED_NAME), self.objects(ARTIFACTS, f"*.{CONDEMNED_NAME}")]
 
     @property
@@ -201,7 +201,7 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
             ["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"],
             [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")],
         ),
-        # A publish takes a release back from `gc --releases` by deleting gc's mark (publisher/retention.py).
+        # A publish takes a release back from `gc releases` by deleting gc's mark (publisher/retention.py).
         _allow("TakeReleasesBackFromGc", ["s3:DeleteObject"], scope.condemned_marks),
         _allow("MoveOwnStagesChannels", ["s3:GetObject", "s3:PutObject"], scope.objects(CHANNELS, stage, "*")),
         _allow("ReadStatus", ["s3:GetObject"], scope.objects(STATUS, stage, "*")),
@@ -315,7 +315,7 @@ def _gc(scope: Scope) -> list[dict[str, Any]]:
         # sns:Unsubscribe supports no resource-level permissions.
         _allow("Unsubscribe", ["sns:Unsubscribe"], "*"),
         _allow("DeleteQueues", ["sqs:DeleteQueue", "sqs:GetQueueUrl"], scope.queues),
-        # `gc --releases`: a release may be promoted to any stage, so what refers to it is read in
+        # `gc releases`: a release may be promoted to any stage, so what refers to it is read in
         # every stage, whatever --stage narrows above; it condemns (a mark), then deletes.
         _allow(
             "ReadWhatRefersToReleases",

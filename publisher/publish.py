@@ -363,7 +363,7 @@ class Publisher:
         if stored is None:
             raise ReleaseCondemned(
                 f"the artifact of release {release_id} of {component} ({src}) is being deleted by "
-                "`deployer gc --releases`; publish the build again (it gets a copy of its own)"
+                "`deployer gc releases`; publish the build again (it gets a copy of its own)"
             )
         if not stored:
             raise PublishError(
@@ -371,7 +371,7 @@ class Publisher:
             )
 
     def _take_back_from_gc(self, component: str, release_id: str) -> None:
-        """Before the release's objects are read or written: a release `deployer gc --releases`
+        """Before the release's objects are read or written: a release `deployer gc releases`
         condemned is taken back, or refused if gc may be deleting it (publisher/retention.py).
         Checked first because a sweep deletes the mark last: no mark, then objects present,
         means no sweep of this release is under way."""

@@ -1,4 +1,4 @@
-"""`deployer gc --releases`: delete the releases nothing refers to any more, in two phases.
+"""`deployer gc releases`: delete the releases nothing refers to any more, in two phases.
 
 Releases are immutable and one is written per publish, so they accumulate. A release may go
 only when nothing can still want it:
@@ -220,7 +220,7 @@ def deploy_references(layout: Layout, deploy: Deploy) -> set[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Collection:
-    """What one `gc --releases` run condemned, deleted, pardoned and kept."""
+    """What one `gc releases` run condemned, deleted, pardoned and kept."""
 
     dry_run: bool
     condemned: list[Release]
@@ -464,7 +464,7 @@ def check_not_condemned(
     deleting it. Called before the release's objects are read or written."""
     if not take_back(clients, bucket, layout.condemned_key(component, release_id), policy, grace, now):
         raise ReleaseCondemned(
-            f"release {release_id} of {component} was condemned by `deployer gc --releases` "
+            f"release {release_id} of {component} was condemned by `deployer gc releases` "
             f"more than {grace.reprieve_within_s:.0f} s ago and may be being deleted; "
             "publish the build again under a new release id"
         )

@@ -85,7 +85,7 @@ class Layout:
         return f"{self.release_dir(component, release_id)}/{MANIFEST_NAME}"
 
     def condemned_key(self, component: str, release_id: str) -> str:
-        """`deployer gc --releases`' mark on a release nothing refers to (publisher/retention.py)."""
+        """`deployer gc releases`' mark on a release nothing refers to (publisher/retention.py)."""
         return f"{self.release_dir(component, release_id)}/{CONDEMNED_NAME}"
 
     def blob_key(self, sha256: str) -> str:

@@ -1,4 +1,4 @@
-"""Release retention: how long a release condemned by `deployer gc --releases` waits, and when a
+"""Release retention: how long a release condemned by `deployer gc releases` waits, and when a
 publisher may still take it back. Shared by the publisher and gc (publisher/retention.py has the
 argument; docs/design.md, "Release retention")."""
 
