@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deployer.protocol.errors import DeployerError
@@ -362,7 +362,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
 
     def s3(operation: str, *parts: str, missing: bool = False, **params: Any) -> Call:
         found = call("s3", operation, Bucket=place.bucket, Key=layout.key(*parts), **params)
-        return Call(**{**found.__dict__, "missing": missing})
+        return replace(found, missing=missing)
 
     if role is Role.INSTANCE:
         return _instance_calls(place, topic, call, s3, channel, release, blob)

@@ -83,11 +83,9 @@ class Findings:
         lines = []
         for role in sorted(self.evaluated):
             ops = sorted(f"{s}:{o}" for s, o in self.evaluated[role])
+            verdict = "" if self.failures else f", all allowed: {', '.join(ops)}"
             lines.append(
-                f"IAM check: {role}: {len(ops)} distinct operations, {self.requests[role]} requests evaluated, "
-                f"all allowed: {', '.join(ops)}"
-                if not self.failures
-                else f"IAM check: {role}: {len(ops)} distinct operations, {self.requests[role]} requests evaluated"
+                f"IAM check: {role}: {len(ops)} distinct operations, {self.requests[role]} requests evaluated{verdict}"
             )
         for why, count in sorted(self.not_evaluated.items()):
             lines.append(f"IAM check: not evaluated ({why}): {count} calls")
@@ -104,8 +102,8 @@ def load(directory: Path) -> tuple[list[Record], list[str]]:
         for line in path.read_text().splitlines():
             raw = json.loads(line)
             params = raw["params"]
-            account = _account(params) or ACCOUNT
-            call = Call(raw["service"], raw["operation"], params, raw["region"] or REGION, account)
+            # A call that names no account (a bucket, a queue by name) is in its deployment's: `_in_account`.
+            call = Call(raw["service"], raw["operation"], params, raw["region"] or REGION, _account(params) or "")
             if (call.service, call.operation) not in OPERATIONS:
                 unknown.append(f"{raw['test']}: {UnknownOperation.__name__}: {call.service} {call.operation}")
                 continue
@@ -308,9 +306,7 @@ def _in_account(record: Record, account: str) -> Record:
     """`record` in its deployment's account (moto's 123456789012, LocalStack's 000000000000); a
     call that names a queue without its URL is in that account too."""
     record = replace(record, account=account)
-    if _account(record.call.params) is None:
-        record = replace(record, call=replace(record.call, account=account))
-    return record
+    return record if record.call.account else replace(record, call=replace(record.call, account=account))
 
 
 def check(directory: Path) -> Findings:
@@ -324,9 +320,7 @@ def check(directory: Path) -> Findings:
         account = topic_arn.split(":")[4]
         for listed in test_records:
             record = _in_account(listed, account)
-            call = Call(
-                **{**record.call.__dict__, "resource_tags": world.tags(record.call), "missing": record.status == 404}
-            )
+            call = replace(record.call, resource_tags=world.tags(record.call), missing=record.status == 404)
             world.learn(call, record)
             outcome.seen[record.role].add((call.service, call.operation))
             skipped = _skipped(record, world)

@@ -41,6 +41,6 @@ class Confirmation:
             return self._check is None
 
 
-#: For applies nothing needs to confirm (`deployer apply`, tests): always confirmed.
 def confirmed() -> Confirmation:
+    """For applies nothing needs to confirm (`deployer apply`, tests): always confirmed."""
     return Confirmation()
