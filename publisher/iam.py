@@ -47,6 +47,7 @@ from deployer.protocol.layout import (
     Layout,
 )
 from deployer.protocol.names import (
+    AUTO_TARGET_GROUPS,
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
     DLQ_SUFFIX,
@@ -61,6 +62,10 @@ POLICY_VERSION = "2012-10-17"
 USERID = "${aws:userid}"
 #: The principals `--publisher-arn` takes: IAM roles (a CI job's OIDC role) and users.
 PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+#: `--target-group`: a target group ARN, or a pattern of them (`*` for a name or id part).
+TARGET_GROUP_PATTERN = re.compile(
+    r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/[A-Za-z0-9*-]+(/[0-9a-f*]+)?$"
+)
 
 
 class Audience(enum.StrEnum):
@@ -84,6 +89,9 @@ class Scope:
     asg_name: str | None = None
     lifecycle: bool = False
     deregister: bool = False
+    #: Instance: the target groups it leaves and rejoins around a release switch (ARNs or
+    #: patterns), or `auto`: any group of its Auto Scaling group, found with Describe calls.
+    target_groups: tuple[str, ...] = ()
     #: Topic: the CI principals allowed to publish (none: any principal the account's IAM allows).
     publishers: tuple[str, ...] = ()
     #: CI: the `--sign-key` values; each `kms:` key gets kms:Sign (file keys need no permission).
@@ -94,6 +102,12 @@ class Scope:
             if not PRINCIPAL_ARN.match(arn):
                 raise ConfigError(
                     f"publisher ARN {arn!r} is not an IAM role or user ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+                )
+        for group in self.target_groups:
+            if group != AUTO_TARGET_GROUPS and not TARGET_GROUP_PATTERN.match(group):
+                raise ConfigError(
+                    f"--target-group {group!r} is not a target group ARN "
+                    "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID, * allowed) or 'auto'"
                 )
 
     @property
@@ -126,6 +140,13 @@ class Scope:
     def condemned_marks(self) -> list[str]:
         """`gc releases`' marks on releases and on content-addressed artifacts."""
         return [self.objects(RELEASES, "*", CONDEMNED_NAME), self.objects(ARTIFACTS, f"*.{CONDEMNED_NAME}")]
+
+    @property
+    def target_group_arns(self) -> list[str]:
+        """The groups RegisterTargets/DeregisterTargets may name: as given, or every group for `auto`."""
+        topic = self.topic
+        every = f"arn:{topic.partition}:elasticloadbalancing:{topic.region}:{topic.account}:targetgroup/*"
+        return [every if g == AUTO_TARGET_GROUPS else g for g in self.target_groups]
 
     @property
     def alarms(self) -> str:
@@ -214,6 +235,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
         # `--waves --alarm`: whether the rollout's alarms are in ALARM.
         _allow("ReadAlarmsForRollouts", ["cloudwatch:DescribeAlarms"], scope.alarms),
+        # `--waves --target-group`: how many targets are healthy before a wave starts.
+        _allow("ReadTargetHealthForWaves", ["elasticloadbalancing:DescribeTargetHealth"], "*"),
         *_signing(scope),
     ]
 
@@ -291,6 +314,7 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
         # sns:Unsubscribe takes no resource scoping at all (not even the topic): grant it only where
         # SIGTERM means termination, or leave leaving to `deployer gc`.
         statements.append(_allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"))
+    statements += _traffic(scope)
     if scope.lifecycle or scope.asg_name:
         group = scope.asg_name or "*"
         topic = scope.topic
@@ -304,6 +328,37 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
         if not scope.asg_name:
             # DescribeAutoScalingInstances supports no resource-level scoping.
             statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
+    return statements
+
+
+def _traffic(scope: Scope) -> list[dict[str, Any]]:
+    """Leaving and rejoining the load balancer around a release switch (deployer.agent.traffic)."""
+    if not scope.target_groups:
+        return []
+    statements = [
+        # IAM has no condition key for the target: this lets the instance take any target of these
+        # groups out (docs/design.md, "Behind a load balancer"); name the groups, not `*`.
+        _allow(
+            "LeaveAndRejoinTargetGroups",
+            ["elasticloadbalancing:DeregisterTargets", "elasticloadbalancing:RegisterTargets"],
+            sorted(set(scope.target_group_arns)),
+        ),
+        # Describe calls take no resource-level scoping.
+        _allow(
+            "ReadTargetHealth",
+            [
+                "elasticloadbalancing:DescribeTargetGroupAttributes",
+                "elasticloadbalancing:DescribeTargetGroups",
+                "elasticloadbalancing:DescribeTargetHealth",
+            ],
+            "*",
+        ),
+    ]
+    if AUTO_TARGET_GROUPS in scope.target_groups:
+        found = ["autoscaling:DescribeAutoScalingGroups"]
+        if not scope.asg_name and not scope.lifecycle:  # else FindOwnGroup grants it already
+            found.append("autoscaling:DescribeAutoScalingInstances")
+        statements.append(_allow("FindOwnTargetGroups", found, "*"))
     return statements
 
 

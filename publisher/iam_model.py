@@ -43,7 +43,7 @@ from deployer.protocol.layout import (
     TRUST,
     Layout,
 )
-from deployer.protocol.names import DLQ_SUFFIX, OWNER_TAG, TopicArn, queue_name
+from deployer.protocol.names import AUTO_TARGET_GROUPS, DLQ_SUFFIX, OWNER_TAG, TopicArn, queue_name
 
 #: SQS CreateQueue, `tags` member: "To be able to tag a queue on creation, you must have the
 #: sqs:CreateQueue and sqs:TagQueue permissions."
@@ -178,6 +178,10 @@ def group_arn(call: Call) -> str:
     return f"arn:{call.partition}:autoscaling:{call.region}:{call.account}:autoScalingGroup:{GROUP_UUID}:autoScalingGroupName/{name}"
 
 
+def target_group_arn(call: Call) -> str:
+    return str(call.params["TargetGroupArn"])
+
+
 def request_tags(tags: Mapping[str, str]) -> dict[str, str | tuple[str, ...]]:
     context: dict[str, str | tuple[str, ...]] = {f"aws:RequestTag/{k}": v for k, v in tags.items()}
     if tags:
@@ -304,6 +308,15 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     ],
     ("autoscaling", "DescribeAutoScalingInstances"): _anything("autoscaling:DescribeAutoScalingInstances"),
     ("autoscaling", "DescribeAutoScalingGroups"): _anything("autoscaling:DescribeAutoScalingGroups"),
+    # ELBv2 names a target group for (de)registering, but IAM has no condition key for the
+    # target: whoever may deregister one instance of a group may deregister all of them.
+    ("elbv2", "RegisterTargets"): lambda call: [Need("elasticloadbalancing:RegisterTargets", target_group_arn(call))],
+    ("elbv2", "DeregisterTargets"): lambda call: [
+        Need("elasticloadbalancing:DeregisterTargets", target_group_arn(call))
+    ],
+    ("elbv2", "DescribeTargetHealth"): _anything("elasticloadbalancing:DescribeTargetHealth"),
+    ("elbv2", "DescribeTargetGroups"): _anything("elasticloadbalancing:DescribeTargetGroups"),
+    ("elbv2", "DescribeTargetGroupAttributes"): _anything("elasticloadbalancing:DescribeTargetGroupAttributes"),
     ("cloudwatch", "DescribeAlarms"): _alarms,
     ("iam", "SimulatePrincipalPolicy"): lambda call: [
         Need("iam:SimulatePrincipalPolicy", str(call.params["PolicySourceArn"]))
@@ -342,6 +355,8 @@ class Place:
     asg_name: str | None = None
     deregister: bool = False
     sign_keys: tuple[str, ...] = ()
+    #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
+    target_groups: tuple[str, ...] = ()
 
 
 def expected_calls(role: Role, place: Place) -> list[Call]:
@@ -393,6 +408,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             call("sns", "Publish", TopicArn=place.topic_arn),
             call("autoscaling", "DescribeAutoScalingGroups", AutoScalingGroupNames=["web"]),
             call("cloudwatch", "DescribeAlarms", AlarmNames=["deploy-errors"]),
+            call("elbv2", "DescribeTargetHealth", TargetGroupArn="arn:aws:elasticloadbalancing:::targetgroup/web/0"),
         ]
         return calls + _signing_calls(place, call)
     if role is Role.GC:
@@ -481,6 +497,7 @@ def _instance_calls(
             call("sqs", "DeleteQueue", owner, QueueUrl=url),
             s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
         ]
+    calls += _traffic_calls(place, topic, call)
     if place.asg_name:
         # `*`: `--lifecycle` without `--asg`: the agent looks its group up first.
         group = place.asg_name if place.asg_name != "*" else "any-group"
@@ -495,6 +512,29 @@ def _instance_calls(
                 InstanceId=place.instance_id,
             )
         )
+    return calls
+
+
+def _traffic_calls(place: Place, topic: TopicArn, call: Callable[..., Call]) -> list[Call]:
+    """Leaving and rejoining the load balancer around a release switch (deployer.agent.traffic)."""
+    if not place.target_groups:
+        return []
+    calls: list[Call] = []
+    groups = [g for g in place.target_groups if g != AUTO_TARGET_GROUPS]
+    if AUTO_TARGET_GROUPS in place.target_groups:
+        if not place.asg_name or place.asg_name == "*":
+            calls.append(call("autoscaling", "DescribeAutoScalingInstances", InstanceIds=[place.instance_id]))
+        calls.append(call("autoscaling", "DescribeAutoScalingGroups", AutoScalingGroupNames=["web"]))
+        groups.append(f"arn:{topic.partition}:elasticloadbalancing:{topic.region}:{topic.account}:targetgroup/web/0")
+    for group in groups:
+        target = [{"Id": place.instance_id, "Port": 80}]
+        calls += [
+            call("elbv2", "DescribeTargetHealth", TargetGroupArn=group),
+            call("elbv2", "DescribeTargetGroups", TargetGroupArns=[group]),
+            call("elbv2", "DescribeTargetGroupAttributes", TargetGroupArn=group),
+            call("elbv2", "DeregisterTargets", TargetGroupArn=group.replace("*", "web"), Targets=target),
+            call("elbv2", "RegisterTargets", TargetGroupArn=group.replace("*", "web"), Targets=target),
+        ]
     return calls
 
 

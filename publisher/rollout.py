@@ -17,17 +17,19 @@ rollout in flight: agents follow the higher seq, and the old driver stops.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
 
+from deployer.aws.elb import Membership
 from deployer.aws.reports import ReportEntry, ReportReader
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import get_document, put_conditional, read_pointer
@@ -74,6 +76,37 @@ class Gates:
     lease_s: float = DEFAULT_LEASE_SECONDS
     heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_SECONDS
     poll_s: float = 5.0
+    #: `--min-healthy-percent`: a wave starts only if, with its instances out of service, at
+    #: least this share of each `--target-group`'s registered targets stays healthy.
+    min_healthy_percent: float = 0.0
+    target_groups: tuple[str, ...] = ()
+
+
+#: Reads each `--target-group`'s membership (deployer.aws.elb.membership); injected, like alarms.
+Capacity = Callable[[], Sequence[Membership]]
+
+
+def capacity_refusal(groups: Sequence[Membership], leaving: Collection[str], min_percent: float) -> str | None:
+    """Why a wave that takes `leaving` out of service must not start now, or None. Pure.
+
+    Like instance refresh's MinHealthyPercentage: in every group, the healthy targets that stay
+    must be at least `min_percent` of the registered ones (rounded up), except that one target
+    may always leave (instance refresh replaces one instance at a time at 100 %, and a group of
+    one can be deployed at all). Instances of the wave that are not healthy now take nothing
+    away; a group with no target constrains nothing.
+    """
+    for group in groups:
+        if not group.registered:
+            continue
+        floor = min(math.ceil(min_percent / 100 * len(group.registered) - 1e-9), len(group.registered) - 1)
+        staying = len(group.healthy - set(leaving))
+        if staying < floor:
+            out = len(group.healthy & set(leaving))
+            return (
+                f"{group.group_arn} would keep {staying} of {len(group.registered)} targets healthy with "
+                f"{out} out of service, under --min-healthy-percent {min_percent:g} ({floor})"
+            )
+    return None
 
 
 def driver_id() -> str:
@@ -149,6 +182,7 @@ class Staging:
     stable: Stable
     live: tuple[str, ...]
     driver: str = field(default_factory=driver_id)
+    capacity: Capacity = tuple
 
     def plan(self, deploy_id: str) -> Plan:
         try:
@@ -165,6 +199,10 @@ class Staging:
             plan.failure_budget(len(self.live))  # a malformed --max-failed fails before anything is written
         except ValueError as exc:
             raise PublishError(str(exc)) from None
+        # Wave 0 is admitted the moment the pointer moves: its capacity is checked before anything is written.
+        refusal = capacity_refusal(self.capacity(), first, self.gates.min_healthy_percent)
+        if refusal is not None:
+            raise PublishError(f"wave 0 refused: {refusal}; nothing was published")
         return plan
 
     def start(self, deploy: Deploy) -> None:
@@ -280,6 +318,7 @@ class Driver:
     gates: Gates
     deploy: Deploy
     alarms: Callable[[], Sequence[str]] = lambda: ()
+    capacity: Capacity = tuple
     driver: str = field(default_factory=driver_id)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
@@ -315,6 +354,10 @@ class Driver:
         self.publisher.announce(self.deploy.channel)
         for wave in range(cursor.wave, self.plan.last_wave + 1):
             if wave > cursor.wave:
+                stopped = self._hold_for_capacity(wave)
+                if stopped is not None:
+                    return stopped
+                cursor = self._cursor or cursor
                 cursor = self._write(replace(cursor, wave=wave))
                 self.publisher.announce(self.deploy.channel)
                 log.info(
@@ -362,6 +405,35 @@ class Driver:
                 last = line
             if bake_left is not None and bake_left <= 0:
                 return None
+            self._renew()
+            self.sleep(self.gates.poll_s)
+
+    def _hold_for_capacity(self, wave: int) -> RolloutEnd | None:
+        """Before admitting `wave`: wait while it would take a target group under its healthy
+        minimum (an instance of the last wave still warming up, a scale-in); roll back when the
+        wait outlasts the progress deadline. None when the wave may start."""
+        if not self.gates.target_groups:
+            return None
+        started = self.clock()
+        last = ""
+        while True:
+            entries = self._entries()
+            leaving = [
+                i
+                for i in entries
+                if self.plan.admits(self.deploy.deploy_id, i, wave)
+                and not self.plan.admits(self.deploy.deploy_id, i, wave - 1)
+            ]
+            refusal = capacity_refusal(self.capacity(), leaving, self.gates.min_healthy_percent)
+            if refusal is None:
+                return None
+            if self.clock() - started > self.plan.progress_deadline_s:
+                return self.abort(f"wave {wave} never had the capacity to start: {refusal}")
+            line = f"{self.deploy.channel} seq {self.deploy.seq} holding wave {wave}: {refusal}"
+            if line != last:
+                self.echo(line)
+                log.warning("rollout_wave_held", wave=wave, reason=refusal, next="starting it once capacity allows")
+                last = line
             self._renew()
             self.sleep(self.gates.poll_s)
 

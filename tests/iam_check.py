@@ -212,6 +212,7 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             asg_name=config.get("lifecycle_asg_name"),
             lifecycle=bool(config.get("lifecycle_hook_name")),
             deregister=bool(config.get("deregister_on_shutdown")),
+            target_groups=_target_groups(config.get("target_group_arns")),
         )
     bucket, prefix, keys = "", None, set()
     for other in test_records:
@@ -228,6 +229,13 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
         prefix=DEFAULT_PREFIX if prefix is None else prefix,
         sign_keys=tuple(sorted(keys)),
     )
+
+
+def _target_groups(value: object) -> tuple[str, ...]:
+    """An agent config's `target_group_arns` as `iam-policy --target-group` values."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
 
 def _topic(records: Iterable[Record]) -> str:
@@ -359,6 +367,7 @@ def unlisted(outcome: Findings) -> list[str]:
             asg_name=group,
             deregister=True,
             sign_keys=("kms:k",),
+            target_groups=(f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/web/0", "auto"),
         )
         for group in ("web", "*")
     ]

@@ -53,6 +53,8 @@ KEPT_PARAMS = frozenset(
         "InstanceId",
         "InstanceIds",
         "AlarmNames",
+        "TargetGroupArn",
+        "TargetGroupArns",
         "PolicySourceArn",
         "Attributes",
         "AttributeName",

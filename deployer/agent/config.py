@@ -12,12 +12,20 @@ from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS
 from deployer.apply.lock import DEFAULT_STATE_DIR
 from deployer.protocol.decoding import yaml_mapping
 from deployer.protocol.errors import ConfigError, InvalidMessage
-from deployer.protocol.limits import MAX_REDRIVE_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_SECONDS, MAX_WAIT_TIME_SECONDS
+from deployer.protocol.limits import (
+    DEFAULT_DRAIN_TIMEOUT_SECONDS,
+    DEFAULT_TRAFFIC_POLL_SECONDS,
+    MAX_REDRIVE_RECEIVE_COUNT,
+    MAX_VISIBILITY_TIMEOUT_SECONDS,
+    MAX_WAIT_TIME_SECONDS,
+)
 from deployer.protocol.names import (
+    AUTO_TARGET_GROUPS,
     BUCKET_PATTERN,
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
     QUEUE_PREFIX_PATTERN,
+    TARGET_GROUP_ARN,
     Channel,
     TopicArn,
     check_name,
@@ -37,6 +45,8 @@ _POSITIVE = (
     "heartbeat_interval_seconds",
     "hook_timeout_seconds",
     "shutdown_grace_seconds",
+    "traffic_poll_seconds",
+    "traffic_drain_timeout_seconds",
 )
 #: Auto Scaling name rules: https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html
 _LIFECYCLE_HOOK = re.compile(r"^[A-Za-z0-9./_-]{1,255}$")
@@ -71,6 +81,19 @@ class AgentConfig:
     lifecycle_hook_name: str | None = None
     #: The instance's Auto Scaling group; looked up with DescribeAutoScalingInstances if unset.
     lifecycle_asg_name: str | None = None
+    #: The load balancer target groups to leave while a release is switched and rejoin after
+    #: (deployer.agent.traffic): ARNs, or `auto` for the Auto Scaling group's. Empty: none.
+    target_group_arns: tuple[str, ...] | str = ()
+    #: The app's port: its established connections are the requests a drain waits for (default:
+    #: the port each target is registered on).
+    traffic_port: int | None = None
+    #: How often ELB is asked for this instance's target health while waiting (ELB API rate).
+    traffic_poll_seconds: float = DEFAULT_TRAFFIC_POLL_SECONDS
+    #: How long ELB may take to show a deregistered target draining before `traffic_drain_timeout`.
+    traffic_drain_timeout_seconds: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
+    #: How long a registered release may take to be `healthy` (default: twice HealthyThresholdCount
+    #: + 1 intervals of the slowest group) before `register_unhealthy` rolls it back.
+    traffic_healthy_timeout_seconds: float | None = None
     #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
     deregister_on_shutdown: bool = False
     #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
@@ -97,10 +120,29 @@ class AgentConfig:
             value = getattr(self, name)
             if value is not None and not pattern.match(value):
                 raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
+        self._check_traffic()
         if self.require_signatures and self.trust_file is None:
             raise ConfigError("require_signatures is set but trust_file is not: nothing to verify signatures with")
         if self.lifecycle_asg_name and not self.lifecycle_hook_name:
             raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
+
+    def _check_traffic(self) -> None:
+        if isinstance(self.target_group_arns, str):
+            if self.target_group_arns != AUTO_TARGET_GROUPS:
+                raise ConfigError(f"target_group_arns must be a list of target group ARNs or {AUTO_TARGET_GROUPS!r}")
+        else:
+            for arn in self.target_group_arns:
+                if not TARGET_GROUP_ARN.match(arn):
+                    raise ConfigError(f"target_group_arns: {arn!r} is not an ELBv2 target group ARN")
+        if self.traffic_port is not None and not 1 <= self.traffic_port <= 65535:
+            raise ConfigError(f"traffic_port {self.traffic_port} must be 1..65535")
+        timeout = self.traffic_healthy_timeout_seconds
+        if timeout is not None and timeout <= 0:
+            raise ConfigError(f"traffic_healthy_timeout_seconds must be positive, got {timeout}")
+
+    @property
+    def behind_load_balancer(self) -> bool:
+        return bool(self.target_group_arns)
 
     def _check_names(self) -> None:
         try:
@@ -189,6 +231,26 @@ def _path(value: Any, name: str, source: str) -> Path:
     return Path(value)
 
 
+def _target_groups(value: Any, name: str, source: str) -> tuple[str, ...] | str:
+    if value == AUTO_TARGET_GROUPS:
+        return AUTO_TARGET_GROUPS
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{source}: {name} must be a list of target group ARNs or {AUTO_TARGET_GROUPS!r}, got {value!r}"
+        )
+    return tuple(value)
+
+
+def _optional_integer(value: Any, name: str, source: str) -> int | None:
+    return None if value is None else _integer(value, name, source)
+
+
+def _optional_seconds(value: Any, name: str, source: str) -> float | None:
+    return None if value is None else _seconds(value, name, source)
+
+
 def _string(value: Any, name: str, source: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{source}: {name} must be a string, got {value!r}")
@@ -208,6 +270,9 @@ _READERS: dict[str, Callable[[Any, str, str], Any]] = {
     "allow_http_manifests": _flag,
     "trust_file": _path,
     "require_signatures": _flag,
+    "target_group_arns": _target_groups,
+    "traffic_port": _optional_integer,
+    "traffic_healthy_timeout_seconds": _optional_seconds,
 }
 
 

@@ -46,6 +46,7 @@ from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
+from deployer.agent.traffic import gate_for
 from deployer.agent.trust_store import NO_TRUST, TRUST_CACHE_NAME, TrustStore, load_trust_file
 from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
@@ -511,6 +512,7 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         instance_id=instance_id,
         shutdown=shutdown,
         verifier=trust.verifier,
+        traffic=gate_for(config, instance_id, stoppable.interruptible(shutdown.abandon), shutdown.abandon),
     )
 
     def pointer(channel: Channel) -> Deploy | None:
@@ -528,6 +530,9 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         trust=trust,
     )
     agent.reconcile(reason="boot")
+    # After the replay: a resumed apply rejoins by itself; what a kill left out of service and
+    # nothing resumed goes back in here.
+    runner.recover_traffic()
     if config.lifecycle_hook_name and not shutdown.stop.is_set():
         # Enter service only on the current release: CONTINUE, or ABANDON if a component failed.
         finish_launch(

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -23,7 +23,7 @@ from deployer.agent.ledger import DeployRecord, DeployStatus, Ledger, LocalState
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
 from deployer.apply.confirmation import Confirmation
-from deployer.apply.engine import Applier, Milestone, is_active
+from deployer.apply.engine import IN_PLACE, Applier, Cutover, Milestone, is_active
 from deployer.apply.fetch import fetch_release_manifest
 from deployer.apply.lock import ApplyLock
 from deployer.aws.retry import RetryPolicy
@@ -37,7 +37,7 @@ from deployer.protocol.errors import (
     Unauthentic,
 )
 from deployer.protocol.layout import Layout
-from deployer.protocol.manifest import Manifest
+from deployer.protocol.manifest import Manifest, Traffic
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
 from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, base_id, side_for
@@ -59,6 +59,12 @@ REPORTED_STATE = {
 }
 
 
+class Gate(Cutover, Protocol):
+    """What the runner needs of `deployer.agent.traffic.TrafficGate`."""
+
+    def settle(self) -> str | None: ...
+
+
 class DeployRunner:
     def __init__(
         self,
@@ -71,11 +77,14 @@ class DeployRunner:
         instance_id: str,
         shutdown: Shutdown,
         verifier: Callable[[], DeployVerifier] = lambda: UNVERIFIED,
+        traffic: Gate | None = None,
     ) -> None:
         """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
         ran out) ends the running apply's hooks, health-check waits and download retries.
-        `verifier` opens history documents as the instance's current trust says."""
+        `verifier` opens history documents as the instance's current trust says. `traffic`, for
+        an instance behind a load balancer, takes it out of service around each release switch."""
         self.config = config
+        self.traffic = traffic
         self.verifier = verifier
         self.s3 = s3
         self.policy = policy.interruptible(shutdown.abandon)
@@ -217,6 +226,7 @@ class DeployRunner:
                     on_milestone=lambda milestone: self._record_progress(deploy, milestone),
                     artifact_size=deploy.artifact_size,
                     confirm=begun,
+                    cutover=self._cutover(release),
                 )
             except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
                 failure = exc
@@ -227,6 +237,34 @@ class DeployRunner:
                 return self._failed(deploy, unauthentic, authentic=False)
             return self._failed(deploy, failure, authentic=True)
         return self._completed(deploy, started, reused=result.reused, output_tail=result.output_tail)
+
+    def _cutover(self, release: Manifest) -> Cutover:
+        """The load-balancer gate, unless there is none or the release serves no traffic."""
+        if self.traffic is None or release.traffic is Traffic.NONE:
+            return IN_PLACE
+        return self.traffic
+
+    def settle_traffic(self) -> str | None:
+        """Put back into service whatever an apply (or a crash) left out of it; what was done, or None.
+
+        Called after every outcome but a shutdown's, and at boot (a kill -9 mid-apply): the
+        gate's marker is the record of what this agent took out.
+        """
+        if self.traffic is None:
+            return None
+        try:
+            return self.traffic.settle()
+        except Interrupted:
+            return None  # the marker stays: the next start registers again
+
+    def recover_traffic(self) -> None:
+        """At boot: what a killed apply left out of service goes back in (under the apply lock)."""
+        if self.traffic is None:
+            return
+        with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop):
+            back = self.settle_traffic()
+        if back:
+            log.warning("traffic_recovered", result=back, next="serving")
 
     def _settle_start(
         self, deploy: Deploy, start: Start, record: DeployRecord | None, started: float
@@ -369,6 +407,9 @@ class DeployRunner:
             log.error("deploy_unauthentic", error=error, next="rejected to the DLQ; the running release stays")
             return outcome, error
         rejected = outcome is Outcome.REJECTED
+        back = self.settle_traffic()  # whatever failed, the instance serves again before it says so
+        if back:
+            error = f"{error}; {back}"
         if expected:
             log.error(
                 "apply_failed",
@@ -393,6 +434,7 @@ class DeployRunner:
         return outcome, error
 
     def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> tuple[Outcome, str]:
+        self.settle_traffic()  # a resumed apply that had finished its hooks before a crash
         log.info(
             "apply_succeeded",
             release_id=deploy.release_id,

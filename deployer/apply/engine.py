@@ -1,7 +1,8 @@
 """The apply engine: put one release on this machine without ever leaving it broken.
 
-fetch + verify + extract (one streaming pass, into a hidden staging directory) → pre hooks
-→ activate (symlink swap, or stretcher's rsync / mv) → post hooks → success hooks → prune.
+fetch + verify + extract (one streaming pass, into a hidden staging directory) → [leave the
+load balancer] → pre hooks → activate (symlink swap, or stretcher's rsync / mv) → post hooks →
+health check → [rejoin the load balancer] → success hooks → prune.
 Like stretcher, the pre hooks run only once the release's bytes are here and verified: a
 network failure, however late, has run no hook.
 A failure before activation changes nothing; a post-hook failure re-activates the previous
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -70,6 +71,30 @@ class DeployLog:
         return "\n".join(self.lines) + "\n"
 
 
+class Cutover(Protocol):
+    """What surrounds the moment the running release may be disturbed (the agent's load-balancer
+    gate, `deployer.agent.traffic`): `leave` once the new release is staged and confirmed, before
+    the first pre hook; `rejoin` once its post hooks and health check passed. A `rejoin` that
+    raises a HookFailed rolls the release back like a failed health check."""
+
+    def leave(self) -> None: ...
+
+    def rejoin(self) -> None: ...
+
+
+class _InPlace:
+    """No load balancer to leave: the release is switched while the instance serves."""
+
+    def leave(self) -> None:
+        pass
+
+    def rejoin(self) -> None:
+        pass
+
+
+IN_PLACE: Cutover = _InPlace()
+
+
 class Milestone(enum.StrEnum):
     """How far an apply got, so a restart after a crash neither redoes finished hooks nor skips work."""
 
@@ -99,6 +124,7 @@ class Applier:
         self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
         self._artifact_size: int | None = None
         self._confirmation = confirmed()
+        self._cutover = IN_PLACE
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -112,6 +138,7 @@ class Applier:
         on_milestone: Callable[[Milestone], object] | None = None,
         artifact_size: int | None = None,
         confirm: Confirmation | None = None,
+        cutover: Cutover = IN_PLACE,
     ) -> ApplyResult:
         """Apply one release. `on_milestone` is told when the release went live and when its post
         hooks finished, so a caller can record progress durably. `artifact_size` (from a signed
@@ -122,6 +149,9 @@ class Applier:
         before any hook, the failure hooks included. A refusal leaves the machine as it was. The
         agent confirms the deploy against history this way while the download runs.
 
+        `cutover` is told before the first pre hook and after the health check (see `Cutover`);
+        the caller puts the instance back into service if the apply fails in between.
+
         Raises the error of the tree that says what happens next (docs/design.md, "Errors and
         what happens next"), after the failure hooks ran and the previous release was
         re-activated; an `Interrupted` apply runs no failure hook and decides nothing.
@@ -130,6 +160,7 @@ class Applier:
         self._on_milestone = on_milestone or (lambda _milestone: None)
         self._artifact_size = artifact_size
         self._confirmation = confirm or confirmed()
+        self._cutover = cutover
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
@@ -152,6 +183,7 @@ class Applier:
             env.setdefault("DEPLOYER_RELEASE_DIR", "")
             env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
             self._confirmation.require()
+            self._cutover.leave()
             output = self._hooks(manifest, "pre", env, cwd, deploy_log)
             output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
             return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
@@ -187,6 +219,7 @@ class Applier:
 
         # The release is complete and verified on disk (kept there if a pre hook fails, so a retry
         # does not download it again); only now may the application prepare for it.
+        self._cutover.leave()
         output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
         self._on_milestone(Milestone.ACTIVATED)
@@ -220,6 +253,7 @@ class Applier:
         staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
         self._stage(manifest, dest.parent, staged, deploy_log)
         try:
+            self._cutover.leave()
             output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
             if manifest.sync_strategy is SyncStrategy.RSYNC:
                 self._rsync(manifest, staged, dest)
@@ -319,6 +353,7 @@ class Applier:
                     interrupt=self.interrupt,
                 )
                 deploy_log.add("health check ok")
+            self._cutover.rejoin()
         except HookFailed:  # a failed health check is one too; apply() runs the failure hooks
             if callable(rollback):
                 rollback()

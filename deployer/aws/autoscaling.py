@@ -1,5 +1,5 @@
 """Auto Scaling adapters: find an instance's group, complete its launch lifecycle action, list a group's
-InService instances (the fleet `publish --wait --asg` expects)."""
+InService instances (the fleet `publish --wait --asg` expects) and its load balancer target groups."""
 
 from __future__ import annotations
 
@@ -59,3 +59,17 @@ def in_service_instances(
     if not groups:
         raise ConfigError(f"Auto Scaling group {group!r} not found")
     return frozenset(i["InstanceId"] for i in groups[0].get("Instances", []) if i.get("LifecycleState") == "InService")
+
+
+def load_balancing_of(
+    autoscaling: AutoScalingClient, group: str, policy: RetryPolicy = DEFAULT_POLICY
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The group's ELBv2 target group ARNs and its Classic Load Balancer names.
+
+    Raises ConfigError when the group does not exist.
+    """
+    found = policy.call(autoscaling.describe_auto_scaling_groups, AutoScalingGroupNames=[group])
+    groups = found.get("AutoScalingGroups", [])
+    if not groups:
+        raise ConfigError(f"Auto Scaling group {group!r} not found")
+    return tuple(groups[0].get("TargetGroupARNs", [])), tuple(groups[0].get("LoadBalancerNames", []))

@@ -18,6 +18,7 @@ from deployer.protocol.limits import MAX_WAIT_TIME_SECONDS
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_cloudwatch import CloudWatchClient
+    from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
     from mypy_boto3_iam import IAMClient
     from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
@@ -55,6 +56,9 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("sts", "GetCallerIdentity"): ("UserId",),
     ("autoscaling", "DescribeAutoScalingInstances"): ("AutoScalingInstances",),
     ("autoscaling", "DescribeAutoScalingGroups"): ("AutoScalingGroups",),
+    ("elbv2", "DescribeTargetHealth"): ("TargetHealthDescriptions",),
+    ("elbv2", "DescribeTargetGroups"): ("TargetGroups",),
+    ("elbv2", "DescribeTargetGroupAttributes"): ("Attributes",),
     ("kms", "GetPublicKey"): ("PublicKey", "KeyId"),
     ("kms", "Sign"): ("Signature",),
     ("iam", "SimulatePrincipalPolicy"): ("EvaluationResults",),
@@ -149,6 +153,12 @@ def autoscaling_client(region: str | None = None, endpoint_url: str | None = Non
     """Built like the others; only agents with a launch hook (and `--asg` readers) need it."""
     session = boto3.session.Session(region_name=resolve_region(region))
     return _checked(session.client("autoscaling", endpoint_url=endpoint_url, config=_config()))
+
+
+def elbv2_client(region: str | None = None, endpoint_url: str | None = None) -> ElasticLoadBalancingv2Client:
+    """Only agents behind a load balancer (and a rollout driver keeping a target group healthy) need it."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("elbv2", endpoint_url=endpoint_url, config=_config()))
 
 
 def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KMSClient:

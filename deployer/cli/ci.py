@@ -33,10 +33,11 @@ from deployer.protocol.names import Channel
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from deployer.aws.elb import Membership
     from deployer.aws.reports import ReportReader
     from deployer.protocol.deploy import Deploy
     from publisher.publish import Publisher, PublishResult
-    from publisher.rollout import Gates, Staging
+    from publisher.rollout import Capacity, Gates, Staging
     from publisher.wait import WaitOptions
 
 #: Without --wait: the pointer moved but the SNS publish failed (agents converge at their next reconcile).
@@ -249,7 +250,8 @@ def stage(
     if wait is not None:
         gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
-    return prepare(publisher, channel, gates, {who.instance_id: e for who, e in reader.refresh().items()})
+    staging = prepare(publisher, channel, gates, {who.instance_id: e for who, e in reader.refresh().items()})
+    return dataclasses.replace(staging, capacity=capacity_watch(store, gates))
 
 
 def conclude(
@@ -306,6 +308,21 @@ def alarm_watch(store: Store, gates: Gates) -> Callable[[], Sequence[str]]:
     return firing
 
 
+def capacity_watch(store: Store, gates: Gates) -> Capacity:
+    """The `--target-group` gate: each group's registered and healthy targets, read when asked."""
+    if not gates.target_groups:
+        return tuple
+    from deployer.aws.clients import elbv2_client
+    from deployer.aws.elb import membership
+
+    elbv2 = elbv2_client(store.aws.region, store.aws.endpoint_url)
+
+    def read() -> Sequence[Membership]:
+        return [membership(elbv2, arn) for arn in gates.target_groups]
+
+    return read
+
+
 def drive(
     publisher: Publisher,
     store: Store,
@@ -324,6 +341,7 @@ def drive(
         gates,
         deploy,
         alarms=alarm_watch(store, gates),
+        capacity=capacity_watch(store, gates),
         driver=driver or driver_id(),
         echo=click.echo,
     )

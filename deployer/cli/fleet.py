@@ -240,6 +240,7 @@ def scope_options(func: Command) -> Command:
         asg_name: str | None,
         lifecycle: bool,
         deregister: bool,
+        target_groups: tuple[str, ...],
         publisher_arns: tuple[str, ...],
         sign_keys: tuple[str, ...],
         **kwargs: Any,
@@ -256,6 +257,7 @@ def scope_options(func: Command) -> Command:
             asg_name=asg_name,
             lifecycle=lifecycle,
             deregister=deregister,
+            target_groups=target_groups,
             publishers=publisher_arns,
             sign_keys=sign_keys,
         )
@@ -276,6 +278,15 @@ def scope_options(func: Command) -> Command:
         ),
         click.option(
             "--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status)."
+        ),
+        click.option(
+            "--target-group",
+            "target_groups",
+            multiple=True,
+            metavar="ARN|auto",
+            help="Instance: allow leaving and rejoining this load balancer target group around a release "
+            "switch (an ARN, * allowed; or auto: the Auto Scaling group's); repeatable. CI needs none: "
+            "reading target health is always granted.",
         ),
         publisher_arn_option,
         click.option(
@@ -362,6 +373,7 @@ def scope_flags(scope: Scope) -> str:
     flags += [f"--asg {scope.asg_name}"] if scope.asg_name else []
     flags += ["--lifecycle"] if scope.lifecycle and not scope.asg_name else []
     flags += ["--deregister"] if scope.deregister else []
+    flags += [f"--target-group {group}" for group in scope.target_groups]
     flags += [f"--sign-key {key}" for key in scope.sign_keys]
     return "".join(f" {flag}" for flag in flags)
 

@@ -22,7 +22,7 @@ import click
 from deployer import logs
 from deployer.protocol.errors import DeployerError
 from deployer.protocol.layout import Layout
-from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, Channel, check_name
+from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, TARGET_GROUP_ARN, Channel, check_name
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
@@ -263,6 +263,8 @@ def rollout_options(func: Command) -> Command:
         progress_deadline: float,
         alarms: tuple[str, ...],
         lease: float,
+        target_groups: tuple[str, ...],
+        min_healthy_percent: float,
         **kwargs: Any,
     ) -> Any:
         gates = None
@@ -270,12 +272,24 @@ def rollout_options(func: Command) -> Command:
             from publisher.rollout import Gates  # only commands that publish load the publisher
 
             specs = tuple(w.strip() for w in waves.split(",") if w.strip())
-            gates = Gates(specs, bake, max_failed, progress_deadline, alarms, lease)
+            gates = Gates(
+                specs,
+                bake,
+                max_failed,
+                progress_deadline,
+                alarms,
+                lease,
+                min_healthy_percent=min_healthy_percent,
+                target_groups=target_groups,
+            )
+        elif target_groups:
+            raise click.UsageError("--target-group and --min-healthy-percent hold waves: they need --waves")
         return func(*args, gates=gates, **kwargs)
 
     return _apply(
         wrapper,
         [
+            *capacity_options(),
             click.option(
                 "--waves",
                 metavar="SPECS",
@@ -318,6 +332,42 @@ def rollout_options(func: Command) -> Command:
             ),
         ],
     )
+
+
+def capacity_options() -> list[Callable[[Command], Command]]:
+    """--target-group and --min-healthy-percent: the load balancer capacity a wave must leave."""
+    return [
+        click.option(
+            "--target-group",
+            "target_groups",
+            multiple=True,
+            metavar="ARN",
+            callback=_target_groups,
+            help="A load balancer target group the fleet serves in: a wave starts only if it leaves "
+            "--min-healthy-percent of its targets healthy; repeatable.",
+        ),
+        click.option(
+            "--min-healthy-percent",
+            default=90.0,
+            show_default=True,
+            type=click.FloatRange(min=0, max=100),
+            help="With --target-group: the share of each group's registered targets that must stay healthy "
+            "while a wave is out of service; one target may always leave (like instance refresh's "
+            "MinHealthyPercentage).",
+        ),
+    ]
+
+
+def capacity_flags(func: Command) -> Command:
+    """`capacity_options` as one decorator (for `rollout resume`)."""
+    return _apply(func, capacity_options())
+
+
+def _target_groups(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for arn in value:
+        if not TARGET_GROUP_ARN.match(arn):
+            raise click.BadParameter(f"{arn!r} is not an ELBv2 target group ARN")
+    return value
 
 
 def log_options(func: Command) -> Command:

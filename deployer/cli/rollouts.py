@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import click
 
 from deployer.cli.options import (
     Store,
+    capacity_flags,
     channel_options,
     quiet,
     sign_key_option,
@@ -101,6 +103,7 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
     type=click.FloatRange(min=1),
     help="Seconds this driver's claim lasts unrenewed.",
 )
+@capacity_flags
 @quiet
 def rollout_resume(
     store: Store,
@@ -110,6 +113,8 @@ def rollout_resume(
     wait: WaitOptions | None,
     force: bool,
     lease: float,
+    target_groups: tuple[str, ...],
+    min_healthy_percent: float,
 ) -> None:
     """Continue the rollout from its cursor's wave to the end (or to an automatic rollback)."""
     from deployer.aws.reports import ReportReader
@@ -119,18 +124,18 @@ def rollout_resume(
     publisher, deploy = _staged(store, topic_arn, channel, sign_keys)
     plan = deploy.rollout
     assert plan is not None
-    gates = Gates(plan.waves, plan.bake_s, plan.max_failed, plan.progress_deadline_s, (), lease)
+    gates = Gates(
+        plan.waves,
+        plan.bake_s,
+        plan.max_failed,
+        plan.progress_deadline_s,
+        (),
+        lease,
+        min_healthy_percent=min_healthy_percent,
+        target_groups=target_groups,
+    )
     if wait is not None:
-        gates = Gates(
-            plan.waves,
-            plan.bake_s,
-            plan.max_failed,
-            plan.progress_deadline_s,
-            (),
-            lease,
-            wait.heartbeat_ttl_s,
-            wait.poll_s,
-        )
+        gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
     sys.exit(drive(publisher, store, reader, gates, deploy, force=force))
 

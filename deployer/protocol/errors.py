@@ -108,6 +108,13 @@ class LockBusy(InfrastructureError):
     machine was busy, which says nothing about the release (retried later, never counted)."""
 
 
+class TrafficUnavailable(InfrastructureError):
+    """Raised when the load balancer could not be told to stop (or resume) sending this instance
+    requests: a target group that does not exist, a deregistration that never took effect. The
+    release was not touched and the instance is registered again; retried later, never counted.
+    The message starts with its report code (`target_group_not_found`, `traffic_drain_timeout`)."""
+
+
 # -- the release failed on this machine ------------------------------------------------------
 
 
@@ -125,6 +132,12 @@ class HookFailed(ReleaseFailed):
 
 class HealthCheckFailed(HookFailed):
     """Raised when a release's health check still fails after its last retry."""
+
+
+class TargetUnhealthy(HealthCheckFailed):
+    """Raised when the new release, registered again, is not `healthy` by the load balancer's own
+    checks in time: rolled back like any failed health check, and counted. The message starts
+    with its report code (`register_unhealthy`)."""
 
 
 class ActivationFailed(ReleaseFailed):

@@ -66,3 +66,13 @@ S3_READS_PER_PREFIX_PER_SECOND = 5500
 
 #: ListObjectsV2 returns at most 1,000 keys per page. https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListObjectsV2.html
 S3_LIST_PAGE_KEYS = 1000
+
+#: ELB's API allows 40 Describe* calls at once per account and region, refilled at 10 per second
+#: (ThrottlingException past that): an agent asks for its targets' health at most every this
+#: many seconds, so a wave of 50 instances waiting together stays at the refill rate.
+#: https://docs.aws.amazon.com/elasticloadbalancing/latest/userguide/elb-api-throttling.html
+DEFAULT_TRAFFIC_POLL_SECONDS = 5.0
+
+#: How long ELB may take to show a deregistered target `draining` (no new requests from then on)
+#: before the agent gives up on the deploy as `traffic_drain_timeout`. Our bound, not AWS's.
+DEFAULT_DRAIN_TIMEOUT_SECONDS = 60.0

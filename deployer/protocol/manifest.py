@@ -2,7 +2,8 @@
 
 stretcher keys: src, checksum, dest, dest_mode, commands.{pre,post,success,failure}, excludes,
 exclude_from, sync_strategy (rsync | mv). Extensions: sync_strategy `symlink`, keep_releases,
-env, hook_timeout, and hooks written as {run, timeout, env} mappings instead of plain strings.
+env, hook_timeout, health, run_as, traffic, and hooks written as {run, timeout, env} mappings
+instead of plain strings.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _TOP_KEYS = {
     "hook_timeout",
     "health",
     "run_as",
+    "traffic",
 }
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
@@ -50,6 +52,13 @@ class SyncStrategy(enum.StrEnum):
     RSYNC = "rsync"  # stretcher's default: rsync -a --delete into dest
     MV = "mv"  # stretcher: move the extracted tree to dest
     SYMLINK = "symlink"  # ours: releases/<id> next to dest, dest is an atomically swapped symlink
+
+
+class Traffic(enum.StrEnum):
+    """Whether applying the release takes the instance out of its load balancer's target groups."""
+
+    MANAGED = "managed"  # the default: deregister, drain, apply, register, wait until healthy
+    NONE = "none"  # a component that serves no traffic (a config file, a sidecar): applied in place
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class Manifest:
     hook_timeout: float | None = None
     health: HealthCheck | None = None
     run_as: str | None = None
+    traffic: Traffic = Traffic.MANAGED
 
     @property
     def checksum_algorithm(self) -> str | None:
@@ -129,6 +139,7 @@ class Manifest:
                 bool(self.health),
             ),
             ("run_as", self.run_as, self.run_as is not None),
+            ("traffic", self.traffic.value, self.traffic is not Traffic.MANAGED),
         ]
         return yaml.safe_dump({key: value for key, value, present in entries if present}, sort_keys=False)
 
@@ -169,6 +180,7 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
         hook_timeout=_timeout(doc.get("hook_timeout"), "hook_timeout"),
         health=_health(doc.get("health")),
         run_as=_run_as(doc.get("run_as")),
+        traffic=_traffic(doc.get("traffic", Traffic.MANAGED.value)),
     )
 
 
@@ -200,6 +212,13 @@ def _strategy(value: Any) -> SyncStrategy:
     except ValueError:
         choices = ", ".join(s.value for s in SyncStrategy)
         raise ManifestError(f"sync_strategy {value!r} is not one of {choices}") from None
+
+
+def _traffic(value: Any) -> Traffic:
+    try:
+        return Traffic(value)
+    except ValueError:
+        raise ManifestError(f"traffic {value!r} is not one of {', '.join(t.value for t in Traffic)}") from None
 
 
 def _keep(value: Any) -> int:

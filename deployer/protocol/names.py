@@ -32,6 +32,12 @@ QUEUE_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*$")
 QUEUE_SEPARATOR = "--"
 #: S3 bucket names. https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: An ELBv2 target group ARN. https://docs.aws.amazon.com/elasticloadbalancing/latest/APIReference/API_TargetGroup.html
+TARGET_GROUP_ARN = re.compile(
+    r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{1,16}$"
+)
+#: In agent config and `iam-policy --target-group`: the target groups of the instance's Auto Scaling group.
+AUTO_TARGET_GROUPS = "auto"
 _TOPIC_ARN = re.compile(r"^arn:(aws[a-z-]*):sns:([a-z0-9-]+):(\d{12}):([A-Za-z0-9_-]{1,256})$")
 
 DEFAULT_PREFIX = "deployer"

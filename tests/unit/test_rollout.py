@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployer.agent.decide import Verdict, decide_one
+from deployer.aws.elb import Membership
 from deployer.protocol.deploy import parse_deploy
 from deployer.protocol.errors import InvalidMessage
 from deployer.protocol.names import Channel
@@ -29,7 +30,7 @@ from deployer.protocol.rollout import (
     plan_waves,
     side_for,
 )
-from publisher.rollout import count
+from publisher.rollout import capacity_refusal, count
 from tests.support import make_deploy, report_entry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -168,3 +169,27 @@ def test_the_driver_counts_admitted_converged_failed_and_waiting_among_live_inst
     assert (set(tally.admitted), set(tally.converged), set(tally.waiting), tally.live) == ({"i-a"}, {"i-a"}, {"i-b"}, 2)
     entries["i-a"] = on("d-1", ComponentState.FAILED)
     assert count(deploy, 0, entries, NOW, ttl_s=60).failed == {"i-a": "failed"}  # type: ignore[arg-type]
+
+
+GROUP_ARN = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef"
+
+
+def _group(registered: int, healthy: int) -> Membership:
+    ids = [f"i-{n}" for n in range(registered)]
+    return Membership(GROUP_ARN, frozenset(ids), frozenset(ids[:healthy]))
+
+
+def test_a_wave_starts_only_if_it_leaves_the_minimum_healthy_share_of_each_group() -> None:
+    four = _group(4, 4)
+    assert capacity_refusal([four], ["i-0", "i-1"], 50) is None
+    refusal = capacity_refusal([four], ["i-0", "i-1"], 75)
+    assert refusal == (
+        f"{GROUP_ARN} would keep 2 of 4 targets healthy with 2 out of service, under --min-healthy-percent 75 (3)"
+    )
+    # An instance of the wave that is not healthy now takes nothing away.
+    assert capacity_refusal([_group(4, 3)], ["i-3"], 75) is None
+    # One target may always leave, as instance refresh replaces one at a time at 100 %.
+    assert capacity_refusal([four], ["i-0"], 100) is None
+    assert capacity_refusal([_group(1, 1)], ["i-0"], 90) is None
+    assert capacity_refusal([_group(0, 0)], ["i-0"], 100) is None
+    assert capacity_refusal([four, _group(4, 2)], ["i-0"], 75) is not None  # every group counts
