@@ -69,7 +69,7 @@ def decode(method: str, path: str, headers: Mapping[str, str], body: bytes) -> C
     if target:
         action = target.rsplit(".", 1)[-1]
         params = json.loads(body or b"{}")
-    elif service in ("sns", "sts", "autoscaling", "iam") and method == "POST":
+    elif service in ("sns", "sts", "autoscaling", "iam", "elasticloadbalancing") and method == "POST":
         params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
         action = str(params.get("Action", ""))
     else:

@@ -135,6 +135,7 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "sns:GetTopicAttributes",
         "autoscaling:DescribeAutoScalingGroups",  # publish --wait --asg, read-only
         "cloudwatch:DescribeAlarms",  # publish --waves --alarm, read-only
+        "elasticloadbalancing:DescribeTargetHealth",  # publish --waves --target-group, read-only
     }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
     assert puts == {
