@@ -58,6 +58,7 @@ def place_for(scope: Scope, instance_id: str = "i-0123456789abcdef0") -> Place:
         userid=f"{EXAMPLE_ROLE_ID}:{instance_id}",
         asg_name=scope.asg_name or ("*" if scope.lifecycle else None),
         deregister=scope.deregister,
+        terminate=scope.terminate,
         sign_keys=scope.sign_keys,
         target_groups=scope.target_groups,
     )

@@ -18,7 +18,7 @@ from datetime import datetime
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.names import Channel
-from deployer.protocol.report import FAILING_STATES, ComponentState
+from deployer.protocol.report import FAILING_STATES, ComponentState, Lifecycle
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, age_seconds
 from publisher.text import render_table
 
@@ -28,6 +28,8 @@ UNREADABLE = "unreadable"
 NO_COMPONENT = "-"
 #: The state shown for every component of an agent that cannot finish boot (it retries).
 BOOT_FAILED = "boot_failed"
+#: A row's state for an instance asleep in a warm pool, or one that left through its terminate hook.
+WARMED, TERMINATED = Lifecycle.WARMED.value, Lifecycle.TERMINATED.value
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def fleet_rows(
             state, error = status.state.value, status.error or (status.last_error or "" if behind else "")
             if report.boot_error is not None:
                 state, error = BOOT_FAILED, report.boot_error
+            if report.lifecycle is not None:  # terminated or warmed: not expected to follow the pointer now
+                state, behind = report.lifecycle.value, False
             rows.append(
                 Row(
                     instance_id=who.instance_id,
@@ -141,7 +145,10 @@ def summary(rows: Iterable[Row]) -> list[str]:
         by_channel.setdefault((row.stage, row.role, row.component), []).append(row)
     failing = {state.value for state in FAILING_STATES}
     lines = []
-    for (stage, role, component), members in sorted(by_channel.items()):
+    for (stage, role, component), everyone in sorted(by_channel.items()):
+        # Asleep in a warm pool or gone through scale-in: counted apart, not in the fleet's share.
+        apart = {state: sum(1 for r in everyone if r.state == state) for state in (WARMED, TERMINATED)}
+        members = [r for r in everyone if r.state not in apart]
         top = max((r.seq for r in members if r.seq is not None), default=None)
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in failing)
@@ -162,6 +169,7 @@ def summary(rows: Iterable[Row]) -> list[str]:
             line += f", {behind} behind"
         if stale:
             line += f", {stale} stale"
+        line += "".join(f", {n} {state}" for state, n in apart.items() if n)
         lines.append(line)
     for (stage, role), count in sorted(unreadable.items()):
         lines.append(f"{stage}/{role}: {count} unreadable report(s) (see the ERROR column)")

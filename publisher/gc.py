@@ -29,6 +29,7 @@ from deployer.aws.s3 import head
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.names import DEFAULT_QUEUE_PREFIX, TopicArn, queue_name
+from deployer.protocol.report import Lifecycle
 from deployer.protocol.timestamps import age_seconds
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,8 @@ class Registration:
     etag: str
     heartbeat_at: datetime | None
     last_modified: datetime
+    #: What the report says of the instance's Auto Scaling lifecycle (read only for old reports).
+    lifecycle: Lifecycle | None = None
 
     def age_s(self, now: datetime) -> float:
         """How long nobody has vouched for this instance: the younger of its heartbeat and of the
@@ -53,8 +56,12 @@ class Registration:
 
 
 def select_stale(registrations: Iterable[Registration], now: datetime, ttl_s: float) -> list[Registration]:
-    """Pure: the registrations whose heartbeat and object are both older than the TTL, oldest first."""
-    stale = [r for r in registrations if r.age_s(now) > ttl_s]
+    """Pure: the registrations whose heartbeat and object are both older than the TTL, oldest first.
+
+    An instance asleep in a warm pool heartbeats no more than a dead one, but it wakes up with
+    its queue expected in place: its report says `warmed`, and it is never collected.
+    """
+    stale = [r for r in registrations if r.age_s(now) > ttl_s and r.lifecycle is not Lifecycle.WARMED]
     return sorted(stale, key=lambda r: (-r.age_s(now), r.key))
 
 
@@ -91,8 +98,10 @@ class Collector:
             entry = read.get(item.s3_key)
             if entry is None and age_seconds(item.last_modified, now) > ttl_s:
                 continue  # deleted between LIST and GET: someone else removed it
-            heartbeat = entry.report.heartbeat_at if entry is not None and entry.report is not None else None
-            registrations.append(Registration(who, item.s3_key, item.etag, heartbeat, item.last_modified))
+            report = entry.report if entry is not None else None
+            heartbeat = report.heartbeat_at if report is not None else None
+            lifecycle = report.lifecycle if report is not None else None
+            registrations.append(Registration(who, item.s3_key, item.etag, heartbeat, item.last_modified, lifecycle))
         return registrations
 
     def run(self, ttl_s: float, *, dry_run: bool = False, now: datetime | None = None) -> list[Removal]:

@@ -89,6 +89,8 @@ class Scope:
     asg_name: str | None = None
     lifecycle: bool = False
     deregister: bool = False
+    #: Instance: allow leaving through the terminate hook (queues removed, action completed, heartbeats).
+    terminate: bool = False
     #: Instance: the target groups it leaves and rejoins around a release switch (ARNs or
     #: patterns), or `auto`: any group of its Auto Scaling group, found with Describe calls.
     target_groups: tuple[str, ...] = ()
@@ -291,7 +293,7 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
                 "sqs:GetQueueAttributes",
                 "sqs:ReceiveMessage",
                 "sqs:SetQueueAttributes",
-                *(["sqs:DeleteQueue", "sqs:GetQueueUrl"] if scope.deregister else []),
+                *(["sqs:DeleteQueue", "sqs:GetQueueUrl"] if scope.deregister or scope.terminate else []),
             ],
             scope.queues,
             owned,
@@ -310,24 +312,28 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             },
         ),
     ]
-    if scope.deregister:
+    if scope.deregister or scope.terminate:
         # sns:Unsubscribe takes no resource scoping at all (not even the topic): grant it only where
-        # SIGTERM means termination, or leave leaving to `deployer gc`.
+        # SIGTERM (or the terminate hook) means termination, or leave leaving to `deployer gc`.
         statements.append(_allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"))
     statements += _traffic(scope)
+    topic = scope.topic
+    group = f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{scope.asg_name or '*'}"
     if scope.lifecycle or scope.asg_name:
-        group = scope.asg_name or "*"
-        topic = scope.topic
-        statements.append(
+        statements.append(_allow("CompleteLaunchHook", ["autoscaling:CompleteLifecycleAction"], group))
+    if scope.terminate:
+        statements += [
             _allow(
-                "CompleteLaunchHook",
-                ["autoscaling:CompleteLifecycleAction"],
-                f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{group}",
-            )
-        )
-        if not scope.asg_name:
-            # DescribeAutoScalingInstances supports no resource-level scoping.
-            statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
+                "LeaveThroughTerminateHook",
+                ["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
+                group,
+            ),
+            # Its HeartbeatTimeout, for the heartbeat's period; Describe calls take no resource ARN.
+            _allow("ReadTerminateHook", ["autoscaling:DescribeLifecycleHooks"], "*"),
+        ]
+    if (scope.lifecycle or scope.terminate) and not scope.asg_name:
+        # DescribeAutoScalingInstances supports no resource-level scoping.
+        statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
     return statements
 
 
@@ -356,7 +362,7 @@ def _traffic(scope: Scope) -> list[dict[str, Any]]:
     ]
     if AUTO_TARGET_GROUPS in scope.target_groups:
         found = ["autoscaling:DescribeAutoScalingGroups"]
-        if not scope.asg_name and not scope.lifecycle:  # else FindOwnGroup grants it already
+        if not scope.asg_name and not (scope.lifecycle or scope.terminate):  # else FindOwnGroup grants it
             found.append("autoscaling:DescribeAutoScalingInstances")
         statements.append(_allow("FindOwnTargetGroups", found, "*"))
     return statements

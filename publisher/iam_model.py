@@ -306,6 +306,10 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     ("autoscaling", "CompleteLifecycleAction"): lambda call: [
         Need("autoscaling:CompleteLifecycleAction", group_arn(call))
     ],
+    ("autoscaling", "RecordLifecycleActionHeartbeat"): lambda call: [
+        Need("autoscaling:RecordLifecycleActionHeartbeat", group_arn(call))
+    ],
+    ("autoscaling", "DescribeLifecycleHooks"): _anything("autoscaling:DescribeLifecycleHooks"),
     ("autoscaling", "DescribeAutoScalingInstances"): _anything("autoscaling:DescribeAutoScalingInstances"),
     ("autoscaling", "DescribeAutoScalingGroups"): _anything("autoscaling:DescribeAutoScalingGroups"),
     # ELBv2 names a target group for (de)registering, but IAM has no condition key for the
@@ -354,6 +358,7 @@ class Place:
     userid: str = ""
     asg_name: str | None = None
     deregister: bool = False
+    terminate: bool = False
     sign_keys: tuple[str, ...] = ()
     #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
     target_groups: tuple[str, ...] = ()
@@ -490,28 +495,29 @@ def _instance_calls(
         s3("GetObject", TRUST, "2.json", missing=True),
         s3("PutObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
     ]
-    if place.deregister:
+    if place.deregister or place.terminate:
         calls += [
             call("sns", "Unsubscribe", SubscriptionArn=f"{place.topic_arn}:{GROUP_UUID}"),
             call("sqs", "GetQueueUrl", owner, QueueName=name),
             call("sqs", "DeleteQueue", owner, QueueUrl=url),
-            s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
         ]
+    if place.deregister:  # leaving through the terminate hook keeps its last report
+        calls.append(s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"))
     calls += _traffic_calls(place, topic, call)
-    if place.asg_name:
-        # `*`: `--lifecycle` without `--asg`: the agent looks its group up first.
-        group = place.asg_name if place.asg_name != "*" else "any-group"
-        if place.asg_name == "*":
+    if place.asg_name or place.terminate:
+        # `*` (or no group with a terminate hook): the agent looks its group up first.
+        group = place.asg_name if place.asg_name and place.asg_name != "*" else "any-group"
+        if group == "any-group":
             calls.append(call("autoscaling", "DescribeAutoScalingInstances", InstanceIds=[place.instance_id]))
-        calls.append(
-            call(
-                "autoscaling",
-                "CompleteLifecycleAction",
-                AutoScalingGroupName=group,
-                LifecycleHookName="launch",
-                InstanceId=place.instance_id,
-            )
-        )
+        hooked = {"AutoScalingGroupName": group, "InstanceId": place.instance_id}
+        if place.asg_name:
+            calls.append(call("autoscaling", "CompleteLifecycleAction", LifecycleHookName="launch", **hooked))
+        if place.terminate:
+            calls += [
+                call("autoscaling", "DescribeLifecycleHooks", AutoScalingGroupName=group),
+                call("autoscaling", "RecordLifecycleActionHeartbeat", LifecycleHookName="leave", **hooked),
+                call("autoscaling", "CompleteLifecycleAction", LifecycleHookName="leave", **hooked),
+            ]
     return calls
 
 

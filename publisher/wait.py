@@ -32,7 +32,7 @@ import structlog
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import ReportKey
-from deployer.protocol.report import ComponentState, ComponentStatus
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
 from deployer.protocol.timestamps import age_seconds
 
 log = structlog.get_logger(__name__)
@@ -64,10 +64,13 @@ class Convergence(enum.StrEnum):
     REJECTED = "rejected"
     LOST = "lost"  # heartbeat older than the TTL, or the report is gone
     UNREADABLE = "unreadable"  # the report does not parse: not converged, not settled
+    LEFT = "left"  # terminated through its terminate hook (scale-in): gone cleanly, not a failure
 
 
 #: Outcomes after which the wait stops watching an instance.
-SETTLED = frozenset({Convergence.CONVERGED, Convergence.FAILED, Convergence.REJECTED, Convergence.LOST})
+SETTLED = frozenset(
+    {Convergence.CONVERGED, Convergence.FAILED, Convergence.REJECTED, Convergence.LOST, Convergence.LEFT}
+)
 
 
 def is_live(entry: ReportEntry, now: datetime, ttl_s: float) -> bool:
@@ -79,12 +82,14 @@ def is_live(entry: ReportEntry, now: datetime, ttl_s: float) -> bool:
 def expected_instances(
     entries: Mapping[str, ReportEntry], deploy: Deploy, now: datetime, ttl_s: float
 ) -> frozenset[str]:
-    """Live instances of the deploy's stage/role that list its component (or whose report is unreadable)."""
+    """Live instances of the deploy's stage/role that list its component (or whose report is
+    unreadable), in service: not asleep in a warm pool (it catches up when it wakes), not gone."""
     return frozenset(
         instance
         for instance, entry in entries.items()
         if (entry.who.stage, entry.who.role) == (deploy.stage, deploy.role)
         and (entry.report is None or deploy.component in entry.report.components)
+        and (entry.report is None or entry.report.lifecycle is None)
         and is_live(entry, now, ttl_s)
     )
 
@@ -98,6 +103,8 @@ def classify(entry: ReportEntry | None, deploy: Deploy, now: datetime, ttl_s: fl
     seq, state = (status.seq, status.state) if status else (None, None)
     if seq is not None and seq >= deploy.seq and state is ComponentState.OK:
         return Convergence.CONVERGED
+    if entry.report.lifecycle is Lifecycle.TERMINATED:
+        return Convergence.LEFT
     if seq == deploy.seq and state is ComponentState.FAILED:
         return Convergence.FAILED
     if seq == deploy.seq and state is ComponentState.REJECTED:
@@ -134,6 +141,7 @@ class Progress:
             f"{self.count(Convergence.FAILED, Convergence.REJECTED)} failed, {self.count(Convergence.LOST)} lost, "
             f"{self.count(Convergence.PENDING)} pending"
             + (f", {unreadable} unreadable" if (unreadable := self.count(Convergence.UNREADABLE)) else "")
+            + (f", {left} left (scale-in)" if (left := self.count(Convergence.LEFT)) else "")
             + f" ({self.elapsed_s:.0f}s)"
         )
 
@@ -301,7 +309,8 @@ def verdict_line(result: WaitResult) -> str:
         return f"FAILED: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.failed} failed or lost"
     if result.exit_code == EXIT_TIMEOUT:
         return f"TIMEOUT after {progress.elapsed_s:.0f}s: {converged}/{total} converged on seq {progress.deploy.seq}, {progress.count(Convergence.PENDING, Convergence.UNREADABLE)} pending"
-    lost = progress.count(Convergence.LOST)
-    return f"OK: {converged}/{total} converged on seq {progress.deploy.seq}" + (
-        f" ({lost} lost, allowed)" if lost else ""
+    lost, left = progress.count(Convergence.LOST), progress.count(Convergence.LEFT)
+    notes = ([f"{lost} lost, allowed"] if lost else []) + ([f"{left} left through scale-in"] if left else [])
+    return f"OK: {converged}/{total - left} converged on seq {progress.deploy.seq}" + (
+        f" ({', '.join(notes)})" if notes else ""
     )

@@ -717,3 +717,20 @@ def load(url: str, *, interval: float = 0.01, workers: int = 2, timeout: float =
         stop.set()
         for thread in threads:
             thread.join()
+
+
+def create_target_group(endpoint_url: str, name: str = "web", *, delay_s: int = 30) -> str:
+    """A target group in moto (through `endpoint_url`) as the e2e tests use it: HTTP on port 80,
+    GET /health every 5 s (AWS's shortest), healthy after 2 passes, unhealthy after 2 failures,
+    deregistration delay `delay_s`. Its ARN."""
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint_url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=endpoint_url)
+    group = elbv2.create_target_group(
+        Name=name, Protocol="HTTP", Port=80, VpcId=vpc, TargetType="instance", HealthCheckPath="/health",
+        HealthCheckIntervalSeconds=5, HealthCheckTimeoutSeconds=2, HealthyThresholdCount=2, UnhealthyThresholdCount=2,
+    )["TargetGroups"][0]["TargetGroupArn"]  # fmt: skip
+    elbv2.modify_target_group_attributes(
+        TargetGroupArn=group, Attributes=[{"Key": DEREGISTRATION_DELAY, "Value": str(delay_s)}]
+    )
+    return str(group)

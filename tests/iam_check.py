@@ -212,6 +212,7 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             asg_name=config.get("lifecycle_asg_name"),
             lifecycle=bool(config.get("lifecycle_hook_name")),
             deregister=bool(config.get("deregister_on_shutdown")),
+            terminate=bool(config.get("terminate_hook_name")),
             target_groups=_target_groups(config.get("target_group_arns")),
         )
     bucket, prefix, keys = "", None, set()
@@ -366,6 +367,7 @@ def unlisted(outcome: Findings) -> list[str]:
             userid="AROAEXAMPLE:i-0123456789abcdef0",
             asg_name=group,
             deregister=True,
+            terminate=True,
             sign_keys=("kms:k",),
             target_groups=(f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/web/0", "auto"),
         )

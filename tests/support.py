@@ -44,7 +44,7 @@ from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy, parse_manifest
 from deployer.protocol.names import DEFAULT_QUEUE_PREFIX, Channel, queue_name
-from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle, StatusReport, parse_report
 from publisher.infra import init_resources
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
@@ -168,6 +168,8 @@ class FakeImds(BaseHTTPRequestHandler):
     region = "eu-west-1"
     token = "fake-token"
     tags: dict[str, str] = {}
+    #: `autoscaling/target-lifecycle-state` (None: not in an Auto Scaling group, a 404).
+    lifecycle_state: str | None = None
     url = ""
 
     def do_PUT(self) -> None:
@@ -180,6 +182,8 @@ class FakeImds(BaseHTTPRequestHandler):
         tag_prefix = "/latest/meta-data/tags/instance/"
         answers = {"/latest/meta-data/instance-id": self.instance_id, "/latest/meta-data/placement/region": self.region}
         answers.update({tag_prefix + name: value for name, value in self.tags.items()})
+        if self.lifecycle_state is not None:
+            answers["/latest/meta-data/autoscaling/target-lifecycle-state"] = self.lifecycle_state
         if self.headers.get("X-aws-ec2-metadata-token") != self.token:
             self._reply(401, "IMDSv2 token required")
         elif self.path in answers:
@@ -235,6 +239,13 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on yet (for an app a test starts later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def make_tree(root: Path, files: dict[str, str]) -> Path:
     for name, content in files.items():
         path = root / name
@@ -265,10 +276,13 @@ def report_entry(
     heartbeat: datetime,
     role: str = "web",
     error: str | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> ReportEntry:
     """A listed report, as `ReportReader` returns it; `error` makes it unreadable (no report)."""
     who = ReportKey("prod", role, instance)
-    report = None if error else StatusReport(key=who, heartbeat_at=heartbeat, components=components)
+    report = (
+        None if error else StatusReport(key=who, heartbeat_at=heartbeat, components=components, lifecycle=lifecycle)
+    )
     return ReportEntry(who, f"deployer/status/prod/{role}/{instance}.json", "etag", heartbeat, report, error)
 
 

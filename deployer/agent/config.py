@@ -47,6 +47,7 @@ _POSITIVE = (
     "shutdown_grace_seconds",
     "traffic_poll_seconds",
     "traffic_drain_timeout_seconds",
+    "lifecycle_poll_seconds",
 )
 #: Auto Scaling name rules: https://docs.aws.amazon.com/autoscaling/ec2/APIReference/API_PutLifecycleHook.html
 _LIFECYCLE_HOOK = re.compile(r"^[A-Za-z0-9./_-]{1,255}$")
@@ -94,6 +95,11 @@ class AgentConfig:
     #: How long a registered release may take to be `healthy` (default: twice HealthyThresholdCount
     #: + 1 intervals of the slowest group) before `register_unhealthy` rolls it back.
     traffic_healthy_timeout_seconds: float | None = None
+    #: Auto Scaling terminate hook (EC2_INSTANCE_TERMINATING): when IMDS says the instance is
+    #: terminating, leave cleanly and complete it with CONTINUE (deployer.agent.termination). Off if unset.
+    terminate_hook_name: str | None = None
+    #: How often IMDS is asked for the instance's target lifecycle state (a loopback call).
+    lifecycle_poll_seconds: float = 5.0
     #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
     deregister_on_shutdown: bool = False
     #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
@@ -116,15 +122,22 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
             raise ConfigError("state_dir and root_dir must be absolute paths")
-        for name, pattern in (("lifecycle_hook_name", _LIFECYCLE_HOOK), ("lifecycle_asg_name", _ASG_NAME)):
+        for name, pattern in (
+            ("lifecycle_hook_name", _LIFECYCLE_HOOK),
+            ("terminate_hook_name", _LIFECYCLE_HOOK),
+            ("lifecycle_asg_name", _ASG_NAME),
+        ):
             value = getattr(self, name)
             if value is not None and not pattern.match(value):
                 raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
         self._check_traffic()
         if self.require_signatures and self.trust_file is None:
             raise ConfigError("require_signatures is set but trust_file is not: nothing to verify signatures with")
-        if self.lifecycle_asg_name and not self.lifecycle_hook_name:
-            raise ConfigError("lifecycle_asg_name is set but lifecycle_hook_name is not; set both or neither")
+        if self.lifecycle_asg_name and not (self.lifecycle_hook_name or self.terminate_hook_name):
+            raise ConfigError(
+                "lifecycle_asg_name is set but neither lifecycle_hook_name nor terminate_hook_name is; "
+                "set both or neither"
+            )
 
     def _check_traffic(self) -> None:
         if isinstance(self.target_group_arns, str):

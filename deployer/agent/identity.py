@@ -34,21 +34,35 @@ def resolve_instance_id(configured: str | None, endpoint: str, policy: RetryPoli
 
 def _imds_instance_id(endpoint: str) -> str:
     try:
-        token_request = urllib.request.Request(
-            f"{endpoint}/latest/api/token",
-            method="PUT",
-            headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
-        )
-        with urllib.request.urlopen(token_request, timeout=IMDS_TIMEOUT_SECONDS) as response:
-            token = response.read().decode()
-        id_request = urllib.request.Request(
-            f"{endpoint}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token}
-        )
-        with urllib.request.urlopen(id_request, timeout=IMDS_TIMEOUT_SECONDS) as response:
-            return str(response.read().decode().strip())
+        found = imds_get(endpoint, "instance-id")
     except urllib.error.HTTPError as exc:
         if exc.code >= 500:
             raise
         raise IdentityError(
             f"instance metadata at {endpoint} answered HTTP {exc.code}; set instance_id in the config"
         ) from None
+    if found is None:
+        raise IdentityError(f"instance metadata at {endpoint} has no instance-id; set instance_id in the config")
+    return found
+
+
+def imds_get(endpoint: str, path: str) -> str | None:
+    """One IMDSv2 lookup (a token PUT, then the GET of `meta-data/<path>`); None for a 404 (not
+    there, as `autoscaling/target-lifecycle-state` outside Auto Scaling). Other HTTP errors and
+    network failures raise (OSError, HTTPError)."""
+    endpoint = endpoint.rstrip("/")
+    token_request = urllib.request.Request(
+        f"{endpoint}/latest/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
+    )
+    with urllib.request.urlopen(token_request, timeout=IMDS_TIMEOUT_SECONDS) as response:
+        token = response.read().decode()
+    request = urllib.request.Request(f"{endpoint}/latest/meta-data/{path}", headers={"X-aws-ec2-metadata-token": token})
+    try:
+        with urllib.request.urlopen(request, timeout=IMDS_TIMEOUT_SECONDS) as response:
+            return str(response.read().decode().strip())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise

@@ -46,8 +46,10 @@ from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
+from deployer.agent.termination import LifecycleWatch, TerminateHook, apply_grace, keep_alive, left_marker, mark_left
 from deployer.agent.traffic import gate_for
 from deployer.agent.trust_store import NO_TRUST, TRUST_CACHE_NAME, TrustStore, load_trust_file
+from deployer.aws.autoscaling import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
@@ -58,7 +60,7 @@ from deployer.protocol.errors import Interrupted, QueueMissing, RejectedInput
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.limits import QUEUE_RECREATE_DELAY_SECONDS
 from deployer.protocol.names import Channel, Owner
-from deployer.protocol.report import ComponentState, ComponentStatus
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
 from deployer.protocol.trust import DeployVerifier
 
 log = structlog.get_logger(__name__)
@@ -593,6 +595,8 @@ def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POL
     """`deployer agent`: boot (retried until it succeeds), then serve until SIGTERM/SIGINT.
     Returns normally on a requested stop."""
     shutdown = Shutdown(config.shutdown_grace_seconds)
+    #: A signal, as opposed to the terminate hook's stop: what ends an agent that left its fleet.
+    signalled = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info(
@@ -600,22 +604,38 @@ def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POL
             signal=signal.Signals(signum).name,
             next="finishing the current step, handing back unprocessed messages",
         )
+        signalled.set()
         shutdown.request()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if config.terminate_hook_name and left_marker(config).exists():
+        # Left through the terminate hook, then restarted (systemd): booting would re-create the queue.
+        log.warning("agent_already_left", next="idle until the instance stops the agent")
+        signalled.wait()
+        return
     booted = boot_until_ready(config, clients, shutdown, policy)
     if booted is None:
         log.info("agent_stopped", next="exit 0 (stopped before boot completed)")
         return
+    leaving = Leaving(config, booted, shutdown, policy) if config.terminate_hook_name else None
+    if leaving is not None:
+        LifecycleWatch(config.metadata_endpoint, config.lifecycle_poll_seconds, leaving.begin, shutdown.stop).start()
     booted.agent.serve()
-    if config.deregister_on_shutdown:
+    if leaving is not None and leaving.begun.is_set():
+        leaving.finish(clients)
+        log.info("agent_left_fleet", next="idle until the instance stops the agent")
+        signalled.wait()
+    elif config.deregister_on_shutdown:
         _deregister(config, clients, booted, policy)  # the stop flag is set; this must still retry
     log.info("agent_stopped", next="exit 0")
 
 
-def _deregister(config: AgentConfig, clients: Clients, booted: Booted, policy: RetryPolicy) -> None:
-    """An agent leaving the fleet on clean shutdown (opt-in: `deregister_on_shutdown`)."""
+def _deregister(
+    config: AgentConfig, clients: Clients, booted: Booted, policy: RetryPolicy, *, keep_report: bool = False
+) -> None:
+    """An agent leaving the fleet on clean shutdown (opt-in: `deregister_on_shutdown`), or through
+    its terminate hook (`keep_report`: its last report says so)."""
     try:
         remove_registration(
             clients,
@@ -624,10 +644,74 @@ def _deregister(config: AgentConfig, clients: Clients, booted: Booted, policy: R
             who=booted.reporter.who,
             queue_name=booted.queue.name,
             subscription_arns=[booted.queue.handle.subscription_arn],
+            keep_report=keep_report,
             policy=policy,
         )
     except Exception as exc:  # noqa: BLE001 - whatever is left, `deployer gc` removes after its TTL
         log.error("deregister_failed", error=str(exc), next="deployer gc removes the rest after its TTL")
+
+
+class Leaving:
+    """An agent whose instance is terminating (`deployer.agent.termination`): `begin` when IMDS says
+    so (stop taking deploys, heartbeat the hook while an apply finishes), `finish` once the loop
+    ended (out of the load balancer, queues removed, last report, action completed)."""
+
+    def __init__(self, config: AgentConfig, booted: Booted, shutdown: Shutdown, policy: RetryPolicy) -> None:
+        assert config.terminate_hook_name is not None
+        self.config = config
+        self.booted = booted
+        self.shutdown = shutdown
+        self.policy = policy
+        self.hook = TerminateHook(
+            autoscaling_client(config.region, config.endpoint_url),
+            config.terminate_hook_name,
+            booted.instance_id,
+            policy,
+            config.lifecycle_asg_name,
+        )
+        self.begun = threading.Event()
+        self.done = threading.Event()
+
+    def begin(self) -> None:
+        self.begun.set()
+        try:
+            timeout = self.hook.heartbeat_timeout() or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
+        except Exception as exc:  # noqa: BLE001 - the default timeout is the safe guess
+            log.warning("lifecycle_hook_unreadable", error=str(exc), next="assuming the default heartbeat timeout")
+            timeout = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
+        grace = apply_grace(timeout)
+        log.warning(
+            "instance_terminating",
+            hook=self.hook.hook,
+            apply_grace_s=grace,
+            next="no more deploys; a running apply finishes (heartbeating the hook), then the agent leaves",
+        )
+        beat = threading.Thread(
+            target=keep_alive,
+            args=(self.hook, timeout / 3, self.shutdown.applying, self.done),
+            name="lifecycle-heartbeat",
+            daemon=True,
+        )
+        beat.start()
+        self.shutdown.request(grace)
+
+    def finish(self, clients: Clients) -> None:
+        self.done.set()
+        gate = self.booted.runner.traffic
+        if gate is not None:
+            try:
+                gate.leave()
+            except Exception as exc:  # noqa: BLE001 - Auto Scaling deregisters a terminating instance too
+                log.error("traffic_leave_failed", error=str(exc), next="leaving the fleet anyway")
+        _deregister(self.config, clients, self.booted, self.policy, keep_report=True)
+        self.booted.reporter.entered(Lifecycle.TERMINATED)
+        mark_left(self.config, self.booted.instance_id)
+        try:
+            completed = self.hook.complete()
+        except Exception as exc:  # noqa: BLE001 - the hook's DefaultResult ends it at its timeout
+            log.error("lifecycle_action_failed", error=str(exc), next="the hook's DefaultResult applies at its timeout")
+            return
+        log.info("lifecycle_action_completed", hook=self.hook.hook, result="CONTINUE", completed=completed)
 
 
 def _next(interval: float, jitter: float = RECONCILE_JITTER) -> float:

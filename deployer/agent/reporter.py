@@ -15,7 +15,7 @@ import structlog
 from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.protocol.layout import Layout, ReportKey
-from deployer.protocol.report import ComponentState, ComponentStatus, Rejection, StatusReport
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle, Rejection, StatusReport
 from deployer.protocol.timestamps import utc_now_iso
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class StatusReporter:
         self.last_rejection: Rejection | None = None
         #: Why the last boot attempt failed; None once booted (a new reporter per attempt).
         self.boot_error: str | None = None
+        #: Set once the instance left through its terminate hook, or while it sleeps in a warm pool.
+        self.lifecycle: Lifecycle | None = None
         #: A change `note`d and not written yet; `flush` writes it.
         self.unwritten = False
 
@@ -88,6 +90,11 @@ class StatusReporter:
         self.boot_error = error
         self.write()
 
+    def entered(self, lifecycle: Lifecycle | None) -> None:
+        """Say where the instance is in its Auto Scaling lifecycle (None: in service) and write it."""
+        self.lifecycle = lifecycle
+        self.write()
+
     def report(self, now: datetime | None = None) -> StatusReport:
         return StatusReport(
             key=self.who,
@@ -97,6 +104,7 @@ class StatusReporter:
             components=dict(self.components),
             last_rejection=self.last_rejection,
             boot_error=self.boot_error,
+            lifecycle=self.lifecycle,
         )
 
     def write(self) -> None:

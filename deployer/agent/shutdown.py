@@ -34,20 +34,22 @@ class Shutdown:
     #: Set by the runner while an apply holds the lock.
     applying: threading.Event = field(default_factory=threading.Event)
 
-    def request(self) -> None:
-        """SIGTERM/SIGINT: stop taking work; start the grace period if an apply is running."""
+    def request(self, grace_seconds: float | None = None) -> None:
+        """SIGTERM/SIGINT: stop taking work; start the grace period if an apply is running.
+        `grace_seconds`: a grace other than the configured one (the terminate hook's)."""
         if not self.stop.is_set() and self.applying.is_set():
-            timer = threading.Timer(self.grace_seconds, self._abandon)
+            grace = self.grace_seconds if grace_seconds is None else grace_seconds
+            timer = threading.Timer(grace, self._abandon, args=(grace,))
             timer.daemon = True
             timer.start()
         self.stop.set()
 
-    def _abandon(self) -> None:
+    def _abandon(self, grace: float) -> None:
         self.abandon.set()
         killed = kill_running_hooks()
         log.warning(
             "apply_abandoned",
-            grace_s=self.grace_seconds,
+            grace_s=grace,
             hooks_killed=killed,
             next="the apply stops and hands its message back; the restarted agent resumes it",
         )

@@ -33,7 +33,7 @@ from deployer.apply.health import run_health_check
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS, run_hooks, tail_of
 from deployer.apply.prune import releases_to_prune
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.errors import ActivationFailed, DeployerError, HookFailed, Interrupted
+from deployer.protocol.errors import ActivationFailed, DeployerError, HookFailed, Interrupted, TrafficUnavailable
 from deployer.protocol.manifest import Manifest, SyncStrategy
 
 if TYPE_CHECKING:
@@ -154,7 +154,8 @@ class Applier:
 
         Raises the error of the tree that says what happens next (docs/design.md, "Errors and
         what happens next"), after the failure hooks ran and the previous release was
-        re-activated; an `Interrupted` apply runs no failure hook and decides nothing.
+        re-activated; an `Interrupted` apply runs no failure hook and decides nothing, nor does
+        one whose `cutover.leave` raised `TrafficUnavailable` (nothing of the release ran).
         """
         deploy_log = DeployLog()
         self._on_milestone = on_milestone or (lambda _milestone: None)
@@ -166,7 +167,9 @@ class Applier:
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
         try:
             return self._apply(manifest, release_id, hook_env, deploy_log)
-        except Interrupted:
+        except (Interrupted, TrafficUnavailable):
+            # Nothing of the release ran (the load balancer could not be left): no failure hook
+            # either, which could restart the app while it still takes requests.
             raise
         except DeployerError as exc:
             # Failed before it was confirmed (say, a checksum mismatch): its failure hooks run only

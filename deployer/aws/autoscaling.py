@@ -14,6 +14,13 @@ if TYPE_CHECKING:
 #: What Auto Scaling answers when the instance has no pending action (already InService,
 #: completed before, timed out, or no hook): not an error for an agent that restarts.
 NO_ACTIVE_ACTION = "No active Lifecycle Action found"
+#: A lifecycle hook's HeartbeatTimeout when it sets none (30..7200 s); the action then ends with
+#: its DefaultResult unless a heartbeat restarts the timeout, at most until the global timeout,
+#: 100 × HeartbeatTimeout or 48 hours, whichever is smaller.
+#: https://docs.aws.amazon.com/autoscaling/ec2/userguide/lifecycle-hooks-overview.html
+DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 3600.0
+GLOBAL_TIMEOUT_FACTOR = 100
+GLOBAL_TIMEOUT_CAP_SECONDS = 48 * 3600.0
 
 
 def find_asg(autoscaling: AutoScalingClient, instance_id: str, policy: RetryPolicy = DEFAULT_POLICY) -> str | None:
@@ -73,3 +80,32 @@ def load_balancing_of(
     if not groups:
         raise ConfigError(f"Auto Scaling group {group!r} not found")
     return tuple(groups[0].get("TargetGroupARNs", [])), tuple(groups[0].get("LoadBalancerNames", []))
+
+
+def record_heartbeat(
+    autoscaling: AutoScalingClient, *, hook: str, asg: str, instance_id: str, policy: RetryPolicy = DEFAULT_POLICY
+) -> bool:
+    """Restart the hook's heartbeat timeout for this instance's pending action; False when none is pending."""
+    try:
+        policy.call(
+            autoscaling.record_lifecycle_action_heartbeat,
+            LifecycleHookName=hook,
+            AutoScalingGroupName=asg,
+            InstanceId=instance_id,
+        )
+    except AwsError as exc:
+        if exc.code == "ValidationError" and NO_ACTIVE_ACTION in str(exc):
+            return False
+        raise
+    return True
+
+
+def heartbeat_timeout(
+    autoscaling: AutoScalingClient, *, hook: str, asg: str, policy: RetryPolicy = DEFAULT_POLICY
+) -> float:
+    """The hook's HeartbeatTimeout in seconds. Raises ConfigError when the group has no such hook."""
+    found = policy.call(autoscaling.describe_lifecycle_hooks, AutoScalingGroupName=asg, LifecycleHookNames=[hook])
+    hooks = found.get("LifecycleHooks", [])
+    if not hooks:
+        raise ConfigError(f"Auto Scaling group {asg!r} has no lifecycle hook {hook!r}")
+    return float(hooks[0].get("HeartbeatTimeout") or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS)

@@ -78,9 +78,12 @@ def remove_registration(
     queue_name: str,
     subscription_arns: Iterable[str],
     dry_run: bool = False,
+    keep_report: bool = False,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> Removal:
-    """Unsubscribe, delete queue + DLQ, delete the status report. Idempotent: missing pieces are skipped."""
+    """Unsubscribe, delete queue + DLQ, delete the status report (unless `keep_report`: an agent
+    leaving through its terminate hook writes a last report saying so). Idempotent: missing
+    pieces are skipped."""
     subscriptions = tuple(subscription_arns)
     queues = tuple(name for name in (queue_name, queue_name + DLQ_SUFFIX) if queue_url(clients, name, policy))
     status_key = layout.status_key(who)
@@ -101,7 +104,8 @@ def remove_registration(
             except AwsError as exc:
                 if not is_missing_queue(exc):
                     raise
-    policy.call(clients.s3.delete_object, Bucket=bucket, Key=status_key)
+    if not keep_report:
+        policy.call(clients.s3.delete_object, Bucket=bucket, Key=status_key)
     log.info(
         "instance_deregistered",
         instance_id=who.instance_id,

@@ -240,6 +240,7 @@ def scope_options(func: Command) -> Command:
         asg_name: str | None,
         lifecycle: bool,
         deregister: bool,
+        terminate_hook: bool,
         target_groups: tuple[str, ...],
         publisher_arns: tuple[str, ...],
         sign_keys: tuple[str, ...],
@@ -257,6 +258,7 @@ def scope_options(func: Command) -> Command:
             asg_name=asg_name,
             lifecycle=lifecycle,
             deregister=deregister,
+            terminate=terminate_hook,
             target_groups=target_groups,
             publishers=publisher_arns,
             sign_keys=sign_keys,
@@ -278,6 +280,12 @@ def scope_options(func: Command) -> Command:
         ),
         click.option(
             "--deregister", is_flag=True, help="Instance: allow deregister_on_shutdown (delete own queues/status)."
+        ),
+        click.option(
+            "--terminate-hook",
+            is_flag=True,
+            help="Instance: allow leaving through the terminate lifecycle hook (queues removed, "
+            "heartbeats, CONTINUE; of --asg, else any group).",
         ),
         click.option(
             "--target-group",
@@ -373,6 +381,7 @@ def scope_flags(scope: Scope) -> str:
     flags += [f"--asg {scope.asg_name}"] if scope.asg_name else []
     flags += ["--lifecycle"] if scope.lifecycle and not scope.asg_name else []
     flags += ["--deregister"] if scope.deregister else []
+    flags += ["--terminate-hook"] if scope.terminate else []
     flags += [f"--target-group {group}" for group in scope.target_groups]
     flags += [f"--sign-key {key}" for key in scope.sign_keys]
     return "".join(f" {flag}" for flag in flags)

@@ -54,6 +54,7 @@ _TOP_KEYS = frozenset(
         "components",
         "last_rejection",
         "boot_error",
+        "lifecycle",
     }
 )
 _COMPONENT_KEYS = frozenset(
@@ -73,6 +74,16 @@ class ComponentState(enum.StrEnum):
 
 #: States after which a component needs someone to publish again (or a retry to succeed).
 FAILING_STATES = frozenset({ComponentState.FAILED, ComponentState.REJECTED})
+
+
+class Lifecycle(enum.StrEnum):
+    """Where the instance is in its Auto Scaling lifecycle, when not simply in service."""
+
+    #: Left the fleet through its terminate hook: queues gone, never coming back. Not lost.
+    TERMINATED = "terminated"
+    #: Converged and asleep in a warm pool (Warmed:Stopped/Hibernated/Running): catches up when
+    #: it enters service. Not lost, not serving, never collected by gc.
+    WARMED = "warmed"
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class StatusReport:
     last_rejection: Rejection | None = None
     #: Set while the agent cannot finish boot (it retries with backoff): why not.
     boot_error: str | None = None
+    lifecycle: Lifecycle | None = None
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {
@@ -144,6 +156,8 @@ class StatusReport:
         }
         if self.boot_error is not None:
             doc["boot_error"] = self.boot_error  # written only when set: older readers know no such key
+        if self.lifecycle is not None:
+            doc["lifecycle"] = self.lifecycle.value  # likewise
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
 
@@ -172,7 +186,19 @@ def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
         components={name: _component(name, value) for name, value in components.items()},
         last_rejection=_rejection(doc.get("last_rejection")),
         boot_error=_optional_str(doc, "boot_error"),
+        lifecycle=_lifecycle(doc.get("lifecycle")),
     )
+
+
+def _lifecycle(value: object) -> Lifecycle | None:
+    if value is None:
+        return None
+    try:
+        return Lifecycle(str(value))
+    except ValueError:
+        raise InvalidReport(
+            f"lifecycle {value!r} is not one of {', '.join(item.value for item in Lifecycle)}"
+        ) from None
 
 
 def _component(name: object, value: object) -> ComponentStatus:

@@ -9,7 +9,6 @@ then fails. A load client counts every request that failed while the fleet was d
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,12 +19,13 @@ import pytest
 
 from deployer.protocol.report import ComponentState
 from publisher.rollout import EXIT_ROLLED_BACK
-from tests.elb_fake import TargetHealthFake, balancer, elb_proxy, load
+from tests.elb_fake import TargetHealthFake, balancer, create_target_group, elb_proxy, load
 from tests.support import (
     REGION,
     AgentProcess,
     Fleet,
     cli,
+    free_port,
     kill_hard,
     kill_pid_file,
     make_tree,
@@ -33,14 +33,6 @@ from tests.support import (
     wait_until,
 )
 from tests.webapp import template_file
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on yet: the app's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 pytestmark = pytest.mark.moto_only(reason="ELBv2 target groups: LocalStack's community core has no ELBv2")
 
@@ -79,17 +71,8 @@ def web_fleet(
     """Four instances serving v1 behind a target group (interval 5 s, healthy after 2, delay 30 s, at 0.1×)."""
     size = getattr(request, "param", 4)
     with elb_proxy(fleet.endpoint_url) as fake:
-        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=fleet.endpoint_url)
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        group = create_target_group(fake.url)
         elbv2 = boto3.client("elbv2", region_name=REGION, endpoint_url=fake.url)
-        group = elbv2.create_target_group(
-            Name="web", Protocol="HTTP", Port=80, VpcId=vpc, TargetType="instance", HealthCheckPath="/health",
-            HealthCheckIntervalSeconds=5, HealthCheckTimeoutSeconds=2, HealthyThresholdCount=2,
-            UnhealthyThresholdCount=2,
-        )["TargetGroups"][0]["TargetGroupArn"]  # fmt: skip
-        elbv2.modify_target_group_attributes(
-            TargetGroupArn=group, Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": "30"}]
-        )
         agents = []
         for n in range(size):
             port = free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from deployer.agent.reporter import StatusReporter
 from deployer.aws.registration import Removal, remove_registration, subscriptions_by_endpoint
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.names import TopicArn
+from deployer.protocol.report import Lifecycle
 from deployer.protocol.timestamps import parse_timestamp
 from publisher.gc import Collector, Registration, describe, select_stale
 from tests.support import BUCKET, FAST_POLICY, Fleet, cli
@@ -102,6 +104,12 @@ def test_stale_means_silent_twice_over_neither_the_heartbeat_nor_the_object_youn
         reg("unreadable-new", None, modified_age_s=10),
     ]
     assert [r.who.instance_id for r in select_stale(regs, NOW, 3600)] == ["older", "old", "unreadable-old"]
+
+
+def test_an_instance_asleep_in_a_warm_pool_is_never_collected_however_silent() -> None:
+    asleep = replace(reg("warm", "2026-11-20T08:00:00Z", modified_age_s=7 * 86400), lifecycle=Lifecycle.WARMED)
+    left = replace(reg("left", "2026-11-26T08:00:00Z", modified_age_s=4 * 3600), lifecycle=Lifecycle.TERMINATED)
+    assert [r.who.instance_id for r in select_stale([asleep, left], NOW, 3600)] == ["left"]
 
 
 def test_gc_removes_only_stale_instances_subscription_first_and_a_dry_run_removes_nothing(fleet: Fleet) -> None:

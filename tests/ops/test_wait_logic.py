@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import ReportKey
-from deployer.protocol.report import ComponentState, ComponentStatus
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
 from publisher.wait import (
     EXIT_CONVERGED,
     EXIT_FAILED,
@@ -101,6 +101,20 @@ def test_lost_instances_fail_the_wait_unless_allowed() -> None:
     allowed = assess(target, expected, reports, NOW, TTL, 1, allow_lost=True)
     assert allowed.exit_code(timed_out=False) == EXIT_CONVERGED
     assert allowed.errors == {"gone": "status report removed"}
+
+
+def test_an_instance_gone_through_scale_in_has_left_and_one_asleep_in_a_warm_pool_is_not_expected() -> None:
+    target = deploy(2)
+    left = report_entry("left", {"api": ComponentStatus(seq=1)}, NOW, lifecycle=Lifecycle.TERMINATED)
+    warmed = report_entry("warm", {"api": ComponentStatus(seq=1)}, NOW, lifecycle=Lifecycle.WARMED)
+    reports = {"a": report("a", seq=2), "left": left, "warm": warmed}
+    assert expected_instances(reports, target, NOW, TTL) == {"a"}
+    assert classify(left, target, NOW, TTL) is Convergence.LEFT
+    # Expected when the wait began, then scaled in: settled, and no failure.
+    progress = assess(target, frozenset({"a", "left"}), reports, NOW, TTL, 1)
+    assert progress.settled
+    assert progress.exit_code(timed_out=False) == EXIT_CONVERGED
+    assert "1 left (scale-in)" in progress.line()
 
 
 class FakeCache:

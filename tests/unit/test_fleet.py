@@ -4,7 +4,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from deployer.protocol.names import Channel
-from deployer.protocol.report import ComponentState, ComponentStatus
+from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
 from publisher.fleet import fleet_rows, format_table, summary
 from tests.support import make_deploy, report_entry
 
@@ -95,3 +95,19 @@ def test_an_agent_that_cannot_boot_shows_boot_failed_with_the_reason_on_every_co
         ("i-2", "ok", ""),
     ]
     assert summary(rows) == ["prod/web/api: 1/2 on seq 41, 0 failed, 1 cannot boot"]
+
+
+def test_warmed_and_terminated_instances_are_counted_apart_from_the_fleet() -> None:
+    pointers = {Channel("prod", "web", "api"): make_deploy(seq=3)}
+    entries = [
+        report_entry("i-1", api(3), NOW),
+        report_entry("i-2", api(2), NOW, lifecycle=Lifecycle.WARMED),
+        report_entry("i-3", api(2), NOW, lifecycle=Lifecycle.TERMINATED),
+    ]
+    rows = fleet_rows(entries, now=NOW, pointers=pointers)
+    assert [(r.instance_id, r.state, r.behind) for r in rows] == [
+        ("i-1", "ok", False),
+        ("i-2", "warmed", False),
+        ("i-3", "terminated", False),
+    ]
+    assert summary(rows) == ["prod/web/api: 1/1 on seq 3, 0 failed, 1 warmed, 1 terminated"]

@@ -1,0 +1,104 @@
+"""Scale-in through the terminate hook: a real agent finishes its apply, leaves and completes the action.
+
+The group and its hook are moto's; the lifecycle action (Terminating:Wait, heartbeats, the
+default result at the heartbeat timeout) is `tests/ops/asg_fake.py`'s, and target health is
+`tests/elb_fake.py`'s, both at 0.1× (a 30 s heartbeat timeout lasts 3 s). IMDS is a loopback
+fake whose `autoscaling/target-lifecycle-state` the test turns to `Terminated`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from deployer.protocol.report import Lifecycle
+from tests.elb_fake import create_target_group, elb_proxy
+from tests.ops.asg_fake import LifecycleFake
+from tests.support import (
+    REGION,
+    AgentProcess,
+    Fleet,
+    cli,
+    free_port,
+    kill_pid_file,
+    make_asg,
+    make_tree,
+    publish_args,
+    serve_imds,
+    wait_until,
+)
+from tests.webapp import template_file
+
+pytestmark = pytest.mark.moto_only(reason="Auto Scaling and ELBv2: LocalStack's community core has neither")
+
+HOOK = "deployer-leave"
+TRAFFIC = {"heartbeat_interval_seconds": 1, "traffic_poll_seconds": 0.2, "traffic_healthy_timeout_seconds": 6}
+
+
+def test_a_terminating_instance_finishes_its_apply_heartbeating_then_leaves_and_completes_the_hook(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
+    autoscaling = boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    autoscaling.put_lifecycle_hook(
+        LifecycleHookName=HOOK, AutoScalingGroupName="web-asg", LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=30, DefaultResult="ABANDON",
+    )  # fmt: skip
+    lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
+    with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
+        group = create_target_group(elb.url)
+        port = free_port()
+        elb.bind(instance, port)
+        env = {"APP_PORT": str(port), "APP_PIDFILE": str(tmp_path / "app.pid")}
+        agent = start_agent(
+            instance, env=env, endpoint_url=elb.url, metadata_endpoint=imds.url, terminate_hook_name=HOOK,
+            lifecycle_poll_seconds=0.2, target_group_arns=[group], traffic_port=port, **TRAFFIC,
+        )  # fmt: skip
+        try:
+            assert _publish(fleet, elb.url, tmp_path, "v1") == 0
+            boto3.client("elbv2", region_name=REGION, endpoint_url=elb.url).register_targets(
+                TargetGroupArn=group, Targets=[{"Id": instance}]
+            )
+            wait_until(lambda: elb.state(group, instance) == "healthy", "the instance in service")
+            # A release whose post hook takes 6 s, twice the (scaled) heartbeat timeout.
+            slow = ("sleep 6",)
+            assert _publish(fleet, elb.url, tmp_path, "v2", first=slow) == 0
+            wait_until(
+                lambda: any(e.get("release_id") == "v2" for e in agent.events("apply_started")), "the apply of v2"
+            )
+            time.sleep(0.5)  # into its slow post hook
+            imds.lifecycle_state = "Terminated"
+            pending = lifecycle.terminate(instance)
+            wait_until(lambda: lifecycle.outcome(instance) is not None, "the terminate action to end", timeout=60)
+            assert lifecycle.outcome(instance) == "CONTINUE", agent.log_path.read_text()[-3000:]
+            assert pending.heartbeats >= 1  # the apply outlived one heartbeat timeout: the hook was kept alive
+            assert agent.served() == "v2"  # the running apply finished before the instance left
+            report = agent.status()
+            assert report is not None
+            assert report.lifecycle is Lifecycle.TERMINATED
+            assert elb.state(group, instance) in ("draining", "unused")
+            with pytest.raises(ClientError, match=r"NonExistentQueue|QueueDoesNotExist"):
+                agent.queue_url()
+            topic = fleet.clients.sns.list_subscriptions_by_topic(TopicArn=fleet.topic_arn)["Subscriptions"]
+            assert topic == []
+            assert agent.alive()  # idle until the instance stops it: a systemd restart must not re-join
+            agent.stop()
+            agent.start()
+            time.sleep(1.5)
+            assert agent.events("agent_already_left")
+            with pytest.raises(ClientError, match=r"NonExistentQueue|QueueDoesNotExist"):
+                agent.queue_url()
+        finally:
+            kill_pid_file(tmp_path / "app.pid")
+
+
+def _publish(fleet: Fleet, endpoint: str, tmp_path: Path, name: str, first: tuple[str, ...] = ()) -> int:
+    build = make_tree(tmp_path / f"build-{name}", {"index.html": name})
+    template = template_file(tmp_path / f"{name}.yml", first=first)
+    args = publish_args(fleet, build, "--manifest", str(template), "--release-id", name)
+    return cli(*args, env={"AWS_ENDPOINT_URL": endpoint}).returncode
