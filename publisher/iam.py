@@ -144,6 +144,11 @@ class Scope:
         return [self.objects(RELEASES, "*", CONDEMNED_NAME), self.objects(ARTIFACTS, f"*.{CONDEMNED_NAME}")]
 
     @property
+    def launch(self) -> bool:
+        """Completes the launch hook: `--lifecycle`, or `--asg` alone (what it has always meant)."""
+        return self.lifecycle or bool(self.asg_name and not self.terminate)
+
+    @property
     def target_group_arns(self) -> list[str]:
         """The groups RegisterTargets/DeregisterTargets may name: as given, or every group for `auto`."""
         topic = self.topic
@@ -267,11 +272,7 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
                 }
             },
         ),
-        _allow(
-            "WriteOwnStatus",
-            ["s3:PutObject", *(["s3:DeleteObject"] if scope.deregister else [])],
-            scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}"),
-        ),
+        _allow("WriteOwnStatus", ["s3:PutObject"], scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}")),
         # Tagging on create needs sqs:TagQueue too (publisher/iam_model.py). TagQueue alone would
         # let an instance re-tag another's queue as its own and take it over: it is granted only
         # with the caller's own tag, and only on a queue that has no owner yet or is its own.
@@ -293,7 +294,6 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
                 "sqs:GetQueueAttributes",
                 "sqs:ReceiveMessage",
                 "sqs:SetQueueAttributes",
-                *(["sqs:DeleteQueue", "sqs:GetQueueUrl"] if scope.deregister or scope.terminate else []),
             ],
             scope.queues,
             owned,
@@ -312,14 +312,26 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             },
         ),
     ]
+    # Every option below only adds statements, each always written the same way: a policy for
+    # several options is the union of theirs by Sid (how the Terraform module composes them).
+    if scope.deregister:
+        statements.append(
+            _allow(
+                "DeleteOwnStatus", ["s3:DeleteObject"], scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}")
+            )
+        )
     if scope.deregister or scope.terminate:
-        # sns:Unsubscribe takes no resource scoping at all (not even the topic): grant it only where
-        # SIGTERM (or the terminate hook) means termination, or leave leaving to `deployer gc`.
-        statements.append(_allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"))
+        statements += [
+            _allow("DeleteOwnQueues", ["sqs:DeleteQueue", "sqs:GetQueueUrl"], scope.queues, owned),
+            # sns:Unsubscribe takes no resource scoping at all (not even the topic): grant it only where
+            # SIGTERM (or the terminate hook) means termination, or leave leaving to `deployer gc`.
+            _allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"),
+        ]
     statements += _traffic(scope)
     topic = scope.topic
     group = f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{scope.asg_name or '*'}"
-    if scope.lifecycle or scope.asg_name:
+    # `--asg` alone has always meant the launch hook of that group; with --terminate-hook it only names it.
+    if scope.launch:
         statements.append(_allow("CompleteLaunchHook", ["autoscaling:CompleteLifecycleAction"], group))
     if scope.terminate:
         statements += [

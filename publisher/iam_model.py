@@ -356,9 +356,12 @@ class Place:
     instance_id: str = "i-0123456789abcdef0"
     #: The instance's `aws:userid` (`<role id>:<instance id>`); doctor fills in the role's id.
     userid: str = ""
+    #: The instance's Auto Scaling group, when the config names it (else it is looked up).
     asg_name: str | None = None
-    deregister: bool = False
+    #: Completes the launch hook; leaves through the terminate hook.
+    launch: bool = False
     terminate: bool = False
+    deregister: bool = False
     sign_keys: tuple[str, ...] = ()
     #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
     target_groups: tuple[str, ...] = ()
@@ -504,13 +507,13 @@ def _instance_calls(
     if place.deregister:  # leaving through the terminate hook keeps its last report
         calls.append(s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"))
     calls += _traffic_calls(place, topic, call)
-    if place.asg_name or place.terminate:
-        # `*` (or no group with a terminate hook): the agent looks its group up first.
-        group = place.asg_name if place.asg_name and place.asg_name != "*" else "any-group"
-        if group == "any-group":
+    if place.launch or place.terminate:
+        # Without the group's name the agent looks it up first.
+        group = place.asg_name or "any-group"
+        if place.asg_name is None:
             calls.append(call("autoscaling", "DescribeAutoScalingInstances", InstanceIds=[place.instance_id]))
         hooked = {"AutoScalingGroupName": group, "InstanceId": place.instance_id}
-        if place.asg_name:
+        if place.launch:
             calls.append(call("autoscaling", "CompleteLifecycleAction", LifecycleHookName="launch", **hooked))
         if place.terminate:
             calls += [
@@ -528,7 +531,7 @@ def _traffic_calls(place: Place, topic: TopicArn, call: Callable[..., Call]) -> 
     calls: list[Call] = []
     groups = [g for g in place.target_groups if g != AUTO_TARGET_GROUPS]
     if AUTO_TARGET_GROUPS in place.target_groups:
-        if not place.asg_name or place.asg_name == "*":
+        if place.asg_name is None:
             calls.append(call("autoscaling", "DescribeAutoScalingInstances", InstanceIds=[place.instance_id]))
         calls.append(call("autoscaling", "DescribeAutoScalingGroups", AutoScalingGroupNames=["web"]))
         groups.append(f"arn:{topic.partition}:elasticloadbalancing:{topic.region}:{topic.account}:targetgroup/web/0")

@@ -366,12 +366,13 @@ def unlisted(outcome: Findings) -> list[str]:
             topic_arn=f"arn:aws:sns:{REGION}:{ACCOUNT}:t",
             userid="AROAEXAMPLE:i-0123456789abcdef0",
             asg_name=group,
+            launch=True,
             deregister=True,
             terminate=True,
             sign_keys=("kms:k",),
             target_groups=(f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/web/0", "auto"),
         )
-        for group in ("web", "*")
+        for group in ("web", None)
     ]
     missing = []
     for role, seen in outcome.seen.items():

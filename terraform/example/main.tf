@@ -72,4 +72,5 @@ module "web" {
   desired_capacity          = var.desired_capacity
   wait_for_capacity_timeout = var.wait_for_capacity_timeout
   deregister_on_shutdown    = var.deregister_on_shutdown
+  terminate_hook            = var.terminate_hook
 }

@@ -49,6 +49,12 @@ variable "gc_role" {
   default     = false
 }
 
+variable "terminate_hook" {
+  description = "Scale-in waits for each agent to leave cleanly (the fleet module's terminate hook)."
+  type        = bool
+  default     = true
+}
+
 variable "deregister_on_shutdown" {
   description = "Agents remove their own queues, subscription and report on a clean SIGTERM."
   type        = bool

@@ -207,7 +207,15 @@ def cli_policies(out: dict[str, Any]) -> dict[str, Any]:
         "ci": policy_for(Audience.CI, replace(scope, stage="prod")),
         "instance": policy_for(
             Audience.INSTANCE,
-            replace(scope, stage="prod", role="web", asg_name=out["web_autoscaling_group_name"], deregister=True),
+            replace(
+                scope,
+                stage="prod",
+                role="web",
+                asg_name=out["web_autoscaling_group_name"],
+                lifecycle=True,
+                deregister=True,
+                terminate=True,
+            ),
         ),
         "gc": policy_for(Audience.GC, scope),
         "topic": policy_for(Audience.TOPIC, replace(scope, publishers=(out["ci_role_arn"],))),
@@ -240,7 +248,7 @@ def hook_fake(aws_env: Emulator) -> Iterator[LifecycleFake]:
 
 @pytest.mark.e2e
 def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leaves_nothing(
-    terraform: Terraform, aws_env: Emulator, hook_fake: LifecycleFake, tmp_path: Path
+    terraform: Terraform, aws_env: Emulator, hook_fake: LifecycleFake, tmp_path: Path, fake_imds: str
 ) -> None:
     terraform("validate")
     variables = {
@@ -300,7 +308,13 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     )
     role = InstanceRole(aws_env.url, out["web_instance_role_arn"], out["web_instance_role_id"])
     agent = AgentProcess(
-        fleet, tmp_path / "instance", instance_id, **config, endpoint_url=hook_fake.url, poll_wait_seconds=1
+        fleet,
+        tmp_path / "instance",
+        instance_id,
+        **config,
+        endpoint_url=hook_fake.url,
+        poll_wait_seconds=1,
+        metadata_endpoint=fake_imds,  # the terminate hook's watch asks IMDS; never the real address
     )
     agent.role_id = role.role_id
     agent.start(role.session_env(instance_id))

@@ -49,7 +49,17 @@ class Principal:
 
 
 def instance(instance_id: str) -> Principal:
-    scope = Scope(BUCKET, TOPIC, stage="prod", role="web", deregister=True, asg_name="web-asg")
+    scope = Scope(
+        BUCKET,
+        TOPIC,
+        stage="prod",
+        role="web",
+        deregister=True,
+        asg_name="web-asg",
+        lifecycle=True,
+        terminate=True,
+        target_groups=("arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef",),
+    )
     return Principal(
         Role.INSTANCE,
         f"arn:aws:sts::{ACCOUNT}:assumed-role/fleet-instance/{instance_id}",
@@ -151,8 +161,11 @@ def place(who: Principal, **overrides: Any) -> Place:
         instance_id=who.userid.split(":")[1],
         userid=who.userid,
         asg_name="web-asg",
+        launch=True,
+        terminate=True,
         deregister=True,
         sign_keys=who.scope.sign_keys,
+        target_groups=who.scope.target_groups,
         **overrides,
     )
 
@@ -248,6 +261,20 @@ CROSS_OWNER_AND_CI_ONLY: list[tuple[str, Principal, Call]] = [
         "A completes another group's lifecycle action",
         A,
         call("autoscaling", "CompleteLifecycleAction", AutoScalingGroupName="admin-asg"),
+    ),
+    (
+        "A heartbeats another group's lifecycle action",
+        A,
+        call("autoscaling", "RecordLifecycleActionHeartbeat", AutoScalingGroupName="admin-asg"),
+    ),
+    (
+        "A takes the targets of a group it does not serve in out of service",
+        A,
+        call(
+            "elbv2",
+            "DeregisterTargets",
+            TargetGroupArn=f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/admin/0123456789abcdef",
+        ),
     ),
     (
         "a dev pipeline moves a prod pointer",

@@ -1,6 +1,7 @@
 # One Auto Scaling group of fleet-deployer instances (one stage and role): its instance role and
 # profile with `deployer iam-policy --for instance`, a launch template carrying the cloud-init
-# user-data from scripts/cloud-init/ (IMDSv2 required), and the group with its launch hook.
+# user-data from scripts/cloud-init/ (IMDSv2 required), and the group with its launch and
+# terminate hooks and its load balancer target groups.
 
 locals {
   name     = coalesce(var.name, "deployer-${var.stage}-${var.role}")
@@ -10,18 +11,35 @@ locals {
   tags     = var.agent_config_from == "tags"
   hook     = var.launch_hook
 
-  policy_variant = "instance${local.hook ? "-hook" : ""}${var.deregister_on_shutdown ? "-deregister" : ""}"
-  instance_policy = templatefile("${local.policies}/${local.policy_variant}.json.tftpl", {
-    partition    = local.topic[1]
-    region       = local.topic[3]
-    account      = local.topic[4]
-    topic        = local.topic[5]
-    bucket       = var.bucket_name
-    prefix       = var.prefix
-    queue_prefix = var.queue_prefix
-    stage        = var.stage
-    role         = var.role
-    asg_name     = local.name
+  # `deployer iam-policy --for instance` with this group's options: each option only adds
+  # statements, so the policy is the union by Sid of the base template and each option's (in the
+  # order the CLI writes them, first appearance kept).
+  policy_variants = concat(
+    ["instance"],
+    var.deregister_on_shutdown ? ["instance-deregister"] : [],
+    length(var.target_group_arns) > 0 ? ["instance-traffic"] : [],
+    local.hook ? ["instance-hook"] : [],
+    var.terminate_hook ? ["instance-terminate"] : [],
+  )
+  policy_statements = flatten([
+    for variant in local.policy_variants : jsondecode(templatefile("${local.policies}/${variant}.json.tftpl", {
+      partition         = local.topic[1]
+      region            = local.topic[3]
+      account           = local.topic[4]
+      topic             = local.topic[5]
+      bucket            = var.bucket_name
+      prefix            = var.prefix
+      queue_prefix      = var.queue_prefix
+      stage             = var.stage
+      role              = var.role
+      asg_name          = local.name
+      target_group_arns = var.target_group_arns
+    })).Statement
+  ])
+  policy_sids = [for statement in local.policy_statements : statement.Sid]
+  instance_policy = jsonencode({
+    Version   = "2012-10-17"
+    Statement = [for i, statement in local.policy_statements : statement if index(local.policy_sids, statement.Sid) == i]
   })
 
   # What /etc/deployer/agent.yml says in user_data mode (and what the tags say in tags mode).
@@ -37,7 +55,10 @@ locals {
       queue_prefix = var.queue_prefix
     },
     # The group's name is given, so the instance policy needs no DescribeAutoScalingInstances.
-    local.hook ? { lifecycle_hook_name = var.launch_hook_name, lifecycle_asg_name = local.name } : {},
+    local.hook ? { lifecycle_hook_name = var.launch_hook_name } : {},
+    local.hook || var.terminate_hook ? { lifecycle_asg_name = local.name } : {},
+    var.terminate_hook ? { terminate_hook_name = var.terminate_hook_name } : {},
+    length(var.target_group_arns) > 0 ? { target_group_arns = var.target_group_arns } : {},
     var.deregister_on_shutdown ? { deregister_on_shutdown = true } : {},
     var.agent_config,
   )
@@ -117,8 +138,8 @@ resource "aws_launch_template" "fleet" {
 
   lifecycle {
     precondition {
-      condition     = !local.tags || (!var.launch_hook && !var.deregister_on_shutdown && var.queue_prefix == "deployer" && length(var.agent_config) == 0)
-      error_message = "agent_config_from = \"tags\" carries only stage, role, components, bucket, topic ARN and prefix: set launch_hook = false (an instance no agent completes the hook for would be abandoned), no deregister_on_shutdown, queue_prefix or agent_config, or use \"user_data\"."
+      condition     = !local.tags || (!var.launch_hook && !var.terminate_hook && length(var.target_group_arns) == 0 && !var.deregister_on_shutdown && var.queue_prefix == "deployer" && length(var.agent_config) == 0)
+      error_message = "agent_config_from = \"tags\" carries only stage, role, components, bucket, topic ARN and prefix: set launch_hook = false (an instance no agent completes the hook for would be abandoned), no terminate_hook, target_group_arns, deregister_on_shutdown, queue_prefix or agent_config, or use \"user_data\"."
     }
   }
 }
@@ -136,6 +157,10 @@ resource "aws_autoscaling_group" "fleet" {
     version = aws_launch_template.fleet.latest_version
   }
 
+  # Auto Scaling registers an instance in these when it enters service (after the launch hook);
+  # the agent leaves and rejoins them around each release switch.
+  target_group_arns = var.target_group_arns
+
   # A hook created with the group, not after it: the group's first instances wait for it too.
   dynamic "initial_lifecycle_hook" {
     for_each = local.hook ? [var.launch_hook_name] : []
@@ -144,6 +169,18 @@ resource "aws_autoscaling_group" "fleet" {
       lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
       heartbeat_timeout    = var.launch_hook_timeout_seconds
       default_result       = "ABANDON"
+    }
+  }
+
+  # Scale-in waits for the agent to finish its apply, leave its target groups and queues, and
+  # complete this hook with CONTINUE (heartbeating it while an apply runs).
+  dynamic "initial_lifecycle_hook" {
+    for_each = var.terminate_hook ? [var.terminate_hook_name] : []
+    content {
+      name                 = initial_lifecycle_hook.value
+      lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+      heartbeat_timeout    = var.terminate_hook_timeout_seconds
+      default_result       = "CONTINUE"
     }
   }
 

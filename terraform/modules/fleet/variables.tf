@@ -133,6 +133,34 @@ variable "launch_hook_timeout_seconds" {
   default     = 900
 }
 
+variable "terminate_hook" {
+  description = "Add the terminate lifecycle hook the agent completes after leaving cleanly (apply finished, out of its target groups, queues removed, `terminated` reported); user_data mode only."
+  type        = bool
+  default     = false
+}
+
+variable "terminate_hook_name" {
+  description = "The terminate hook's name (the agent's `terminate_hook_name`)."
+  type        = string
+  default     = "deployer-leave"
+}
+
+variable "terminate_hook_timeout_seconds" {
+  description = "The terminate hook's heartbeat timeout (30..7200); the agent heartbeats it while an apply runs, up to 100 times this (48 h at most)."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.terminate_hook_timeout_seconds >= 30 && var.terminate_hook_timeout_seconds <= 7200
+    error_message = "terminate_hook_timeout_seconds must be 30..7200 (Auto Scaling's HeartbeatTimeout bounds)."
+  }
+}
+
+variable "target_group_arns" {
+  description = "ELBv2 target groups the group's instances serve in: the group registers them, the agent leaves and rejoins them around each release switch (user_data mode only)."
+  type        = list(string)
+  default     = []
+}
+
 variable "deregister_on_shutdown" {
   description = "Agents remove their own queues, subscription and status report on a clean SIGTERM (scale-in). Grants an unscoped sns:Unsubscribe; the alternative is `deployer gc` on a schedule."
   type        = bool
