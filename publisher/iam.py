@@ -91,6 +91,8 @@ class Scope:
     deregister: bool = False
     #: Instance: allow leaving through the terminate hook (queues removed, action completed, heartbeats).
     terminate: bool = False
+    #: Instance: allow protecting itself from scale-in while a deploy runs.
+    protect: bool = False
     #: Instance: the target groups it leaves and rejoins around a release switch (ARNs or
     #: patterns), or `auto`: any group of its Auto Scaling group, found with Describe calls.
     target_groups: tuple[str, ...] = ()
@@ -146,7 +148,7 @@ class Scope:
     @property
     def launch(self) -> bool:
         """Completes the launch hook: `--lifecycle`, or `--asg` alone (what it has always meant)."""
-        return self.lifecycle or bool(self.asg_name and not self.terminate)
+        return self.lifecycle or bool(self.asg_name and not (self.terminate or self.protect))
 
     @property
     def target_group_arns(self) -> list[str]:
@@ -330,7 +332,8 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
     statements += _traffic(scope)
     topic = scope.topic
     group = f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{scope.asg_name or '*'}"
-    # `--asg` alone has always meant the launch hook of that group; with --terminate-hook it only names it.
+    # `--asg` alone has always meant the launch hook of that group; with --terminate-hook or
+    # --scale-in-protection it only names the group.
     if scope.launch:
         statements.append(_allow("CompleteLaunchHook", ["autoscaling:CompleteLifecycleAction"], group))
     if scope.terminate:
@@ -343,7 +346,9 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             # Its HeartbeatTimeout, for the heartbeat's period; Describe calls take no resource ARN.
             _allow("ReadTerminateHook", ["autoscaling:DescribeLifecycleHooks"], "*"),
         ]
-    if (scope.lifecycle or scope.terminate) and not scope.asg_name:
+    if scope.protect:
+        statements.append(_allow("ProtectWhileDeploying", ["autoscaling:SetInstanceProtection"], group))
+    if (scope.lifecycle or scope.terminate or scope.protect) and not scope.asg_name:
         # DescribeAutoScalingInstances supports no resource-level scoping.
         statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
     return statements
@@ -374,7 +379,7 @@ def _traffic(scope: Scope) -> list[dict[str, Any]]:
     ]
     if AUTO_TARGET_GROUPS in scope.target_groups:
         found = ["autoscaling:DescribeAutoScalingGroups"]
-        if not scope.asg_name and not (scope.lifecycle or scope.terminate):  # else FindOwnGroup grants it
+        if not scope.asg_name and not (scope.lifecycle or scope.terminate or scope.protect):  # else FindOwnGroup
             found.append("autoscaling:DescribeAutoScalingInstances")
         statements.append(_allow("FindOwnTargetGroups", found, "*"))
     return statements

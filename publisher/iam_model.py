@@ -310,6 +310,7 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
         Need("autoscaling:RecordLifecycleActionHeartbeat", group_arn(call))
     ],
     ("autoscaling", "DescribeLifecycleHooks"): _anything("autoscaling:DescribeLifecycleHooks"),
+    ("autoscaling", "SetInstanceProtection"): lambda call: [Need("autoscaling:SetInstanceProtection", group_arn(call))],
     ("autoscaling", "DescribeAutoScalingInstances"): _anything("autoscaling:DescribeAutoScalingInstances"),
     ("autoscaling", "DescribeAutoScalingGroups"): _anything("autoscaling:DescribeAutoScalingGroups"),
     # ELBv2 names a target group for (de)registering, but IAM has no condition key for the
@@ -361,6 +362,7 @@ class Place:
     #: Completes the launch hook; leaves through the terminate hook.
     launch: bool = False
     terminate: bool = False
+    protect: bool = False
     deregister: bool = False
     sign_keys: tuple[str, ...] = ()
     #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
@@ -507,7 +509,7 @@ def _instance_calls(
     if place.deregister:  # leaving through the terminate hook keeps its last report
         calls.append(s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"))
     calls += _traffic_calls(place, topic, call)
-    if place.launch or place.terminate:
+    if place.launch or place.terminate or place.protect:
         # Without the group's name the agent looks it up first.
         group = place.asg_name or "any-group"
         if place.asg_name is None:
@@ -515,6 +517,12 @@ def _instance_calls(
         hooked = {"AutoScalingGroupName": group, "InstanceId": place.instance_id}
         if place.launch:
             calls.append(call("autoscaling", "CompleteLifecycleAction", LifecycleHookName="launch", **hooked))
+        if place.protect:
+            calls.append(
+                call(
+                    "autoscaling", "SetInstanceProtection", InstanceIds=[place.instance_id], AutoScalingGroupName=group
+                )
+            )
         if place.terminate:
             calls += [
                 call("autoscaling", "DescribeLifecycleHooks", AutoScalingGroupName=group),

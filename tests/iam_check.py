@@ -213,6 +213,7 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             lifecycle=bool(config.get("lifecycle_hook_name")),
             deregister=bool(config.get("deregister_on_shutdown")),
             terminate=bool(config.get("terminate_hook_name")),
+            protect=bool(config.get("scale_in_protection")),
             target_groups=_target_groups(config.get("target_group_arns")),
         )
     bucket, prefix, keys = "", None, set()
@@ -369,6 +370,7 @@ def unlisted(outcome: Findings) -> list[str]:
             launch=True,
             deregister=True,
             terminate=True,
+            protect=True,
             sign_keys=("kms:k",),
             target_groups=(f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/web/0", "auto"),
         )

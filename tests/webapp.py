@@ -32,19 +32,20 @@ RESTART = f'{sys.executable} {Path(__file__).resolve()} restart "$(readlink -f "
 GAP_SECONDS = 0.3
 
 
-def manifest(*, traffic: str = "managed", first: tuple[str, ...] = ()) -> Manifest:
+def manifest(*, traffic: str = "managed", first: tuple[str, ...] = (), restart: bool = True) -> Manifest:
     """The template of a release of the app: symlink strategy, restart after the switch and after a
-    rollback; `first`: post hooks that run before the restart."""
+    rollback (unless not `restart`: no app); `first`: post hooks that run before the restart."""
+    restarts = (Hook(RESTART),) if restart else ()
     return Manifest(
         dest="/opt/api/current",
         sync_strategy=SyncStrategy.SYMLINK,
-        commands=Commands(post=(*(Hook(run) for run in first), Hook(RESTART)), failure=(Hook(RESTART),)),
+        commands=Commands(post=(*(Hook(run) for run in first), *restarts), failure=restarts),
         traffic=Traffic(traffic),
     )
 
 
-def template_file(path: Path, *, traffic: str = "managed", first: tuple[str, ...] = ()) -> Path:
-    path.write_text(manifest(traffic=traffic, first=first).to_yaml())
+def template_file(path: Path, *, traffic: str = "managed", first: tuple[str, ...] = (), restart: bool = True) -> Path:
+    path.write_text(manifest(traffic=traffic, first=first, restart=restart).to_yaml())
     return path
 
 

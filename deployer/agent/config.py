@@ -100,6 +100,8 @@ class AgentConfig:
     terminate_hook_name: str | None = None
     #: How often IMDS is asked for the instance's target lifecycle state (a loopback call).
     lifecycle_poll_seconds: float = 5.0
+    #: Protect the instance from scale-in while a deploy runs (deployer.agent.protection).
+    scale_in_protection: bool = False
     #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
     deregister_on_shutdown: bool = False
     #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
@@ -280,6 +282,7 @@ _READERS: dict[str, Callable[[Any, str, str], Any]] = {
     "state_dir": _path,
     "root_dir": _path,
     "deregister_on_shutdown": _flag,
+    "scale_in_protection": _flag,
     "allow_http_manifests": _flag,
     "trust_file": _path,
     "require_signatures": _flag,

@@ -42,6 +42,7 @@ from deployer.agent.identity import resolve_instance_id
 from deployer.agent.launch import finish_launch
 from deployer.agent.ledger import Ledger
 from deployer.agent.memory import release_free_memory
+from deployer.agent.protection import ScaleInProtection
 from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
@@ -515,6 +516,17 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         shutdown=shutdown,
         verifier=trust.verifier,
         traffic=gate_for(config, instance_id, stoppable.interruptible(shutdown.abandon), shutdown.abandon),
+        protection=(
+            ScaleInProtection(
+                autoscaling_client(config.region, config.endpoint_url),
+                instance_id,
+                config.state_dir,
+                policy,
+                config.lifecycle_asg_name,
+            )
+            if config.scale_in_protection
+            else None
+        ),
     )
 
     def pointer(channel: Channel) -> Deploy | None:
@@ -532,9 +544,9 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
         trust=trust,
     )
     agent.reconcile(reason="boot")
-    # After the replay: a resumed apply rejoins by itself; what a kill left out of service and
-    # nothing resumed goes back in here.
-    runner.recover_traffic()
+    # After the replay: a resumed apply rejoins by itself; what a kill left out of service (or
+    # protected from scale-in) and nothing resumed is put right here.
+    runner.recover()
     if config.lifecycle_hook_name and not shutdown.stop.is_set():
         # Enter service only on the current release: CONTINUE, or ABANDON if a component failed.
         finish_launch(

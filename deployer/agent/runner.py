@@ -20,6 +20,7 @@ import structlog
 from deployer.agent.config import AgentConfig
 from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
 from deployer.agent.ledger import DeployRecord, DeployStatus, Ledger, LocalState, Start, plan_start
+from deployer.agent.protection import ScaleInProtection
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
 from deployer.apply.confirmation import Confirmation
@@ -78,6 +79,7 @@ class DeployRunner:
         shutdown: Shutdown,
         verifier: Callable[[], DeployVerifier] = lambda: UNVERIFIED,
         traffic: Gate | None = None,
+        protection: ScaleInProtection | None = None,
     ) -> None:
         """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
         ran out) ends the running apply's hooks, health-check waits and download retries.
@@ -85,6 +87,7 @@ class DeployRunner:
         an instance behind a load balancer, takes it out of service around each release switch."""
         self.config = config
         self.traffic = traffic
+        self.protection = protection
         self.verifier = verifier
         self.s3 = s3
         self.policy = policy.interruptible(shutdown.abandon)
@@ -257,12 +260,15 @@ class DeployRunner:
         except Interrupted:
             return None  # the marker stays: the next start registers again
 
-    def recover_traffic(self) -> None:
-        """At boot: what a killed apply left out of service goes back in (under the apply lock)."""
-        if self.traffic is None:
+    def recover(self) -> None:
+        """At boot, under the apply lock: what a killed apply left out of service goes back in, and
+        a scale-in protection it left on is cleared."""
+        if self.traffic is None and self.protection is None:
             return
         with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop):
             back = self.settle_traffic()
+            if self.protection is not None:
+                self.protection.recover()
         if back:
             log.warning("traffic_recovered", result=back, next="serving")
 
@@ -292,6 +298,8 @@ class DeployRunner:
         log.info("apply_started", release_id=deploy.release_id)
         self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, authenticated=True)
         later.enter_context(self._report_applying_if_slow(deploy))
+        if self.protection is not None:
+            later.enter_context(self.protection.during_apply())
 
     def _resume(self, deploy: Deploy, record: DeployRecord) -> None:
         # We hold the lock, so the process that wrote this record is dead: resume.

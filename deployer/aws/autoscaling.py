@@ -109,3 +109,15 @@ def heartbeat_timeout(
     if not hooks:
         raise ConfigError(f"Auto Scaling group {asg!r} has no lifecycle hook {hook!r}")
     return float(hooks[0].get("HeartbeatTimeout") or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS)
+
+
+def set_protection(
+    autoscaling: AutoScalingClient, *, asg: str, instance_id: str, protected: bool, policy: RetryPolicy = DEFAULT_POLICY
+) -> None:
+    """Protect the instance from scale-in (or stop protecting it)."""
+    policy.call(
+        autoscaling.set_instance_protection,
+        InstanceIds=[instance_id],
+        AutoScalingGroupName=asg,
+        ProtectedFromScaleIn=protected,
+    )

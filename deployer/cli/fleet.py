@@ -241,6 +241,7 @@ def scope_options(func: Command) -> Command:
         lifecycle: bool,
         deregister: bool,
         terminate_hook: bool,
+        scale_in_protection: bool,
         target_groups: tuple[str, ...],
         publisher_arns: tuple[str, ...],
         sign_keys: tuple[str, ...],
@@ -259,6 +260,7 @@ def scope_options(func: Command) -> Command:
             lifecycle=lifecycle,
             deregister=deregister,
             terminate=terminate_hook,
+            protect=scale_in_protection,
             target_groups=target_groups,
             publishers=publisher_arns,
             sign_keys=sign_keys,
@@ -286,6 +288,11 @@ def scope_options(func: Command) -> Command:
             is_flag=True,
             help="Instance: allow leaving through the terminate lifecycle hook (queues removed, "
             "heartbeats, CONTINUE; of --asg, else any group).",
+        ),
+        click.option(
+            "--scale-in-protection",
+            is_flag=True,
+            help="Instance: allow protecting itself from scale-in while a deploy runs (of --asg, else any group).",
         ),
         click.option(
             "--target-group",
@@ -382,6 +389,7 @@ def scope_flags(scope: Scope) -> str:
     flags += ["--lifecycle"] if scope.lifecycle and not scope.asg_name else []
     flags += ["--deregister"] if scope.deregister else []
     flags += ["--terminate-hook"] if scope.terminate else []
+    flags += ["--scale-in-protection"] if scope.protect else []
     flags += [f"--target-group {group}" for group in scope.target_groups]
     flags += [f"--sign-key {key}" for key in scope.sign_keys]
     return "".join(f" {flag}" for flag in flags)

@@ -25,6 +25,7 @@ from tests.support import (
     Fleet,
     cli,
     free_port,
+    kill_hard,
     kill_pid_file,
     make_asg,
     make_tree,
@@ -102,3 +103,31 @@ def _publish(fleet: Fleet, endpoint: str, tmp_path: Path, name: str, first: tupl
     template = template_file(tmp_path / f"{name}.yml", first=first)
     args = publish_args(fleet, build, "--manifest", str(template), "--release-id", name)
     return cli(*args, env={"AWS_ENDPOINT_URL": endpoint}).returncode
+
+
+def test_an_instance_is_protected_from_scale_in_only_while_it_deploys_even_across_a_kill(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
+    autoscaling = boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url)
+
+    def protected() -> bool:
+        [member] = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance])["AutoScalingInstances"]
+        return bool(member["ProtectedFromScaleIn"])
+
+    agent = start_agent(instance, scale_in_protection=True, heartbeat_interval_seconds=1)
+    marker = Path(agent.config["state_dir"]) / "protection.json"
+    # The first run of the post hook hangs (the agent is killed then); the resumed run does not.
+    once = 'test -f "$DEPLOYER_RELEASE_DIR/../../slept" || { touch "$DEPLOYER_RELEASE_DIR/../../slept"; sleep 30; }'
+    build = make_tree(tmp_path / "build-v1", {"index.html": "v1"})
+    template = template_file(tmp_path / "v1.yml", first=(once,), restart=False)
+    assert cli(*publish_args(fleet, build, "--manifest", str(template), "--release-id", "v1")).returncode == 0
+    wait_until(lambda: bool(agent.events("hook_started")), "the apply to run its hooks")
+    assert protected()
+    assert marker.exists()
+    kill_hard(agent)
+    assert protected()  # left on by the kill: the marker says this agent set it
+    agent.start()
+    wait_until(lambda: agent.served() == "v1" and not marker.exists(), "the resumed apply to finish")
+    assert not protected()
+    assert not agent.events("scale_in_protection_failed")

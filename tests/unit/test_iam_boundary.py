@@ -58,6 +58,7 @@ def instance(instance_id: str) -> Principal:
         asg_name="web-asg",
         lifecycle=True,
         terminate=True,
+        protect=True,
         target_groups=("arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123456789abcdef",),
     )
     return Principal(
@@ -163,6 +164,7 @@ def place(who: Principal, **overrides: Any) -> Place:
         asg_name="web-asg",
         launch=True,
         terminate=True,
+        protect=True,
         deregister=True,
         sign_keys=who.scope.sign_keys,
         target_groups=who.scope.target_groups,

@@ -20,6 +20,7 @@ locals {
     length(var.target_group_arns) > 0 ? ["instance-traffic"] : [],
     local.hook ? ["instance-hook"] : [],
     var.terminate_hook ? ["instance-terminate"] : [],
+    var.scale_in_protection ? ["instance-protect"] : [],
   )
   policy_statements = flatten([
     for variant in local.policy_variants : jsondecode(templatefile("${local.policies}/${variant}.json.tftpl", {
@@ -56,7 +57,8 @@ locals {
     },
     # The group's name is given, so the instance policy needs no DescribeAutoScalingInstances.
     local.hook ? { lifecycle_hook_name = var.launch_hook_name } : {},
-    local.hook || var.terminate_hook ? { lifecycle_asg_name = local.name } : {},
+    local.hook || var.terminate_hook || var.scale_in_protection ? { lifecycle_asg_name = local.name } : {},
+    var.scale_in_protection ? { scale_in_protection = true } : {},
     var.terminate_hook ? { terminate_hook_name = var.terminate_hook_name } : {},
     length(var.target_group_arns) > 0 ? { target_group_arns = var.target_group_arns } : {},
     var.deregister_on_shutdown ? { deregister_on_shutdown = true } : {},
@@ -138,7 +140,7 @@ resource "aws_launch_template" "fleet" {
 
   lifecycle {
     precondition {
-      condition     = !local.tags || (!var.launch_hook && !var.terminate_hook && length(var.target_group_arns) == 0 && !var.deregister_on_shutdown && var.queue_prefix == "deployer" && length(var.agent_config) == 0)
+      condition     = !local.tags || (!var.launch_hook && !var.terminate_hook && !var.scale_in_protection && length(var.target_group_arns) == 0 && !var.deregister_on_shutdown && var.queue_prefix == "deployer" && length(var.agent_config) == 0)
       error_message = "agent_config_from = \"tags\" carries only stage, role, components, bucket, topic ARN and prefix: set launch_hook = false (an instance no agent completes the hook for would be abandoned), no terminate_hook, target_group_arns, deregister_on_shutdown, queue_prefix or agent_config, or use \"user_data\"."
     }
   }

@@ -155,6 +155,12 @@ variable "terminate_hook_timeout_seconds" {
   }
 }
 
+variable "scale_in_protection" {
+  description = "Agents protect their instance from scale-in while a deploy runs (never left on after a crash); user_data mode only."
+  type        = bool
+  default     = false
+}
+
 variable "target_group_arns" {
   description = "ELBv2 target groups the group's instances serve in: the group registers them, the agent leaves and rejoins them around each release switch (user_data mode only)."
   type        = list(string)
