@@ -149,14 +149,14 @@ def summary(rows: Iterable[Row]) -> list[str]:
         # Asleep in a warm pool or gone through scale-in: counted apart, not in the fleet's share.
         apart = {state: sum(1 for r in everyone if r.state == state) for state in (WARMED, TERMINATED)}
         members = [r for r in everyone if r.state not in apart]
-        top = max((r.seq for r in members if r.seq is not None), default=None)
+        top = max((r.seq for r in everyone if r.seq is not None), default=None)
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in failing)
         unbooted = sum(1 for r in members if r.state == BOOT_FAILED)
         waiting = sum(1 for r in members if r.state == ComponentState.WAITING)
         stale = sum(1 for r in members if r.stale)
         behind = sum(1 for r in members if r.behind)
-        pointer = next((r.pointer_seq for r in members if r.pointer_seq is not None), None)
+        pointer = next((r.pointer_seq for r in everyone if r.pointer_seq is not None), None)
         if pointer is not None:
             top = pointer
             on_top = sum(1 for r in members if r.seq == pointer and r.state == ComponentState.OK)

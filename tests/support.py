@@ -234,13 +234,11 @@ def fake_imds() -> Iterator[str]:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port with nothing listening."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on yet (for an app a test starts later)."""
+    """A loopback port nothing listens on (an endpoint that refuses at once, or for an app started later)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -314,6 +312,10 @@ def agent_config(fleet: Fleet, home: Path, instance_id: str | None, **overrides:
         "root_dir": str(home / "root"),
         "state_dir": str(home / "state"),
         "poll_wait_seconds": 1,
+        # Never the real IMDS address: an agent asks IMDS for its lifecycle state when a hook is
+        # configured. A closed loopback port answers "not there" at once; tests that need IMDS
+        # give a FakeImds.
+        "metadata_endpoint": f"http://127.0.0.1:{free_port()}",
     }
     if instance_id:
         config["instance_id"] = instance_id

@@ -12,6 +12,7 @@ drive it with `MemoryQueue` and small fakes.
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
 import threading
@@ -41,15 +42,17 @@ from deployer.agent.decide import (
 from deployer.agent.identity import resolve_instance_id
 from deployer.agent.launch import finish_launch
 from deployer.agent.ledger import Ledger
+from deployer.agent.lifecycle import LifecycleWatch, Step, is_warmed, read_state
 from deployer.agent.memory import release_free_memory
 from deployer.agent.protection import ScaleInProtection
 from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
-from deployer.agent.termination import LifecycleWatch, TerminateHook, apply_grace, keep_alive, left_marker, mark_left
+from deployer.agent.termination import TerminateHook, apply_grace, keep_alive, left_marker, mark_left
 from deployer.agent.traffic import gate_for
 from deployer.agent.trust_store import NO_TRUST, TRUST_CACHE_NAME, TrustStore, load_trust_file
+from deployer.apply.lock import ApplyLock
 from deployer.aws.autoscaling import DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 from deployer.aws.clients import Clients, autoscaling_client, caller_userid
 from deployer.aws.registration import remove_registration
@@ -461,11 +464,19 @@ class Booted:
     runner: DeployRunner
 
 
-def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: RetryPolicy = DEFAULT_POLICY) -> Booted:
+def boot(
+    config: AgentConfig,
+    clients: Clients,
+    shutdown: Shutdown,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    *,
+    warmed: bool = False,
+) -> Booted:
     """One attempt: identity, queue + subscription FIRST, then replay the pointers in component order.
 
     Once the identity is known, a failure is written into the status report (`boot_error`)
-    before it goes up, so an instance that cannot join is seen, not merely absent.
+    before it goes up, so an instance that cannot join is seen, not merely absent. `warmed`:
+    launched into a warm pool (deployer.agent.lifecycle): every report says so from the first.
     """
     stoppable = policy.interruptible(shutdown.stop)
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
@@ -496,6 +507,8 @@ def boot(config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: Retr
                     state=ComponentState.OK, release_id=record.release_id, seq=record.seq, deploy_id=record.deploy_id
                 ),
             )
+    if warmed:
+        reporter.lifecycle = Lifecycle.WARMED
     queue = SqsQueue(clients.sqs, clients.sns, config, instance_id, stoppable, owner_userid=userid)
     try:
         queue.ensure()
@@ -574,7 +587,12 @@ def trust_store(config: AgentConfig, clients: Clients, layout: Layout, policy: R
 
 
 def boot_until_ready(
-    config: AgentConfig, clients: Clients, shutdown: Shutdown, policy: RetryPolicy = DEFAULT_POLICY
+    config: AgentConfig,
+    clients: Clients,
+    shutdown: Shutdown,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    *,
+    warmed: bool = False,
 ) -> Booted | None:
     """`boot`, retried with backoff until it succeeds or a stop is requested (then None).
 
@@ -586,7 +604,7 @@ def boot_until_ready(
     attempt = 0
     while True:
         try:
-            return boot(config, clients, shutdown, policy)
+            return boot(config, clients, shutdown, policy, warmed=warmed)
         except Interrupted:
             return None
         except Exception as exc:  # noqa: BLE001 - whatever failed, the next attempt may succeed
@@ -626,21 +644,54 @@ def run(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POL
         log.warning("agent_already_left", next="idle until the instance stops the agent")
         signalled.wait()
         return
-    booted = boot_until_ready(config, clients, shutdown, policy)
+    watched = bool(config.lifecycle_hook_name or config.terminate_hook_name)
+    first = read_state(config.metadata_endpoint) if watched else None
+    booted = boot_until_ready(config, clients, shutdown, policy, warmed=is_warmed(first))
     if booted is None:
         log.info("agent_stopped", next="exit 0 (stopped before boot completed)")
         return
     leaving = Leaving(config, booted, shutdown, policy) if config.terminate_hook_name else None
-    if leaving is not None:
-        LifecycleWatch(config.metadata_endpoint, config.lifecycle_poll_seconds, leaving.begin, shutdown.stop).start()
+    if watched:
+        act = functools.partial(_lifecycle_step, config, booted, leaving, shutdown, policy)
+        LifecycleWatch(config.metadata_endpoint, config.lifecycle_poll_seconds, act, shutdown.stop, first).start()
     booted.agent.serve()
     if leaving is not None and leaving.begun.is_set():
         leaving.finish(clients)
         log.info("agent_left_fleet", next="idle until the instance stops the agent")
         signalled.wait()
-    elif config.deregister_on_shutdown:
+    elif config.deregister_on_shutdown and booted.reporter.lifecycle is not Lifecycle.WARMED:
+        # A warm pool stops its instances: one that is only going to sleep keeps its queue.
         _deregister(config, clients, booted, policy)  # the stop flag is set; this must still retry
     log.info("agent_stopped", next="exit 0")
+
+
+def _lifecycle_step(
+    config: AgentConfig,
+    booted: Booted,
+    leaving: Leaving | None,
+    shutdown: Shutdown,
+    policy: RetryPolicy,
+    step: Step,
+    _state: str,
+) -> None:
+    """What a change of the instance's target lifecycle state makes the agent do (on the watch's thread)."""
+    if step is Step.TERMINATING and leaving is not None:
+        leaving.begin()
+    elif step is Step.WARMED:
+        booted.reporter.entered(Lifecycle.WARMED)
+    elif step is Step.ENTERED_SERVICE:
+        booted.reporter.entered(None)
+        if config.lifecycle_hook_name:
+            # Under the apply lock: a running apply finishes first, so the hook is never completed
+            # (and the instance never registered) mid-apply.
+            with ApplyLock(config.state_dir, interrupt=shutdown.stop):
+                finish_launch(
+                    autoscaling_client(config.region, config.endpoint_url),
+                    config,
+                    booted.instance_id,
+                    booted.reporter.states(),
+                    policy,
+                )
 
 
 def _deregister(

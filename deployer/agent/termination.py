@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +30,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from deployer.agent.config import AgentConfig
-from deployer.agent.identity import imds_get
 from deployer.apply.fsutil import write_atomic
 from deployer.aws.autoscaling import (
     GLOBAL_TIMEOUT_CAP_SECONDS,
@@ -48,11 +46,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-#: IMDS path of the state Auto Scaling is moving the instance to.
-#: https://docs.aws.amazon.com/autoscaling/ec2/userguide/retrieving-target-lifecycle-state-through-imds.html
-TARGET_LIFECYCLE_STATE = "autoscaling/target-lifecycle-state"
-#: Its value once the instance is being terminated (same page).
-TERMINATED = "Terminated"
 #: What leaving takes after the apply (drain, queue removal, report, completion): the running
 #: apply gets the hook's global timeout less this, or less a tenth of it if that is shorter.
 LEAVE_MARGIN_SECONDS = 300.0
@@ -73,44 +66,6 @@ def left_marker(config: AgentConfig) -> Path:
 
 def mark_left(config: AgentConfig, instance_id: str) -> None:
     write_atomic(left_marker(config), json.dumps({"instance_id": instance_id}).encode())
-
-
-class LifecycleWatch:
-    """Polls IMDS for the target lifecycle state on a thread; calls `on_terminating` once."""
-
-    def __init__(
-        self,
-        endpoint: str,
-        poll_seconds: float,
-        on_terminating: Callable[[], None],
-        stop: threading.Event,
-        read: Callable[[str, str], str | None] = imds_get,
-    ) -> None:
-        self.endpoint = endpoint
-        self.poll_seconds = poll_seconds
-        self.on_terminating = on_terminating
-        self.stop = stop
-        self.read = read
-        self.thread = threading.Thread(target=self._run, name="lifecycle-watch", daemon=True)
-
-    def start(self) -> LifecycleWatch:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        failing = False
-        while not self.stop.wait(self.poll_seconds):
-            try:
-                state = self.read(self.endpoint, TARGET_LIFECYCLE_STATE)
-            except OSError as exc:  # IMDS unreachable for a moment: asked again at the next poll
-                if not failing:
-                    log.warning("lifecycle_state_unreadable", error=str(exc), next="asked again at the next poll")
-                failing = True
-                continue
-            failing = False
-            if state == TERMINATED:
-                self.on_terminating()
-                return
 
 
 @dataclass

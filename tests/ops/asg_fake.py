@@ -12,6 +12,11 @@ AWS would have pending, using moto's state for the rest:
   CompleteLifecycleAction, or with the hook's DefaultResult once HeartbeatTimeout passes
   without a RecordLifecycleActionHeartbeat; the global timeout (100 × HeartbeatTimeout, at most
   48 h) bounds the heartbeats. https://docs.aws.amazon.com/autoscaling/ec2/userguide/lifecycle-hooks-overview.html
+- **Warm pools**: `warm(instance)` gives the instance a launch action into the warm pool
+  (`Warmed:Pending:Wait`; completed, it is `Warmed:Stopped`), `enter_service(instance)` a new one
+  out of it (`Pending:Wait`; completed, `InService`), and sets the target lifecycle state its
+  IMDS answers (`Warmed:Stopped`, then `InService`). moto stores a warm pool's configuration
+  only. https://docs.aws.amazon.com/autoscaling/ec2/userguide/warm-pool-instance-lifecycle.html
 - **Time** runs at `time_scale` (0.1: a 30 s heartbeat timeout, AWS's minimum, lasts 3 s), and
   DescribeLifecycleHooks answers with the scaled HeartbeatTimeout, so an agent that paces its
   heartbeats by it lives in the same time as the fake.
@@ -64,6 +69,10 @@ class LifecycleFake:
     completed: list[dict[str, str]] = field(default_factory=list)
     url: str = ""
     terminating: dict[str, Pending] = field(default_factory=dict)
+    #: Launch actions given by `warm` / `enter_service`: instance → the state completion leads to.
+    launching: dict[str, str] = field(default_factory=dict)
+    #: Each instance's emulated lifecycle state, once a test moved it (warm pool, service).
+    states: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def before(self, call: Call) -> Answer | None:
@@ -101,6 +110,20 @@ class LifecycleFake:
             self.terminating[instance] = pending
         return pending
 
+    def warm(self, instance: str, imds: type[Any]) -> None:
+        """Launched into a warm pool whose instances are stopped: Warmed:Pending:Wait until the launch hook completes."""
+        with self._lock:
+            self.launching[instance] = "Warmed:Stopped"
+            self.states[instance] = "Warmed:Pending:Wait"
+        imds.lifecycle_state = "Warmed:Stopped"
+
+    def enter_service(self, instance: str, imds: type[Any]) -> None:
+        """Scale-out takes it from the warm pool: Pending:Wait until the launch hook completes again."""
+        with self._lock:
+            self.launching[instance] = "InService"
+            self.states[instance] = "Pending:Wait"
+        imds.lifecycle_state = "InService"
+
     def outcome(self, instance: str) -> str | None:
         """How the instance's terminate action ended (None while it waits)."""
         with self._lock:
@@ -119,6 +142,10 @@ class LifecycleFake:
             pending = self._pending(instance, group, hook)
             if pending is not None:
                 pending.result = str(result)
+                self.completed.append({str(k): str(v) for k, v in params.items()})
+                return _ok("CompleteLifecycleAction")
+            if instance in self.launching:  # a warm-pool launch action, or one out of the pool
+                self.states[instance] = self.launching.pop(instance) if result == "CONTINUE" else "Terminating"
                 self.completed.append({str(k): str(v) for k, v in params.items()})
                 return _ok("CompleteLifecycleAction")
         launch = [h for h in self._hooks(group, hook) if h["LifecycleTransition"] == LAUNCHING]

@@ -1,9 +1,10 @@
-"""Scale-in through the terminate hook: a real agent finishes its apply, leaves and completes the action.
+"""Real agents through the Auto Scaling lifecycle: scale-in through the terminate hook, scale-in
+protection while deploying, and a warm pool (asleep while releases are published, then into service).
 
-The group and its hook are moto's; the lifecycle action (Terminating:Wait, heartbeats, the
-default result at the heartbeat timeout) is `tests/ops/asg_fake.py`'s, and target health is
-`tests/elb_fake.py`'s, both at 0.1× (a 30 s heartbeat timeout lasts 3 s). IMDS is a loopback
-fake whose `autoscaling/target-lifecycle-state` the test turns to `Terminated`.
+The groups and hooks are moto's; lifecycle actions (Terminating:Wait, heartbeats, the default
+result at the heartbeat timeout, warm-pool launches) are `tests/ops/asg_fake.py`'s, and target
+health is `tests/elb_fake.py`'s, both at 0.1× (a 30 s heartbeat timeout lasts 3 s). IMDS is a
+loopback fake whose `autoscaling/target-lifecycle-state` the test (or the lifecycle fake) sets.
 """
 
 from __future__ import annotations
@@ -131,3 +132,60 @@ def test_an_instance_is_protected_from_scale_in_only_while_it_deploys_even_acros
     wait_until(lambda: agent.served() == "v1" and not marker.exists(), "the resumed apply to finish")
     assert not protected()
     assert not agent.events("scale_in_protection_failed")
+
+
+def test_a_warm_pool_instance_converges_sleeps_with_its_queue_then_catches_up_before_entering_service(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
+    autoscaling = boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    autoscaling.put_lifecycle_hook(
+        LifecycleHookName="deployer-boot", AutoScalingGroupName="web-asg",
+        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", HeartbeatTimeout=300, DefaultResult="ABANDON",
+    )  # fmt: skip
+    lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
+    with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
+        group = create_target_group(elb.url)
+        port = free_port()
+        elb.bind(instance, port)
+        assert _publish(fleet, elb.url, tmp_path, "v1") == 0
+        lifecycle.warm(instance, imds)
+        env = {"APP_PORT": str(port), "APP_PIDFILE": str(tmp_path / "app.pid")}
+        agent = start_agent(
+            instance, env=env, endpoint_url=elb.url, metadata_endpoint=imds.url, lifecycle_hook_name="deployer-boot",
+            lifecycle_poll_seconds=0.2, target_group_arns=[group], traffic_port=port, deregister_on_shutdown=True,
+            **TRAFFIC,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: lifecycle.states.get(instance) == "Warmed:Stopped", "the warm-pool launch hook")
+            assert agent.served() == "v1"
+            report = agent.status()
+            assert report is not None
+            assert report.lifecycle is Lifecycle.WARMED
+            status = cli("status", "--bucket", fleet.bucket)
+            assert "prod/web/api: 0/0 on seq 1, 0 failed, 1 warmed" in status.stdout, status.stdout
+            # The pool stops the instance: its agent stops, and keeps its queue (it is only asleep).
+            assert agent.stop() == 0
+            agent.process = None
+            queue = agent.queue_url()
+            # Published while it sleeps: v2, then v3. It wakes to v3, never applying v2.
+            assert _publish(fleet, elb.url, tmp_path, "v2") == 0
+            assert _publish(fleet, elb.url, tmp_path, "v3") == 0
+            lifecycle.enter_service(instance, imds)
+            agent.start()
+            wait_until(lambda: lifecycle.states.get(instance) == "InService", "the launch hook out of the pool")
+            assert agent.served() == "v3"
+            assert agent.queue_url() == queue
+            assert not [e for e in agent.events("apply_started") if e.get("release_id") == "v2"]
+            report = agent.status()
+            assert report is not None
+            assert report.lifecycle is None
+            # Auto Scaling registers it with its target groups once the hook completed.
+            assert elb.state(group, instance) == "unused"
+            boto3.client("elbv2", region_name=REGION, endpoint_url=elb.url).register_targets(
+                TargetGroupArn=group, Targets=[{"Id": instance}]
+            )
+            wait_until(lambda: elb.state(group, instance) == "healthy", "the instance serving v3")
+            assert [c["LifecycleActionResult"] for c in lifecycle.completed] == ["CONTINUE", "CONTINUE"]
+        finally:
+            kill_pid_file(tmp_path / "app.pid")

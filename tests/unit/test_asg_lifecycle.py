@@ -1,4 +1,5 @@
-"""Leaving through the terminate hook, the pure parts: the apply's grace, the report's lifecycle."""
+"""The Auto Scaling lifecycle, the pure parts: what a state change asks, the apply's grace when
+terminating, the report's lifecycle."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from deployer.agent.lifecycle import Step, step_for
 from deployer.agent.termination import apply_grace
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
@@ -30,3 +32,14 @@ def test_the_lifecycle_is_written_only_when_set_and_read_back_strictly() -> None
     doc["lifecycle"] = "Terminating:Wait"
     with pytest.raises(InvalidReport, match="lifecycle 'Terminating:Wait' is not one of terminated, warmed"):
         parse_report(json.dumps(doc).encode(), WHO)
+
+
+def test_each_change_of_target_lifecycle_state_asks_one_step_and_unknown_changes_nothing() -> None:
+    assert step_for(None, "InService") is Step.NOTHING  # booted in service: the launch hook is boot's
+    assert step_for(None, "Warmed:Stopped") is Step.WARMED
+    assert step_for("Warmed:Running", "Warmed:Stopped") is Step.NOTHING
+    assert step_for("Warmed:Running", "InService") is Step.ENTERED_SERVICE
+    assert step_for("InService", "Terminated") is Step.TERMINATING
+    assert step_for("Warmed:Running", "Terminated") is Step.TERMINATING  # a warm pool shrinks too
+    assert step_for("InService", None) is Step.NOTHING  # IMDS did not answer this time
+    assert step_for("InService", "InService") is Step.NOTHING
