@@ -92,7 +92,11 @@ def fleet_rows(
             deploy = (pointers or {}).get(Channel(who.stage, who.role, name))
             pointer = deploy.seq if deploy else None
             behind = pointer is not None and age <= stale_after_s and (status.seq or 0) < pointer
-            wave = deploy.rollout.wave_of(deploy.deploy_id, who.instance_id) if deploy and deploy.rollout else None
+            wave = (
+                deploy.rollout.wave_of(deploy.deploy_id, who.instance_id, report.zone)
+                if deploy and deploy.rollout
+                else None
+            )
             state, error = status.state.value, status.error or (status.last_error or "" if behind else "")
             if report.boot_error is not None:
                 state, error = BOOT_FAILED, report.boot_error

@@ -183,14 +183,17 @@ class Staging:
     live: tuple[str, ...]
     driver: str = field(default_factory=driver_id)
     capacity: Capacity = tuple
+    #: The live instances' Availability Zones, as their reports say (for zonal waves).
+    zones: Mapping[str, str | None] = field(default_factory=dict)
 
     def plan(self, deploy_id: str) -> Plan:
         try:
-            waves, first, thresholds = plan_waves(self.gates.waves, deploy_id, self.live)
+            waves = plan_waves(self.gates.waves, deploy_id, self.live, self.zones)
             plan = Plan(
-                waves=waves,
-                first=first,
-                thresholds=thresholds,
+                waves=waves.specs,
+                first=waves.first,
+                thresholds=waves.thresholds,
+                zones=waves.zones,
                 stable=self.stable,
                 bake_s=self.gates.bake_s,
                 max_failed=self.gates.max_failed,
@@ -200,7 +203,8 @@ class Staging:
         except ValueError as exc:
             raise PublishError(str(exc)) from None
         # Wave 0 is admitted the moment the pointer moves: its capacity is checked before anything is written.
-        refusal = capacity_refusal(self.capacity(), first, self.gates.min_healthy_percent)
+        wave0 = [i for i in self.live if plan.wave_of(deploy_id, i, self.zones.get(i)) == 0]
+        refusal = capacity_refusal(self.capacity(), wave0, self.gates.min_healthy_percent)
         if refusal is not None:
             raise PublishError(f"wave 0 refused: {refusal}; nothing was published")
         return plan
@@ -240,7 +244,8 @@ def prepare(publisher: Publisher, channel: Channel, gates: Gates, entries: Mappi
             and age_seconds(entry.report.heartbeat_at) <= gates.heartbeat_ttl_s
         )
     )
-    return Staging(cursors, gates, stable, live)
+    zones = {i: report.zone for i in live if (report := entries[i].report) is not None}
+    return Staging(cursors, gates, stable, live, zones=zones)
 
 
 class RolloutEnd(enum.StrEnum):
@@ -300,7 +305,7 @@ def count(deploy: Deploy, wave: int, entries: Mapping[str, ReportEntry], now: da
         live += 1
         if status.deploy_id == deploy.deploy_id and status.state in (ComponentState.FAILED, ComponentState.REJECTED):
             failed[instance] = status.error or status.state.value
-        if plan.admits(deploy.deploy_id, instance, wave):
+        if plan.admits(deploy.deploy_id, instance, wave, report.zone):
             admitted.add(instance)
             if status.deploy_id == deploy.deploy_id and status.state is ComponentState.OK:
                 converged.add(instance)
@@ -420,9 +425,8 @@ class Driver:
             entries = self._entries()
             leaving = [
                 i
-                for i in entries
-                if self.plan.admits(self.deploy.deploy_id, i, wave)
-                and not self.plan.admits(self.deploy.deploy_id, i, wave - 1)
+                for i, entry in entries.items()
+                if self.plan.wave_of(self.deploy.deploy_id, i, entry.report.zone if entry.report else None) == wave
             ]
             refusal = capacity_refusal(self.capacity(), leaving, self.gates.min_healthy_percent)
             if refusal is None:

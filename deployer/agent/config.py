@@ -26,6 +26,7 @@ from deployer.protocol.names import (
     DEFAULT_QUEUE_PREFIX,
     QUEUE_PREFIX_PATTERN,
     TARGET_GROUP_ARN,
+    ZONE_PATTERN,
     Channel,
     TopicArn,
     check_name,
@@ -66,6 +67,8 @@ class AgentConfig:
     region: str | None = None
     endpoint_url: str | None = None
     instance_id: str | None = None
+    #: The instance's Availability Zone (zonal waves); looked up in IMDS if unset.
+    availability_zone: str | None = None
     metadata_endpoint: str = DEFAULT_METADATA_ENDPOINT
     state_dir: Path = DEFAULT_STATE_DIR
     root_dir: Path = Path("/")
@@ -124,17 +127,21 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.root_dir.is_absolute() or not self.state_dir.is_absolute():
             raise ConfigError("state_dir and root_dir must be absolute paths")
+        self._check_auto_scaling()
+        self._check_traffic()
+        if self.require_signatures and self.trust_file is None:
+            raise ConfigError("require_signatures is set but trust_file is not: nothing to verify signatures with")
+
+    def _check_auto_scaling(self) -> None:
         for name, pattern in (
             ("lifecycle_hook_name", _LIFECYCLE_HOOK),
             ("terminate_hook_name", _LIFECYCLE_HOOK),
             ("lifecycle_asg_name", _ASG_NAME),
+            ("availability_zone", ZONE_PATTERN),
         ):
             value = getattr(self, name)
             if value is not None and not pattern.match(value):
-                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling name ({pattern.pattern})")
-        self._check_traffic()
-        if self.require_signatures and self.trust_file is None:
-            raise ConfigError("require_signatures is set but trust_file is not: nothing to verify signatures with")
+                raise ConfigError(f"{name} {value!r} is not a valid Auto Scaling or zone name ({pattern.pattern})")
         if self.lifecycle_asg_name and not (self.lifecycle_hook_name or self.terminate_hook_name):
             raise ConfigError(
                 "lifecycle_asg_name is set but neither lifecycle_hook_name nor terminate_hook_name is; "

@@ -7,7 +7,7 @@ import urllib.request
 
 from deployer.aws.retry import RetryPolicy
 from deployer.protocol.errors import IdentityError
-from deployer.protocol.names import INSTANCE_ID_PATTERN
+from deployer.protocol.names import INSTANCE_ID_PATTERN, ZONE_PATTERN
 
 #: IMDSv2 session token lifetime; we only need it for one lookup.
 TOKEN_TTL_SECONDS = 60
@@ -30,6 +30,21 @@ def resolve_instance_id(configured: str | None, endpoint: str, policy: RetryPoli
     if not INSTANCE_ID_PATTERN.match(instance_id):
         raise IdentityError(f"instance id {instance_id!r} must be 1-40 letters, digits, '-' or '_'")
     return instance_id
+
+
+def resolve_zone(configured: str | None, instance_id: str | None, endpoint: str) -> str | None:
+    """The configured zone if set; else, when the instance id also comes from IMDS (on EC2),
+    IMDSv2's `placement/availability-zone`. None when nobody says: the instance then joins the
+    last of a rollout's zonal waves. A configured instance id means "not EC2's", so IMDS is not asked."""
+    if configured:
+        return configured
+    if instance_id:
+        return None
+    try:
+        found = imds_get(endpoint, "placement/availability-zone")
+    except OSError:  # HTTPError is one: IMDS unreachable or refusing
+        return None
+    return found if found and ZONE_PATTERN.match(found) else None
 
 
 def _imds_instance_id(endpoint: str) -> str:

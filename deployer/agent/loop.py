@@ -39,7 +39,7 @@ from deployer.agent.decide import (
     decide_one,
     dispose,
 )
-from deployer.agent.identity import resolve_instance_id
+from deployer.agent.identity import resolve_instance_id, resolve_zone
 from deployer.agent.launch import finish_launch
 from deployer.agent.ledger import Ledger
 from deployer.agent.lifecycle import LifecycleWatch, Step, is_warmed, read_state
@@ -480,6 +480,7 @@ def boot(
     """
     stoppable = policy.interruptible(shutdown.stop)
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
+    zone = resolve_zone(config.availability_zone, config.instance_id, config.metadata_endpoint)
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
     userid = caller_userid(config.region, config.endpoint_url, stoppable)
     owner = Owner.from_userid(userid, instance_id)
@@ -498,6 +499,7 @@ def boot(
         ReportKey(config.stage, config.role, instance_id, owner.role_id),
         config.components,
         stoppable,
+        zone=zone,
     )
     for channel, record in ledger.load().channels.items():
         if channel in config.channels:

@@ -35,8 +35,11 @@ class StatusReporter:
         who: ReportKey,
         components: tuple[str, ...],
         policy: RetryPolicy = DEFAULT_POLICY,
+        zone: str | None = None,
     ) -> None:
         self.s3 = s3
+        #: The instance's Availability Zone: its wave in a zonal rollout.
+        self.zone = zone
         self.bucket = bucket
         self.who = who
         self.key = layout.status_key(who)
@@ -105,6 +108,7 @@ class StatusReporter:
             last_rejection=self.last_rejection,
             boot_error=self.boot_error,
             lifecycle=self.lifecycle,
+            zone=self.zone,
         )
 
     def write(self) -> None:

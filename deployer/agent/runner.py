@@ -331,10 +331,11 @@ class DeployRunner:
         now = None
         if current is not None and base_id(current.deploy_id) == deploy.deploy_id:
             now = Side.STABLE if current.deploy_id.endswith(STABLE_SUFFIX) else Side.CANDIDATE
-        side = side_for(plan, deploy.deploy_id, self.instance_id, cursor, now)
+        zone = self.reporter.zone
+        side = side_for(plan, deploy.deploy_id, self.instance_id, cursor, now, zone)
         target = deploy if side is Side.CANDIDATE else deploy.stable_variant()
         waiting = side is Side.STABLE and (cursor is None or cursor.state is RolloutState.ROLLING)
-        wave = plan.wave_of(deploy.deploy_id, self.instance_id)
+        wave = plan.wave_of(deploy.deploy_id, self.instance_id, zone)
         structlog.contextvars.bind_contextvars(deploy_id=target.deploy_id, release_id=target.release_id)
         if current is not None and current.deploy_id == target.deploy_id:
             log.info("rollout_unchanged", side=side.value, wave=wave, next="nothing to do")

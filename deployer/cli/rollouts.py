@@ -23,6 +23,7 @@ from deployer.protocol.names import Channel
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
+    from deployer.aws.reports import ReportEntry
     from deployer.protocol.deploy import Deploy
     from publisher.publish import Publisher
     from publisher.wait import WaitOptions
@@ -82,11 +83,15 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
     everyone = count(deploy, plan.last_wave, entries, now, ttl)
     waiting = count(deploy, cursor.wave, entries, now, ttl).waiting
     for wave in range(plan.last_wave + 1):
-        members = {i for i in everyone.admitted if plan.wave_of(deploy.deploy_id, i) == wave}
+        members = {i for i in everyone.admitted if plan.wave_of(deploy.deploy_id, i, _zone(entries.get(i))) == wave}
         click.echo(
-            f"  wave {wave}: {len(members)} instance(s), {len(members & everyone.converged)} ok, "
+            f"  wave {wave} ({plan.wave_label(wave)}): {len(members)} instance(s), {len(members & everyone.converged)} ok, "
             f"{len(members & set(everyone.failed))} failed, {len(members & waiting)} waiting"
         )
+
+
+def _zone(entry: ReportEntry | None) -> str | None:
+    return entry.report.zone if entry is not None and entry.report is not None else None
 
 
 @rollout.command("resume")

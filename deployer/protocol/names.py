@@ -36,6 +36,9 @@ BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 TARGET_GROUP_ARN = re.compile(
     r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{1,16}$"
 )
+#: An Availability Zone name (us-east-1a) or a Local Zone / Wavelength name (us-west-2-lax-1a).
+#: https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/using-regions-availability-zones.html
+ZONE_PATTERN = re.compile(r"^[a-z]{2}(-[a-z0-9]+){2,5}$")
 #: In agent config and `iam-policy --target-group`: the target groups of the instance's Auto Scaling group.
 AUTO_TARGET_GROUPS = "auto"
 _TOPIC_ARN = re.compile(r"^arn:(aws[a-z-]*):sns:([a-z0-9-]+):(\d{12}):([A-Za-z0-9_-]{1,256})$")

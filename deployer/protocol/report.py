@@ -20,7 +20,7 @@ from typing import Any
 from deployer.protocol.decoding import json_object
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
-from deployer.protocol.names import NAME_PATTERN
+from deployer.protocol.names import NAME_PATTERN, ZONE_PATTERN
 from deployer.protocol.release import DEPLOY_ID_PATTERN, RELEASE_ID_PATTERN
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
 
@@ -55,6 +55,7 @@ _TOP_KEYS = frozenset(
         "last_rejection",
         "boot_error",
         "lifecycle",
+        "zone",
     }
 )
 _COMPONENT_KEYS = frozenset(
@@ -120,6 +121,8 @@ class StatusReport:
     #: Set while the agent cannot finish boot (it retries with backoff): why not.
     boot_error: str | None = None
     lifecycle: Lifecycle | None = None
+    #: The instance's Availability Zone (zonal waves), when the agent knows it.
+    zone: str | None = None
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {
@@ -158,6 +161,8 @@ class StatusReport:
             doc["boot_error"] = self.boot_error  # written only when set: older readers know no such key
         if self.lifecycle is not None:
             doc["lifecycle"] = self.lifecycle.value  # likewise
+        if self.zone is not None:
+            doc["zone"] = self.zone  # likewise
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
 
@@ -187,6 +192,7 @@ def parse_report(raw: bytes, key: ReportKey) -> StatusReport:
         last_rejection=_rejection(doc.get("last_rejection")),
         boot_error=_optional_str(doc, "boot_error"),
         lifecycle=_lifecycle(doc.get("lifecycle")),
+        zone=_matching(doc, "zone", "report", ZONE_PATTERN),
     )
 
 

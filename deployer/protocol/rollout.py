@@ -6,7 +6,14 @@ if the rollout is aborted. Wave 0 is an explicit list of instances chosen from l
 at publish time (never empty: 10 % of 3 instances is still one). Every later wave admits the
 instances whose bucket, `hash(deploy_id, instance_id)` in basis points, is below the wave's
 threshold: no fleet count is needed to decide, a new instance computes its own wave, and
-admission is monotone (an instance admitted in wave 2 stays admitted in wave 3).
+admission is monotone (an instance admitted in wave 2 stays admitted in wave 3). Where the
+publisher knows the fleet, a threshold is raised so the wave reaches at least its share of it
+(hash buckets alone can admit nobody new in a small fleet's 30 % wave).
+
+Zonal waves (`--waves az`, `az:2`, after at most one canary wave: `1,az`) admit by Availability
+Zone instead: the plan lists the zones of the live fleet, N per wave, and an instance's wave is
+its zone's (one in a zone the plan does not name joins the last wave), so the first zone bakes
+before the next starts and an instance that scales out into a zone joins that zone's wave.
 
 Progress is the **cursor**, one small document per rollout in S3 that only CI writes
 (conditionally; signed like a deploy when signing is on). Agents read it when the deploy
@@ -22,13 +29,13 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from deployer.protocol.errors import InvalidMessage
-from deployer.protocol.names import INSTANCE_ID_PATTERN
+from deployer.protocol.names import INSTANCE_ID_PATTERN, ZONE_PATTERN
 from deployer.protocol.release import check_release
 from deployer.protocol.timestamps import TIMESTAMP_FORMAT, parse_timestamp
 
@@ -41,7 +48,12 @@ ROLLOUT_DOCUMENT_VERSION = 1
 MAX_WAVES = 20
 MAX_FIRST_WAVE = 100
 _WAVE_SPEC = re.compile(r"^(\d{1,6})(%?)$")
-_PLAN_KEYS = frozenset({"waves", "first", "thresholds", "stable", "bake_s", "max_failed", "progress_deadline_s"})
+#: `az` (one zone per wave) or `az:N` (N zones per wave).
+_ZONE_SPEC = re.compile(r"^az(?::(\d{1,2}))?$")
+MAX_ZONES = 64
+_PLAN_KEYS = frozenset(
+    {"waves", "first", "thresholds", "stable", "bake_s", "max_failed", "progress_deadline_s", "zones"}
+)
 _STABLE_KEYS = frozenset({"release_id", "manifest_key", "manifest_sha256", "artifact_sha256", "artifact_size"})
 _CURSOR_KEYS = frozenset({"v", "deploy_id", "wave", "state", "updated_at", "driver", "lease_until", "reason"})
 
@@ -86,23 +98,37 @@ class Plan:
     #: "3" (instances) or "10%" (of the live instances at publish), per rollout.
     max_failed: str = "0"
     progress_deadline_s: float = 900.0
+    #: Zonal waves: the zones each wave after `first` admits (empty: waves by bucket thresholds).
+    zones: tuple[tuple[str, ...], ...] = ()
 
-    def wave_of(self, deploy_id: str, instance_id: str) -> int:
-        """The first wave that admits this instance: 0 if it was chosen for wave 0, else by its bucket."""
+    def wave_of(self, deploy_id: str, instance_id: str, zone: str | None = None) -> int:
+        """The first wave that admits this instance: 0 if it was chosen for wave 0, else by its
+        zone (zonal waves; an unknown zone is the last wave) or by its bucket."""
         if instance_id in self.first:
             return 0
+        if self.zones:
+            offset = 1 if self.first else 0
+            found = next((i for i, group in enumerate(self.zones) if zone in group), len(self.zones) - 1)
+            return offset + found
         point = bucket(deploy_id, instance_id)
         return next(i + 1 for i, threshold in enumerate(self.thresholds) if point < threshold)
 
-    def admits(self, deploy_id: str, instance_id: str, wave: int) -> bool:
-        return self.wave_of(deploy_id, instance_id) <= wave
+    def admits(self, deploy_id: str, instance_id: str, wave: int, zone: str | None = None) -> bool:
+        return self.wave_of(deploy_id, instance_id, zone) <= wave
 
     @property
     def last_wave(self) -> int:
+        if self.zones:
+            return (1 if self.first else 0) + len(self.zones) - 1
         return len(self.thresholds)
 
     def wave_label(self, wave: int) -> str:
-        """The wave as the operator wrote it; "100%" for the last wave the plan appended."""
+        """The wave as the operator wrote it ("100%" for the last wave the plan appended); a zonal
+        wave by its zones."""
+        if self.zones:
+            offset = 1 if self.first else 0
+            if wave >= offset:
+                return "+".join(self.zones[wave - offset])
         return self.waves[wave] if wave < len(self.waves) else "100%"
 
     def failure_budget(self, live: int) -> int:
@@ -119,6 +145,8 @@ class Plan:
             "bake_s": self.bake_s,
             "max_failed": self.max_failed,
             "progress_deadline_s": self.progress_deadline_s,
+            # Written only for zonal waves: agents before them know no such key.
+            **({"zones": [list(group) for group in self.zones]} if self.zones else {}),
         }
 
 
@@ -128,14 +156,26 @@ def bucket(deploy_id: str, instance_id: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
+@dataclass(frozen=True)
+class Waves:
+    """What `plan_waves` decided: the plan's `waves`, `first`, `thresholds` and `zones`."""
+
+    specs: tuple[str, ...]
+    first: tuple[str, ...]
+    thresholds: tuple[int, ...]
+    zones: tuple[tuple[str, ...], ...] = ()
+
+
 def plan_waves(
-    specs: Sequence[str], deploy_id: str, live: Sequence[str]
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
-    """Wave specs ("1", "10%", "100%") → (specs, wave 0's instances, thresholds of the later waves).
+    specs: Sequence[str], deploy_id: str, live: Sequence[str], zones: Mapping[str, str | None] | None = None
+) -> Waves:
+    """Wave specs ("1", "10%", "100%"; or "az", "az:2" last) → the waves of a plan, for the live fleet.
 
     Wave 0 takes max(1, its share) of the live instances, those with the lowest buckets, so
     it is never empty and its members would also be early in the bucketed waves. A count in a
-    later wave becomes the share of the live fleet it stands for. The last wave is always 100 %.
+    later wave becomes the share of the live fleet it stands for, and a threshold is raised
+    until the wave reaches at least its share of the live fleet. The last wave is always 100 %.
+    Zonal waves group the live fleet's zones (`zones`: instance → zone), N per wave, in name order.
     """
     if not specs:
         raise ValueError("--waves needs at least one wave")
@@ -143,17 +183,49 @@ def plan_waves(
         raise ValueError(f"at most {MAX_WAVES} waves")
     if not live:
         raise ValueError("no live instance runs this channel: there is nobody to roll out to")
+    zonal = _ZONE_SPEC.match(specs[-1].strip())
+    if zonal:
+        return _zonal_waves(specs, deploy_id, live, zones or {}, int(zonal.group(1) or 1))
     shares = [_share(spec, len(live)) for spec in specs]
     if any(b < a for a, b in itertools.pairwise(shares)):
         raise ValueError(f"waves must not shrink: {', '.join(specs)}")
     ranked = sorted(live, key=lambda instance: (bucket(deploy_id, instance), instance))
-    number, percent = _spec(specs[0], "wave")
-    first_count = math.ceil(len(live) * number / 100) if percent else number
-    first = tuple(sorted(ranked[: min(max(1, first_count), MAX_FIRST_WAVE, len(live))]))
-    thresholds = [max(1, share) for share in shares[1:]]
+    first = _first_wave(specs[0], ranked)
+    # Where the fleet is known, each wave reaches its share of it: the threshold rises above the
+    # bucket of the last instance it must admit (newcomers still decide alone, by threshold).
+    later = [i for i in ranked if i not in first]
+    thresholds: list[int] = []
+    for share in shares[1:]:
+        needed = math.ceil(share * len(live) / BUCKETS) - len(first)
+        floor = bucket(deploy_id, later[min(needed, len(later)) - 1]) + 1 if needed > 0 and later else 1
+        thresholds.append(min(BUCKETS, max(share, floor, thresholds[-1] if thresholds else 1)))
     if not thresholds or thresholds[-1] < BUCKETS:
         thresholds.append(BUCKETS)
-    return tuple(specs), first, tuple(thresholds)
+    return Waves(tuple(specs), first, tuple(thresholds))
+
+
+def _first_wave(spec: str, ranked: Sequence[str]) -> tuple[str, ...]:
+    number, percent = _spec(spec, "wave")
+    count = math.ceil(len(ranked) * number / 100) if percent else number
+    return tuple(sorted(ranked[: min(max(1, count), MAX_FIRST_WAVE, len(ranked))]))
+
+
+def _zonal_waves(
+    specs: Sequence[str], deploy_id: str, live: Sequence[str], zones: Mapping[str, str | None], per_wave: int
+) -> Waves:
+    if len(specs) > 2 or any(_ZONE_SPEC.match(spec.strip()) for spec in specs[:-1]):
+        raise ValueError("zonal waves (az, az:N) come last, after at most one canary wave: e.g. 1,az")
+    if per_wave < 1:
+        raise ValueError("az:N needs at least one zone per wave")
+    known = sorted({zone for instance in live if (zone := zones.get(instance))})
+    if not known:
+        raise ValueError("no live instance reports its Availability Zone: zonal waves need agents that do")
+    if len(known) > MAX_ZONES:
+        raise ValueError(f"at most {MAX_ZONES} zones")
+    groups = tuple(tuple(known[i : i + per_wave]) for i in range(0, len(known), per_wave))
+    ranked = sorted(live, key=lambda instance: (bucket(deploy_id, instance), instance))
+    first = _first_wave(specs[0], ranked) if len(specs) == 2 else ()
+    return Waves(tuple(specs), first, (BUCKETS,), groups)
 
 
 def _share(spec: str, live: int) -> int:
@@ -184,12 +256,13 @@ def plan_from_dict(value: Any) -> Plan:
     waves, first, thresholds = value.get("waves"), value.get("first"), value.get("thresholds")
     if not isinstance(waves, list) or not waves or len(waves) > MAX_WAVES or not all(isinstance(w, str) for w in waves):
         raise InvalidMessage(f"rollout.waves must list 1 to {MAX_WAVES} wave specs")
+    zones = _zones(value.get("zones"))
     if (
         not isinstance(first, list)
-        or not 1 <= len(first) <= MAX_FIRST_WAVE
+        or not (0 if zones else 1) <= len(first) <= MAX_FIRST_WAVE
         or not all(isinstance(i, str) and INSTANCE_ID_PATTERN.match(i) for i in first)
     ):
-        raise InvalidMessage(f"rollout.first must list 1 to {MAX_FIRST_WAVE} instance ids")
+        raise InvalidMessage(f"rollout.first must list 1 to {MAX_FIRST_WAVE} instance ids (0 with zones)")
     if (
         not isinstance(thresholds, list)
         or not thresholds
@@ -230,7 +303,22 @@ def plan_from_dict(value: Any) -> Plan:
         bake_s=numbers["bake_s"],
         max_failed=str(max_failed),
         progress_deadline_s=numbers["progress_deadline_s"],
+        zones=zones,
     )
+
+
+def _zones(value: Any) -> tuple[tuple[str, ...], ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_WAVES
+        or not all(isinstance(group, list) and group for group in value)
+        or sum(len(group) for group in value) > MAX_ZONES
+        or not all(isinstance(zone, str) and ZONE_PATTERN.match(zone) for group in value for zone in group)
+    ):
+        raise InvalidMessage(f"rollout.zones must list 1 to {MAX_WAVES} groups of zone names")
+    return tuple(tuple(group) for group in value)
 
 
 @dataclass(frozen=True)
@@ -291,7 +379,14 @@ class Side(enum.StrEnum):
     STABLE = "stable"
 
 
-def side_for(plan: Plan, deploy_id: str, instance_id: str, cursor: Cursor | None, now: Side | None = None) -> Side:
+def side_for(
+    plan: Plan,
+    deploy_id: str,
+    instance_id: str,
+    cursor: Cursor | None,
+    now: Side | None = None,
+    zone: str | None = None,
+) -> Side:
     """Which release of a rollout this instance runs now. Pure.
 
     No valid cursor (deleted, forged, unreadable): where it is (`now`), or stable if it is on
@@ -301,7 +396,7 @@ def side_for(plan: Plan, deploy_id: str, instance_id: str, cursor: Cursor | None
     """
     if cursor is None:
         return now or Side.STABLE
-    return Side.CANDIDATE if wave_admitted(cursor, plan.wave_of(deploy_id, instance_id)) else Side.STABLE
+    return Side.CANDIDATE if wave_admitted(cursor, plan.wave_of(deploy_id, instance_id, zone)) else Side.STABLE
 
 
 def wave_admitted(cursor: Cursor, wave: int) -> bool:

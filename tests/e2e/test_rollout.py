@@ -110,8 +110,8 @@ def test_a_dead_driver_freezes_the_fleet_a_new_instance_follows_its_wave_and_res
     status = cli("rollout", "status", "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
                  "--stage", "prod", "--role", "web", "--component", "api")  # fmt: skip
     assert "rolling at wave 0/1" in status.stdout, status.stdout + status.stderr
-    assert "wave 0: 1 instance(s), 1 ok, 0 failed, 0 waiting" in status.stdout, status.stdout
-    assert "wave 1: 4 instance(s), 0 ok, 0 failed, 4 waiting" in status.stdout, status.stdout
+    assert "wave 0 (1): 1 instance(s), 1 ok, 0 failed, 0 waiting" in status.stdout, status.stdout
+    assert "wave 1 (100%): 4 instance(s), 0 ok, 0 failed, 4 waiting" in status.stdout, status.stdout
     fleet_view = cli("status", "--bucket", fleet.bucket)
     assert "waiting (wave 1)" in fleet_view.stdout, fleet_view.stdout
     assert "1/5 on seq 2, 0 failed, 4 waiting for their wave" in fleet_view.stdout
@@ -166,3 +166,24 @@ def test_an_alarm_in_alarm_rolls_the_rollout_back_and_scale_in_never_blocks_a_wa
     assert alarmed.returncode == EXIT_ROLLED_BACK, alarmed.stdout + alarmed.stderr
     assert "alarm(s) in ALARM: api-5xx" in alarmed.stdout
     wait_until(lambda: all(a.served() == "v2" for a in survivors), "every instance on stable")
+
+
+def test_zonal_waves_finish_one_availability_zone_before_the_next_starts(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    zones = ["us-east-1a", "us-east-1a", "us-east-1b", "us-east-1b", "us-east-1c"]
+    agents = [start_agent(availability_zone=zone, **FLEET) for zone in zones]
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    done = staged(fleet, tmp_path, "v2", "--waves", "az:2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: rollout of prod/web/api seq 2 done in 2 waves" in done.stdout
+    assert "wave 0/1 (us-east-1a+us-east-1b)" in done.stdout, done.stdout
+    deploy = current(fleet)
+    assert deploy.rollout is not None
+    assert deploy.rollout.zones == (("us-east-1a", "us-east-1b"), ("us-east-1c",))
+    applied = [(agent.config["availability_zone"], min(apply_times(agent, deploy.deploy_id))) for agent in agents]
+    first_zones = [t for zone, t in applied if zone != "us-east-1c"]
+    assert max(first_zones) < min(t for zone, t in applied if zone == "us-east-1c")
+    report = agents[0].status()
+    assert report is not None
+    assert report.zone == "us-east-1a"

@@ -39,9 +39,11 @@ API = Channel("prod", "web", "api")
 instance_ids = st.from_regex(r"i-[0-9a-f]{17}", fullmatch=True)
 
 
-def plan_for(specs: tuple[str, ...], live: list[str], deploy_id: str = "d-1") -> Plan:
-    waves, first, thresholds = plan_waves(specs, deploy_id, live)
-    return Plan(waves, first, thresholds, STABLE, max_failed="10%")
+def plan_for(
+    specs: tuple[str, ...], live: list[str], deploy_id: str = "d-1", zones: dict[str, str | None] | None = None
+) -> Plan:
+    waves = plan_waves(specs, deploy_id, live, zones)
+    return Plan(waves.specs, waves.first, waves.thresholds, STABLE, max_failed="10%", zones=waves.zones)
 
 
 @settings(max_examples=50)
@@ -69,19 +71,52 @@ def test_buckets_spread_instances_evenly() -> None:
 
 
 @pytest.mark.parametrize(
-    ("specs", "live", "first", "thresholds"),
+    ("specs", "live", "at_least"),
     [
-        (("1", "100%"), 3, 1, (BUCKETS,)),
-        (("10%", "100%"), 3, 1, (BUCKETS,)),  # 10 % of 3 is still one instance
-        (("2", "50%"), 10, 2, (5000, BUCKETS)),  # the last wave is always everyone
-        (("1", "5", "100%"), 10, 1, (5000, BUCKETS)),  # a count becomes its share of the live fleet
+        (("1", "100%"), 3, [1, 3]),
+        (("10%", "100%"), 3, [1, 3]),  # 10 % of 3 is still one instance
+        (("2", "50%"), 10, [2, 5, 10]),  # the last wave is always everyone
+        (("1", "5", "100%"), 10, [1, 5, 10]),  # a count becomes its share of the live fleet
+        # Hash buckets alone admitted 1, then 0 more, then 9 here: each wave reaches its share.
+        (("1", "30%", "100%"), 10, [1, 3, 10]),
+        (("1", "25%", "50%"), 8, [1, 2, 4, 8]),
     ],
 )
-def test_waves_are_planned_from_the_live_instances(
-    specs: tuple[str, ...], live: int, first: int, thresholds: tuple[int, ...]
+def test_each_wave_reaches_at_least_its_share_of_the_fleet_the_publisher_knows(
+    specs: tuple[str, ...], live: int, at_least: list[int]
 ) -> None:
-    planned = plan_waves(specs, "d-1", [f"i-{n:017x}" for n in range(live)])
-    assert (len(planned[1]), planned[2]) == (first, thresholds)
+    fleet = [f"i-{n:017x}" for n in range(live)]
+    plan = plan_for(specs, fleet)
+    admitted = [sum(plan.admits("d-1", i, wave) for i in fleet) for wave in range(plan.last_wave + 1)]
+    assert len(admitted) == len(at_least)
+    assert all(n >= least for n, least in zip(admitted, at_least, strict=True)), admitted
+    assert admitted[0] == at_least[0]  # wave 0 is exactly its share, never more
+    assert admitted[-1] == live
+
+
+def test_zonal_waves_admit_a_zone_at_a_time_after_the_canary_and_a_newcomer_joins_its_zones_wave() -> None:
+    fleet = {f"i-{n:017x}": f"us-east-1{'abc'[n % 3]}" for n in range(9)}
+    zones: dict[str, str | None] = dict(fleet)
+    plan = plan_for(("1", "az"), list(fleet), zones=zones)
+    assert plan.zones == (("us-east-1a",), ("us-east-1b",), ("us-east-1c",))
+    assert plan.last_wave == 3
+    [canary] = plan.first
+    for instance, zone in fleet.items():
+        expected = 0 if instance == canary else 1 + "abc".index(zone[-1])
+        assert plan.wave_of("d-1", instance, zone) == expected
+    assert plan.wave_of("d-1", "i-new", "us-east-1b") == 2  # scale-out into a zone: that zone's wave
+    assert plan.wave_of("d-1", "i-new", "us-east-1d") == 3  # a zone the plan does not name: the last
+    assert plan.wave_of("d-1", "i-new", None) == 3
+    assert plan.wave_label(2) == "us-east-1b"
+    two = plan_for(("az:2",), list(fleet), zones=zones)
+    assert (two.first, two.zones, two.last_wave) == ((), (("us-east-1a", "us-east-1b"), ("us-east-1c",)), 1)
+    assert parse_deploy_plan(two) == two
+
+
+def parse_deploy_plan(plan: Plan) -> Plan:
+    from deployer.protocol.rollout import plan_from_dict
+
+    return plan_from_dict(json.loads(json.dumps(plan.to_dict())))
 
 
 @pytest.mark.parametrize(
@@ -91,6 +126,9 @@ def test_waves_are_planned_from_the_live_instances(
         (("1", "150%"), 3, "must be an instance count or a percentage up to 100%"),
         (("x",), 3, "must be an instance count"),
         (("1",), 0, "no live instance runs this channel"),
+        (("1", "10%", "az"), 3, "after at most one canary wave"),
+        (("az", "100%"), 3, "must be an instance count"),
+        (("az",), 3, "no live instance reports its Availability Zone"),
     ],
 )
 def test_an_impossible_plan_is_refused_with_the_reason(specs: tuple[str, ...], live: int, error: str) -> None:
