@@ -24,6 +24,16 @@ locals {
   # The same trick for the trust file: always upload something, pass --trust only for a real one.
   trust_upload = var.trust_file != "" ? var.trust_file : "${path.root}/../scripts/config/agent.yml.example"
   trust_arg    = var.trust_file != "" ? "--trust /tmp/deployer-trust/trust.json" : ""
+  # `deployer seed` per entry of var.seed ("stage/role/component[=release_id]"), with the agent
+  # just installed; run before cloud-init clean, from the builder's instance profile.
+  seed_commands = [
+    for entry in var.seed : format(
+      "sudo /opt/deployer/venv/bin/deployer seed --bucket %s --prefix %s --region %s --stage %s --role %s --component %s%s",
+      var.seed_bucket, var.seed_prefix, var.region,
+      split("/", split("=", entry)[0])[0], split("/", split("=", entry)[0])[1], split("/", split("=", entry)[0])[2],
+      length(split("=", entry)) > 1 ? " --release-id ${split("=", entry)[1]}" : "",
+    )
+  ]
 }
 
 source "amazon-ebs" "base" {
@@ -75,12 +85,18 @@ build {
 
   provisioner "shell" {
     # Wait for cloud-init on the builder: it may still hold the package manager's lock.
-    inline = [
-      "cloud-init status --wait >/dev/null || true",
-      "sudo bash /tmp/deployer-scripts/provision.sh ${local.agent_arg} ${local.trust_arg}",
-      "sudo rm -rf /tmp/deployer-scripts /tmp/deployer-agent /tmp/deployer-trust",
-      # The AMI must boot like a new machine: cloud-init runs again and no state is carried.
-      "sudo cloud-init clean --logs",
-    ]
+    inline = concat(
+      [
+        "cloud-init status --wait >/dev/null || true",
+        "sudo bash /tmp/deployer-scripts/provision.sh ${local.agent_arg} ${local.trust_arg}",
+      ],
+      # Releases baked in: files and their checksum record only; the image carries no state.
+      local.seed_commands,
+      [
+        "sudo rm -rf /tmp/deployer-scripts /tmp/deployer-agent /tmp/deployer-trust",
+        # The AMI must boot like a new machine: cloud-init runs again and no state is carried.
+        "sudo cloud-init clean --logs",
+      ],
+    )
   }
 }

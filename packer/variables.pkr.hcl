@@ -73,3 +73,20 @@ variable "trust_file" {
   default     = ""
   description = "A trust document (`deployer trust new`) to bake in as /etc/deployer/trust.json: the keys whose signatures the fleet believes. Empty: no trust file."
 }
+
+variable "seed" {
+  type        = list(string)
+  default     = []
+  description = "Releases to bake in, each \"stage/role/component\" (the channel's current release) or \"stage/role/component=RELEASE_ID\": `deployer seed` puts their verified files under releases/ and nothing else (no queue, subscription, report or state), so an instance converges without downloading them while a deploy still names them. Symlink-strategy releases only; the builder's instance profile needs the instance policy's S3 reads."
+}
+
+variable "seed_bucket" {
+  type        = string
+  default     = ""
+  description = "The release bucket `seed` reads from (required with seed)."
+}
+
+variable "seed_prefix" {
+  type    = string
+  default = "deployer"
+}

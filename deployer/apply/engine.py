@@ -244,6 +244,21 @@ class Applier:
         )
         return ApplyResult(release_id, release_dir, previous, reused=reused, output_tail=tail_of(output))
 
+    def stage(self, manifest: Manifest, release_id: str) -> tuple[Path, bool]:
+        """Only put a symlink release's verified tree and its record in `releases/` (`deployer
+        seed`): no hook, no activation; one already there and recorded is kept. Where it is,
+        and whether it was there already."""
+        assert manifest.dest is not None
+        releases = self.resolve(manifest.dest).parent / RELEASES_DIR
+        release_dir = releases / release_id
+        releases.mkdir(parents=True, exist_ok=True)
+        self._confirmation = confirmed()
+        if _verified_on_disk(releases, release_id, manifest):
+            return release_dir, True
+        self._stage(manifest, releases, release_dir, DeployLog())
+        _record_verified(releases, release_id, manifest)
+        return release_dir, False
+
     # -- stretcher's rsync / mv strategies ----------------------------------------------------
 
     def _apply_in_place(

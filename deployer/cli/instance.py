@@ -11,8 +11,9 @@ import click
 
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS
 from deployer.apply.lock import DEFAULT_STATE_DIR
-from deployer.cli.options import Aws, aws_options, log_options
+from deployer.cli.options import Aws, Store, aws_options, channel_options, log_options, store_options
 from deployer.protocol.errors import ConfigError, DeployerError
+from deployer.protocol.names import Channel
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path), help="Agent config YAML."
@@ -156,4 +157,32 @@ def apply_command(
     )
 
 
-COMMANDS = (agent, boot, apply_command)
+@click.command("seed")
+@store_options
+@channel_options
+@click.option("--release-id", help="The release to bake in [default: the channel's current one].")
+@click.option(
+    "--root-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Prefix for the manifest's dest (the image's root on a Packer builder).",
+)
+@log_options
+def seed_command(store: Store, channel: Channel, release_id: str | None, root_dir: Path) -> None:
+    """Bake a release into an image: its verified files and record under releases/, nothing else.
+
+    For a Packer builder: no queue, subscription, report, state or hook. An instance from the
+    image reuses the release without downloading it while a deploy still names it (checked by
+    checksum); its hooks run at boot as for any deploy.
+    """
+    from deployer.apply.seed import seed
+
+    seeded = seed(
+        store.clients.s3, store.bucket, store.layout, channel, root_dir=root_dir.absolute(), release_id=release_id
+    )
+    what = "already there" if seeded.reused else "downloaded and verified"
+    click.echo(f"seeded {channel} release {seeded.release_id} into {seeded.release_dir} ({what})")
+
+
+COMMANDS = (agent, boot, apply_command, seed_command)

@@ -8,7 +8,6 @@ directories, `deployer boot` (deployer-boot.service) converges, and `deployer ag
 from __future__ import annotations
 
 import getpass
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -100,20 +99,41 @@ def test_an_instance_from_the_image_converges_at_boot_then_follows_new_releases(
     assert instance.hook_runs("provision") == [provision.deploy_id]
 
 
-def test_an_instance_with_pre_seeded_releases_boots_without_downloading_again(
+def test_an_instance_from_an_image_with_seeded_releases_boots_without_downloading_them(
     fleet: Fleet, provisioned: Provisioned, publish: Callable[..., Deploy], tmp_path: Path
 ) -> None:
     publish("packages installed", component="provision")
     latest = publish("api 1", component="api")
-    baked = InstanceFromImage(fleet, provisioned, tmp_path / "bake", "i-0image0000000002")
-    cold, cold_seconds = baked.boot()
-    assert cold.returncode == 0, cold.stderr
-    # A new instance from an image that carries the bake's releases and state.
-    fresh = InstanceFromImage(fleet, provisioned, tmp_path / "fresh", "i-0image0000000003")
-    shutil.copytree(baked.root, fresh.root, symlinks=True)
-    warm, warm_seconds = fresh.boot()
+    cold = InstanceFromImage(fleet, provisioned, tmp_path / "cold", "i-0image0000000002")
+    booted, cold_seconds = cold.boot()
+    assert booted.returncode == 0, booted.stderr
+    # The Packer builder seeds both components into the image with the image's own deployer.
+    image = InstanceFromImage(fleet, provisioned, tmp_path / "image", "i-0image0000000003")
+    before = _fleet_registrations(fleet)
+    for component in COMPONENTS:
+        seeded = run(
+            [str(provisioned.venv / "bin/deployer"), "seed", "--bucket", fleet.bucket, "--stage", "prod",
+             "--role", "web", "--component", component, "--root-dir", str(image.root)],
+        )  # fmt: skip
+        assert seeded.returncode == 0, seeded.stderr
+        assert "downloaded and verified" in seeded.stdout
+    assert _fleet_registrations(fleet) == before  # the builder left no queue, subscription or report
+    assert not (image.root / "var/lib/deployer").exists()  # and no state: nothing says a deploy happened
+    assert not (image.root / "opt/api/current").exists()
+    warm, warm_seconds = image.boot()
     assert warm.returncode == 0, warm.stderr
-    assert fresh.served("api") == "api 1"
-    assert fresh.on_seq(latest.seq, "api")
-    assert fresh.hook_runs("api") == baked.hook_runs("api")  # the hooks did not run again
-    print(f"\nboot to converged, 2 components: cold {cold_seconds:.2f}s, pre-seeded {warm_seconds:.2f}s")
+    assert image.served("api") == "api 1"
+    assert image.on_seq(latest.seq, "api")
+    events = warm.stderr
+    assert events.count('"event": "release_reused"') == 2, events[-3000:]  # zero artifact download
+    assert '"event": "release_extracted"' not in events
+    assert image.hook_runs("api") == [latest.deploy_id]  # its hooks ran: the app starts as after any deploy
+    print(f"\nboot to converged, 2 components: cold {cold_seconds:.2f}s, seeded image {warm_seconds:.2f}s")
+
+
+def _fleet_registrations(fleet: Fleet) -> tuple[list[str], list[str], list[str]]:
+    queues = fleet.clients.sqs.list_queues().get("QueueUrls", [])
+    subscriptions = fleet.clients.sns.list_subscriptions_by_topic(TopicArn=fleet.topic_arn)["Subscriptions"]
+    endpoints = sorted(s.get("Endpoint", "") for s in subscriptions)
+    listed = fleet.clients.s3.list_objects_v2(Bucket=fleet.bucket, Prefix=fleet.layout.key("status") + "/")
+    return sorted(queues), endpoints, sorted(o["Key"] for o in listed.get("Contents", []))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -100,6 +104,30 @@ def test_the_ami_template_rejects_an_unknown_distro_and_a_missing_wheel(
     missing = run([packer, "validate", "-var", f"agent={tmp_path / 'missing.whl'}", str(packer_dir)], env=packer_env)
     assert missing.returncode != 0
     assert "missing.whl" in missing.stdout + missing.stderr
+
+
+def test_the_ami_template_seeds_each_release_it_is_given_with_the_installed_agent(
+    packer_dir: Path, packer_env: dict[str, str]
+) -> None:
+    packer = require_tool("packer")
+    args = ["-var", "agent=0.1.0", "-var", 'seed=["prod/web/api","prod/web/worker=20261207T0000Z-abc1234"]',
+            "-var", "seed_bucket=my-deploys", str(packer_dir)]  # fmt: skip
+    assert run([packer, "validate", *args], env=packer_env).returncode == 0
+    rendered = subprocess.run(
+        [packer, "console", *args],
+        input="local.seed_commands",
+        capture_output=True,
+        text=True,
+        env=packer_env,
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert json.loads(rendered.stdout.replace(",\n]", "\n]")) == [
+        "sudo /opt/deployer/venv/bin/deployer seed --bucket my-deploys --prefix deployer --region eu-west-1 "
+        "--stage prod --role web --component api",
+        "sudo /opt/deployer/venv/bin/deployer seed --bucket my-deploys --prefix deployer --region eu-west-1 "
+        "--stage prod --role web --component worker --release-id 20261207T0000Z-abc1234",
+    ]
 
 
 def test_modern_packer_gets_the_amazon_plugin_requirement_from_its_own_file(packer_env: dict[str, str]) -> None:
@@ -204,3 +232,47 @@ def test_the_user_data_writes_an_agent_config_the_agent_accepts() -> None:
 def test_the_config_skeleton_in_the_image_is_a_valid_agent_config() -> None:
     config = config_from_dict(yaml.safe_load((SCRIPTS / "config/agent.yml.example").read_text()), source="skeleton")
     assert config.components == ("provision", "api")
+
+
+class _CloudFormation(yaml.SafeLoader):
+    """YAML with CloudFormation's short forms (!Ref, !Sub, !GetAtt) read as their long forms."""
+
+
+def _long_form(name: str) -> Callable[[yaml.SafeLoader, yaml.Node], dict[str, Any]]:
+    def construct(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, Any]:
+        assert isinstance(node, yaml.ScalarNode)
+        return {name: loader.construct_scalar(node)}
+
+    return construct
+
+
+for _tag, _name in (("Ref", "Ref"), ("Sub", "Fn::Sub"), ("GetAtt", "Fn::GetAtt")):
+    _CloudFormation.add_constructor(f"!{_tag}", _long_form(_name))
+
+
+def test_the_cloudformation_example_wires_the_hooks_the_agent_config_names(tmp_path: Path) -> None:
+    template = yaml.load((REPO / "docs/fleet-lifecycle.cfn.yml").read_text(), Loader=_CloudFormation)
+    resources = template["Resources"]
+    user_data = resources["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    filled = (
+        user_data.replace("${DeployBucket}", "my-deploys")
+        .replace("${DeployTopicArn}", "arn:aws:sns:eu-west-1:123456789012:deployer")
+        .replace(
+            "${TargetGroupArn}", "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/web/0123456789abcdef"
+        )
+    )
+    # cloud-init's own schema check, then the agent's own parser, on what the instance would get.
+    (tmp_path / "user-data.yml").write_text(filled)
+    checked = run([require_tool("cloud-init"), "schema", "--config-file", str(tmp_path / "user-data.yml")])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    (entry,) = yaml.safe_load(filled)["write_files"]
+    config = config_from_dict(yaml.safe_load(entry["content"]), source="cloudformation example")
+    group = resources["Group"]["Properties"]
+    hooks = {h["LifecycleTransition"]: h for h in group["LifecycleHookSpecificationList"]}
+    assert hooks["autoscaling:EC2_INSTANCE_LAUNCHING"]["LifecycleHookName"] == config.lifecycle_hook_name
+    assert hooks["autoscaling:EC2_INSTANCE_TERMINATING"]["LifecycleHookName"] == config.terminate_hook_name
+    assert hooks["autoscaling:EC2_INSTANCE_TERMINATING"]["DefaultResult"] == "CONTINUE"  # scale-in goes on
+    assert 30 <= hooks["autoscaling:EC2_INSTANCE_TERMINATING"]["HeartbeatTimeout"] <= 7200
+    assert group["AutoScalingGroupName"] == config.lifecycle_asg_name
+    assert group["TargetGroupARNs"] == [{"Ref": "TargetGroupArn"}]
+    assert resources["WarmPool"]["Properties"]["PoolState"] == "Stopped"
