@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import apply, boot, fanout, idle, publish, rollout, scale
+from bench import apply, boot, fanout, idle, publish, rollout, scale, traffic
 from bench.common import REPO, Bench, aws_env, cpu_seconds
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
@@ -27,6 +27,7 @@ FIGURES: dict[str, Callable[[Bench], Section]] = {
     "publish": publish.run,
     "scale": scale.run,
     "rollout": rollout.run,
+    "traffic": traffic.run,
 }
 
 

@@ -103,6 +103,10 @@ IDLE_TIMEOUT_SECONDS = 60.0
 #: asks right after DeregisterTargets would see a target already gone, and its handling of
 #: `draining` would go untested.
 MIN_DRAIN_SECONDS = 0.2
+#: The agent settings of the e2e tests behind this fake: heartbeat every second, ask ELB every
+#: 0.2 s (5 s on AWS, for its API rate) so the emulated timing dominates, and give a registered
+#: release 6 s (12 intervals at 0.1×) to turn healthy.
+AGENT_BEHIND_FAKE = {"heartbeat_interval_seconds": 1, "traffic_poll_seconds": 0.2, "traffic_healthy_timeout_seconds": 6}
 #: How often the background thread starts due checks and ends drains (real time). Drains end on
 #: this tick, never inside DeregisterTargets, for the reason of MIN_DRAIN_SECONDS.
 TICK_SECONDS = 0.025

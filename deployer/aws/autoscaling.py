@@ -3,6 +3,7 @@ InService instances (the fleet `publish --wait --asg` expects) and its load bala
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
@@ -40,7 +41,8 @@ def complete_lifecycle_action(
 ) -> bool:
     """Complete the instance's pending action; False when none was pending. Other failures raise AwsError."""
     try:
-        policy.call(
+        return _on_pending_action(
+            policy,
             autoscaling.complete_lifecycle_action,
             LifecycleHookName=hook,
             AutoScalingGroupName=asg,
@@ -48,9 +50,18 @@ def complete_lifecycle_action(
             InstanceId=instance_id,
         )
     except AwsError as exc:
+        raise AwsError(f"cannot complete lifecycle action {hook} on {asg}: {exc}", code=exc.code) from None
+
+
+def _on_pending_action(policy: RetryPolicy, call: Callable[..., object], **params: str) -> bool:
+    """Make a call on the instance's pending lifecycle action: False when it has none (already
+    completed, timed out, or no hook), which an agent that restarts meets as a matter of course."""
+    try:
+        policy.call(call, **params)
+    except AwsError as exc:
         if exc.code == "ValidationError" and NO_ACTIVE_ACTION in str(exc):
             return False
-        raise AwsError(f"cannot complete lifecycle action {hook} on {asg}: {exc}", code=exc.code) from None
+        raise
     return True
 
 
@@ -86,18 +97,13 @@ def record_heartbeat(
     autoscaling: AutoScalingClient, *, hook: str, asg: str, instance_id: str, policy: RetryPolicy = DEFAULT_POLICY
 ) -> bool:
     """Restart the hook's heartbeat timeout for this instance's pending action; False when none is pending."""
-    try:
-        policy.call(
-            autoscaling.record_lifecycle_action_heartbeat,
-            LifecycleHookName=hook,
-            AutoScalingGroupName=asg,
-            InstanceId=instance_id,
-        )
-    except AwsError as exc:
-        if exc.code == "ValidationError" and NO_ACTIVE_ACTION in str(exc):
-            return False
-        raise
-    return True
+    return _on_pending_action(
+        policy,
+        autoscaling.record_lifecycle_action_heartbeat,
+        LifecycleHookName=hook,
+        AutoScalingGroupName=asg,
+        InstanceId=instance_id,
+    )
 
 
 def heartbeat_timeout(

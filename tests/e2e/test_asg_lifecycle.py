@@ -18,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from deployer.protocol.report import Lifecycle
-from tests.elb_fake import create_target_group, elb_proxy
+from tests.elb_fake import AGENT_BEHIND_FAKE, create_target_group, elb_proxy
 from tests.ops.asg_fake import LifecycleFake
 from tests.support import (
     REGION,
@@ -39,18 +39,22 @@ from tests.webapp import template_file
 pytestmark = pytest.mark.moto_only(reason="Auto Scaling and ELBv2: LocalStack's community core has neither")
 
 HOOK = "deployer-leave"
-TRAFFIC = {"heartbeat_interval_seconds": 1, "traffic_poll_seconds": 0.2, "traffic_healthy_timeout_seconds": 6}
+
+
+def group_with_hook(fleet: Fleet, hook: str, transition: str, heartbeat_timeout: int) -> str:
+    """A group of one instance in moto with one lifecycle hook (default result ABANDON); the instance id."""
+    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
+    boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url).put_lifecycle_hook(
+        LifecycleHookName=hook, AutoScalingGroupName="web-asg", LifecycleTransition=f"autoscaling:{transition}",
+        HeartbeatTimeout=heartbeat_timeout, DefaultResult="ABANDON",
+    )  # fmt: skip
+    return instance
 
 
 def test_a_terminating_instance_finishes_its_apply_heartbeating_then_leaves_and_completes_the_hook(
     fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
-    autoscaling = boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url)
-    autoscaling.put_lifecycle_hook(
-        LifecycleHookName=HOOK, AutoScalingGroupName="web-asg", LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-        HeartbeatTimeout=30, DefaultResult="ABANDON",
-    )  # fmt: skip
+    instance = group_with_hook(fleet, HOOK, "EC2_INSTANCE_TERMINATING", 30)
     lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
     with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
         group = create_target_group(elb.url)
@@ -59,7 +63,7 @@ def test_a_terminating_instance_finishes_its_apply_heartbeating_then_leaves_and_
         env = {"APP_PORT": str(port), "APP_PIDFILE": str(tmp_path / "app.pid")}
         agent = start_agent(
             instance, env=env, endpoint_url=elb.url, metadata_endpoint=imds.url, terminate_hook_name=HOOK,
-            lifecycle_poll_seconds=0.2, target_group_arns=[group], traffic_port=port, **TRAFFIC,
+            lifecycle_poll_seconds=0.2, target_group_arns=[group], traffic_port=port, **AGENT_BEHIND_FAKE,
         )  # fmt: skip
         try:
             assert _publish(fleet, elb.url, tmp_path, "v1") == 0
@@ -137,12 +141,7 @@ def test_an_instance_is_protected_from_scale_in_only_while_it_deploys_even_acros
 def test_a_warm_pool_instance_converges_sleeps_with_its_queue_then_catches_up_before_entering_service(
     fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
-    autoscaling = boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url)
-    autoscaling.put_lifecycle_hook(
-        LifecycleHookName="deployer-boot", AutoScalingGroupName="web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING", HeartbeatTimeout=300, DefaultResult="ABANDON",
-    )  # fmt: skip
+    instance = group_with_hook(fleet, "deployer-boot", "EC2_INSTANCE_LAUNCHING", 300)
     lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
     with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
         group = create_target_group(elb.url)
@@ -154,7 +153,7 @@ def test_a_warm_pool_instance_converges_sleeps_with_its_queue_then_catches_up_be
         agent = start_agent(
             instance, env=env, endpoint_url=elb.url, metadata_endpoint=imds.url, lifecycle_hook_name="deployer-boot",
             lifecycle_poll_seconds=0.2, target_group_arns=[group], traffic_port=port, deregister_on_shutdown=True,
-            **TRAFFIC,
+            **AGENT_BEHIND_FAKE,
         )  # fmt: skip
         try:
             wait_until(lambda: lifecycle.states.get(instance) == "Warmed:Stopped", "the warm-pool launch hook")

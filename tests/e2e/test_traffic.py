@@ -19,7 +19,7 @@ import pytest
 
 from deployer.protocol.report import ComponentState
 from publisher.rollout import EXIT_ROLLED_BACK
-from tests.elb_fake import TargetHealthFake, balancer, create_target_group, elb_proxy, load
+from tests.elb_fake import AGENT_BEHIND_FAKE, TargetHealthFake, balancer, create_target_group, elb_proxy, load
 from tests.support import (
     REGION,
     AgentProcess,
@@ -37,8 +37,6 @@ from tests.webapp import template_file
 pytestmark = pytest.mark.moto_only(reason="ELBv2 target groups: LocalStack's community core has no ELBv2")
 
 FAST = ("--heartbeat-ttl", "8", "--poll-interval", "0.3", "--timeout", "120")
-#: Agents ask ELB every 0.2 s (5 s on AWS, for its API rate) so the emulated timing dominates.
-TRAFFIC = {"heartbeat_interval_seconds": 1, "traffic_poll_seconds": 0.2, "traffic_healthy_timeout_seconds": 6}
 
 
 @dataclass
@@ -81,7 +79,12 @@ def web_fleet(
             env = {"APP_PORT": str(port), "APP_PIDFILE": str(tmp_path / f"app-{n}.pid")}
             agents.append(
                 start_agent(
-                    instance, env=env, endpoint_url=fake.url, target_group_arns=[group], traffic_port=port, **TRAFFIC
+                    instance,
+                    env=env,
+                    endpoint_url=fake.url,
+                    target_group_arns=[group],
+                    traffic_port=port,
+                    **AGENT_BEHIND_FAKE,
                 )
             )
         web = WebFleet(fleet, fake, group, agents, tmp_path)
@@ -191,7 +194,7 @@ def test_a_target_group_that_does_not_exist_is_reported_and_nothing_is_applied(
     missing = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/gone/0123456789abcdef"
     with elb_proxy(fleet.endpoint_url) as fake:
         env = {"APP_PORT": str(free_port()), "APP_PIDFILE": str(tmp_path / "app.pid")}
-        agent = start_agent(env=env, endpoint_url=fake.url, target_group_arns=[missing], **TRAFFIC)
+        agent = start_agent(env=env, endpoint_url=fake.url, target_group_arns=[missing], **AGENT_BEHIND_FAKE)
         build = make_tree(tmp_path / "build-v1", {"index.html": "v1"})
         template = template_file(tmp_path / "v1.yml")
         args = publish_args(fleet, build, "--manifest", str(template), "--release-id", "v1")
