@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -60,6 +61,35 @@ REPORTED_STATE = {
 }
 
 
+class History(Protocol):
+    """What CI wrote that a deploy is checked against before anything of it happens: the channel's
+    history entries and a rollout's cursor (bytes as stored; None when there is none)."""
+
+    def entry(self, channel: Channel, seq: int) -> bytes | None: ...
+
+    def cursor(self, channel: Channel, deploy_id: str) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class BucketHistory:
+    """`History` in the fleet's bucket: one GET per question."""
+
+    s3: S3Client
+    bucket: str
+    layout: Layout
+    policy: RetryPolicy
+
+    def entry(self, channel: Channel, seq: int) -> bytes | None:
+        return self._get(self.layout.history_key(channel, seq))
+
+    def cursor(self, channel: Channel, deploy_id: str) -> bytes | None:
+        return self._get(self.layout.cursor_key(channel, deploy_id))
+
+    def _get(self, key: str) -> bytes | None:
+        found = get_document(self.s3, self.bucket, key, self.policy)
+        return found[0] if found else None
+
+
 class Gate(Cutover, Protocol):
     """What the runner needs of `deployer.agent.traffic.TrafficGate`."""
 
@@ -80,11 +110,13 @@ class DeployRunner:
         verifier: Callable[[], DeployVerifier] = lambda: UNVERIFIED,
         traffic: Gate | None = None,
         protection: ScaleInProtection | None = None,
+        history: History | None = None,
     ) -> None:
         """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
         ran out) ends the running apply's hooks, health-check waits and download retries.
-        `verifier` opens history documents as the instance's current trust says. `traffic`, for
-        an instance behind a load balancer, takes it out of service around each release switch."""
+        `verifier` opens history documents as the instance's current trust says; `history` is
+        where they are read (the bucket, unless a test gives another). `traffic`, for an
+        instance behind a load balancer, takes it out of service around each release switch."""
         self.config = config
         self.traffic = traffic
         self.protection = protection
@@ -96,6 +128,7 @@ class DeployRunner:
         self.instance_id = instance_id
         self.shutdown = shutdown
         self.layout = Layout(config.prefix)
+        self.history = history or BucketHistory(s3, config.bucket, self.layout, self.policy)
         self.applier = Applier(
             s3=s3,
             root_dir=config.root_dir,
@@ -169,9 +202,8 @@ class DeployRunner:
             state = self.ledger.load()
             claims = {claim for claim in (state.applied().get(channel), state.seen.get(channel)) if claim}
             for seq, deploy_id in sorted(claims):
-                key = self.layout.history_key(channel, seq)
-                found = get_document(self.s3, self.config.bucket, key, self.policy)
-                if found is not None and self._opens_as(found[0], deploy_id):
+                found = self.history.entry(channel, seq)
+                if found is not None and self._opens_as(found, deploy_id):
                     continue
                 self.ledger.disown(channel)
                 log.error(
@@ -363,15 +395,17 @@ class DeployRunner:
 
     def _cursor(self, deploy: Deploy) -> Cursor | None:
         """The rollout's cursor, or None when there is none yet or it is not CI's (never admitted by a forgery)."""
-        key = self.layout.cursor_key(deploy.channel, deploy.deploy_id)
-        found = get_document(self.s3, self.config.bucket, key, self.policy)
+        found = self.history.cursor(deploy.channel, deploy.deploy_id)
         if found is None:
             return None
         try:
-            return self.verifier().open_cursor(found[0], deploy.deploy_id)
+            return self.verifier().open_cursor(found, deploy.deploy_id)
         except (InvalidMessage, Unauthentic) as exc:
             log.error(
-                "rollout_cursor_rejected", key=key, error=str(exc), next="treated as absent: the stable release stays"
+                "rollout_cursor_rejected",
+                key=self.layout.cursor_key(deploy.channel, deploy.deploy_id),
+                error=str(exc),
+                next="treated as absent: the stable release stays",
             )
             return None
 
@@ -383,11 +417,11 @@ class DeployRunner:
 
     def _authenticate(self, deploy: Deploy) -> None:
         key = self.layout.history_key(deploy.channel, deploy.seq)
-        found = get_document(self.s3, self.config.bucket, key, self.policy)
+        found = self.history.entry(deploy.channel, deploy.seq)
         if found is None:
             raise Unauthentic(f"no deploy was published as seq {deploy.seq} of {deploy.channel} (no {key})")
         try:
-            recorded = self.verifier().open(found[0])
+            recorded = self.verifier().open(found)
         except Unauthentic as exc:
             raise Unauthentic(f"{key} is not signed as this instance's trust requires: {exc}") from None
         except InvalidMessage as exc:
