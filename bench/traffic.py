@@ -1,7 +1,7 @@
 """Figure 8: behind a load balancer. Out of service → healthy again for one instance, against the same
 target group run as CodeDeploy does it; and a warm-pool instance into service against a cold launch.
 
-Both on the emulated timings (`tests/elb_fake.py`, `tests/ops/asg_fake.py`), with AWS's defaults
+Both on the emulated timings (`tests/elb_fake.py`, `tests/asg_fake.py`), with AWS's defaults
 for an Application Load Balancer's target group scaled down by SCALE, and reported back in
 AWS seconds (measured ÷ SCALE) beside the ratio, which scaling does not change.
 """
@@ -39,8 +39,8 @@ from deployer.protocol.names import Channel
 from publisher.pack import pack_directory
 from publisher.publish import Publisher
 from tests import webapp
+from tests.asg_fake import LifecycleFake
 from tests.elb_fake import DEREGISTRATION_DELAY, TargetHealthFake, elb_proxy
-from tests.ops.asg_fake import LifecycleFake
 from tests.support import kill_pid_file, serve_imds
 from tests.webapp import RESTART
 

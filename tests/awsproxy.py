@@ -7,7 +7,7 @@ Scaling, the JSON protocol for SQS), so botocore parses exactly what it would in
 
 Rules are small objects with `before(call)` (answer instead of moto, or None) and, optionally,
 `after(call, answer)` (learn from what moto answered). The limits themselves live in
-`tests/limits.py`; `tests/ops/asg_fake.py` is one more rule (CompleteLifecycleAction).
+`tests/limits.py`; `tests/asg_fake.py` is one more rule (CompleteLifecycleAction).
 
 Every call is also counted by service and action, which is how tests and `scripts/bench`
 count the requests a command makes.

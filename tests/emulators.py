@@ -11,7 +11,7 @@ lacks, seen on it, so that tests needing it are marked `moto_only` and skipped t
 
 - Auto Scaling is not in the community edition: every call (CreateLaunchConfiguration,
   DescribeAutoScalingGroups, CompleteLifecycleAction, ...) answers 501 InternalFailure, so no
-  groups or instances (`make_asg`) and no lifecycle hooks (tests/ops/asg_fake.py answers those
+  groups or instances (`make_asg`) and no lifecycle hooks (tests/asg_fake.py answers those
   on top of moto's groups);
 - moto's API: GET /moto-api/ answers 404 and POST /moto-api/reset answers 200 but resets
   nothing; nor has community core a reset of its own (no /_localstack/state/reset), so

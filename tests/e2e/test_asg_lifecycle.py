@@ -2,7 +2,7 @@
 protection while deploying, and a warm pool (asleep while releases are published, then into service).
 
 The groups and hooks are moto's; lifecycle actions (Terminating:Wait, heartbeats, the default
-result at the heartbeat timeout, warm-pool launches) are `tests/ops/asg_fake.py`'s, and target
+result at the heartbeat timeout, warm-pool launches) are `tests/asg_fake.py`'s, and target
 health is `tests/elb_fake.py`'s, both at 0.1× (a 30 s heartbeat timeout lasts 3 s). IMDS is a
 loopback fake whose `autoscaling/target-lifecycle-state` the test (or the lifecycle fake) sets.
 """
@@ -18,8 +18,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from deployer.protocol.report import Lifecycle
+from tests.asg_fake import LifecycleFake
 from tests.elb_fake import AGENT_BEHIND_FAKE, create_target_group, elb_proxy
-from tests.ops.asg_fake import LifecycleFake
 from tests.support import (
     REGION,
     AgentProcess,

@@ -1,5 +1,5 @@
 """The load-balancer gate and the terminate hook in process, against the emulated ELB and Auto
-Scaling (tests/elb_fake.py, tests/ops/asg_fake.py): the faults a rolling deploy meets.
+Scaling (tests/elb_fake.py, tests/asg_fake.py): the faults a rolling deploy meets.
 
 A deregistration ELB never applies, a request still in flight when the drain starts, an app
 whose release ELB never finds healthy, a hook that expired before the agent got to it.
@@ -24,9 +24,9 @@ from deployer.agent.traffic import MARKER_NAME, TrafficGate, TrafficSettings
 from deployer.aws.clients import autoscaling_client, elbv2_client
 from deployer.local.emulator import Emulator
 from deployer.protocol.errors import TargetUnhealthy, TrafficUnavailable
+from tests.asg_fake import LifecycleFake
 from tests.awsproxy import aws_proxy
 from tests.elb_fake import TargetHealthFake, balancer, create_target_group, elb_proxy
-from tests.ops.asg_fake import LifecycleFake
 from tests.support import FAST_POLICY, REGION, loopback_server, make_asg, wait_until
 
 pytestmark = pytest.mark.moto_only(reason="ELBv2 and Auto Scaling: LocalStack's community core has neither")

@@ -30,7 +30,7 @@ from deployer.aws.clients import make_clients
 from deployer.local.emulator import Emulator
 from deployer.protocol.layout import Layout
 from publisher.iam import Audience, Scope, policy_for
-from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.asg_fake import LifecycleFake, lifecycle_proxy
 from tests.provision.conftest import REPO, SCRIPTS, run
 from tests.support import REGION, AgentProcess, Fleet, InstanceRole, cli, make_tree, wait_until
 

@@ -13,7 +13,7 @@ from deployer.aws.clients import autoscaling_client
 from deployer.local.emulator import Emulator
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.report import ComponentState
-from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.asg_fake import LifecycleFake, lifecycle_proxy
 from tests.support import BUCKET, FAST_POLICY, REGION, Fleet
 
 HOOK = "deployer-boot"

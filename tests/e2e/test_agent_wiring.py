@@ -14,7 +14,7 @@ import pytest
 
 from deployer.local.emulator import Emulator
 from deployer.protocol.deploy import Deploy
-from tests.ops.asg_fake import LifecycleFake, lifecycle_proxy
+from tests.asg_fake import LifecycleFake, lifecycle_proxy
 from tests.support import REGION, AgentProcess, Fleet, wait_until
 
 
