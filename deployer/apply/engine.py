@@ -121,10 +121,6 @@ class Applier:
         self.policy = policy
         #: Set when the apply is abandoned at shutdown: hooks and health-check waits end with Interrupted.
         self.interrupt = interrupt
-        self._on_milestone: Callable[[Milestone], object] = lambda _milestone: None
-        self._artifact_size: int | None = None
-        self._confirmation = confirmed()
-        self._cutover = IN_PLACE
 
     def resolve(self, path: str) -> Path:
         """A manifest path under root_dir (`/` on a real instance, a temp dir in tests and the demo)."""
@@ -157,11 +153,38 @@ class Applier:
         re-activated; an `Interrupted` apply runs no failure hook and decides nothing, nor does
         one whose `cutover.leave` raised `TrafficUnavailable` (nothing of the release ran).
         """
+        call = _Apply(self, on_milestone or _nothing, artifact_size, confirm or confirmed(), cutover)
+        return call.run(manifest, release_id, env)
+
+    def stage(self, manifest: Manifest, release_id: str) -> tuple[Path, bool]:
+        """Only put a symlink release's verified tree and its record in `releases/` (`deployer
+        seed`): no hook, no activation; one already there and recorded is kept. Where it is,
+        and whether it was there already."""
+        assert manifest.dest is not None
+        releases = self.resolve(manifest.dest).parent / RELEASES_DIR
+        release_dir = releases / release_id
+        releases.mkdir(parents=True, exist_ok=True)
+        if _verified_on_disk(releases, release_id, manifest):
+            return release_dir, True
+        _Apply(self, _nothing, None, confirmed(), IN_PLACE)._stage(manifest, releases, release_dir, DeployLog())
+        _record_verified(releases, release_id, manifest)
+        return release_dir, False
+
+
+@dataclass
+class _Apply:
+    """One apply: what it reports progress to, what it waits for before anything takes effect,
+    what surrounds the switch, and its log. The `Applier` holds only what lasts (the machine's
+    root, S3, timeouts, limits, the retry policy), so no call ever sees another's state."""
+
+    machine: Applier
+    on_milestone: Callable[[Milestone], object]
+    artifact_size: int | None
+    confirmation: Confirmation
+    cutover: Cutover
+
+    def run(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
         deploy_log = DeployLog()
-        self._on_milestone = on_milestone or (lambda _milestone: None)
-        self._artifact_size = artifact_size
-        self._confirmation = confirm or confirmed()
-        self._cutover = cutover
         # One dict, filled in as the apply learns its release directories, so failure hooks
         # see the same DEPLOYER_* variables as the hook that failed.
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
@@ -174,7 +197,7 @@ class Applier:
         except DeployerError as exc:
             # Failed before it was confirmed (say, a checksum mismatch): its failure hooks run only
             # once it is; a confirmation that fails instead is the error that counts.
-            self._confirmation.require()
+            self.confirmation.require()
             deploy_log.add(f"error: {exc}")
             self._failure_hooks(manifest, hook_env, deploy_log)
             raise
@@ -182,11 +205,11 @@ class Applier:
     def _apply(self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog) -> ApplyResult:
         if manifest.src is None:
             # stretcher allows a src-less manifest: it only runs the commands.
-            cwd = self.root_dir
+            cwd = self.machine.root_dir
             env.setdefault("DEPLOYER_RELEASE_DIR", "")
             env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
-            self._confirmation.require()
-            self._cutover.leave()
+            self.confirmation.require()
+            self.cutover.leave()
             output = self._hooks(manifest, "pre", env, cwd, deploy_log)
             output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
             return ApplyResult(release_id, None, None, reused=False, output_tail=tail_of(output))
@@ -200,7 +223,7 @@ class Applier:
         self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
     ) -> ApplyResult:
         assert manifest.dest is not None
-        link = self.resolve(manifest.dest)
+        link = self.machine.resolve(manifest.dest)
         releases = link.parent / RELEASES_DIR
         release_dir = releases / release_id
         if link.exists() and not link.is_symlink():
@@ -213,7 +236,7 @@ class Applier:
 
         reused = _verified_on_disk(releases, release_id, manifest)
         if reused:
-            self._confirmation.require()
+            self.confirmation.require()
             deploy_log.add(f"release {release_id} already on disk at {release_dir}; not downloading")
             log.info("release_reused", release_dir=str(release_dir))
         else:
@@ -222,10 +245,10 @@ class Applier:
 
         # The release is complete and verified on disk (kept there if a pre hook fails, so a retry
         # does not download it again); only now may the application prepare for it.
-        self._cutover.leave()
+        self.cutover.leave()
         output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
-        self._on_milestone(Milestone.ACTIVATED)
+        self.on_milestone(Milestone.ACTIVATED)
         deploy_log.add(f"activated {release_dir}")
         log.info("release_activated", release_dir=str(release_dir), previous_dir=str(previous or ""))
 
@@ -244,34 +267,19 @@ class Applier:
         )
         return ApplyResult(release_id, release_dir, previous, reused=reused, output_tail=tail_of(output))
 
-    def stage(self, manifest: Manifest, release_id: str) -> tuple[Path, bool]:
-        """Only put a symlink release's verified tree and its record in `releases/` (`deployer
-        seed`): no hook, no activation; one already there and recorded is kept. Where it is,
-        and whether it was there already."""
-        assert manifest.dest is not None
-        releases = self.resolve(manifest.dest).parent / RELEASES_DIR
-        release_dir = releases / release_id
-        releases.mkdir(parents=True, exist_ok=True)
-        self._confirmation = confirmed()
-        if _verified_on_disk(releases, release_id, manifest):
-            return release_dir, True
-        self._stage(manifest, releases, release_dir, DeployLog())
-        _record_verified(releases, release_id, manifest)
-        return release_dir, False
-
     # -- stretcher's rsync / mv strategies ----------------------------------------------------
 
     def _apply_in_place(
         self, manifest: Manifest, release_id: str, env: dict[str, str], deploy_log: DeployLog
     ) -> ApplyResult:
         assert manifest.dest is not None
-        dest = self.resolve(manifest.dest)
+        dest = self.machine.resolve(manifest.dest)
         env.update(DEPLOYER_RELEASE_DIR=str(dest), DEPLOYER_PREVIOUS_RELEASE_DIR="")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
         self._stage(manifest, dest.parent, staged, deploy_log)
         try:
-            self._cutover.leave()
+            self.cutover.leave()
             output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
             if manifest.sync_strategy is SyncStrategy.RSYNC:
                 self._rsync(manifest, staged, dest)
@@ -315,9 +323,9 @@ class Applier:
         """
         assert manifest.src is not None
         _remove_stale_staging(parent)
-        staging, stats = self.policy.call(self._stage_once, manifest, parent, final)
+        staging, stats = self.machine.policy.call(self._stage_once, manifest, parent, final)
         try:
-            self._confirmation.require()
+            self.confirmation.require()
             if final.exists():
                 # On disk but not recorded as this artifact (a crash before the record, a hand-made
                 # directory, a different artifact under the same id): never trust it, replace it.
@@ -337,14 +345,14 @@ class Applier:
         staging = parent / f"{STAGING_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            with open_source(manifest.src, self.s3) as stream:
+            with open_source(manifest.src, self.machine.s3) as stream:
                 stats = extract_verified(
                     stream,
                     staging,
                     hasher=manifest.new_hasher(),
                     expected_digest=manifest.checksum,
-                    expected_size=self._artifact_size,
-                    limits=self.limits,
+                    expected_size=self.artifact_size,
+                    limits=self.machine.limits,
                     excludes=manifest.excludes if manifest.sync_strategy is SyncStrategy.SYMLINK else (),
                 )
             if manifest.dest_mode is not None:
@@ -368,15 +376,15 @@ class Applier:
                     env={**os.environ, **manifest.env, **env},
                     cwd=cwd,
                     user=manifest.run_as,
-                    interrupt=self.interrupt,
+                    interrupt=self.machine.interrupt,
                 )
                 deploy_log.add("health check ok")
-            self._cutover.rejoin()
+            self.cutover.rejoin()
         except HookFailed:  # a failed health check is one too; apply() runs the failure hooks
             if callable(rollback):
                 rollback()
             raise
-        self._on_milestone(Milestone.POST_HOOKS_DONE)
+        self.on_milestone(Milestone.POST_HOOKS_DONE)
         try:
             output += self._hooks(manifest, "success", env, cwd, deploy_log, stdin_text=deploy_log.text())
         except (HookFailed, Interrupted) as exc:
@@ -386,7 +394,7 @@ class Applier:
 
     def _failure_hooks(self, manifest: Manifest, env: Mapping[str, str], deploy_log: DeployLog) -> None:
         try:
-            self._hooks(manifest, "failure", env, self.root_dir, deploy_log, stdin_text=deploy_log.text())
+            self._hooks(manifest, "failure", env, self.machine.root_dir, deploy_log, stdin_text=deploy_log.text())
         except (HookFailed, Interrupted) as exc:
             log.warning("failure_hook_failed", error=str(exc), next="the apply's own error is reported")
 
@@ -406,11 +414,11 @@ class Applier:
             hooks,
             phase=phase,
             env={**manifest.env, **env},
-            cwd=cwd if cwd.is_dir() else self.root_dir,
-            default_timeout=manifest.hook_timeout or self.hook_timeout,
+            cwd=cwd if cwd.is_dir() else self.machine.root_dir,
+            default_timeout=manifest.hook_timeout or self.machine.hook_timeout,
             stdin_text=stdin_text,
             user=manifest.run_as,
-            interrupt=self.interrupt,
+            interrupt=self.machine.interrupt,
         )
         deploy_log.add(f"{phase} hooks ok")
         if output:
@@ -425,6 +433,10 @@ class Applier:
             (releases / META_DIR / f"{name}.json").unlink(missing_ok=True)
             shutil.rmtree(releases / name, ignore_errors=True)
             log.info("release_pruned", release=name)
+
+
+def _nothing(_milestone: Milestone) -> None:
+    pass
 
 
 def is_active(root_dir: Path, manifest: Manifest, release_id: str) -> bool:
