@@ -348,7 +348,8 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
         ]
     if scope.protect:
         statements.append(_allow("ProtectWhileDeploying", ["autoscaling:SetInstanceProtection"], group))
-    if (scope.lifecycle or scope.terminate or scope.protect) and not scope.asg_name:
+    looks_up = scope.lifecycle or scope.terminate or scope.protect or AUTO_TARGET_GROUPS in scope.target_groups
+    if looks_up and not scope.asg_name:
         # DescribeAutoScalingInstances supports no resource-level scoping.
         statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
     return statements
@@ -378,10 +379,8 @@ def _traffic(scope: Scope) -> list[dict[str, Any]]:
         ),
     ]
     if AUTO_TARGET_GROUPS in scope.target_groups:
-        found = ["autoscaling:DescribeAutoScalingGroups"]
-        if not scope.asg_name and not (scope.lifecycle or scope.terminate or scope.protect):  # else FindOwnGroup
-            found.append("autoscaling:DescribeAutoScalingInstances")
-        statements.append(_allow("FindOwnTargetGroups", found, "*"))
+        # The group's target groups; the group itself is found by FindOwnGroup (without --asg).
+        statements.append(_allow("FindOwnTargetGroups", ["autoscaling:DescribeAutoScalingGroups"], "*"))
     return statements
 
 

@@ -4,6 +4,7 @@ dependent actions only the API reference names."""
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,40 @@ def test_conditional_writes_carry_their_condition_keys() -> None:
 def test_a_call_the_model_does_not_know_is_refused_by_name() -> None:
     with pytest.raises(UnknownOperation, match="sqs PurgeQueue is not in the IAM model"):
         needs(call("sqs", "PurgeQueue", QueueUrl="https://sqs/1/q"))
+
+
+def test_every_instance_option_only_adds_statements_so_a_policy_is_the_union_of_its_options_by_sid() -> None:
+    """What lets the Terraform module compose the instance policy from one template per option,
+    rendered as scripts/terraform-policies renders them: the union by Sid of any of them is the
+    policy of all those options at once, and a Sid is written the same way wherever it appears."""
+    from publisher.iam import Audience, Scope, policy_for
+
+    group = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/web/0123456789abcdef"
+    base: dict[str, Any] = {
+        "bucket": "b", "topic_arn": "arn:aws:sns:eu-west-1:123456789012:deployer", "stage": "prod", "role": "web",
+    }  # fmt: skip
+    # Each template: the options it is printed with (scripts/terraform-policies).
+    templates: dict[str, dict[str, Any]] = {
+        "instance": {},
+        "instance-deregister": {"deregister": True},
+        "instance-traffic": {"target_groups": (group,)},
+        "instance-hook": {"asg_name": "web"},
+        "instance-terminate": {"asg_name": "web", "terminate": True},
+        "instance-protect": {"asg_name": "web", "protect": True},
+    }
+    # What the module's variables ask for together: the group named, the launch hook on.
+    together = {"asg_name": "web", "lifecycle": True}
+    rendered = {
+        name: policy_for(Audience.INSTANCE, Scope(**base, **opts))["Statement"] for name, opts in templates.items()
+    }
+    for chosen in itertools.chain.from_iterable(itertools.combinations(list(templates)[1:], n) for n in range(1, 6)):
+        union: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        for name in ("instance", *chosen):
+            options |= templates[name]
+            for statement in rendered[name]:
+                assert union.setdefault(statement["Sid"], statement) == statement, (chosen, statement["Sid"])
+        if "asg_name" in options:
+            options |= together if "instance-hook" in chosen else {}
+        whole = policy_for(Audience.INSTANCE, Scope(**base, **options))["Statement"]
+        assert {s["Sid"]: s for s in whole} == union, chosen
