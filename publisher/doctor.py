@@ -63,6 +63,7 @@ def place_for(scope: Scope, instance_id: str = "i-0123456789abcdef0") -> Place:
         protect=scope.protect,
         sign_keys=scope.sign_keys,
         target_groups=scope.target_groups,
+        secrets=scope.secrets,
     )
 
 

@@ -62,6 +62,10 @@ POLICY_VERSION = "2012-10-17"
 USERID = "${aws:userid}"
 #: The principals `--publisher-arn` takes: IAM roles (a CI job's OIDC role) and users.
 PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+#: `--secrets`: an SSM parameter or a Secrets Manager secret ARN (or a pattern of them).
+SECRET_PATTERN = re.compile(
+    r"^arn:aws[a-z-]*:(ssm:[a-z0-9-]+:\d{12}:parameter/|secretsmanager:[a-z0-9-]+:\d{12}:secret:)\S+$"
+)
 #: `--target-group`: a target group ARN, or a pattern of them (`*` for a name or id part).
 TARGET_GROUP_PATTERN = re.compile(
     r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/[A-Za-z0-9*-]+(/[0-9a-f*]+)?$"
@@ -93,6 +97,8 @@ class Scope:
     terminate: bool = False
     #: Instance: allow protecting itself from scale-in while a deploy runs.
     protect: bool = False
+    #: Instance: the secrets its manifests name (SSM parameter or Secrets Manager secret ARNs, `*` allowed).
+    secrets: tuple[str, ...] = ()
     #: Instance: the target groups it leaves and rejoins around a release switch (ARNs or
     #: patterns), or `auto`: any group of its Auto Scaling group, found with Describe calls.
     target_groups: tuple[str, ...] = ()
@@ -106,6 +112,12 @@ class Scope:
             if not PRINCIPAL_ARN.match(arn):
                 raise ConfigError(
                     f"publisher ARN {arn!r} is not an IAM role or user ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+                )
+        for secret in self.secrets:
+            if not SECRET_PATTERN.match(secret):
+                raise ConfigError(
+                    f"--secrets {secret!r} is not an SSM parameter or Secrets Manager secret ARN "
+                    "(arn:aws:ssm:REGION:ACCOUNT:parameter/NAME, arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-*)"
                 )
         for group in self.target_groups:
             if group != AUTO_TARGET_GROUPS and not TARGET_GROUP_PATTERN.match(group):
@@ -330,6 +342,7 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             _allow("LeaveTheTopic", ["sns:Unsubscribe"], "*"),
         ]
     statements += _traffic(scope)
+    statements += _secrets(scope)
     topic = scope.topic
     group = f"arn:{topic.partition}:autoscaling:{topic.region}:{topic.account}:autoScalingGroup:*:autoScalingGroupName/{scope.asg_name or '*'}"
     # `--asg` alone has always meant the launch hook of that group; with --terminate-hook or
@@ -352,6 +365,31 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
     if looks_up and not scope.asg_name:
         # DescribeAutoScalingInstances supports no resource-level scoping.
         statements.append(_allow("FindOwnGroup", ["autoscaling:DescribeAutoScalingInstances"], "*"))
+    return statements
+
+
+def _secrets(scope: Scope) -> list[dict[str, Any]]:
+    """Reading the secrets a manifest names at apply time (deployer.aws.secrets), nothing else."""
+    if not scope.secrets:
+        return []
+    topic = scope.topic
+    parameters = sorted(s for s in scope.secrets if ":ssm:" in s)
+    secrets = sorted(s for s in scope.secrets if ":secretsmanager:" in s)
+    services = [f"{name}.{topic.region}.amazonaws.com" for name in ("secretsmanager", "ssm")]
+    statements = []
+    if parameters:
+        statements.append(_allow("ReadNamedParameters", ["ssm:GetParameters"], parameters))
+    if secrets:
+        statements.append(_allow("ReadNamedSecrets", ["secretsmanager:GetSecretValue"], secrets))
+    # A SecureString or secret under a customer managed key: kms:Decrypt, only through those services.
+    statements.append(
+        _allow(
+            "DecryptSecretsViaService",
+            ["kms:Decrypt"],
+            f"arn:{topic.partition}:kms:{topic.region}:{topic.account}:key/*",
+            {"StringEquals": {"kms:ViaService": services}},
+        )
+    )
     return statements
 
 

@@ -63,6 +63,12 @@ ABORT_ON_FAILURE = "a failed multipart upload is aborted by s3transfer: s3:Abort
 #: Multipart uploads authorize as s3:PutObject on the object.
 #: https://docs.aws.amazon.com/AmazonS3/latest/userguide/mpuoverview.html#mpuAndPermissions
 MULTIPART_IS_PUT = "multipart upload steps authorize as s3:PutObject (S3 user guide, multipart upload permissions)"
+#: SSM GetParameters with decryption of a SecureString under a customer managed key: "kms:Decrypt"
+#: for the caller, which AWS makes through SSM (the kms:ViaService condition key says so).
+#: https://docs.aws.amazon.com/systems-manager/latest/userguide/sysman-paramstore-access.html
+DECRYPT_VIA_SERVICE = "a SecureString or secret under a customer managed key also needs kms:Decrypt, via the service (SSM and Secrets Manager docs)"
+#: A key id standing for "the key that encrypts the secret", which the product never learns.
+ANY_KEY = "00000000-0000-4000-8000-00000000c0de"
 #: sts:GetCallerIdentity: "No permissions are required to perform this operation."
 #: https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
 NO_PERMISSION = frozenset({("sts", "GetCallerIdentity")})
@@ -180,6 +186,30 @@ def group_arn(call: Call) -> str:
 
 def target_group_arn(call: Call) -> str:
     return str(call.params["TargetGroupArn"])
+
+
+def parameter_arn(call: Call, name: str) -> str:
+    return f"arn:{call.partition}:ssm:{call.region}:{call.account}:parameter/{name.lstrip('/')}"
+
+
+def secret_arn(call: Call) -> str:
+    """The secret's ARN as given, or a name completed with the 6-character suffix AWS appends."""
+    secret = str(call.params["SecretId"])
+    return (
+        secret
+        if secret.startswith("arn:")
+        else f"arn:{call.partition}:secretsmanager:{call.region}:{call.account}:secret:{secret}-AbCdEf"
+    )
+
+
+def _decrypt_via(call: Call, service: str) -> Need:
+    key = f"arn:{call.partition}:kms:{call.region}:{call.account}:key/{ANY_KEY}"
+    return Need("kms:Decrypt", key, {"kms:ViaService": f"{service}.{call.region}.amazonaws.com"}, DECRYPT_VIA_SERVICE)
+
+
+def _get_parameters(call: Call) -> list[Need]:
+    names = [str(n) for n in call.params.get("Names") or []]
+    return [Need("ssm:GetParameters", parameter_arn(call, n)) for n in names] + [_decrypt_via(call, "ssm")]
 
 
 def request_tags(tags: Mapping[str, str]) -> dict[str, str | tuple[str, ...]]:
@@ -323,6 +353,11 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     ("elbv2", "DescribeTargetGroups"): _anything("elasticloadbalancing:DescribeTargetGroups"),
     ("elbv2", "DescribeTargetGroupAttributes"): _anything("elasticloadbalancing:DescribeTargetGroupAttributes"),
     ("cloudwatch", "DescribeAlarms"): _alarms,
+    ("ssm", "GetParameters"): _get_parameters,
+    ("secretsmanager", "GetSecretValue"): lambda call: [
+        Need("secretsmanager:GetSecretValue", secret_arn(call)),
+        _decrypt_via(call, "secretsmanager"),
+    ],
     ("iam", "SimulatePrincipalPolicy"): lambda call: [
         Need("iam:SimulatePrincipalPolicy", str(call.params["PolicySourceArn"]))
     ],
@@ -365,6 +400,8 @@ class Place:
     protect: bool = False
     deregister: bool = False
     sign_keys: tuple[str, ...] = ()
+    #: The secrets its manifests name: SSM parameter and Secrets Manager secret ARNs.
+    secrets: tuple[str, ...] = ()
     #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
     target_groups: tuple[str, ...] = ()
 
@@ -509,6 +546,7 @@ def _instance_calls(
     if place.deregister:  # leaving through the terminate hook keeps its last report
         calls.append(s3("DeleteObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"))
     calls += _traffic_calls(place, topic, call)
+    calls += _secret_calls(place, call)
     if place.launch or place.terminate or place.protect:
         # Without the group's name the agent looks it up first.
         group = place.asg_name or "any-group"
@@ -529,6 +567,19 @@ def _instance_calls(
                 call("autoscaling", "RecordLifecycleActionHeartbeat", LifecycleHookName="leave", **hooked),
                 call("autoscaling", "CompleteLifecycleAction", LifecycleHookName="leave", **hooked),
             ]
+    return calls
+
+
+def _secret_calls(place: Place, call: Callable[..., Call]) -> list[Call]:
+    """Reading the secrets a manifest names, at apply time (deployer.aws.secrets)."""
+    calls = []
+    for arn in place.secrets:
+        if ":ssm:" in arn:
+            calls.append(
+                call("ssm", "GetParameters", Names=["/" + arn.split(":parameter/", 1)[1]], WithDecryption=True)
+            )
+        else:
+            calls.append(call("secretsmanager", "GetSecretValue", SecretId=arn))
     return calls
 
 

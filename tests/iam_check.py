@@ -182,7 +182,11 @@ class World:
             return {}
         return self.queue_tags.get(_queue_name(call), {})
 
-    def resource_policy(self, call: Call, scope: Scope) -> Mapping[str, Any] | None:
+    def resource_policy(self, call: Call, scope: Scope, need: Need) -> Mapping[str, Any] | None:
+        """The resource policy AWS evaluates for `need` of `call` (a KMS key's own, whatever service
+        asked for it: SSM decrypting a SecureString needs the key's policy to let IAM decide)."""
+        if need.resource.startswith(f"arn:{call.partition}:kms:"):
+            return default_key_policy(call.partition, call.account)
         if call.service == "sqs":
             return self.queue_policies.get(_queue_name(call))
         if call.service == "sns" and "TopicArn" in call.params:
@@ -215,6 +219,8 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             terminate=bool(config.get("terminate_hook_name")),
             protect=bool(config.get("scale_in_protection")),
             target_groups=_target_groups(config.get("target_group_arns")),
+            # What the operator would pass as --secrets: the ones this test's instances read.
+            secrets=_secrets_read(test_records, topic_arn.split(":")[4]),
         )
     bucket, prefix, keys = "", None, set()
     for other in test_records:
@@ -231,6 +237,20 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
         prefix=DEFAULT_PREFIX if prefix is None else prefix,
         sign_keys=tuple(sorted(keys)),
     )
+
+
+def _secrets_read(records: Iterable[Record], account: str) -> tuple[str, ...]:
+    """The ARNs of the secrets the instances of a test read (SSM parameters, Secrets Manager secrets)."""
+    from publisher.iam_model import parameter_arn, secret_arn
+
+    found: set[str] = set()
+    for other in records:
+        call = _in_account(other, account).call
+        if other.role is Role.INSTANCE and call.service == "ssm":
+            found.update(parameter_arn(call, str(name)) for name in call.params.get("Names") or [])
+        elif other.role is Role.INSTANCE and call.service == "secretsmanager" and "SecretId" in call.params:
+            found.add(secret_arn(call))
+    return tuple(sorted(found))
 
 
 def _target_groups(value: object) -> tuple[str, ...]:
@@ -343,7 +363,7 @@ def check(directory: Path) -> Findings:
             identity = policy_for(AUDIENCE[record.role], scope)
             outcome.evaluated[record.role].add((call.service, call.operation))
             for need in needs(call):
-                if batch.add(record, need, identity, world.resource_policy(call, scope)):
+                if batch.add(record, need, identity, world.resource_policy(call, scope, need)):
                     outcome.requests[record.role] += 1
     for decision in iameval.evaluate(batch.requests) if batch.requests else []:
         record, need = batch.about[decision.id]
@@ -373,6 +393,10 @@ def unlisted(outcome: Findings) -> list[str]:
             protect=True,
             sign_keys=("kms:k",),
             target_groups=(f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/web/0", "auto"),
+            secrets=(
+                f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/prod/db",
+                f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:prod/api-AbCdEf",
+            ),
         )
         for group in ("web", None)
     ]

@@ -54,6 +54,8 @@ KEPT_PARAMS = frozenset(
         "InstanceIds",
         "AlarmNames",
         "TargetGroupArn",
+        "Names",
+        "SecretId",
         "TargetGroupArns",
         "PolicySourceArn",
         "Attributes",

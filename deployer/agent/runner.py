@@ -30,6 +30,7 @@ from deployer.apply.fetch import fetch_release_manifest
 from deployer.apply.lock import ApplyLock
 from deployer.aws.retry import RetryPolicy
 from deployer.aws.s3 import get_document
+from deployer.aws.secrets import SecretReader
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import (
     DeployerError,
@@ -135,6 +136,7 @@ class DeployRunner:
             hook_timeout=config.hook_timeout_seconds,
             policy=self.policy,
             interrupt=shutdown.abandon,
+            secrets=SecretReader(config.region, config.endpoint_url, self.policy),
         )
         #: Runs each deploy's history GET beside its manifest and artifact fetch.
         self._lookups = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -33,11 +34,20 @@ from deployer.apply.health import run_health_check
 from deployer.apply.hooks import DEFAULT_HOOK_TIMEOUT_SECONDS, run_hooks, tail_of
 from deployer.apply.prune import releases_to_prune
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.errors import ActivationFailed, DeployerError, HookFailed, Interrupted, TrafficUnavailable
+from deployer.protocol.errors import (
+    ActivationFailed,
+    DeployerError,
+    HookFailed,
+    Interrupted,
+    SecretUnavailable,
+    TrafficUnavailable,
+)
 from deployer.protocol.manifest import Manifest, SyncStrategy
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from deployer.aws.secrets import SecretReader
 
 log = structlog.get_logger(__name__)
 
@@ -113,8 +123,11 @@ class Applier:
         limits: ExtractLimits = DEFAULT_LIMITS,
         policy: RetryPolicy = DEFAULT_POLICY,
         interrupt: threading.Event | None = None,
+        secrets: SecretReader | None = None,
     ) -> None:
         self.s3 = s3
+        #: Reads the secrets a manifest names (`deployer.aws.secrets`); None where nothing can.
+        self.secrets = secrets
         self.root_dir = root_dir
         self.hook_timeout = hook_timeout
         self.limits = limits
@@ -182,6 +195,8 @@ class _Apply:
     artifact_size: int | None
     confirmation: Confirmation
     cutover: Cutover
+    #: Secret values this apply resolved: every hook's output is scrubbed of them.
+    secret_values: list[str] = field(default_factory=list)
 
     def run(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
         deploy_log = DeployLog()
@@ -190,9 +205,9 @@ class _Apply:
         hook_env = {**env, "DEPLOYER_RELEASE_ID": release_id}
         try:
             return self._apply(manifest, release_id, hook_env, deploy_log)
-        except (Interrupted, TrafficUnavailable):
-            # Nothing of the release ran (the load balancer could not be left): no failure hook
-            # either, which could restart the app while it still takes requests.
+        except (Interrupted, TrafficUnavailable, SecretUnavailable):
+            # Nothing of the release ran (the load balancer could not be left, a secret could not
+            # be read): no failure hook either, which could restart the app while it still serves.
             raise
         except DeployerError as exc:
             # Failed before it was confirmed (say, a checksum mismatch): its failure hooks run only
@@ -209,6 +224,7 @@ class _Apply:
             env.setdefault("DEPLOYER_RELEASE_DIR", "")
             env.setdefault("DEPLOYER_PREVIOUS_RELEASE_DIR", "")
             self.confirmation.require()
+            self._open_secrets(manifest, env, None)
             self.cutover.leave()
             output = self._hooks(manifest, "pre", env, cwd, deploy_log)
             output += self._post_and_success(manifest, env, cwd, deploy_log, rollback=None)
@@ -245,6 +261,7 @@ class _Apply:
 
         # The release is complete and verified on disk (kept there if a pre hook fails, so a retry
         # does not download it again); only now may the application prepare for it.
+        self._open_secrets(manifest, env, release_dir)
         self.cutover.leave()
         output = self._hooks(manifest, "pre", env, link.parent, deploy_log)
         swap_symlink(link, f"{RELEASES_DIR}/{release_id}")
@@ -279,6 +296,7 @@ class _Apply:
         staged = dest.parent / f"{STAGING_PREFIX}{dest.name}-{release_id}"
         self._stage(manifest, dest.parent, staged, deploy_log)
         try:
+            self._open_secrets(manifest, env, None)
             self.cutover.leave()
             output = self._hooks(manifest, "pre", env, dest.parent, deploy_log)
             if manifest.sync_strategy is SyncStrategy.RSYNC:
@@ -365,6 +383,32 @@ class _Apply:
             raise
         return staging, stats
 
+    def _open_secrets(self, manifest: Manifest, env: dict[str, str], release_dir: Path | None) -> None:
+        """The manifest's secrets into the hooks' environment (or files of mode 0400 under the
+        release): once the deploy is confirmed, before the first hook, and never anywhere else."""
+        if not manifest.secrets:
+            return
+        if self.machine.secrets is None:
+            raise SecretUnavailable(
+                f"the manifest names secrets ({', '.join(manifest.secrets)}) and nothing here reads them"
+            )
+        values = self.machine.secrets(manifest.secrets)
+        self.secret_values.extend(sorted((v for v in values.values() if v), key=len, reverse=True))
+        for variable, ref in manifest.secrets.items():
+            if ref.file is None:
+                env[variable] = values[variable]
+                continue
+            assert release_dir is not None  # the manifest parser allows files with the symlink strategy only
+            path = release_dir / ref.file
+            _write_secret(path, values[variable], manifest.run_as)
+            env[variable] = str(path)
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret value this apply resolved replaced by `***`."""
+        for value in self.secret_values:
+            text = text.replace(value, "***")
+        return text
+
     def _post_and_success(
         self, manifest: Manifest, env: Mapping[str, str], cwd: Path, deploy_log: DeployLog, rollback: object
     ) -> str:
@@ -377,6 +421,7 @@ class _Apply:
                     cwd=cwd,
                     user=manifest.run_as,
                     interrupt=self.machine.interrupt,
+                    redact=self.redact,
                 )
                 deploy_log.add("health check ok")
             self.cutover.rejoin()
@@ -419,6 +464,7 @@ class _Apply:
             stdin_text=stdin_text,
             user=manifest.run_as,
             interrupt=self.machine.interrupt,
+            redact=self.redact,
         )
         deploy_log.add(f"{phase} hooks ok")
         if output:
@@ -465,6 +511,19 @@ def _verified_on_disk(releases: Path, release_id: str, manifest: Manifest) -> bo
 def _record_verified(releases: Path, release_id: str, manifest: Manifest) -> None:
     meta = {"checksum": manifest.checksum, "algorithm": manifest.checksum_algorithm, "src": manifest.src}
     write_atomic(releases / META_DIR / f"{release_id}.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _write_secret(path: Path, value: str, owner: str | None) -> None:
+    """Mode 0400, written whole (temp file + rename) and owned by the hooks' user when they run as one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value)
+    if owner is not None and os.geteuid() == 0:
+        account = pwd.getpwnam(owner)
+        os.chown(temporary, account.pw_uid, account.pw_gid)
+    os.replace(temporary, path)
 
 
 def _discard(path: Path) -> None:

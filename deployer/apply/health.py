@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -25,6 +25,7 @@ def run_health_check(
     cwd: Path,
     user: str | None = None,
     interrupt: threading.Event | None = None,
+    redact: Callable[[str], str] = lambda text: text,
 ) -> str:
     """Return the last attempt's output once healthy; raise HealthCheckFailed after the last retry.
 
@@ -33,7 +34,8 @@ def run_health_check(
     """
     last = ""
     for attempt in range(1, check.retries + 1):
-        healthy, last = _attempt(check, env, cwd, user, interrupt)
+        healthy, output = _attempt(check, env, cwd, user, interrupt, redact)
+        last = redact(output)
         log.info("health_check", attempt=attempt, of=check.retries, healthy=healthy)
         if healthy:
             return last
@@ -44,7 +46,12 @@ def run_health_check(
 
 
 def _attempt(
-    check: HealthCheck, env: Mapping[str, str], cwd: Path, user: str | None, interrupt: threading.Event | None
+    check: HealthCheck,
+    env: Mapping[str, str],
+    cwd: Path,
+    user: str | None,
+    interrupt: threading.Event | None,
+    redact: Callable[[str], str],
 ) -> tuple[bool, str]:
     if check.command is not None:
         try:
@@ -56,6 +63,7 @@ def _attempt(
                 default_timeout=check.timeout,
                 user=user,
                 interrupt=interrupt,
+                redact=redact,
             )
         except HookFailed as exc:
             return False, f"{exc}\n{exc.output_tail}"

@@ -12,7 +12,7 @@ import pwd
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -52,11 +52,14 @@ def run_hooks(
     stdin_text: str | None = None,
     user: str | None = None,
     interrupt: threading.Event | None = None,
+    redact: Callable[[str], str] = lambda text: text,
 ) -> str:
     """Run hooks in order; return their combined output tail; raise HookFailed on the first failure.
 
     A hook killed because the apply was abandoned at shutdown (`interrupt` set, see
     `kill_running_hooks`) raises Interrupted instead: its exit says nothing about the release.
+    `redact` is applied to every output before it is logged, returned or raised (secrets a
+    hook printed never leave it).
     """
     outputs: list[str] = []
     for index, hook in enumerate(hooks):
@@ -66,7 +69,7 @@ def run_hooks(
         hook_env = {**os.environ, **env, **hook.env}
         log.info("hook_started", phase=phase, index=index, command=hook.run, timeout_s=timeout)
         code, output = _run_one(hook.run, hook_env, cwd, timeout, stdin_text, user)
-        outputs.append(output)
+        outputs.append(redact(output))
         tail = tail_of("".join(outputs))
         if code != 0 and interrupt is not None and interrupt.is_set():
             log.warning("hook_abandoned", phase=phase, index=index, command=hook.run, next="resumed after restart")

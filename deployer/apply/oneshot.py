@@ -19,6 +19,7 @@ import structlog
 from deployer.apply.engine import Applier, ApplyResult
 from deployer.apply.fetch import fetch_release_manifest, read_source
 from deployer.apply.lock import ApplyLock
+from deployer.aws.secrets import SecretReader
 from deployer.protocol.envelope import MAX_ENVELOPE_BYTES
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.limits import MAX_MANIFEST_BYTES
@@ -83,6 +84,7 @@ def apply_manifest_url(
     hook_timeout: float,
     release_id: str | None = None,
     allow_http: bool = False,
+    secrets: SecretReader | None = None,
 ) -> ApplyResult:
     check_manifest_url(url, allow_http=allow_http)
     manifest = parse_manifest(read_source(url, s3, MAX_MANIFEST_BYTES))
@@ -92,7 +94,8 @@ def apply_manifest_url(
     structlog.contextvars.bind_contextvars(release_id=release_id)
     with ApplyLock(state_dir):
         log.info("apply_started", manifest=url, strategy=manifest.sync_strategy.value)
-        result = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout).apply(manifest, release_id, env={})
+        applier = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout, secrets=secrets)
+        result = applier.apply(manifest, release_id, env={})
     log.info("apply_succeeded", release_dir=str(result.release_dir or ""), reused=result.reused)
     return result
 
@@ -105,6 +108,7 @@ def apply_signed_document(
     root_dir: Path,
     state_dir: Path,
     hook_timeout: float,
+    secrets: SecretReader | None = None,
 ) -> ApplyResult:
     """`deployer apply --trust FILE --document s3://…`: a channel's pointer or history entry, checked
     as an agent checks it (envelope, type, signatures, floor), then its manifest (sha256 pinned)
@@ -117,8 +121,7 @@ def apply_signed_document(
     structlog.contextvars.bind_contextvars(release_id=deploy.release_id, seq=deploy.seq, deploy_id=deploy.deploy_id)
     with ApplyLock(state_dir):
         log.info("apply_started", document=url, channel=str(deploy.channel), strategy=manifest.sync_strategy.value)
-        result = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout).apply(
-            manifest, deploy.release_id, env={}, artifact_size=deploy.artifact_size
-        )
+        applier = Applier(s3=s3, root_dir=root_dir, hook_timeout=hook_timeout, secrets=secrets)
+        result = applier.apply(manifest, deploy.release_id, env={}, artifact_size=deploy.artifact_size)
     log.info("apply_succeeded", release_dir=str(result.release_dir or ""), reused=result.reused)
     return result

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     from mypy_boto3_iam import IAMClient
     from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_secretsmanager import SecretsManagerClient
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_ssm import SSMClient
     from mypy_boto3_sts import STSClient
 
 #: A stalled TCP connect fails fast; the retry policy tries again.
@@ -59,6 +61,8 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("elbv2", "DescribeTargetHealth"): ("TargetHealthDescriptions",),
     ("elbv2", "DescribeTargetGroups"): ("TargetGroups",),
     ("elbv2", "DescribeTargetGroupAttributes"): ("Attributes",),
+    ("ssm", "GetParameters"): ("Parameters",),
+    ("secretsmanager", "GetSecretValue"): ("ARN",),
     ("kms", "GetPublicKey"): ("PublicKey", "KeyId"),
     ("kms", "Sign"): ("Signature",),
     ("iam", "SimulatePrincipalPolicy"): ("EvaluationResults",),
@@ -159,6 +163,18 @@ def elbv2_client(region: str | None = None, endpoint_url: str | None = None) -> 
     """Only agents behind a load balancer (and a rollout driver keeping a target group healthy) need it."""
     session = boto3.session.Session(region_name=resolve_region(region))
     return _checked(session.client("elbv2", endpoint_url=endpoint_url, config=_config()))
+
+
+def ssm_client(region: str | None = None, endpoint_url: str | None = None) -> SSMClient:
+    """Only agents whose manifests name SSM parameters as secrets need it."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("ssm", endpoint_url=endpoint_url, config=_config()))
+
+
+def secretsmanager_client(region: str | None = None, endpoint_url: str | None = None) -> SecretsManagerClient:
+    """Only agents whose manifests name Secrets Manager secrets need it."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client("secretsmanager", endpoint_url=endpoint_url, config=_config()))
 
 
 def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KMSClient:

@@ -243,6 +243,7 @@ def scope_options(func: Command) -> Command:
         terminate_hook: bool,
         scale_in_protection: bool,
         target_groups: tuple[str, ...],
+        secrets: tuple[str, ...],
         publisher_arns: tuple[str, ...],
         sign_keys: tuple[str, ...],
         **kwargs: Any,
@@ -262,6 +263,7 @@ def scope_options(func: Command) -> Command:
             terminate=terminate_hook,
             protect=scale_in_protection,
             target_groups=target_groups,
+            secrets=secrets,
             publishers=publisher_arns,
             sign_keys=sign_keys,
         )
@@ -302,6 +304,14 @@ def scope_options(func: Command) -> Command:
             help="Instance: allow leaving and rejoining this load balancer target group around a release "
             "switch (an ARN, * allowed; or auto: the Auto Scaling group's); repeatable. CI needs none: "
             "reading target health is always granted.",
+        ),
+        click.option(
+            "--secrets",
+            "secrets",
+            multiple=True,
+            metavar="ARN",
+            help="Instance: allow reading this SSM parameter or Secrets Manager secret its manifests name "
+            "(ARN, * allowed); repeatable.",
         ),
         publisher_arn_option,
         click.option(
@@ -391,6 +401,7 @@ def scope_flags(scope: Scope) -> str:
     flags += ["--terminate-hook"] if scope.terminate else []
     flags += ["--scale-in-protection"] if scope.protect else []
     flags += [f"--target-group {group}" for group in scope.target_groups]
+    flags += [f"--secrets {secret}" for secret in scope.secrets]
     flags += [f"--sign-key {key}" for key in scope.sign_keys]
     return "".join(f" {flag}" for flag in flags)
 

@@ -114,6 +114,7 @@ def apply_command(
     from deployer.agent.config import load_config
     from deployer.apply.oneshot import apply_manifest_url, manifest_url_from_stdin
     from deployer.aws.clients import make_clients
+    from deployer.aws.secrets import SecretReader
 
     config = load_config(config_path) if config_path else None
     state_dir = paths["state_dir"] or (config.state_dir if config else DEFAULT_STATE_DIR)
@@ -128,7 +129,9 @@ def apply_command(
         return
     # S3 redirects a GetObject to the bucket's region, so any region will do when none is set.
     region = aws.region or (config.region if config else None) or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    clients = make_clients(region, aws.endpoint_url or (config.endpoint_url if config else None))
+    endpoint = aws.endpoint_url or (config.endpoint_url if config else None)
+    clients = make_clients(region, endpoint)
+    secrets = SecretReader(region, endpoint)
     if trust_file is not None:
         from deployer.agent.trust_store import load_trust_file
         from deployer.apply.oneshot import apply_signed_document
@@ -140,6 +143,7 @@ def apply_command(
             root_dir=root_dir,
             state_dir=state_dir,
             hook_timeout=hook_timeout,
+            secrets=secrets,
         )
         return
     if document_url:
@@ -154,6 +158,7 @@ def apply_command(
         hook_timeout=hook_timeout,
         release_id=release_id,
         allow_http=allow_http or bool(config and config.allow_http_manifests),
+        secrets=secrets,
     )
 
 

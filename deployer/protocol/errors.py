@@ -115,6 +115,11 @@ class TrafficUnavailable(InfrastructureError):
     The message starts with its report code (`target_group_not_found`, `traffic_drain_timeout`)."""
 
 
+class SecretUnavailable(InfrastructureError):
+    """Raised when a secret a manifest names cannot be read (missing, denied, throttled): the
+    release was not touched, and the message names the secret, never a value. Retried later."""
+
+
 # -- the release failed on this machine ------------------------------------------------------
 
 

@@ -61,6 +61,39 @@ class Traffic(enum.StrEnum):
     NONE = "none"  # a component that serves no traffic (a config file, a sidecar): applied in place
 
 
+class SecretSource(enum.StrEnum):
+    SSM = "ssm"  # SSM Parameter Store (a SecureString, decrypted)
+    SECRETS_MANAGER = "secretsmanager"
+
+
+#: SSM parameter names: letters, digits and `_.-/`, up to 2048 characters (a hierarchy starts with `/`).
+#: https://docs.aws.amazon.com/systems-manager/latest/userguide/sysman-parameter-name-constraints.html
+_SSM_NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,2048}$")
+#: A Secrets Manager secret's name or ARN. https://docs.aws.amazon.com/secretsmanager/latest/apireference/API_GetSecretValue.html
+_SECRET_ID = re.compile(r"^[A-Za-z0-9/_+=.@:\-]{1,2048}$")
+_SECRET_KEYS = {"ssm", "secretsmanager", "key", "file"}
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A secret a hook's environment gets at apply time: named here, its value resolved by the
+    agent with its instance role and never written anywhere but the hooks' environment (or a
+    file of mode 0400 under the release, with `file`). `key` picks a field of a JSON secret."""
+
+    source: SecretSource
+    name: str
+    key: str | None = None
+    file: str | None = None
+
+    def to_yaml(self) -> dict[str, str]:
+        doc = {self.source.value: self.name}
+        if self.key is not None:
+            doc["key"] = self.key
+        if self.file is not None:
+            doc["file"] = self.file
+        return doc
+
+
 @dataclass(frozen=True)
 class Hook:
     """One `sh -c` command; timeout None means the agent's default."""
@@ -105,6 +138,8 @@ class Manifest:
     health: HealthCheck | None = None
     run_as: str | None = None
     traffic: Traffic = Traffic.MANAGED
+    #: Variables of `env` whose value is a secret to resolve at apply time.
+    secrets: Mapping[str, SecretRef] = field(default_factory=dict)
 
     @property
     def checksum_algorithm(self) -> str | None:
@@ -131,7 +166,11 @@ class Manifest:
             ("exclude_from", self.exclude_from, bool(self.exclude_from)),
             ("sync_strategy", self.sync_strategy.value, True),
             ("keep_releases", self.keep_releases, self.keep_releases != DEFAULT_KEEP_RELEASES),
-            ("env", dict(self.env), bool(self.env)),
+            (
+                "env",
+                {**self.env, **{k: ref.to_yaml() for k, ref in self.secrets.items()}},
+                bool(self.env or self.secrets),
+            ),
             ("hook_timeout", self.hook_timeout, self.hook_timeout is not None),
             (
                 "health",
@@ -166,6 +205,9 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
     if dest is not None and ".." in dest.split("/"):
         # Every dest is placed under the agent's root_dir; `..` would climb out of it.
         raise ManifestError(f"dest {dest!r} must not contain '..': it would leave the root it is placed under")
+    sync_strategy = _strategy(doc.get("sync_strategy", SyncStrategy.RSYNC.value))
+    if doc.get("env") is not None and not isinstance(doc.get("env"), dict):
+        raise ManifestError(f"env must be a mapping of NAME: value, got {doc.get('env')!r}")
     return Manifest(
         src=src,
         checksum=checksum,
@@ -174,9 +216,10 @@ def manifest_from_dict(doc: Mapping[str, Any]) -> Manifest:
         commands=_commands(doc.get("commands")),
         excludes=tuple(_str_list(doc, "excludes")),
         exclude_from=_optional_str(doc, "exclude_from"),
-        sync_strategy=_strategy(doc.get("sync_strategy", SyncStrategy.RSYNC.value)),
+        sync_strategy=sync_strategy,
         keep_releases=_keep(doc.get("keep_releases", DEFAULT_KEEP_RELEASES)),
-        env=_env(doc.get("env"), "env"),
+        env=_env({k: v for k, v in (doc.get("env") or {}).items() if not isinstance(v, dict)}, "env"),
+        secrets=_secrets(doc.get("env"), sync_strategy),
         hook_timeout=_timeout(doc.get("hook_timeout"), "hook_timeout"),
         health=_health(doc.get("health")),
         run_as=_run_as(doc.get("run_as")),
@@ -212,6 +255,40 @@ def _strategy(value: Any) -> SyncStrategy:
     except ValueError:
         choices = ", ".join(s.value for s in SyncStrategy)
         raise ManifestError(f"sync_strategy {value!r} is not one of {choices}") from None
+
+
+def _secrets(env: Any, strategy: SyncStrategy) -> dict[str, SecretRef]:
+    """The `env` entries that name a secret ({ssm: NAME} or {secretsmanager: ID, key: FIELD}, with
+    an optional `file`), checked; the rest of `env` is plain values."""
+    if not isinstance(env, dict):
+        return {}
+    return {name: _secret(name, value, strategy) for name, value in env.items() if isinstance(value, dict)}
+
+
+def _secret(name: Any, value: dict[Any, Any], strategy: SyncStrategy) -> SecretRef:
+    where = f"env.{name}"
+    if not isinstance(name, str) or not _ENV_NAME.match(name):
+        raise ManifestError(f"env has an invalid variable name {name!r}")
+    unknown = sorted(str(k) for k in set(value) - _SECRET_KEYS)
+    sources = [s for s in SecretSource if s.value in value]
+    if unknown or len(sources) != 1:
+        raise ManifestError(
+            f"{where} must be {{ssm: NAME}} or {{secretsmanager: ID, key: FIELD}} (and file), got {sorted(map(str, value))}"
+        )
+    source = sources[0]
+    secret = value[source.value]
+    pattern = _SSM_NAME if source is SecretSource.SSM else _SECRET_ID
+    if not isinstance(secret, str) or not pattern.match(secret):
+        raise ManifestError(f"{where}.{source.value} {secret!r} is not a valid {source.value} name")
+    key, path = value.get("key"), value.get("file")
+    if key is not None and (not isinstance(key, str) or not key or source is SecretSource.SSM):
+        raise ManifestError(f"{where}.key must be a field name of a secretsmanager JSON secret")
+    if path is not None:
+        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/") or not path.strip("/"):
+            raise ManifestError(f"{where}.file {path!r} must be a relative path inside the release")
+        if strategy is not SyncStrategy.SYMLINK:
+            raise ManifestError(f"{where}.file needs sync_strategy symlink (the file is written under the release)")
+    return SecretRef(source, secret, key, path)
 
 
 def _traffic(value: Any) -> Traffic:

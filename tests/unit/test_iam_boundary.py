@@ -279,6 +279,16 @@ CROSS_OWNER_AND_CI_ONLY: list[tuple[str, Principal, Call]] = [
         ),
     ),
     (
+        "A reads a secret no manifest of its fleet names",
+        A,
+        call("ssm", "GetParameters", Names=["/admin/root_password"], WithDecryption=True),
+    ),
+    (
+        "A reads another fleet's Secrets Manager secret",
+        A,
+        call("secretsmanager", "GetSecretValue", SecretId="admin/api"),
+    ),
+    (
         "a dev pipeline moves a prod pointer",
         CI_DEV,
         s3("PutObject", "channels/prod/web/api/latest.json", IfMatch='"e"'),

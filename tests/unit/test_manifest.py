@@ -15,6 +15,8 @@ from deployer.protocol.manifest import (
     HealthCheck,
     Hook,
     Manifest,
+    SecretRef,
+    SecretSource,
     SyncStrategy,
     parse_manifest,
 )
@@ -204,3 +206,38 @@ def manifests(draw: st.DrawFn) -> Manifest:
 @given(manifests())
 def test_every_manifest_reads_back_equal_to_what_was_written(manifest: Manifest) -> None:
     assert parse_manifest(manifest.to_yaml()) == manifest
+
+
+def test_env_may_name_secrets_which_are_checked_and_written_back_as_named() -> None:
+    manifest = parse_manifest(
+        "src: s3://b/a.tgz\nchecksum: '" + "a" * 64 + "'\ndest: /opt/api/current\nsync_strategy: symlink\n"
+        "env:\n  PLAIN: x\n  DB_PASSWORD: {ssm: /prod/web/db_password}\n"
+        "  API_TOKEN: {secretsmanager: prod/web/api, key: token, file: secrets/token}\n"
+    )
+    assert manifest.env == {"PLAIN": "x"}
+    assert manifest.secrets == {
+        "DB_PASSWORD": SecretRef(SecretSource.SSM, "/prod/web/db_password"),
+        "API_TOKEN": SecretRef(SecretSource.SECRETS_MANAGER, "prod/web/api", key="token", file="secrets/token"),
+    }
+    assert parse_manifest(manifest.to_yaml()) == manifest
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ("{X: {ssm: /a, secretsmanager: b}}", r"env.X must be \{ssm: NAME\}"),
+        ("{X: {vault: /a}}", r"env.X must be \{ssm: NAME\}"),
+        ("{X: {ssm: 'a b'}}", "env.X.ssm 'a b' is not a valid ssm name"),
+        ("{X: {ssm: /a, key: k}}", "env.X.key must be a field name of a secretsmanager JSON secret"),
+        ("{X: {ssm: /a, file: ../out}}", "must be a relative path inside the release"),
+        ("{X: {ssm: /a, file: /etc/x}}", "must be a relative path inside the release"),
+    ],
+)
+def test_a_secret_that_is_not_well_named_is_refused_naming_the_variable(env: str, error: str) -> None:
+    with pytest.raises(ManifestError, match=error):
+        parse_manifest(f"sync_strategy: symlink\ndest: /opt/x\nenv: {env}\n")
+
+
+def test_a_secret_file_needs_the_symlink_strategy() -> None:
+    with pytest.raises(ManifestError, match=r"env\.X\.file needs sync_strategy symlink"):
+        parse_manifest("env: {X: {ssm: /a, file: secret}}\n")
