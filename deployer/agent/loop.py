@@ -696,6 +696,41 @@ def _lifecycle_step(
                 )
 
 
+def refresh(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT_POLICY) -> list[Channel]:
+    """`deployer agent --refresh-secrets`: the running releases again, with fresh secret values.
+
+    Beside a running agent: the apply lock orders the two. No queue, no report: this is not an
+    agent, only the runner's hooks and the load-balancer gate.
+    """
+    shutdown = Shutdown(config.shutdown_grace_seconds)
+    instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
+    layout = Layout(config.prefix)
+    ledger = Ledger(config.state_dir)
+    owner = Owner.from_userid(caller_userid(config.region, config.endpoint_url, policy), instance_id)
+    reporter = StatusReporter(
+        clients.s3,
+        config.bucket,
+        layout,
+        ReportKey(config.stage, config.role, instance_id, owner.role_id),
+        config.components,
+        policy,
+    )
+    trust = trust_store(config, clients, layout, policy)
+    trust.refresh()
+    runner = DeployRunner(
+        config,
+        clients.s3,
+        policy,
+        ledger=ledger,
+        reporter=reporter,
+        instance_id=instance_id,
+        shutdown=shutdown,
+        verifier=trust.verifier,
+        traffic=gate_for(config, instance_id, policy.interruptible(shutdown.abandon), shutdown.abandon),
+    )
+    return runner.refresh_secrets()
+
+
 def _deregister(
     config: AgentConfig, clients: Clients, booted: Booted, policy: RetryPolicy, *, keep_report: bool = False
 ) -> None:

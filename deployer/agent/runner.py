@@ -306,6 +306,47 @@ class DeployRunner:
         if back:
             log.warning("traffic_recovered", result=back, next="serving")
 
+    def refresh_secrets(self) -> list[Channel]:
+        """Apply each component's running release again with fresh secret values (rotated since it
+        was deployed): the release is on disk, so only its hooks run, around the load balancer
+        like any switch. The running deploys stay what the ledger says; nothing is recorded.
+        Only components whose manifest names secrets are touched. The channels refreshed."""
+        refreshed = []
+        with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop):
+            for channel, record in sorted(self.ledger.load().channels.items()):
+                if channel not in self.config.channels:
+                    continue
+                deploy = self._running_deploy(channel, record.seq, record.deploy_id)
+                release = self._fetch_manifest(deploy)
+                if not release.secrets:
+                    continue
+                log.info("secrets_refresh_started", channel=str(channel), release_id=deploy.release_id)
+                try:
+                    self.applier.apply(
+                        release, deploy.release_id, self._hook_env(deploy), cutover=self._cutover(release)
+                    )
+                finally:
+                    back = self.settle_traffic()
+                    if back:
+                        log.info("traffic_settled", result=back)
+                log.info("secrets_refreshed", channel=str(channel), release_id=deploy.release_id, next="serving")
+                refreshed.append(channel)
+        return refreshed
+
+    def _running_deploy(self, channel: Channel, seq: int, deploy_id: str) -> Deploy:
+        """The deploy the ledger says this channel runs, as CI wrote it (history, verified)."""
+        found = self.history.entry(channel, seq)
+        if found is None:
+            raise Unauthentic(f"no history entry for seq {seq} of {channel}: the running deploy cannot be read back")
+        recorded = self.verifier().open(found)
+        if deploy_id == recorded.deploy_id + STABLE_SUFFIX and recorded.rollout is not None:
+            recorded = recorded.stable_variant()
+        if recorded.deploy_id != deploy_id:
+            raise Unauthentic(
+                f"seq {seq} of {channel} was published as {recorded.deploy_id}, not the running {deploy_id}"
+            )
+        return recorded
+
     def _settle_start(
         self, deploy: Deploy, start: Start, record: DeployRecord | None, started: float
     ) -> tuple[Outcome, str]:

@@ -22,15 +22,26 @@ config_option = click.option(
 
 @click.command()
 @config_option
+@click.option(
+    "--refresh-secrets",
+    is_flag=True,
+    help="Do not run the agent: apply each running release again with fresh secret values (after a "
+    "rotation; its hooks restart the app), then exit. The running deploys are unchanged.",
+)
 @log_options
-def agent(config_path: Path) -> None:
+def agent(config_path: Path, refresh_secrets: bool) -> None:
     """Run the instance agent: boot (queue, subscription, replay), then long-poll until SIGTERM."""
     from deployer.agent.config import load_config
-    from deployer.agent.loop import run
+    from deployer.agent.loop import refresh, run
     from deployer.aws.clients import make_clients
 
     config = load_config(config_path)
-    run(config, make_clients(config.region, config.endpoint_url))
+    clients = make_clients(config.region, config.endpoint_url)
+    if refresh_secrets:
+        for channel in refresh(config, clients):
+            click.echo(f"refreshed the secrets of {channel}")
+        return
+    run(config, clients)
 
 
 @click.command()

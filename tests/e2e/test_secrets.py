@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_a_secret_that_does_not_exist_fails_the_deploy_by_name_and_the_release_r
     assert agent.served() == "v1"
     assert agent.alive()
     assert not agent.events("hook_started")[1:]  # v2 ran no hook, not even a failure hook
+
+
+def test_a_rotated_secret_reaches_the_running_release_through_its_hooks_on_refresh(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    ssm = boto3.client("ssm", region_name=REGION, endpoint_url=fleet.endpoint_url)
+    ssm.put_parameter(Name="/prod/web/db_password", Value=PASSWORD, Type="SecureString")
+    agent = start_agent(heartbeat_interval_seconds=1)
+    record = 'printf %s "$DB_PASSWORD" | sha256sum | cut -c1-64 >> "$DEPLOYER_RELEASE_DIR/../../digests.log"'
+    secrets = {"DB_PASSWORD": SECRETS["DB_PASSWORD"]}
+    manifest = template(tmp_path / "v1.yml", record, secrets=secrets)
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--manifest", str(manifest))).returncode == 0
+    wait_until(lambda: agent.on_seq(1), "v1 applied")
+    ssm.put_parameter(Name="/prod/web/db_password", Value=PASSWORD + "-rotated", Type="SecureString", Overwrite=True)
+    refreshed = subprocess.run(
+        [*agent.command("agent"), "--refresh-secrets"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert "refreshed the secrets of prod/web/api" in refreshed.stdout
+    digests = (agent.root / "opt/api/digests.log").read_text().split()
+    assert digests == [sha256(PASSWORD), sha256(PASSWORD + "-rotated")]
+    assert agent.on_seq(1)  # the running deploy is what it was; only its hooks ran again
+    assert PASSWORD not in refreshed.stdout + refreshed.stderr
