@@ -112,17 +112,19 @@ def test_every_instance_option_only_adds_statements_so_a_policy_is_the_union_of_
         "instance-hook": {"asg_name": "web"},
         "instance-terminate": {"asg_name": "web", "terminate": True},
         "instance-protect": {"asg_name": "web", "protect": True},
+        "instance-parameters": {"secrets": ("arn:aws:ssm:eu-west-1:123456789012:parameter/prod/db",)},
+        "instance-secrets": {"secrets": ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/api-AbCdEf",)},
     }
     # What the module's variables ask for together: the group named, the launch hook on.
     together = {"asg_name": "web", "lifecycle": True}
     rendered = {
         name: policy_for(Audience.INSTANCE, Scope(**base, **opts))["Statement"] for name, opts in templates.items()
     }
-    for chosen in itertools.chain.from_iterable(itertools.combinations(list(templates)[1:], n) for n in range(1, 6)):
+    for chosen in itertools.chain.from_iterable(itertools.combinations(list(templates)[1:], n) for n in range(1, 8)):
         union: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for name in ("instance", *chosen):
-            options |= templates[name]
+            options |= {k: options.get(k, ()) + v if k == "secrets" else v for k, v in templates[name].items()}
             for statement in rendered[name]:
                 assert union.setdefault(statement["Sid"], statement) == statement, (chosen, statement["Sid"])
         if "asg_name" in options:

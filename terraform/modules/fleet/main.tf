@@ -21,7 +21,12 @@ locals {
     local.hook ? ["instance-hook"] : [],
     var.terminate_hook ? ["instance-terminate"] : [],
     var.scale_in_protection ? ["instance-protect"] : [],
+    length(local.parameter_arns) > 0 ? ["instance-parameters"] : [],
+    length(local.secret_arns) > 0 ? ["instance-secrets"] : [],
   )
+  # var.secret_arns split by service: each template grants its own read.
+  parameter_arns = [for arn in var.secret_arns : arn if length(regexall(":ssm:", arn)) > 0]
+  secret_arns    = [for arn in var.secret_arns : arn if length(regexall(":secretsmanager:", arn)) > 0]
   policy_statements = flatten([
     for variant in local.policy_variants : jsondecode(templatefile("${local.policies}/${variant}.json.tftpl", {
       partition         = local.topic[1]
@@ -35,6 +40,8 @@ locals {
       role              = var.role
       asg_name          = local.name
       target_group_arns = var.target_group_arns
+      parameter_arns    = local.parameter_arns
+      secret_arns       = local.secret_arns
     })).Statement
   ])
   policy_sids = [for statement in local.policy_statements : statement.Sid]

@@ -161,6 +161,16 @@ variable "scale_in_protection" {
   default     = false
 }
 
+variable "secret_arns" {
+  description = "SSM parameter and Secrets Manager secret ARNs the fleet's manifests name in their env (`*` allowed): the instance policy may read exactly these (deployer iam-policy --secrets)."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for arn in var.secret_arns : length(regexall("^arn:aws[a-z-]*:(ssm|secretsmanager):", arn)) > 0])
+    error_message = "secret_arns must be SSM parameter or Secrets Manager secret ARNs."
+  }
+}
+
 variable "target_group_arns" {
   description = "ELBv2 target groups the group's instances serve in: the group registers them, the agent leaves and rejoins them around each release switch (user_data mode only)."
   type        = list(string)
