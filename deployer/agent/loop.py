@@ -521,28 +521,7 @@ def boot(
         raise
     reporter.write()
     trust = trust_store(config, clients, layout, stoppable)
-    runner = DeployRunner(
-        config,
-        clients.s3,
-        policy,
-        ledger=ledger,
-        reporter=reporter,
-        instance_id=instance_id,
-        shutdown=shutdown,
-        verifier=trust.verifier,
-        traffic=gate_for(config, instance_id, stoppable.interruptible(shutdown.abandon), shutdown.abandon),
-        protection=(
-            ScaleInProtection(
-                autoscaling_client(config.region, config.endpoint_url),
-                instance_id,
-                config.state_dir,
-                policy,
-                config.lifecycle_asg_name,
-            )
-            if config.scale_in_protection
-            else None
-        ),
-    )
+    runner = build_runner(config, clients, shutdown, stoppable, ledger, reporter, trust)
 
     def pointer(channel: Channel) -> Deploy | None:
         found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable, trust.verifier())
@@ -717,7 +696,25 @@ def refresh(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT
     )
     trust = trust_store(config, clients, layout, policy)
     trust.refresh()
-    runner = DeployRunner(
+    return build_runner(config, clients, shutdown, policy, ledger, reporter, trust).refresh_secrets()
+
+
+def build_runner(
+    config: AgentConfig,
+    clients: Clients,
+    shutdown: Shutdown,
+    policy: RetryPolicy,
+    ledger: Ledger,
+    reporter: StatusReporter,
+    trust: Trusts,
+) -> DeployRunner:
+    """The runner with what the config asks around it: the load-balancer gate, scale-in protection."""
+    instance_id = reporter.who.instance_id
+    protection = None
+    if config.scale_in_protection:
+        autoscaling = autoscaling_client(config.region, config.endpoint_url)
+        protection = ScaleInProtection(autoscaling, instance_id, config.state_dir, policy, config.lifecycle_asg_name)
+    return DeployRunner(
         config,
         clients.s3,
         policy,
@@ -727,8 +724,8 @@ def refresh(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT
         shutdown=shutdown,
         verifier=trust.verifier,
         traffic=gate_for(config, instance_id, policy.interruptible(shutdown.abandon), shutdown.abandon),
+        protection=protection,
     )
-    return runner.refresh_secrets()
 
 
 def _deregister(
