@@ -105,6 +105,9 @@ class AgentConfig:
     lifecycle_poll_seconds: float = 5.0
     #: Protect the instance from scale-in while a deploy runs (deployer.agent.protection).
     scale_in_protection: bool = False
+    #: A Prometheus node_exporter textfile the agent rewrites with its metrics (e.g.
+    #: /var/lib/node_exporter/textfile/deployer.prom); EMF lines go to the log whatever this says.
+    metrics_textfile: Path | None = None
     #: On a clean SIGTERM, unsubscribe and delete this instance's queues and status report.
     deregister_on_shutdown: bool = False
     #: `deployer apply --config` only: accept http:// manifest URLs (nothing protects them in transit).
@@ -292,6 +295,7 @@ _READERS: dict[str, Callable[[Any, str, str], Any]] = {
     "scale_in_protection": _flag,
     "allow_http_manifests": _flag,
     "trust_file": _path,
+    "metrics_textfile": _path,
     "require_signatures": _flag,
     "target_group_arns": _target_groups,
     "traffic_port": _optional_integer,

@@ -44,6 +44,7 @@ from deployer.agent.launch import finish_launch
 from deployer.agent.ledger import Ledger
 from deployer.agent.lifecycle import LifecycleWatch, Step, is_warmed, read_state
 from deployer.agent.memory import release_free_memory
+from deployer.agent.metrics import Metrics
 from deployer.agent.protection import ScaleInProtection
 from deployer.agent.queue import InstanceQueue, Received, SqsQueue
 from deployer.agent.reporter import StatusReporter
@@ -479,6 +480,7 @@ def boot(
     launched into a warm pool (deployer.agent.lifecycle): every report says so from the first.
     """
     stoppable = policy.interruptible(shutdown.stop)
+    metrics = Metrics(config.stage, config.role, config.metrics_textfile)
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
     zone = resolve_zone(config.availability_zone, config.instance_id, config.metadata_endpoint)
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
@@ -521,7 +523,7 @@ def boot(
         raise
     reporter.write()
     trust = trust_store(config, clients, layout, stoppable)
-    runner = build_runner(config, clients, shutdown, stoppable, ledger, reporter, trust)
+    runner = build_runner(config, clients, shutdown, stoppable, ledger, reporter, trust, metrics)
 
     def pointer(channel: Channel) -> Deploy | None:
         found = read_pointer(clients.s3, config.bucket, layout, channel, stoppable, trust.verifier())
@@ -538,6 +540,7 @@ def boot(
         trust=trust,
     )
     agent.reconcile(reason="boot")
+    metrics.converged()
     # After the replay: a resumed apply rejoins by itself; what a kill left out of service (or
     # protected from scale-in) and nothing resumed is put right here.
     runner.recover()
@@ -707,6 +710,7 @@ def build_runner(
     ledger: Ledger,
     reporter: StatusReporter,
     trust: Trusts,
+    metrics: Metrics | None = None,
 ) -> DeployRunner:
     """The runner with what the config asks around it: the load-balancer gate, scale-in protection."""
     instance_id = reporter.who.instance_id
@@ -725,6 +729,7 @@ def build_runner(
         verifier=trust.verifier,
         traffic=gate_for(config, instance_id, policy.interruptible(shutdown.abandon), shutdown.abandon),
         protection=protection,
+        metrics=metrics,
     )
 
 

@@ -21,6 +21,7 @@ import structlog
 from deployer.agent.config import AgentConfig
 from deployer.agent.decide import Outcome, Verdict, decide_one, outcome_of
 from deployer.agent.ledger import DeployRecord, DeployStatus, Ledger, LocalState, Start, plan_start
+from deployer.agent.metrics import Metrics
 from deployer.agent.protection import ScaleInProtection
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.shutdown import Shutdown
@@ -112,6 +113,7 @@ class DeployRunner:
         traffic: Gate | None = None,
         protection: ScaleInProtection | None = None,
         history: History | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """The shutdown's `stop` (SIGTERM) ends a wait for the apply lock; its `abandon` (the grace
         ran out) ends the running apply's hooks, health-check waits and download retries.
@@ -119,6 +121,10 @@ class DeployRunner:
         where they are read (the bucket, unless a test gives another). `traffic`, for an
         instance behind a load balancer, takes it out of service around each release switch."""
         self.config = config
+        self.metrics = metrics
+        #: The running apply's downloaded bytes, and whether it got past the verdict (for `metrics`).
+        self._downloaded = 0
+        self._attempted = False
         self.traffic = traffic
         self.protection = protection
         self.verifier = verifier
@@ -171,6 +177,14 @@ class DeployRunner:
     def apply(self, deploy: Deploy) -> tuple[Outcome, str]:
         """Apply one deploy under the machine lock; record state and status. Returns the outcome and why."""
         structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
+        started, self._downloaded, self._attempted = time.monotonic(), 0, False
+        outcome = self._apply_measured(deploy)
+        # Measured: what was attempted under the lock and decided (a skip or a shutdown is neither).
+        if self.metrics is not None and self._attempted and outcome[0] is not Outcome.INTERRUPTED:
+            self.metrics.applied(deploy.component, outcome[0].value, time.monotonic() - started, self._downloaded)
+        return outcome
+
+    def _apply_measured(self, deploy: Deploy) -> tuple[Outcome, str]:
         try:
             with ApplyLock(self.config.state_dir, interrupt=self.shutdown.stop), self._marked_applying():
                 # Re-check under the lock: another process (`deployer apply`, a second agent) may have won.
@@ -182,6 +196,7 @@ class DeployRunner:
                 if verdict is not Verdict.APPLY:
                     log.info("apply_skipped", verdict=verdict.value, reason=why)
                     return Outcome.APPLIED, why
+                self._attempted = True
                 if deploy.rollout is not None:
                     return self._apply_rollout(deploy, state)
                 return self._apply_locked(deploy)
@@ -265,6 +280,7 @@ class DeployRunner:
                     confirm=begun,
                     cutover=self._cutover(release),
                 )
+                self._downloaded = result.downloaded
             except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome; none may kill the agent
                 failure = exc
         if failure is not None:

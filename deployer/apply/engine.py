@@ -66,6 +66,8 @@ class ApplyResult:
     previous_dir: Path | None
     reused: bool
     output_tail: str
+    #: Artifact bytes downloaded for this apply (0 when the release was already on disk).
+    downloaded: int = 0
 
 
 @dataclass
@@ -197,6 +199,8 @@ class _Apply:
     cutover: Cutover
     #: Secret values this apply resolved: every hook's output is scrubbed of them.
     secret_values: list[str] = field(default_factory=list)
+    #: Artifact bytes this apply downloaded.
+    downloaded: int = 0
 
     def run(self, manifest: Manifest, release_id: str, env: Mapping[str, str]) -> ApplyResult:
         deploy_log = DeployLog()
@@ -282,7 +286,9 @@ class _Apply:
         self._prune(
             releases, active=release_id, previous=previous.name if previous else None, keep=manifest.keep_releases
         )
-        return ApplyResult(release_id, release_dir, previous, reused=reused, output_tail=tail_of(output))
+        return ApplyResult(
+            release_id, release_dir, previous, reused=reused, output_tail=tail_of(output), downloaded=self.downloaded
+        )
 
     # -- stretcher's rsync / mv strategies ----------------------------------------------------
 
@@ -312,7 +318,9 @@ class _Apply:
             shutil.rmtree(staged, ignore_errors=True)
         deploy_log.add(f"synced {release_id} into {dest} ({manifest.sync_strategy.value})")
         output += self._post_and_success(manifest, env, dest, deploy_log, rollback=None)
-        return ApplyResult(release_id, dest, None, reused=False, output_tail=tail_of(output))
+        return ApplyResult(
+            release_id, dest, None, reused=False, output_tail=tail_of(output), downloaded=self.downloaded
+        )
 
     def _rsync(self, manifest: Manifest, staged: Path, dest: Path) -> None:
         # --checksum: reproducible builds give every file the same mtime, and rsync's default
@@ -354,6 +362,7 @@ class _Apply:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self.downloaded += stats.downloaded
         deploy_log.add(f"fetched {manifest.src}: {stats.downloaded} bytes, {stats.members} members, checksum ok")
         log.info("release_extracted", src=manifest.src, bytes=stats.downloaded, members=stats.members)
 

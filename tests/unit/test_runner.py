@@ -19,6 +19,7 @@ import pytest
 from deployer.agent.config import AgentConfig
 from deployer.agent.decide import Outcome
 from deployer.agent.ledger import DeployStatus, Ledger
+from deployer.agent.metrics import Metrics
 from deployer.agent.reporter import StatusReporter
 from deployer.agent.runner import DeployRunner
 from deployer.agent.shutdown import Shutdown
@@ -99,6 +100,7 @@ def instance(tmp_path: Path) -> Instance:
     ledger = Ledger(config.state_dir)
     reporter = StatusReporter(s3, "fleet", LAYOUT, ReportKey("prod", "web", INSTANCE), ("api",), FAST_POLICY)
     published = Published()
+    metrics = Metrics("prod", "web", tmp_path / "textfile" / "deployer.prom")
     runner = DeployRunner(
         config,
         s3,
@@ -108,6 +110,7 @@ def instance(tmp_path: Path) -> Instance:
         instance_id=INSTANCE,
         shutdown=Shutdown(5.0),
         history=published,
+        metrics=metrics,
     )
     return Instance(runner, published, reporter, ledger, config.root_dir)
 
@@ -143,6 +146,10 @@ def test_a_deploy_its_history_confirms_is_applied_recorded_and_reported(instance
     # Delivered again: nothing runs twice.
     assert instance.runner.apply(deploy)[0] is Outcome.APPLIED
     assert instance.hooks() == [deploy.deploy_id]
+    # Measured once (the second delivery was a skip), with the artifact's bytes.
+    textfile = (tmp_path / "textfile/deployer.prom").read_text()
+    assert 'deployer_applies_total{stage="prod",role="web",component="api",outcome="applied"} 1' in textfile
+    assert 'deployer_download_bytes_total{stage="prod",role="web",component="api"} 0' not in textfile
 
 
 def test_nothing_of_a_deploy_history_does_not_confirm_happens_before_it_is_found_out(
