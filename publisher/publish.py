@@ -472,7 +472,13 @@ class Publisher:
                 # Our own earlier attempt whose response was lost: the claim (and its body) is ours.
                 deploy, body = claimed
             if self._move_pointer(deploy, body, pointer.etag if pointer else None):
-                log.info("pointer_moved", channel=str(channel), seq=seq, deploy_id=deploy.deploy_id)
+                log.info(
+                    "pointer_moved",
+                    channel=str(channel),
+                    seq=seq,
+                    deploy_id=deploy.deploy_id,
+                    **deploy.deployment_attributes(),
+                )
                 return deploy, body
         raise PublishError(f"could not claim a seq on {channel} after {MAX_CLAIM_ROUNDS} rounds of contention")
 

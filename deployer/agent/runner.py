@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: OpenTelemetry's attribute for how a deployment ended, on the outcome's log line.
+DEPLOYMENT_STATUS = "deployment.status"
 #: An apply still running after this long is reported as `applying` (see _report_applying_if_slow).
 APPLYING_REPORT_DELAY_SECONDS = 1.0
 #: The status report's state for each outcome that changes it.
@@ -176,7 +178,9 @@ class DeployRunner:
 
     def apply(self, deploy: Deploy) -> tuple[Outcome, str]:
         """Apply one deploy under the machine lock; record state and status. Returns the outcome and why."""
-        structlog.contextvars.bind_contextvars(deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component)
+        structlog.contextvars.bind_contextvars(
+            deploy_id=deploy.deploy_id, seq=deploy.seq, component=deploy.component, **deploy.deployment_attributes()
+        )
         started, self._downloaded, self._attempted = time.monotonic(), 0, False
         outcome = self._apply_measured(deploy)
         # Measured: what was attempted under the lock and decided (a skip or a shutdown is neither).
@@ -204,7 +208,7 @@ class DeployRunner:
             log.info("apply_interrupted", reason=str(exc), next="the message is handed back; the next start applies it")
             return Outcome.INTERRUPTED, str(exc)
         finally:
-            structlog.contextvars.unbind_contextvars("deploy_id", "seq", "component")
+            structlog.contextvars.unbind_contextvars("deploy_id", "seq", "component", *deploy.deployment_attributes())
 
     def repair(self, channel: Channel) -> bool:
         """Whether this channel's applied record was disowned because history does not confirm it.
@@ -515,12 +519,13 @@ class DeployRunner:
         if expected:
             log.error(
                 "apply_failed",
+                **{DEPLOYMENT_STATUS: "failed"},
                 error=error,
                 outcome=outcome.value,
                 next="left on the previous release" + ("" if rejected else "; will be retried"),
             )
         else:
-            log.exception("apply_crashed", error=error, next="will be retried")
+            log.exception("apply_crashed", **{DEPLOYMENT_STATUS: "failed"}, error=error, next="will be retried")
         tail = exc.output_tail if isinstance(exc, HookFailed) else None
         # A network or AWS failure is not held against the release: it does not use up attempts.
         self._transition(
@@ -539,6 +544,7 @@ class DeployRunner:
         self.settle_traffic()  # a resumed apply that had finished its hooks before a crash
         log.info(
             "apply_succeeded",
+            **{DEPLOYMENT_STATUS: "succeeded"},
             release_id=deploy.release_id,
             reused=reused,
             duration_s=round(time.monotonic() - started, 3),

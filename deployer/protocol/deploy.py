@@ -116,6 +116,16 @@ class Deploy:
         """Canonical JSON: sorted keys, no whitespace, so equal deploys hash equal."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
+    def deployment_attributes(self) -> dict[str, str]:
+        """OpenTelemetry's deployment attributes for this deploy's log lines and events, so the CI's
+        lines and every instance's of one deploy join up in any backend. Pure.
+        https://opentelemetry.io/docs/specs/semconv/attributes-registry/deployment/"""
+        return {
+            "deployment.id": self.deploy_id,
+            "deployment.name": str(self.channel),
+            "deployment.environment.name": self.stage,
+        }
+
     def payload_hash(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 

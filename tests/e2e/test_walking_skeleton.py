@@ -22,9 +22,17 @@ def test_a_publish_from_the_cli_reaches_every_instance(
     assert result.returncode == 0, result.stderr
     assert "as seq 1" in result.stdout
     wait_until(lambda: all(a.on_seq(1) for a in agents), "all agents on seq 1")
+    # One deploy's lines join up across CI and every instance by OpenTelemetry's deployment attributes.
+    deploy_ids = set()
     for agent in agents:
         assert agent.served() == "hello from CI"
-        assert agent.events("apply_succeeded")[0]["seq"] == 1
+        [done] = agent.events("apply_succeeded")
+        assert done["seq"] == 1
+        assert (done["deployment.name"], done["deployment.environment.name"]) == ("prod/web/api", "prod")
+        assert done["deployment.status"] == "succeeded"
+        deploy_ids.add(done["deployment.id"])
+    assert len(deploy_ids) == 1
+    assert f"(deploy {deploy_ids.pop()})" in result.stdout  # the id CI printed
 
 
 def test_status_shows_every_instance_on_the_new_seq(
