@@ -135,7 +135,7 @@ def test_a_rolling_deploy_in_two_waves_loses_no_request(web_fleet: WebFleet) -> 
         assert agent.events("traffic_healthy"), agent.log_path.read_text()[-2000:]
 
 
-def test_a_wave_that_would_take_the_group_under_its_healthy_minimum_is_held_then_rolled_back(
+def test_a_first_wave_that_would_take_the_group_under_its_healthy_minimum_is_refused_before_publishing(
     web_fleet: WebFleet,
 ) -> None:
     web = web_fleet
