@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -142,6 +142,12 @@ def make_clients(region: str | None = None, endpoint_url: str | None = None) -> 
     )
 
 
+def _service_client(service: str, region: str | None, endpoint_url: str | None) -> Any:
+    """One client made like every other: its own session, `_config()`, the incomplete-answer check."""
+    session = boto3.session.Session(region_name=resolve_region(region))
+    return _checked(session.client(service, endpoint_url=endpoint_url, config=_config()))  # type: ignore[call-overload]
+
+
 def caller_userid(
     region: str | None = None, endpoint_url: str | None = None, policy: RetryPolicy = DEFAULT_POLICY
 ) -> str:
@@ -155,46 +161,38 @@ def caller_userid(
 
 def autoscaling_client(region: str | None = None, endpoint_url: str | None = None) -> AutoScalingClient:
     """Built like the others; only agents with a launch hook (and `--asg` readers) need it."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("autoscaling", endpoint_url=endpoint_url, config=_config()))
+    return cast("AutoScalingClient", _service_client("autoscaling", region, endpoint_url))
 
 
 def elbv2_client(region: str | None = None, endpoint_url: str | None = None) -> ElasticLoadBalancingv2Client:
     """Only agents behind a load balancer (and a rollout driver keeping a target group healthy) need it."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("elbv2", endpoint_url=endpoint_url, config=_config()))
+    return cast("ElasticLoadBalancingv2Client", _service_client("elbv2", region, endpoint_url))
 
 
 def ssm_client(region: str | None = None, endpoint_url: str | None = None) -> SSMClient:
     """Only agents whose manifests name SSM parameters as secrets need it."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("ssm", endpoint_url=endpoint_url, config=_config()))
+    return cast("SSMClient", _service_client("ssm", region, endpoint_url))
 
 
 def secretsmanager_client(region: str | None = None, endpoint_url: str | None = None) -> SecretsManagerClient:
     """Only agents whose manifests name Secrets Manager secrets need it."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("secretsmanager", endpoint_url=endpoint_url, config=_config()))
+    return cast("SecretsManagerClient", _service_client("secretsmanager", region, endpoint_url))
 
 
 def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KMSClient:
     """Only publishers that sign with a KMS key need it (agents verify offline)."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("kms", endpoint_url=endpoint_url, config=_config()))
+    return cast("KMSClient", _service_client("kms", region, endpoint_url))
 
 
 def cloudwatch_client(region: str | None = None, endpoint_url: str | None = None) -> CloudWatchClient:
     """Only a rollout driver with `--alarm` needs it."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("cloudwatch", endpoint_url=endpoint_url, config=_config()))
+    return cast("CloudWatchClient", _service_client("cloudwatch", region, endpoint_url))
 
 
 def iam_client(region: str | None = None, endpoint_url: str | None = None) -> IAMClient:
     """Only `deployer doctor` needs it: IAM's policy simulator, read-only."""
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("iam", endpoint_url=endpoint_url, config=_config()))
+    return cast("IAMClient", _service_client("iam", region, endpoint_url))
 
 
 def sts_client(region: str | None = None, endpoint_url: str | None = None) -> STSClient:
-    session = boto3.session.Session(region_name=resolve_region(region))
-    return _checked(session.client("sts", endpoint_url=endpoint_url, config=_config()))
+    return cast("STSClient", _service_client("sts", region, endpoint_url))
