@@ -688,14 +688,10 @@ def refresh(config: AgentConfig, clients: Clients, policy: RetryPolicy = DEFAULT
     instance_id = resolve_instance_id(config.instance_id, config.metadata_endpoint)
     layout = Layout(config.prefix)
     ledger = Ledger(config.state_dir)
-    owner = Owner.from_userid(caller_userid(config.region, config.endpoint_url, policy), instance_id)
+    # The runner wants a reporter; a refresh records nothing and never writes it, so its key
+    # needs no owner (no GetCallerIdentity).
     reporter = StatusReporter(
-        clients.s3,
-        config.bucket,
-        layout,
-        ReportKey(config.stage, config.role, instance_id, owner.role_id),
-        config.components,
-        policy,
+        clients.s3, config.bucket, layout, ReportKey(config.stage, config.role, instance_id), config.components, policy
     )
     trust = trust_store(config, clients, layout, policy)
     trust.refresh()
