@@ -623,6 +623,25 @@ def make_asg(endpoint_url: str, name: str, size: int) -> list[str]:
     return sorted(i["InstanceId"] for i in group["Instances"])
 
 
+def group_with_hook(
+    endpoint_url: str,
+    hook: str,
+    transition: str,
+    heartbeat_timeout: int = 3600,
+    default_result: str = "ABANDON",
+) -> str:
+    """A group `web-asg` of one instance in moto with one lifecycle hook on `autoscaling:<transition>`; its instance."""
+    [instance] = make_asg(endpoint_url, "web-asg", 1)
+    boto3.client("autoscaling", region_name=REGION, endpoint_url=endpoint_url).put_lifecycle_hook(
+        LifecycleHookName=hook,
+        AutoScalingGroupName="web-asg",
+        LifecycleTransition=f"autoscaling:{transition}",
+        HeartbeatTimeout=heartbeat_timeout,
+        DefaultResult=default_result,
+    )
+    return instance
+
+
 #: Agents in these tests heartbeat every second, so --wait can tell live from lost quickly.
 FAST_AGENT = {"heartbeat_interval_seconds": 1}
 

@@ -9,35 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import boto3
 import pytest
 
 from deployer.local.emulator import Emulator
 from deployer.protocol.deploy import Deploy
 from tests.asg_fake import LifecycleFake, lifecycle_proxy
-from tests.support import REGION, AgentProcess, Fleet, wait_until
+from tests.support import AgentProcess, Fleet, group_with_hook, wait_until
 
 
 @pytest.fixture
 def asg_instance(aws_env: Emulator) -> Iterator[tuple[LifecycleFake, str]]:
-    moto = boto3.client("autoscaling", region_name=REGION, endpoint_url=aws_env.url)
-    moto.create_launch_configuration(LaunchConfigurationName="web", ImageId="ami-03cf127a", InstanceType="t3.micro")
-    moto.create_auto_scaling_group(
-        AutoScalingGroupName="web-asg",
-        LaunchConfigurationName="web",
-        MinSize=1,
-        MaxSize=1,
-        AvailabilityZones=["us-east-1a"],
-    )
-    moto.put_lifecycle_hook(
-        LifecycleHookName="deployer-boot",
-        AutoScalingGroupName="web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-        DefaultResult="ABANDON",
-    )
-    [instance] = moto.describe_auto_scaling_instances()["AutoScalingInstances"]
+    instance = group_with_hook(aws_env.url, "deployer-boot", "EC2_INSTANCE_LAUNCHING")
     with lifecycle_proxy(aws_env.url) as fake:
-        yield fake, instance["InstanceId"]
+        yield fake, instance
 
 
 @pytest.mark.moto_only(reason="Auto Scaling lifecycle hooks: LocalStack's community core answers 501")

@@ -26,6 +26,7 @@ from tests.support import (
     Fleet,
     cli,
     free_port,
+    group_with_hook,
     kill_hard,
     kill_pid_file,
     make_asg,
@@ -41,20 +42,10 @@ pytestmark = pytest.mark.moto_only(reason="Auto Scaling and ELBv2: LocalStack's 
 HOOK = "deployer-leave"
 
 
-def group_with_hook(fleet: Fleet, hook: str, transition: str, heartbeat_timeout: int) -> str:
-    """A group of one instance in moto with one lifecycle hook (default result ABANDON); the instance id."""
-    [instance] = make_asg(fleet.endpoint_url, "web-asg", 1)
-    boto3.client("autoscaling", region_name=REGION, endpoint_url=fleet.endpoint_url).put_lifecycle_hook(
-        LifecycleHookName=hook, AutoScalingGroupName="web-asg", LifecycleTransition=f"autoscaling:{transition}",
-        HeartbeatTimeout=heartbeat_timeout, DefaultResult="ABANDON",
-    )  # fmt: skip
-    return instance
-
-
 def test_a_terminating_instance_finishes_its_apply_heartbeating_then_leaves_and_completes_the_hook(
     fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    instance = group_with_hook(fleet, HOOK, "EC2_INSTANCE_TERMINATING", 30)
+    instance = group_with_hook(fleet.endpoint_url, HOOK, "EC2_INSTANCE_TERMINATING", 30)
     lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
     with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
         group = create_target_group(elb.url)
@@ -141,7 +132,7 @@ def test_an_instance_is_protected_from_scale_in_only_while_it_deploys_even_acros
 def test_a_warm_pool_instance_converges_sleeps_with_its_queue_then_catches_up_before_entering_service(
     fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
 ) -> None:
-    instance = group_with_hook(fleet, "deployer-boot", "EC2_INSTANCE_LAUNCHING", 300)
+    instance = group_with_hook(fleet.endpoint_url, "deployer-boot", "EC2_INSTANCE_LAUNCHING", 300)
     lifecycle = LifecycleFake(fleet.endpoint_url, time_scale=0.1)
     with elb_proxy(fleet.endpoint_url, lifecycle) as elb, serve_imds() as imds:
         group = create_target_group(elb.url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import boto3
 import pytest
 
 from deployer.agent.config import AgentConfig, config_from_dict
@@ -14,7 +13,7 @@ from deployer.local.emulator import Emulator
 from deployer.protocol.errors import ConfigError
 from deployer.protocol.report import ComponentState
 from tests.asg_fake import LifecycleFake, lifecycle_proxy
-from tests.support import BUCKET, FAST_POLICY, REGION, Fleet
+from tests.support import BUCKET, FAST_POLICY, REGION, Fleet, group_with_hook
 
 HOOK = "deployer-boot"
 OK, FAILED = ComponentState.OK, ComponentState.FAILED
@@ -46,26 +45,9 @@ def test_lifecycle_settings_are_optional_and_checked(fleet: Fleet) -> None:
 @pytest.fixture
 def asg(aws_env: Emulator) -> Iterator[tuple[LifecycleFake, str]]:
     """A group of one instance with a launch hook, in moto; yields the fake and the instance id."""
-    moto = boto3.client("autoscaling", region_name=REGION, endpoint_url=aws_env.url)
-    # One of moto's built-in AMIs (listing them all costs seconds).
-    moto.create_launch_configuration(LaunchConfigurationName="web", ImageId="ami-03cf127a", InstanceType="t3.micro")
-    moto.create_auto_scaling_group(
-        AutoScalingGroupName="web-asg",
-        LaunchConfigurationName="web",
-        MinSize=1,
-        MaxSize=1,
-        AvailabilityZones=["us-east-1a"],
-    )
-    moto.put_lifecycle_hook(
-        LifecycleHookName=HOOK,
-        AutoScalingGroupName="web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
-        HeartbeatTimeout=900,
-        DefaultResult="ABANDON",
-    )
-    [instance] = moto.describe_auto_scaling_instances()["AutoScalingInstances"]
+    instance = group_with_hook(aws_env.url, HOOK, "EC2_INSTANCE_LAUNCHING", 900)
     with lifecycle_proxy(aws_env.url) as fake:
-        yield fake, instance["InstanceId"]
+        yield fake, instance
 
 
 def agent_config(fleet: Fleet, endpoint: str, **extra: str) -> AgentConfig:

@@ -27,7 +27,7 @@ from deployer.protocol.errors import TargetUnhealthy, TrafficUnavailable
 from tests.asg_fake import LifecycleFake
 from tests.awsproxy import aws_proxy
 from tests.elb_fake import TargetHealthFake, balancer, create_target_group, elb_proxy
-from tests.support import FAST_POLICY, REGION, loopback_server, make_asg, wait_until
+from tests.support import FAST_POLICY, REGION, group_with_hook, loopback_server, wait_until
 
 pytestmark = pytest.mark.moto_only(reason="ELBv2 and Auto Scaling: LocalStack's community core has neither")
 
@@ -159,11 +159,7 @@ def test_a_target_group_that_does_not_exist_is_named_before_anything_is_taken_ou
 
 
 def test_a_terminate_hook_that_expired_is_neither_heartbeated_nor_completed_and_says_so(aws_env: Emulator) -> None:
-    [instance] = make_asg(aws_env.url, "web-asg", 1)
-    boto3.client("autoscaling", region_name=REGION, endpoint_url=aws_env.url).put_lifecycle_hook(
-        LifecycleHookName="leave", AutoScalingGroupName="web-asg",
-        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING", HeartbeatTimeout=30, DefaultResult="CONTINUE",
-    )  # fmt: skip
+    instance = group_with_hook(aws_env.url, "leave", "EC2_INSTANCE_TERMINATING", 30, "CONTINUE")
     fake = LifecycleFake(aws_env.url, time_scale=0.02)  # the 30 s timeout lasts 0.6 s
     with aws_proxy(aws_env.url, fake) as proxy:
         hook = TerminateHook(autoscaling_client(REGION, proxy.url), "leave", instance, FAST_POLICY)
