@@ -170,26 +170,20 @@ resource "aws_autoscaling_group" "fleet" {
   # the agent leaves and rejoins them around each release switch.
   target_group_arns = var.target_group_arns
 
-  # A hook created with the group, not after it: the group's first instances wait for it too.
+  # Hooks created with the group, not after it: the group's first instances wait for them too.
+  # Launch: the agent completes it after boot replay (ABANDON if never). Terminate: scale-in
+  # waits for the agent to finish its apply, leave its target groups and queues, and complete
+  # it (heartbeating it while an apply runs; CONTINUE if never).
   dynamic "initial_lifecycle_hook" {
-    for_each = local.hook ? [var.launch_hook_name] : []
+    for_each = concat(
+      local.hook ? [{ name = var.launch_hook_name, transition = "LAUNCHING", timeout = var.launch_hook_timeout_seconds, default = "ABANDON" }] : [],
+      var.terminate_hook ? [{ name = var.terminate_hook_name, transition = "TERMINATING", timeout = var.terminate_hook_timeout_seconds, default = "CONTINUE" }] : [],
+    )
     content {
-      name                 = initial_lifecycle_hook.value
-      lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
-      heartbeat_timeout    = var.launch_hook_timeout_seconds
-      default_result       = "ABANDON"
-    }
-  }
-
-  # Scale-in waits for the agent to finish its apply, leave its target groups and queues, and
-  # complete this hook with CONTINUE (heartbeating it while an apply runs).
-  dynamic "initial_lifecycle_hook" {
-    for_each = var.terminate_hook ? [var.terminate_hook_name] : []
-    content {
-      name                 = initial_lifecycle_hook.value
-      lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
-      heartbeat_timeout    = var.terminate_hook_timeout_seconds
-      default_result       = "CONTINUE"
+      name                 = initial_lifecycle_hook.value.name
+      lifecycle_transition = "autoscaling:EC2_INSTANCE_${initial_lifecycle_hook.value.transition}"
+      heartbeat_timeout    = initial_lifecycle_hook.value.timeout
+      default_result       = initial_lifecycle_hook.value.default
     }
   }
 
