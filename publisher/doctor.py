@@ -64,6 +64,9 @@ def place_for(scope: Scope, instance_id: str = "i-0123456789abcdef0") -> Place:
         sign_keys=scope.sign_keys,
         target_groups=scope.target_groups,
         secrets=scope.secrets,
+        metrics_namespace=scope.metrics_namespace,
+        event_bus=scope.event_bus,
+        notify_topics=scope.notify_topics,
     )
 
 

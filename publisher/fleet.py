@@ -7,6 +7,9 @@ silently showing one instance fewer.
 Each row is compared with its channel's pointer: an instance that heartbeats but sits on an
 older seq is `behind`, shown with the last error it reported, however `ok` its own state says
 it is — an instance silently behind must not look healthy.
+
+`fleet_gauges` turns the same rows into per-channel gauges for CloudWatch (`status --metrics`),
+so an alarm can watch convergence with the numbers the table shows.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from deployer.aws.cloudwatch import Gauge, Unit
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.names import Channel
@@ -30,6 +34,19 @@ NO_COMPONENT = "-"
 BOOT_FAILED = "boot_failed"
 #: A row's state for an instance asleep in a warm pool, or one that left through its terminate hook.
 WARMED, TERMINATED = Lifecycle.WARMED.value, Lifecycle.TERMINATED.value
+#: The row states that count as failed (failed, rejected).
+FAILING = frozenset(state.value for state in FAILING_STATES)
+#: The dimensions of every fleet gauge, in this order: one metric per channel.
+DIMENSIONS = ("Stage", "Role", "Component")
+#: The gauges `status --metrics` puts per channel (docs in README, "Where is the fleet?").
+ON_CURRENT, BEHIND, FAILED, STALE, LIVE, CONVERGED_PERCENT = (
+    "OnCurrent",
+    "Behind",
+    "Failed",
+    "Stale",
+    "Live",
+    "ConvergedPercent",
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,56 @@ def channels_of(entries: Iterable[ReportEntry]) -> set[Channel]:
     }
 
 
+def _by_channel(rows: Iterable[Row]) -> dict[Channel, list[Row]]:
+    """The readable rows of each channel (an unreadable report names no component)."""
+    by_channel: dict[Channel, list[Row]] = {}
+    for row in rows:
+        if row.state != UNREADABLE:
+            by_channel.setdefault(Channel(row.stage, row.role, row.component), []).append(row)
+    return by_channel
+
+
+def _current_seq(everyone: Iterable[Row]) -> int | None:
+    """The seq a channel's instances should be on: its pointer's, else the newest any of them reports."""
+    rows = list(everyone)
+    pointer = next((r.pointer_seq for r in rows if r.pointer_seq is not None), None)
+    return pointer if pointer is not None else max((r.seq for r in rows if r.seq is not None), default=None)
+
+
+def fleet_gauges(rows: Iterable[Row], read_at: datetime) -> list[Gauge]:
+    """Per channel, the gauges an alarm watches convergence with, stamped `read_at`. Pure.
+
+    Counted over the channel's members (warmed and terminated instances are apart, as in the
+    summary): `Stale` those whose heartbeat is older than --stale-after, `Live` the others, and
+    among the live ones `OnCurrent` (state ok on the current seq: the pointer's, else the newest
+    reported), `Behind` (heartbeating on an older seq than the pointer) and `Failed` (failed or
+    rejected; an agent that cannot boot is live and not on current, so it lowers
+    `ConvergedPercent` without counting as failed). The counts may overlap (a failed instance
+    can be behind too). `ConvergedPercent` is OnCurrent / Live × 100, and 100 with no live
+    instance: nobody is behind in a channel scaled to zero, so a convergence alarm stays quiet
+    there; a fleet that vanished is what `Live` is for. An unreadable report names no component,
+    so no channel counts it: the table shows it.
+    """
+    gauges: list[Gauge] = []
+    for channel, everyone in sorted(_by_channel(rows).items()):
+        members = [r for r in everyone if r.state not in (WARMED, TERMINATED)]
+        live = [r for r in members if not r.stale]
+        current = _current_seq(everyone)
+        on_current = sum(1 for r in live if r.seq == current and r.state == ComponentState.OK)
+        counts = {
+            ON_CURRENT: on_current,
+            BEHIND: sum(1 for r in live if r.behind),
+            FAILED: sum(1 for r in live if r.state in FAILING),
+            STALE: len(members) - len(live),
+            LIVE: len(live),
+        }
+        dimensions = tuple(zip(DIMENSIONS, (channel.stage, channel.role, channel.component), strict=True))
+        gauges += [Gauge(name, float(n), Unit.COUNT, dimensions, read_at) for name, n in counts.items()]
+        percent = 100.0 * on_current / len(live) if live else 100.0
+        gauges.append(Gauge(CONVERGED_PERCENT, percent, Unit.PERCENT, dimensions, read_at))
+    return gauges
+
+
 def summary(rows: Iterable[Row]) -> list[str]:
     """One line per channel: "prod/web/api: 12/12 on seq 41, 0 failed"; one per fleet with unreadable reports."""
     by_channel: dict[tuple[str, str, str], list[Row]] = {}
@@ -147,7 +214,6 @@ def summary(rows: Iterable[Row]) -> list[str]:
             unreadable[(row.stage, row.role)] = unreadable.get((row.stage, row.role), 0) + 1
             continue
         by_channel.setdefault((row.stage, row.role, row.component), []).append(row)
-    failing = {state.value for state in FAILING_STATES}
     lines = []
     for (stage, role, component), everyone in sorted(by_channel.items()):
         # Asleep in a warm pool or gone through scale-in: counted apart, not in the fleet's share.
@@ -155,7 +221,7 @@ def summary(rows: Iterable[Row]) -> list[str]:
         members = [r for r in everyone if r.state not in apart]
         top = max((r.seq for r in everyone if r.seq is not None), default=None)
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
-        failed = sum(1 for r in members if r.state in failing)
+        failed = sum(1 for r in members if r.state in FAILING)
         unbooted = sum(1 for r in members if r.state == BOOT_FAILED)
         waiting = sum(1 for r in members if r.state == ComponentState.WAITING)
         stale = sum(1 for r in members if r.stale)

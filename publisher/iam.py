@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.protocol.errors import ConfigError
+from deployer.protocol.events import EVENT_SOURCE
 from deployer.protocol.layout import (
     ARTIFACTS,
     CHANNELS,
     CONDEMNED_NAME,
+    EVENTS,
     FLEET,
     FLEET_PAGE_NAME,
     HISTORY,
@@ -48,11 +50,13 @@ from deployer.protocol.layout import (
 )
 from deployer.protocol.names import (
     AUTO_TARGET_GROUPS,
+    DEFAULT_METRICS_NAMESPACE,
     DEFAULT_PREFIX,
     DEFAULT_QUEUE_PREFIX,
     DLQ_SUFFIX,
     OWNER_TAG,
     TopicArn,
+    check_metrics_namespace,
     queue_name_pattern,
 )
 
@@ -65,6 +69,10 @@ PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]
 #: `--secrets`: an SSM parameter or a Secrets Manager secret ARN (or a pattern of them).
 SECRET_PATTERN = re.compile(
     r"^arn:aws[a-z-]*:(ssm:[a-z0-9-]+:\d{12}:parameter/|secretsmanager:[a-z0-9-]+:\d{12}:secret:)\S+$"
+)
+#: `--event-bus`: a bus name, or an event bus ARN.
+EVENT_BUS = re.compile(
+    r"^([A-Za-z0-9._-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:\d{12}:event-bus/[A-Za-z0-9._/-]{1,256})$"
 )
 #: `--target-group`: a target group ARN, or a pattern of them (`*` for a name or id part).
 TARGET_GROUP_PATTERN = re.compile(
@@ -106,8 +114,15 @@ class Scope:
     publishers: tuple[str, ...] = ()
     #: CI: the `--sign-key` values; each `kms:` key gets kms:Sign (file keys need no permission).
     sign_keys: tuple[str, ...] = ()
+    #: CI and gc: the CloudWatch namespace `status --metrics` puts the fleet's gauges into.
+    metrics_namespace: str = DEFAULT_METRICS_NAMESPACE
+    #: CI: the EventBridge bus `--event-bus` sends deploy events to (a name or an ARN).
+    event_bus: str | None = None
+    #: CI: the SNS topics `--notify` tells (webhooks need no permission).
+    notify_topics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_metrics_namespace(self.metrics_namespace)
         for arn in self.publishers:
             if not PRINCIPAL_ARN.match(arn):
                 raise ConfigError(
@@ -119,6 +134,10 @@ class Scope:
                     f"--secrets {secret!r} is not an SSM parameter or Secrets Manager secret ARN "
                     "(arn:aws:ssm:REGION:ACCOUNT:parameter/NAME, arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-*)"
                 )
+        for arn in self.notify_topics:
+            TopicArn.parse(arn)  # raises, naming the bad ARN
+        if self.event_bus is not None and not EVENT_BUS.match(self.event_bus):
+            raise ConfigError(f"--event-bus {self.event_bus!r} is not an event bus name or ARN")
         for group in self.target_groups:
             if group != AUTO_TARGET_GROUPS and not TARGET_GROUP_PATTERN.match(group):
                 raise ConfigError(
@@ -173,6 +192,27 @@ class Scope:
     def alarms(self) -> str:
         topic = self.topic
         return f"arn:{topic.partition}:cloudwatch:{topic.region}:{topic.account}:alarm:*"
+
+    @property
+    def fleet_metrics(self) -> dict[str, Any]:
+        """PutMetricData takes no resource ARN: its one scope is the namespace condition key.
+        https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html
+        """
+        return _allow(
+            "PutFleetMetrics",
+            ["cloudwatch:PutMetricData"],
+            "*",
+            {"StringEquals": {"cloudwatch:namespace": self.metrics_namespace}},
+        )
+
+    @property
+    def event_bus_arn(self) -> str:
+        bus, topic = self.event_bus or "default", self.topic
+        return (
+            bus
+            if bus.startswith("arn:")
+            else f"arn:{topic.partition}:events:{topic.region}:{topic.account}:event-bus/{bus}"
+        )
 
     @property
     def dead_letter_queues(self) -> str:
@@ -251,6 +291,8 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("ListBucket", ["s3:ListBucket"], scope.bucket_arn),
         # `deployer status --html --upload` from CI as well as from the housekeeping job.
         _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
+        # `deployer status --metrics`: the fleet's gauges, into its own namespace only.
+        scope.fleet_metrics,
         _allow("PublishDeploys", ["sns:GetTopicAttributes", "sns:Publish"], scope.topic_arn),
         # `--wait --asg`: the group's InService instances. Describe calls take no resource ARN.
         _allow("ReadGroupsForWait", ["autoscaling:DescribeAutoScalingGroups"], "*"),
@@ -259,7 +301,28 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         # `--waves --target-group`: how many targets are healthy before a wave starts.
         _allow("ReadTargetHealthForWaves", ["elasticloadbalancing:DescribeTargetHealth"], "*"),
         *_signing(scope),
+        *_news(scope),
     ]
+
+
+def _news(scope: Scope) -> list[dict[str, Any]]:
+    """`--event-bus` and `--notify`: deploy events to one bus, under the deployer's source only, so
+    CI cannot pass itself off as another service there; chat lines to the named topics."""
+    statements = []
+    if scope.event_bus:
+        statements.append(
+            _allow(
+                "SendDeployEvents",
+                ["events:PutEvents"],
+                scope.event_bus_arn,
+                # events:source is multivalued (one value per entry): every entry's must be ours,
+                # and there must be one (ForAllValues alone is true of an empty set).
+                {"ForAllValues:StringEquals": {"events:source": [EVENT_SOURCE]}, "Null": {"events:source": "false"}},
+            )
+        )
+    if scope.notify_topics:
+        statements.append(_allow("NotifyTopics", ["sns:Publish"], sorted(scope.notify_topics)))
+    return statements
 
 
 def _signing(scope: Scope) -> list[dict[str, Any]]:
@@ -287,6 +350,13 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             },
         ),
         _allow("WriteOwnStatus", ["s3:PutObject"], scope.objects(STATUS, *scope.fleet, f"{USERID}{REPORT_SUFFIX}")),
+        # Instance events (`events/<event>/<stage>/<role>/<deploy>/<owner>.json`): the bucket's
+        # EventBridge notification delivers them, so telling needs no events:PutEvents here.
+        _allow(
+            "WriteOwnEvents",
+            ["s3:PutObject"],
+            scope.objects(EVENTS, "*", *scope.fleet, "*", f"{USERID}{REPORT_SUFFIX}"),
+        ),
         # Tagging on create needs sqs:TagQueue too (publisher/iam_model.py). TagQueue alone would
         # let an instance re-tag another's queue as its own and take it over: it is granted only
         # with the caller's own tag, and only on a queue that has no owner yet or is its own.
@@ -439,8 +509,9 @@ def _gc(scope: Scope) -> list[dict[str, Any]]:
         ),
         _allow("CondemnReleases", ["s3:GetObject", "s3:PutObject"], scope.condemned_marks),
         _allow("DeleteReleases", ["s3:DeleteObject"], [scope.objects(RELEASES, "*"), scope.objects(ARTIFACTS, "*")]),
-        # `deployer status --html … --upload`, from the same scheduled housekeeping job.
+        # `deployer status --html … --upload` and `status --metrics`, from the same scheduled job.
         _allow("PutFleetPage", ["s3:PutObject"], scope.objects(FLEET, FLEET_PAGE_NAME)),
+        scope.fleet_metrics,
     ]
 
 
@@ -489,6 +560,12 @@ def _bucket(scope: Scope) -> list[dict[str, Any]]:
             ["s3:PutObject"],
             scope.objects(CHANNELS, "*", POINTER_NAME),
             {"Null": {"s3:if-match": "true", "s3:if-none-match": "true"}},
+        ),
+        _deny(
+            "EventsAreWrittenOnce",
+            ["s3:PutObject"],
+            scope.objects(EVENTS, "*"),
+            {"Null": {"s3:if-none-match": "true"}},
         ),
         _deny(
             "TrustVersionsChangeConditionally",

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deployer.protocol.errors import DeployerError
+from deployer.protocol.events import EVENT_SOURCE, FLEET_RULE, EventType
 from deployer.protocol.layout import (
     ARTIFACTS,
     CHANNELS,
+    EVENTS,
     FLEET,
     FLEET_PAGE_NAME,
     HISTORY,
@@ -43,7 +45,14 @@ from deployer.protocol.layout import (
     TRUST,
     Layout,
 )
-from deployer.protocol.names import AUTO_TARGET_GROUPS, DLQ_SUFFIX, OWNER_TAG, TopicArn, queue_name
+from deployer.protocol.names import (
+    AUTO_TARGET_GROUPS,
+    DEFAULT_METRICS_NAMESPACE,
+    DLQ_SUFFIX,
+    OWNER_TAG,
+    TopicArn,
+    queue_name,
+)
 
 #: SQS CreateQueue, `tags` member: "To be able to tag a queue on creation, you must have the
 #: sqs:CreateQueue and sqs:TagQueue permissions."
@@ -290,6 +299,42 @@ def _alarms(call: Call) -> list[Need]:
     ]
 
 
+def _put_metrics(call: Call) -> list[Need]:
+    """PutMetricData names no resource; IAM scopes it by the request's namespace alone.
+    https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/iam-cw-condition-keys-namespace.html
+    """
+    return [Need("cloudwatch:PutMetricData", "*", {"cloudwatch:namespace": str(call.params["Namespace"])})]
+
+
+def event_bus_arn(call: Call, bus: str) -> str:
+    """A bus named in a PutEvents entry (name or ARN); `default` when none is named."""
+    return (
+        bus if bus.startswith("arn:") else f"arn:{call.partition}:events:{call.region}:{call.account}:event-bus/{bus}"
+    )
+
+
+def _put_events(call: Call) -> list[Need]:
+    """One request per entry, on its bus, with the entry's source and detail-type as context.
+    https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-use-conditions.html
+    """
+    return [
+        Need(
+            "events:PutEvents",
+            event_bus_arn(call, str(entry.get("EventBusName") or "default")),
+            {
+                "events:source": (str(entry.get("Source", "")),),
+                "events:detail-type": (str(entry.get("DetailType", "")),),
+            },
+        )
+        for entry in call.params.get("Entries") or []
+    ]
+
+
+def rule_arn(call: Call) -> str:
+    name = call.params.get("Name") or call.params["Rule"]
+    return f"arn:{call.partition}:events:{call.region}:{call.account}:rule/{name}"
+
+
 def _nothing(_call: Call) -> list[Need]:
     return []
 
@@ -353,11 +398,19 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     ("elbv2", "DescribeTargetGroups"): _anything("elasticloadbalancing:DescribeTargetGroups"),
     ("elbv2", "DescribeTargetGroupAttributes"): _anything("elasticloadbalancing:DescribeTargetGroupAttributes"),
     ("cloudwatch", "DescribeAlarms"): _alarms,
+    ("cloudwatch", "PutMetricData"): _put_metrics,
     ("ssm", "GetParameters"): _get_parameters,
     ("secretsmanager", "GetSecretValue"): lambda call: [
         Need("secretsmanager:GetSecretValue", secret_arn(call)),
         _decrypt_via(call, "secretsmanager"),
     ],
+    ("events", "PutEvents"): _put_events,
+    ("events", "PutRule"): lambda call: [Need("events:PutRule", rule_arn(call))],
+    ("events", "PutTargets"): lambda call: [Need("events:PutTargets", rule_arn(call))],
+    # The bucket's notification configuration authorizes as s3:Get/PutBucketNotification.
+    # https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutBucketNotificationConfiguration.html
+    ("s3", "GetBucketNotificationConfiguration"): lambda call: [Need("s3:GetBucketNotification", bucket_arn(call))],
+    ("s3", "PutBucketNotificationConfiguration"): lambda call: [Need("s3:PutBucketNotification", bucket_arn(call))],
     ("iam", "SimulatePrincipalPolicy"): lambda call: [
         Need("iam:SimulatePrincipalPolicy", str(call.params["PolicySourceArn"]))
     ],
@@ -404,6 +457,11 @@ class Place:
     secrets: tuple[str, ...] = ()
     #: The target groups an instance leaves and rejoins (`auto`: its Auto Scaling group's).
     target_groups: tuple[str, ...] = ()
+    #: Where `status --metrics` (CI or gc) puts the fleet's gauges.
+    metrics_namespace: str = DEFAULT_METRICS_NAMESPACE
+    #: CI: the EventBridge bus `--event-bus` names, and the SNS topics `--notify` names.
+    event_bus: str | None = None
+    notify_topics: tuple[str, ...] = ()
 
 
 def expected_calls(role: Role, place: Place) -> list[Call]:
@@ -452,11 +510,20 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             call("s3", "ListObjectsV2", Bucket=place.bucket, Prefix=layout.key(STATUS, place.stage) + "/"),
             s3("GetObject", STATUS, place.stage, place.role, f"{place.instance_id}{REPORT_SUFFIX}"),
             s3("PutObject", FLEET, FLEET_PAGE_NAME),
+            call("cloudwatch", "PutMetricData", Namespace=place.metrics_namespace),
             call("sns", "Publish", TopicArn=place.topic_arn),
             call("autoscaling", "DescribeAutoScalingGroups", AutoScalingGroupNames=["web"]),
             call("cloudwatch", "DescribeAlarms", AlarmNames=["deploy-errors"]),
             call("elbv2", "DescribeTargetHealth", TargetGroupArn="arn:aws:elasticloadbalancing:::targetgroup/web/0"),
+            *(call("sns", "Publish", TopicArn=arn) for arn in place.notify_topics),
         ]
+        if place.event_bus:
+            entry = {
+                "Source": EVENT_SOURCE,
+                "DetailType": EventType.WAVE_STARTED.value,
+                "EventBusName": place.event_bus,
+            }
+            calls.append(call("events", "PutEvents", Entries=[entry]))
         return calls + _signing_calls(place, call)
     if role is Role.GC:
         queue = queue_name(place.queue_prefix, place.stage, place.role, place.instance_id)
@@ -481,6 +548,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             s3("DeleteObject", *release, "condemned.json"),
             s3("DeleteObject", *blob),
             s3("PutObject", FLEET, FLEET_PAGE_NAME),
+            call("cloudwatch", "PutMetricData", Namespace=place.metrics_namespace),
         ]
     if role is Role.TRUST:
         return [
@@ -493,6 +561,10 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
         call("s3", "CreateBucket", Bucket=place.bucket),
         call("sns", "CreateTopic", Name=topic.name),
         call("sns", "SetTopicAttributes", TopicArn=place.topic_arn),
+        call("s3", "GetBucketNotificationConfiguration", Bucket=place.bucket),
+        call("s3", "PutBucketNotificationConfiguration", Bucket=place.bucket),
+        call("events", "PutRule", Name=FLEET_RULE),
+        call("events", "PutTargets", Rule=FLEET_RULE),
         call("sts", "GetCallerIdentity"),
         call("iam", "SimulatePrincipalPolicy", PolicySourceArn=f"arn:{topic.partition}:iam::{topic.account}:role/x"),
     ]
@@ -536,6 +608,16 @@ def _instance_calls(
         s3("GetObject", *blob),
         s3("GetObject", TRUST, "2.json", missing=True),
         s3("PutObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
+        s3(
+            "PutObject",
+            EVENTS,
+            EventType.INSTANCE_DEPLOY_FAILED.slug,
+            place.stage,
+            place.role,
+            "6b1e0000-0000-4000-8000-000000000000",
+            f"{place.userid}{REPORT_SUFFIX}",
+            IfNoneMatch="*",
+        ),
     ]
     if place.deregister or place.terminate:
         calls += [

@@ -36,6 +36,7 @@ from deployer.aws.s3 import get_document, put_conditional, read_pointer
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.envelope import ROLLOUT_PAYLOAD_TYPE
 from deployer.protocol.errors import PreconditionFailed, PublishError, RejectedInput
+from deployer.protocol.events import EventType, deploy_event
 from deployer.protocol.layout import Layout
 from deployer.protocol.names import Channel
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS, ComponentState
@@ -49,6 +50,7 @@ from deployer.protocol.rollout import (
 )
 from deployer.protocol.timestamps import age_seconds
 from deployer.protocol.trust import UNVERIFIED
+from publisher.notify import Herald
 from publisher.publish import Publisher
 from publisher.signing import sign
 
@@ -278,6 +280,17 @@ class WaveCount:
     def pending(self) -> frozenset[str]:
         return self.admitted - self.converged - set(self.failed)
 
+    def counts(self) -> dict[str, int]:
+        """The tallies an event carries."""
+        return {
+            "admitted": len(self.admitted),
+            "ok": len(self.converged),
+            "failed": len(self.failed),
+            "pending": len(self.pending),
+            "waiting": len(self.waiting),
+            "live": self.live,
+        }
+
     def line(self, deploy: Deploy, bake_left: float | None = None) -> str:
         plan = deploy.rollout
         assert plan is not None
@@ -328,7 +341,9 @@ class Driver:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     echo: Callable[[str], None] = print
+    herald: Herald = field(default_factory=Herald)
     _etag: str | None = None
+    _tally: WaveCount | None = None
     _cursor: Cursor | None = None
     _renewed: float = 0.0
 
@@ -357,6 +372,7 @@ class Driver:
             return RolloutEnd.DONE if cursor.state is RolloutState.DONE else RolloutEnd.ROLLED_BACK
         # Whoever drives now says so: agents re-read the cursor at once instead of at their reconcile.
         self.publisher.announce(self.deploy.channel)
+        self._tell(EventType.WAVE_STARTED, cursor.wave)
         for wave in range(cursor.wave, self.plan.last_wave + 1):
             if wave > cursor.wave:
                 stopped = self._hold_for_capacity(wave)
@@ -368,12 +384,15 @@ class Driver:
                 log.info(
                     "rollout_wave_started", seq=self.deploy.seq, wave=wave, next="waiting for the admitted instances"
                 )
+                self._tell(EventType.WAVE_STARTED, wave)
             stopped = self._watch(wave)
             if stopped is not None:
                 return stopped
+            self._tell(EventType.WAVE_PASSED, wave)
             cursor = self._cursor or cursor
         self._write(replace(cursor, state=RolloutState.DONE, reason=None))
         self.publisher.announce(self.deploy.channel)
+        self._tell(EventType.ROLLOUT_SUCCEEDED, self.plan.last_wave)
         self.echo(f"OK: rollout of {self.deploy.channel} seq {self.deploy.seq} done in {self.plan.last_wave + 1} waves")
         return RolloutEnd.DONE
 
@@ -385,6 +404,7 @@ class Driver:
         log.error(
             "rollout_aborted", seq=self.deploy.seq, reason=reason, next="every instance returns to the stable release"
         )
+        self._tell(EventType.ROLLOUT_ROLLED_BACK, cursor.wave, reason=reason)
         self.echo(f"ROLLED BACK: {self.deploy.channel} seq {self.deploy.seq}: {reason}")
         return RolloutEnd.ROLLED_BACK
 
@@ -397,7 +417,7 @@ class Driver:
             if self._superseded():
                 self.echo(f"SUPERSEDED: a newer deploy of {self.deploy.channel} replaced seq {self.deploy.seq}")
                 return RolloutEnd.SUPERSEDED
-            tally = count(self.deploy, wave, self._entries(), _now(), self.gates.heartbeat_ttl_s)
+            tally = self._tally = count(self.deploy, wave, self._entries(), _now(), self.gates.heartbeat_ttl_s)
             stop = self._gate(tally, wave, started if baking_since is None else None)
             if stop is not None:
                 return self.abort(stop)
@@ -437,6 +457,8 @@ class Driver:
             if line != last:
                 self.echo(line)
                 log.warning("rollout_wave_held", wave=wave, reason=refusal, next="starting it once capacity allows")
+                if not last:
+                    self._tell(EventType.ROLLOUT_HELD, wave, reason=refusal)
                 last = line
             self._renew()
             self.sleep(self.gates.poll_s)
@@ -453,6 +475,12 @@ class Driver:
         if waiting_since is not None and self.clock() - waiting_since > self.plan.progress_deadline_s:
             return f"wave {wave} missed its progress deadline of {self.plan.progress_deadline_s:.0f}s"
         return None
+
+    def _tell(self, kind: EventType, wave: int, reason: str | None = None) -> None:
+        """An event about this rollout, with the last poll's tallies when they are about `wave`."""
+        tally = self._tally if self._tally is not None and self._tally.wave == wave else None
+        counts = tally.counts() if tally is not None and kind is not EventType.WAVE_STARTED else None
+        self.herald.emit(deploy_event(kind, self.deploy, wave=wave, counts=counts, reason=reason))
 
     def _entries(self) -> dict[str, ReportEntry]:
         return {

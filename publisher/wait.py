@@ -31,6 +31,7 @@ import structlog
 
 from deployer.aws.reports import ReportEntry
 from deployer.protocol.deploy import Deploy
+from deployer.protocol.events import DeployEvent, EventType, deploy_event
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
 from deployer.protocol.timestamps import age_seconds
@@ -215,6 +216,16 @@ class WaitResult:
     @property
     def exit_code(self) -> int:
         return self.progress.exit_code(self.timed_out)
+
+    def event(self) -> DeployEvent:
+        """`Fleet Converged`, or `Deploy Failed` (failures, losses or a timeout), with the tallies."""
+        progress = self.progress
+        kind = EventType.FLEET_CONVERGED if self.exit_code == EXIT_CONVERGED else EventType.DEPLOY_FAILED
+        counts = {o.value: n for o in Convergence if (n := progress.count(o))}
+        reason = None if kind is EventType.FLEET_CONVERGED else verdict_line(self)
+        if reason and progress.errors:
+            reason += "; " + "; ".join(f"{i}: {e}" for i, e in sorted(progress.errors.items())[:3])
+        return deploy_event(kind, progress.deploy, counts={"expected": len(progress.outcomes), **counts}, reason=reason)
 
 
 class Snapshots(Protocol):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.protocol.layout import ARTIFACTS, CHANNELS, FLEET, RELEASES, STATUS, TRUST
-from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX
+from deployer.protocol.names import DEFAULT_METRICS_NAMESPACE, DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX
 from publisher.iam import Audience, Scope, policy_for
 from publisher.iam_model import OPERATIONS, Call, Need, Role, UnknownOperation, default_key_policy, needs, operations
 from tests import iameval
@@ -222,11 +222,19 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             # What the operator would pass as --secrets: the ones this test's instances read.
             secrets=_secrets_read(test_records, topic_arn.split(":")[4]),
         )
-    bucket, prefix, keys = "", None, set()
+    bucket, prefix, keys, namespace, bus, notified = "", None, set(), None, None, set()
     for other in test_records:
         if other.role is not record.role:
             continue
         bucket = bucket or str(other.call.params.get("Bucket", ""))
+        # What the operator would pass as --event-bus and --notify: the bus and the other topics it told.
+        entries = other.call.params.get("Entries") or []
+        bus = bus or next((str(e["EventBusName"]) for e in entries if e.get("EventBusName")), None)
+        told = other.call.params.get("TopicArn")
+        if other.call.operation == "Publish" and told and told != topic_arn:
+            notified.add(str(told))
+        # What the operator would pass as --metrics-namespace: the one this role put metrics into.
+        namespace = namespace or other.call.params.get("Namespace")
         key = other.call.params.get("Key") or other.call.params.get("Prefix")
         prefix = prefix if prefix is not None else (_prefix(str(key)) if key else None)
         if other.call.service == "kms" and "KeyId" in other.call.params:
@@ -236,6 +244,9 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
         topic_arn=topic_arn,
         prefix=DEFAULT_PREFIX if prefix is None else prefix,
         sign_keys=tuple(sorted(keys)),
+        metrics_namespace=str(namespace or DEFAULT_METRICS_NAMESPACE),
+        event_bus=bus,
+        notify_topics=tuple(sorted(notified)),
     )
 
 
@@ -397,6 +408,8 @@ def unlisted(outcome: Findings) -> list[str]:
                 f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/prod/db",
                 f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:prod/api-AbCdEf",
             ),
+            event_bus="default",
+            notify_topics=(f"arn:aws:sns:{REGION}:{ACCOUNT}:chat",),
         )
         for group in ("web", None)
     ]

@@ -61,6 +61,7 @@ KEPT_PARAMS = frozenset(
         "Attributes",
         "AttributeName",
         "AttributeValue",
+        "Namespace",
     }
 )
 
@@ -76,6 +77,7 @@ STRONG: tuple[tuple[str, str, str], ...] = (
     ("publisher.publish", "", "ci"),
     ("publisher.rollback", "", "ci"),
     ("publisher.rollout", "", "ci"),
+    ("publisher.notify", "", "ci"),
     ("publisher.wait", "", "ci"),
     ("publisher.history", "", "ci"),
     ("publisher.fleet", "", "ci"),
@@ -153,11 +155,17 @@ def _patch_threads() -> None:
     threading.Thread._deployer_iam_record = True  # type: ignore[attr-defined]
 
 
+#: Of a PutEvents entry, what IAM sees (its condition keys and the bus); never the detail.
+KEPT_ENTRY_FIELDS = ("Source", "DetailType", "EventBusName")
+
+
 def _kept(params: Mapping[str, Any]) -> dict[str, Any]:
-    kept = {}
+    kept: dict[str, Any] = {}
     for name, value in params.items():
         if name in KEPT_PARAMS:
             kept[name] = value if isinstance(value, str | int | bool | list | dict) else str(value)
+    if isinstance(params.get("Entries"), list):
+        kept["Entries"] = [{k: e[k] for k in KEPT_ENTRY_FIELDS if k in e} for e in params["Entries"]]
     return kept
 
 

@@ -193,13 +193,25 @@ THROTTLED: dict[str, Callable[[], Answer]] = {
     "sns": lambda: sns_error(400, "Throttling", "Rate exceeded"),
     "sqs": lambda: sqs_error("RequestThrottled", "Rate exceeded", "RequestThrottled"),
     "s3": lambda: s3_error(503, "SlowDown", "Please reduce your request rate."),
+    # EventBridge refuses a throttled PutEvents entry inside a 200 answer: FailedEntryCount, and the
+    # entry's ErrorCode `ThrottlingException` (retryable). One entry per request, as the deployer sends.
+    # https://docs.aws.amazon.com/eventbridge/latest/APIReference/API_PutEvents.html
+    # https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-quota.html (PutEvents transactions per second)
+    "events": lambda: Answer(
+        200,
+        json.dumps(
+            {"FailedEntryCount": 1, "Entries": [{"ErrorCode": "ThrottlingException", "ErrorMessage": "Rate exceeded"}]}
+        ).encode(),
+        {"Content-Type": "application/x-amz-json-1.1"},
+    ),
 }
 
 
 @dataclass
 class Throttle:
     """A token bucket over some actions of one service: `rate` calls per second, `burst` at once;
-    past it, the service's throttling error (SNS 400 Throttling, SQS 400 RequestThrottled, S3 503 SlowDown)."""
+    past it, the service's throttling error (SNS 400 Throttling, SQS 400 RequestThrottled, S3 503 SlowDown,
+    EventBridge a 200 whose one entry failed with ThrottlingException)."""
 
     service: str
     actions: frozenset[str]

@@ -472,12 +472,14 @@ def boot(
     policy: RetryPolicy = DEFAULT_POLICY,
     *,
     warmed: bool = False,
+    first: bool = True,
 ) -> Booted:
     """One attempt: identity, queue + subscription FIRST, then replay the pointers in component order.
 
     Once the identity is known, a failure is written into the status report (`boot_error`)
-    before it goes up, so an instance that cannot join is seen, not merely absent. `warmed`:
-    launched into a warm pool (deployer.agent.lifecycle): every report says so from the first.
+    before it goes up, so an instance that cannot join is seen, not merely absent; the `first`
+    attempt's failure is also told as an `Instance Boot Failed` event. `warmed`: launched into
+    a warm pool (deployer.agent.lifecycle): every report says so from the first.
     """
     stoppable = policy.interruptible(shutdown.stop)
     metrics = Metrics(config.stage, config.role, config.metrics_textfile)
@@ -519,7 +521,7 @@ def boot(
     except Interrupted:
         raise
     except Exception as exc:
-        reporter.boot_failed(f"{type(exc).__name__}: {exc}")
+        reporter.boot_failed(f"{type(exc).__name__}: {exc}", tell=first)
         raise
     reporter.write()
     trust = trust_store(config, clients, layout, stoppable)
@@ -588,7 +590,7 @@ def boot_until_ready(
     attempt = 0
     while True:
         try:
-            return boot(config, clients, shutdown, policy, warmed=warmed)
+            return boot(config, clients, shutdown, policy, warmed=warmed, first=attempt == 0)
         except Interrupted:
             return None
         except Exception as exc:  # noqa: BLE001 - whatever failed, the next attempt may succeed

@@ -14,6 +14,9 @@ import structlog
 
 from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
+from deployer.aws.s3 import put_conditional
+from deployer.protocol.errors import PreconditionFailed
+from deployer.protocol.events import DeployEvent, boot_failed_event
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle, Rejection, StatusReport
 from deployer.protocol.timestamps import utc_now_iso
@@ -42,6 +45,7 @@ class StatusReporter:
         self.zone = zone
         self.bucket = bucket
         self.who = who
+        self.layout = layout
         self.key = layout.status_key(who)
         self.policy = policy
         self.started_at = utc_now_iso()
@@ -88,10 +92,14 @@ class StatusReporter:
         self.last_rejection = Rejection(message_id=message_id, reason=reason, at=utc_now_iso())
         self.write()
 
-    def boot_failed(self, error: str) -> None:
-        """Say that this agent cannot join (it retries): the instance is seen as broken, not as absent."""
+    def boot_failed(self, error: str, *, tell: bool) -> None:
+        """Say that this agent cannot join (it retries): the instance is seen as broken, not as
+        absent. With `tell` (the first failed attempt of this agent's life), also as an event:
+        an agent retrying every few minutes must not raise one per attempt."""
         self.boot_error = error
         self.write()
+        if tell:
+            self.tell(boot_failed_event(self.who.stage, self.who.role, self.who.instance_id, error))
 
     def entered(self, lifecycle: Lifecycle | None) -> None:
         """Say where the instance is in its Auto Scaling lifecycle (None: in service) and write it."""
@@ -111,6 +119,26 @@ class StatusReporter:
             zone=self.zone,
         )
 
+    def tell(self, event: DeployEvent) -> None:
+        """Write an instance event once, under this instance's own key: the bucket's EventBridge
+        notification is what delivers it (docs/design.md, "Events"), so telling costs one PUT
+        and no permission beyond the bucket. Write-once (If-None-Match): a deploy retried after a
+        failure is one event, and a retried PUT whose first answer was lost is not a second.
+        Best effort, like the report."""
+        key = self.layout.event_key(event.type.slug, self.who, event.deploy_id or f"boot-{_compact(event.at)}")
+        try:
+            put_conditional(self.s3, self.bucket, key, event.to_json().encode(), policy=self.policy)
+        except PreconditionFailed:
+            return  # told already
+        except Exception as exc:  # noqa: BLE001 - telling must never take the agent down
+            log.warning(
+                "event_write_failed",
+                key=key,
+                event_type=event.type.value,
+                error=str(exc)[:300],
+                next="the report still says it; the event is not retried",
+            )
+
     def write(self) -> None:
         """Best effort: a status write failure is logged, never allowed to fail a deploy."""
         self.unwritten = False
@@ -126,3 +154,8 @@ class StatusReporter:
             log.warning(
                 "status_write_failed", key=self.key, error=str(exc), next="retried at the next change or heartbeat"
             )
+
+
+def _compact(timestamp: str) -> str:
+    """`2026-12-07T18:01:56Z` → `20261207T180156Z`: a boot attempt's name in an event key."""
+    return timestamp.replace("-", "").replace(":", "")

@@ -40,6 +40,7 @@ from deployer.protocol.errors import (
     InvalidMessage,
     Unauthentic,
 )
+from deployer.protocol.events import EventType, deploy_event
 from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest, Traffic
 from deployer.protocol.names import Channel
@@ -62,6 +63,12 @@ REPORTED_STATE = {
     Outcome.FAILED: ComponentState.FAILED,
     Outcome.UNAVAILABLE: ComponentState.FAILED,
     Outcome.REJECTED: ComponentState.REJECTED,
+}
+
+#: The instance event each verdict on an authentic deploy is told as.
+INSTANCE_EVENTS = {
+    Outcome.FAILED: EventType.INSTANCE_DEPLOY_FAILED,
+    Outcome.REJECTED: EventType.INSTANCE_DEPLOY_REJECTED,
 }
 
 
@@ -538,6 +545,9 @@ class DeployRunner:
             attempt=outcome is Outcome.FAILED,
             authenticated=authentic,
         )
+        if authentic and outcome in INSTANCE_EVENTS:
+            # A network failure (`unavailable`) is no verdict on the release, and tells nobody.
+            self.reporter.tell(deploy_event(INSTANCE_EVENTS[outcome], deploy, instance=self.instance_id, reason=error))
         return outcome, error
 
     def _completed(self, deploy: Deploy, started: float, *, reused: bool, output_tail: str) -> tuple[Outcome, str]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_cloudwatch import CloudWatchClient
     from mypy_boto3_elbv2 import ElasticLoadBalancingv2Client
+    from mypy_boto3_events import EventBridgeClient
     from mypy_boto3_iam import IAMClient
     from mypy_boto3_kms import KMSClient
     from mypy_boto3_s3 import S3Client
@@ -185,8 +186,13 @@ def kms_client(region: str | None = None, endpoint_url: str | None = None) -> KM
 
 
 def cloudwatch_client(region: str | None = None, endpoint_url: str | None = None) -> CloudWatchClient:
-    """Only a rollout driver with `--alarm` needs it."""
+    """Only a rollout driver with `--alarm` and `status --metrics` need it."""
     return cast("CloudWatchClient", _service_client("cloudwatch", region, endpoint_url))
+
+
+def events_client(region: str | None = None, endpoint_url: str | None = None) -> EventBridgeClient:
+    """Only a CLI sending deploy events (`--event-bus`) and `init --events-target` need it."""
+    return cast("EventBridgeClient", _service_client("events", region, endpoint_url))
 
 
 def iam_client(region: str | None = None, endpoint_url: str | None = None) -> IAMClient:

@@ -13,11 +13,14 @@ import click
 
 from deployer.cli.options import (
     Aws,
+    News,
     Store,
     aws_options,
     bucket_option,
     channel_options,
     inline_manifest_option,
+    news_options,
+    prefix_option,
     publisher_arn_option,
     queue_prefix_option,
     quiet,
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from deployer.aws.elb import Membership
     from deployer.aws.reports import ReportReader
     from deployer.protocol.deploy import Deploy
+    from publisher.notify import Herald
     from publisher.publish import Publisher, PublishResult
     from publisher.rollout import Capacity, Gates, Staging
     from publisher.wait import WaitOptions
@@ -52,8 +56,23 @@ EXIT_NOTIFY_FAILED = 3
 )
 @publisher_arn_option
 @queue_prefix_option
+@prefix_option()
+@click.option(
+    "--events-target",
+    metavar="ARN",
+    help="Route deploy events (the CLI's and the instances') from the default EventBridge bus to this SQS "
+    "queue, SNS topic or log group: turns on the bucket's EventBridge notifications and puts two rules.",
+)
 @quiet
-def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...], queue_prefix: str) -> None:
+def init(
+    aws: Aws,
+    bucket: str,
+    topic_name: str,
+    publisher_arns: tuple[str, ...],
+    queue_prefix: str,
+    prefix: str,
+    events_target: str | None,
+) -> None:
     """Create the bucket and the SNS topic (idempotent), set the topic's policy, and print what exists.
 
     The policy lets only SQS queues named like the agents' subscribe, and with --publisher-arn
@@ -61,10 +80,20 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
     """
     from publisher.infra import init_resources
 
-    result = init_resources(aws.clients(), bucket, topic_name, publishers=publisher_arns, queue_prefix=queue_prefix)
+    clients = aws.clients()
+    result = init_resources(clients, bucket, topic_name, publishers=publisher_arns, queue_prefix=queue_prefix)
     click.echo(f"bucket {result.bucket}: {'created' if result.bucket_created else 'already exists'}")
     who = ", ".join(result.publishers) or "any principal the account's IAM allows (pass --publisher-arn to narrow)"
     click.echo(f"topic {result.topic_arn}: ready; publishes: {who}")
+    if events_target:
+        from deployer.aws.clients import events_client
+        from deployer.aws.events import route_events
+        from deployer.protocol.events import FLEET_RULE, INSTANCE_RULE
+        from deployer.protocol.layout import Layout
+
+        events = events_client(aws.region, aws.endpoint_url)
+        route_events(events, clients.s3, bucket, Layout(prefix).events_prefix(), events_target)
+        click.echo(f"events: rules {FLEET_RULE} and {INSTANCE_RULE} on the default bus deliver to {events_target}")
     click.echo(f"export DEPLOYER_BUCKET={result.bucket} DEPLOYER_TOPIC_ARN={result.topic_arn}")
 
 
@@ -102,6 +131,7 @@ def init(aws: Aws, bucket: str, topic_name: str, publisher_arns: tuple[str, ...]
 @inline_manifest_option
 @rollout_options
 @wait_options
+@news_options
 @quiet
 def publish(
     store: Store,
@@ -117,6 +147,7 @@ def publish(
     inline_manifest: bool,
     gates: Gates | None,
     wait: WaitOptions | None,
+    news: News,
 ) -> None:
     """Upload a release, move the channel pointer and notify the fleet.
 
@@ -149,7 +180,7 @@ def publish(
     click.echo(
         f"published {deploy.channel} release {deploy.release_id} as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait, members, publisher, staging)
+    conclude(result, store, wait, members, publisher, staging, news)
 
 
 @click.command()
@@ -161,6 +192,7 @@ def publish(
 @inline_manifest_option
 @rollout_options
 @wait_options
+@news_options
 @quiet
 def rollback(
     store: Store,
@@ -171,6 +203,7 @@ def rollback(
     inline_manifest: bool,
     gates: Gates | None,
     wait: WaitOptions | None,
+    news: News,
 ) -> None:
     """Publish the previous (or --to) release as a new seq; instances re-activate it without downloading.
 
@@ -189,7 +222,7 @@ def rollback(
         f"rolled back {deploy.channel} from {replaced.release_id} (seq {replaced.seq}) to {deploy.release_id} "
         f"as seq {deploy.seq} (deploy {deploy.deploy_id})"
     )
-    conclude(result, store, wait, members, publisher, staging)
+    conclude(result, store, wait, members, publisher, staging, news)
 
 
 @click.command()
@@ -261,13 +294,19 @@ def conclude(
     members: frozenset[str],
     publisher: Publisher,
     staging: Staging | None,
+    news: News,
 ) -> None:
-    """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, then
-    follow the fleet if asked (a staged rollout: drive it); exits with the verdict's code."""
+    """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, tell
+    the event bus (and `--notify`, when nothing follows), then follow the fleet if asked (a
+    staged rollout: drive it); exits with the verdict's code."""
     from deployer.aws.reports import ReportReader
+    from deployer.protocol.events import EventType, deploy_event
     from publisher.wait import ProgressPrinter, Waiter
 
     deploy = result.deploy
+    herald = news.herald(store, by=staging.driver if staging else None)
+    published = deploy_event(EventType.DEPLOY_PUBLISHED, deploy, reason=result.sns_error)
+    herald.emit(published, notify=wait is None and staging is None)
     if result.sns_error:
         click.echo(
             f"error: the pointer moved to seq {deploy.seq} but the SNS publish failed ({result.sns_error}); "
@@ -286,10 +325,11 @@ def conclude(
         return
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, deploy.stage, deploy.role)
     if staging is not None:
-        sys.exit(drive(publisher, store, reader, staging.gates, deploy, staging.driver))
+        sys.exit(drive(publisher, store, reader, staging.gates, deploy, herald, staging.driver))
     printer = ProgressPrinter(sys.stdout)
     outcome = Waiter(reader, wait, members).wait(deploy, printer)
     printer.finish(outcome)
+    herald.emit(outcome.event())
     sys.exit(outcome.exit_code)
 
 
@@ -329,6 +369,7 @@ def drive(
     reader: ReportReader,
     gates: Gates,
     deploy: Deploy,
+    herald: Herald,
     driver: str | None = None,
     force: bool = False,
 ) -> int:
@@ -344,6 +385,7 @@ def drive(
         capacity=capacity_watch(store, gates),
         driver=driver or driver_id(),
         echo=click.echo,
+        herald=herald,
     )
     runner.take(force=force)
     return runner.drive().exit_code

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+import shlex
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -26,6 +28,7 @@ from deployer.cli.options import (
     topic_option,
 )
 from deployer.protocol.errors import ConfigError
+from deployer.protocol.names import DEFAULT_METRICS_NAMESPACE, check_metrics_namespace
 from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
 from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, MIN_OLDER_THAN_DAYS
 
@@ -37,6 +40,29 @@ if TYPE_CHECKING:
 
 #: `deployer doctor`'s exit code when the role would be denied something (1 is an error).
 DOCTOR_DENIED_EXIT = 3
+#: A command, whose type an option decorator keeps.
+F = TypeVar("F", bound=Command)
+#: Where `--metrics-namespace` is read from when not given.
+METRICS_NAMESPACE_ENV = "DEPLOYER_METRICS_NAMESPACE"
+
+
+def _metrics_namespace(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_metrics_namespace(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def metrics_namespace_option(help: str) -> Callable[[F], F]:
+    """--metrics-namespace, the same for `status --metrics` and the policies that let it put there."""
+    return click.option(
+        "--metrics-namespace",
+        envvar=METRICS_NAMESPACE_ENV,
+        default=DEFAULT_METRICS_NAMESPACE,
+        show_default=True,
+        callback=_metrics_namespace,
+        help=f"{help} [env {METRICS_NAMESPACE_ENV}]",
+    )
 
 
 @click.command()
@@ -62,6 +88,13 @@ DOCTOR_DENIED_EXIT = 3
     is_flag=True,
     help="Put the fleet page into the bucket at <prefix>/fleet/index.html (needs s3:PutObject on that key).",
 )
+@click.option(
+    "--metrics",
+    is_flag=True,
+    help="Also put each channel's gauges (OnCurrent, Behind, Failed, Stale, Live, ConvergedPercent) into "
+    "CloudWatch (needs cloudwatch:PutMetricData in --metrics-namespace).",
+)
+@metrics_namespace_option("The CloudWatch namespace --metrics puts the gauges into.")
 @quiet
 def status(
     store: Store,
@@ -72,11 +105,15 @@ def status(
     as_json: bool,
     html_path: Path | None,
     upload: bool,
+    metrics: bool,
+    metrics_namespace: str,
 ) -> None:
     """Where the fleet stands: instances × components, with a summary per channel.
 
     --html and --upload render the same view as a page: a grid per stage/role coloured by state,
     each channel's pointer and summary, a staged rollout's waves, stale instances and last errors.
+    --metrics also puts each channel's gauges into CloudWatch, stamped with the time the reports
+    were read, for an alarm on convergence (one line says what was put; on stderr with --json).
     """
     from deployer.aws.reports import ReportReader
     from publisher.fleet import channels_of, fleet_rows, format_table, summary
@@ -87,27 +124,40 @@ def status(
     if upload and (stage or role or component):
         raise click.UsageError("--upload replaces the whole fleet's page: drop --stage, --role and --component")
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
+    read_at = datetime.now(UTC)
     pointers = pointer_deploys(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
-    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, now=read_at, pointers=pointers)
     if html_path or upload:
         _page(store, rows, pointers, html_path, upload)
-        return
-    if as_json:
+    elif as_json:
         click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))
-        return
-    if not rows:
+    elif not rows:
         click.echo("no instances have reported yet")
-        return
-    click.echo(format_table(rows))
-    click.echo()
-    for line in summary(rows):
-        click.echo(line)
+    else:
+        click.echo(format_table(rows))
+        click.echo()
+        for line in summary(rows):
+            click.echo(line)
+    if metrics:
+        # After the view, so an operator sees the fleet even when CloudWatch refuses the gauges.
+        _put_metrics(store, rows, read_at, metrics_namespace, err=as_json)
+
+
+def _put_metrics(store: Store, rows: list[Row], read_at: datetime, namespace: str, err: bool) -> None:
+    """Put the channels' gauges into `namespace`; one line says what (on stderr beside --json's document)."""
+    from deployer.aws.clients import cloudwatch_client
+    from deployer.aws.cloudwatch import put_gauges
+    from publisher.fleet import fleet_gauges
+
+    gauges = fleet_gauges(rows, read_at)
+    if gauges:
+        put_gauges(cloudwatch_client(store.aws.region, store.aws.endpoint_url), namespace, gauges)
+    channels = len({gauge.dimensions for gauge in gauges})
+    click.echo(f"put {len(gauges)} metric(s) for {channels} channel(s) into namespace {namespace}", err=err)
 
 
 def _page(store: Store, rows: list[Row], pointers: Mapping[Channel, Deploy], path: Path | None, upload: bool) -> None:
     """Render the fleet page once; write it to `path` and/or put it next to the status reports."""
-    from datetime import UTC, datetime
-
     from deployer.aws.s3 import put_page
     from publisher.page import render_page
     from publisher.rollout import rollout_cursors
@@ -246,6 +296,9 @@ def scope_options(func: Command) -> Command:
         secrets: tuple[str, ...],
         publisher_arns: tuple[str, ...],
         sign_keys: tuple[str, ...],
+        metrics_namespace: str,
+        event_bus: str | None,
+        notify_topics: tuple[str, ...],
         **kwargs: Any,
     ) -> Any:
         from publisher.iam import Scope
@@ -266,6 +319,9 @@ def scope_options(func: Command) -> Command:
             secrets=secrets,
             publishers=publisher_arns,
             sign_keys=sign_keys,
+            metrics_namespace=metrics_namespace,
+            event_bus=event_bus,
+            notify_topics=notify_topics,
         )
         return func(*args, scope=scope, **kwargs)
 
@@ -320,6 +376,22 @@ def scope_options(func: Command) -> Command:
             multiple=True,
             metavar="kms:KEY",
             help="CI: allow kms:Sign with this release key; trust: with this trust key (its id or ARN); repeatable.",
+        ),
+        metrics_namespace_option(
+            "CI/gc: allow `status --metrics` to put its gauges into this CloudWatch namespace only."
+        ),
+        click.option(
+            "--event-bus",
+            metavar="BUS",
+            help="CI: allow sending deploy events (source `deployer` only) to this EventBridge bus (name or ARN).",
+        ),
+        click.option(
+            "--notify",
+            "notify_topics",
+            multiple=True,
+            metavar="TOPIC_ARN",
+            help="CI: allow telling this SNS topic of holds, rollbacks, failures and successes; repeatable "
+            "(webhooks need no permission).",
         ),
     ]
     for option in reversed(options):
@@ -403,6 +475,10 @@ def scope_flags(scope: Scope) -> str:
     flags += [f"--target-group {group}" for group in scope.target_groups]
     flags += [f"--secrets {secret}" for secret in scope.secrets]
     flags += [f"--sign-key {key}" for key in scope.sign_keys]
+    if scope.metrics_namespace != DEFAULT_METRICS_NAMESPACE:
+        flags.append(f"--metrics-namespace {shlex.quote(scope.metrics_namespace)}")
+    flags += [f"--event-bus {scope.event_bus}"] if scope.event_bus else []
+    flags += [f"--notify {topic}" for topic in scope.notify_topics]
     return "".join(f" {flag}" for flag in flags)
 
 

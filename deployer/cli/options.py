@@ -27,6 +27,7 @@ from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 
 if TYPE_CHECKING:
     from deployer.aws.clients import Clients
+    from publisher.notify import Herald
     from publisher.signing import Signer
 
 Command = Callable[..., Any]
@@ -63,6 +64,16 @@ class Store:
     @cached_property
     def clients(self) -> Clients:
         return self.aws.clients()
+
+    @property
+    def page_url(self) -> str:
+        """Where an operator opens the fleet page (`deployer status --upload`): the S3 console's
+        object view, or the emulator's URL of the object."""
+        key = self.layout.fleet_page_key()
+        if self.aws.endpoint_url:
+            return f"{self.aws.endpoint_url.rstrip('/')}/{self.bucket}/{key}"
+        region = self.aws.region or "us-east-1"
+        return f"https://{region}.console.aws.amazon.com/s3/object/{self.bucket}?region={region}&prefix={key}"
 
     def signers(self, specs: tuple[str, ...]) -> list[Signer]:
         """`--sign-key` values as signers (a KMS key is asked for its public half at once)."""
@@ -368,6 +379,69 @@ def _target_groups(_ctx: click.Context, _param: click.Parameter, value: tuple[st
         if not TARGET_GROUP_ARN.match(arn):
             raise click.BadParameter(f"{arn!r} is not an ELBv2 target group ARN")
     return value
+
+
+#: Where `--event-bus` and `--notify` are read from when not given (DEPLOYER_NOTIFY: space-separated).
+EVENT_BUS_ENV, NOTIFY_ENV = "DEPLOYER_EVENT_BUS", "DEPLOYER_NOTIFY"
+
+
+@dataclass(frozen=True)
+class News:
+    """Who hears of a deploy: an EventBridge bus (name or ARN) and `--notify` targets, checked."""
+
+    bus: str | None = None
+    notify: tuple[str, ...] = ()
+
+    def herald(self, store: Store, by: str | None = None) -> Herald:
+        """The sender for these sinks; clients are made only for the sinks that are set."""
+        from deployer.aws.clients import events_client
+        from publisher.notify import Herald, Topic, parse_notify_target
+
+        targets = [parse_notify_target(spec) for spec in self.notify]
+        return Herald(
+            bus=self.bus,
+            targets=targets,
+            events_client=functools.partial(events_client, store.aws.region, store.aws.endpoint_url),
+            sns=store.clients.sns if any(isinstance(t, Topic) for t in targets) else None,
+            page=store.page_url,
+            by=by,
+        )
+
+
+def news_options(func: Command) -> Command:
+    """--event-bus and --notify, passed as `news`."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, event_bus: str | None, notify: tuple[str, ...], **kwargs: Any) -> Any:
+        from publisher.notify import parse_notify_target
+
+        specs = tuple(spec for value in notify for spec in value.split())
+        for spec in specs:
+            try:
+                parse_notify_target(spec)
+            except DeployerError as exc:
+                raise click.BadParameter(str(exc), param_hint="--notify") from None
+        return func(*args, news=News(event_bus or None, specs), **kwargs)
+
+    return _apply(
+        wrapper,
+        [
+            click.option(
+                "--event-bus",
+                envvar=EVENT_BUS_ENV,
+                metavar="BUS",
+                help=f"Send every deploy event to this EventBridge bus (`default`, a name or an ARN) [env {EVENT_BUS_ENV}].",
+            ),
+            click.option(
+                "--notify",
+                multiple=True,
+                envvar=NOTIFY_ENV,
+                metavar="TARGET",
+                help='Tell an SNS topic ARN or an https:// webhook (Slack-compatible `{"text": …}`) of holds, '
+                f"rollbacks, failures and successes; repeatable; never fails the deploy [env {NOTIFY_ENV}].",
+            ),
+        ],
+    )
 
 
 def log_options(func: Command) -> Command:

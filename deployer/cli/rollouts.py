@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 import click
 
 from deployer.cli.options import (
+    News,
     Store,
     capacity_flags,
     channel_options,
+    news_options,
     quiet,
     sign_key_option,
     store_options,
@@ -109,6 +111,7 @@ def _zone(entry: ReportEntry | None) -> str | None:
     help="Seconds this driver's claim lasts unrenewed.",
 )
 @capacity_flags
+@news_options
 @quiet
 def rollout_resume(
     store: Store,
@@ -120,6 +123,7 @@ def rollout_resume(
     lease: float,
     target_groups: tuple[str, ...],
     min_healthy_percent: float,
+    news: News,
 ) -> None:
     """Continue the rollout from its cursor's wave to the end (or to an automatic rollback)."""
     from deployer.aws.reports import ReportReader
@@ -142,7 +146,7 @@ def rollout_resume(
     if wait is not None:
         gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
-    sys.exit(drive(publisher, store, reader, gates, deploy, force=force))
+    sys.exit(drive(publisher, store, reader, gates, deploy, news.herald(store), force=force))
 
 
 @rollout.command("abort")
@@ -151,8 +155,11 @@ def rollout_resume(
 @channel_options
 @sign_key_option("Sign the cursor like the deploy (needed when agents require signatures).")
 @click.option("--reason", default="aborted by an operator", show_default=True, help="Recorded in the cursor.")
+@news_options
 @quiet
-def rollout_abort(store: Store, topic_arn: str, channel: Channel, sign_keys: tuple[str, ...], reason: str) -> None:
+def rollout_abort(
+    store: Store, topic_arn: str, channel: Channel, sign_keys: tuple[str, ...], reason: str, news: News
+) -> None:
     """Roll the rollout back now: every instance returns to the stable release."""
     from deployer.aws.reports import ReportReader
     from publisher.rollout import Driver, Gates
@@ -161,7 +168,7 @@ def rollout_abort(store: Store, topic_arn: str, channel: Channel, sign_keys: tup
     plan = deploy.rollout
     assert plan is not None
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
-    Driver(publisher, reader, Gates(plan.waves), deploy, echo=click.echo).abort(reason)
+    Driver(publisher, reader, Gates(plan.waves), deploy, echo=click.echo, herald=news.herald(store)).abort(reason)
 
 
 COMMANDS = (rollout,)

@@ -10,12 +10,13 @@
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
 <prefix>/channels/<stage>/<role>/<component>/rollouts/<deploy_id>.json   a rollout's cursor
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
+<prefix>/events/<event>/<stage>/<role>/<deploy_id>/<owner>.json   an instance's event (write-once)
 <prefix>/trust/<version>.json                                 signed trust updates (immutable)
 <prefix>/fleet/index.html                                     the fleet page (`deployer status --upload`)
 ```
 
 `deployer iam-policy` scopes its statements with the same segments (`RELEASES`, `CHANNELS`,
-`STATUS`, `TRUST`), so a policy can never drift from the keys the code writes.
+`STATUS`, `EVENTS`, `TRUST`), so a policy can never drift from the keys the code writes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deployer.protocol.names import DEFAULT_PREFIX, NAME_PATTERN, Channel, Owner
-from deployer.protocol.release import RELEASE_ID_PATTERN, SHA256_PATTERN
+from deployer.protocol.release import DEPLOY_ID_PATTERN, RELEASE_ID_PATTERN, SHA256_PATTERN
 
 ARTIFACT_NAME = "artifact.tar.gz"
 MANIFEST_NAME = "manifest.yml"
@@ -37,6 +38,7 @@ CHANNELS = "channels"
 HISTORY = "history"
 ROLLOUTS = "rollouts"
 STATUS = "status"
+EVENTS = "events"
 TRUST = "trust"
 FLEET = "fleet"
 FLEET_PAGE_NAME = "index.html"
@@ -178,6 +180,32 @@ class Layout:
 
     def status_key(self, who: ReportKey) -> str:
         return self.key(STATUS, who.stage, who.role, f"{who.owner.userid}{REPORT_SUFFIX}")
+
+    def events_prefix(self) -> str:
+        """Every instance event; what the bucket's EventBridge rule matches."""
+        return self.key(EVENTS) + "/"
+
+    def event_key(self, slug: str, who: ReportKey, deploy_id: str) -> str:
+        """One instance's event of one kind for one deploy. The owner comes last, so IAM's
+        `${aws:userid}` confines each instance to its own events, and one LIST of
+        `…/<deploy_id>/` counts how many distinct instances reported it."""
+        return self.key(EVENTS, slug, who.stage, who.role, deploy_id, f"{who.owner.userid}{REPORT_SUFFIX}")
+
+    def event_object(self, key: str) -> tuple[str, ReportKey, str] | None:
+        """Parse an event key into (event slug, who, deploy id); None for anything else. Pure."""
+        head = self.events_prefix()
+        if not key.startswith(head) or not key.endswith(REPORT_SUFFIX):
+            return None
+        parts = key[len(head) : -len(REPORT_SUFFIX)].split("/")
+        if len(parts) != 5:
+            return None
+        slug, stage, role, deploy_id, name = parts
+        owner = Owner.parse(name)
+        if owner is None or not (NAME_PATTERN.match(stage) and NAME_PATTERN.match(role)):
+            return None
+        if not NAME_PATTERN.match(slug) or not DEPLOY_ID_PATTERN.match(deploy_id):
+            return None
+        return slug, ReportKey(stage, role, owner.instance_id, owner.role_id), deploy_id
 
     def report_key(self, key: str) -> ReportKey | None:
         """Parse `<prefix>/status/<stage>/<role>/<owner>.json`; None for anything else. Pure.

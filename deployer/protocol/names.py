@@ -45,6 +45,15 @@ _TOPIC_ARN = re.compile(r"^arn:(aws[a-z-]*):sns:([a-z0-9-]+):(\d{12}):([A-Za-z0-
 
 DEFAULT_PREFIX = "deployer"
 DEFAULT_QUEUE_PREFIX = "deployer"
+#: The CloudWatch namespace `deployer status --metrics` puts the fleet's gauges into; the CI and
+#: gc policies grant `cloudwatch:PutMetricData` in this namespace only (`cloudwatch:namespace`).
+DEFAULT_METRICS_NAMESPACE = "Deployer"
+#: CloudWatch namespaces: at most 255 of "alphanumeric characters (0-9A-Za-z), period (.), hyphen
+#: (-), underscore (_), forward slash (/), hash (#), colon (:), and the space character", not
+#: starting with `:` (PutMetricData's pattern `[^:].*`) nor with `AWS/`, which is AWS's own.
+#: https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/cloudwatch_concepts.html#Namespace
+#: https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_PutMetricData.html
+METRICS_NAMESPACE_PATTERN = re.compile(r"^(?!AWS/)(?!:)(?=.*[^ ])[0-9A-Za-z._#:/ -]{1,255}$")
 DLQ_SUFFIX = "--dlq"
 #: The queue tag that names its owner (the creating principal's `aws:userid`); every SQS
 #: permission of the instance role is conditioned on it (attribute-based access control).
@@ -80,6 +89,16 @@ def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not NAME_PATTERN.match(value):
         raise InvalidMessage(
             f"{kind} {value!r} is not a valid name (lowercase letters, digits, '-' or '_', at most 32 characters)"
+        )
+    return value
+
+
+def check_metrics_namespace(value: str) -> str:
+    """Validate a CloudWatch namespace (`--metrics-namespace`, `iam-policy --metrics-namespace`)."""
+    if not METRICS_NAMESPACE_PATTERN.match(value):
+        raise ConfigError(
+            f"metrics namespace {value!r} is not a CloudWatch namespace (1 to 255 of letters, digits, "
+            "'.', '-', '_', '/', '#', ':' and spaces, not starting with ':' or 'AWS/')"
         )
     return value
 

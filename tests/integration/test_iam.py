@@ -95,11 +95,13 @@ def test_every_sqs_permission_of_an_instance_is_bound_to_the_queues_it_owns(scop
 
 
 @pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
-def test_an_instance_writes_no_object_but_its_own_status_report(scope: Scope) -> None:
+def test_an_instance_writes_no_object_but_its_own_status_report_and_its_own_events(scope: Scope) -> None:
     for statement in statements(policy_for(Audience.INSTANCE, scope), "s3:"):
         if {"s3:PutObject", "s3:DeleteObject"} & set(statement["Action"]):
             assert statement["Resource"].endswith(f"/{USERID}.json")
-            assert "/status/" in statement["Resource"]
+            assert "/status/" in statement["Resource"] or (
+                "/events/" in statement["Resource"] and statement["Action"] == ["s3:PutObject"]
+            )
 
 
 @pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
@@ -135,6 +137,7 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "sns:GetTopicAttributes",
         "autoscaling:DescribeAutoScalingGroups",  # publish --wait --asg, read-only
         "cloudwatch:DescribeAlarms",  # publish --waves --alarm, read-only
+        "cloudwatch:PutMetricData",  # status --metrics, in its namespace only (below)
         "elasticloadbalancing:DescribeTargetHealth",  # publish --waves --target-group, read-only
     }
     puts = {r for s in statements(policy) if "s3:PutObject" in s["Action"] for r in as_list(s["Resource"])}
@@ -149,6 +152,19 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "arn:aws:s3:::b/team/deployer/releases/*/condemned.json",
         "arn:aws:s3:::b/team/deployer/artifacts/*.condemned.json",
     }
+
+
+@pytest.mark.parametrize("audience", [Audience.CI, Audience.GC])
+def test_ci_and_gc_put_metrics_only_into_the_namespace_they_were_given(audience: Audience) -> None:
+    for namespace, flags in (("Deployer", ()), ("Team/Deploys prod", ("--metrics-namespace", "Team/Deploys prod"))):
+        policy = iam_policy("--for", audience.value, "--bucket", "b", "--topic-arn", TOPIC, *flags)
+        [put] = statements(policy, "cloudwatch:Put")
+        assert put["Action"] == ["cloudwatch:PutMetricData"]
+        assert put["Condition"] == {"StringEquals": {"cloudwatch:namespace": namespace}}
+    for scope in SCOPES:
+        assert "cloudwatch:PutMetricData" not in actions(policy_for(Audience.INSTANCE, scope))
+    with pytest.raises(ConfigError, match="is not a CloudWatch namespace"):
+        Scope(bucket="b", topic_arn=TOPIC, metrics_namespace="AWS/EC2")
 
 
 def test_release_gc_reads_every_stage_and_deletes_only_releases_and_reports() -> None:
@@ -170,7 +186,7 @@ def test_release_gc_reads_every_stage_and_deletes_only_releases_and_reports() ->
     assert {"arn:aws:s3:::b/deployer/channels/*", "arn:aws:s3:::b/deployer/status/*"} <= gets
 
 
-def test_the_bucket_policy_refuses_unconditional_release_history_and_pointer_writes() -> None:
+def test_the_bucket_policy_refuses_unconditional_release_history_pointer_and_event_writes() -> None:
     policy = policy_for(Audience.BUCKET, Scope(bucket="b", topic_arn=TOPIC))
     assert {s["Effect"] for s in policy["Statement"]} == {"Deny"}
     by_resource = {s["Resource"]: s["Condition"]["Null"] for s in policy["Statement"]}
@@ -179,6 +195,7 @@ def test_the_bucket_policy_refuses_unconditional_release_history_and_pointer_wri
         "arn:aws:s3:::b/deployer/channels/*/history/*": {"s3:if-none-match": "true"},
         "arn:aws:s3:::b/deployer/channels/*/latest.json": {"s3:if-match": "true", "s3:if-none-match": "true"},
         "arn:aws:s3:::b/deployer/trust/*": {"s3:if-match": "true", "s3:if-none-match": "true"},
+        "arn:aws:s3:::b/deployer/events/*": {"s3:if-none-match": "true"},
     }
 
 

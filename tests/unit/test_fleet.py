@@ -3,9 +3,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from deployer.aws.cloudwatch import Gauge, Unit
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle
-from publisher.fleet import fleet_rows, format_table, summary
+from publisher.fleet import fleet_gauges, fleet_rows, format_table, summary
 from tests.support import make_deploy, report_entry
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -111,3 +112,117 @@ def test_warmed_and_terminated_instances_are_counted_apart_from_the_fleet() -> N
         ("i-3", "terminated", False),
     ]
     assert summary(rows) == ["prod/web/api: 1/1 on seq 3, 0 failed, 1 warmed, 1 terminated"]
+
+
+# -- the gauges `status --metrics` puts into CloudWatch -----------------------------------------
+
+
+def gauges_of(gauges: list[Gauge], component: str = "api", role: str = "web") -> dict[str, float]:
+    """One channel's gauges by metric name."""
+    wanted = (("Stage", "prod"), ("Role", role), ("Component", component))
+    return {g.name: g.value for g in gauges if g.dimensions == wanted}
+
+
+def test_an_instance_behind_the_pointer_counts_as_behind_not_converged() -> None:
+    behind = {"api": ComponentStatus(state=ComponentState.OK, release_id="r10", seq=10)}
+    rows = fleet_rows(
+        [
+            report_entry("i-1", api(16), RECENT),
+            report_entry("i-2", behind, RECENT),
+            report_entry("i-3", api(9), HOURS_AGO),  # stale: gone, neither live nor behind
+        ],
+        now=NOW,
+        pointers={Channel("prod", "web", "api"): make_deploy(seq=16)},
+    )
+    gauges = fleet_gauges(rows, NOW)
+    assert gauges_of(gauges) == {
+        "OnCurrent": 1,
+        "Behind": 1,
+        "Failed": 0,
+        "Stale": 1,
+        "Live": 2,
+        "ConvergedPercent": 50,
+    }
+    assert {g.timestamp for g in gauges} == {NOW}
+    assert {g.name: g.unit for g in gauges}["ConvergedPercent"] is Unit.PERCENT
+    assert {g.unit for g in gauges if g.name != "ConvergedPercent"} == {Unit.COUNT}
+
+
+def test_a_fleet_on_the_pointer_is_fully_converged() -> None:
+    rows = fleet_rows(
+        [report_entry("i-1", api(5), RECENT), report_entry("i-2", api(5), RECENT)],
+        now=NOW,
+        pointers={Channel("prod", "web", "api"): make_deploy(seq=5)},
+    )
+    assert gauges_of(fleet_gauges(rows, NOW)) == {
+        "OnCurrent": 2,
+        "Behind": 0,
+        "Failed": 0,
+        "Stale": 0,
+        "Live": 2,
+        "ConvergedPercent": 100,
+    }
+
+
+def test_a_channel_with_no_live_instance_is_converged_so_its_alarm_watches_live_instead() -> None:
+    rows = fleet_rows([report_entry("i-1", api(4), HOURS_AGO), report_entry("i-2", api(3), HOURS_AGO)], now=NOW)
+    found = gauges_of(fleet_gauges(rows, NOW))
+    assert (found["Live"], found["Stale"], found["OnCurrent"], found["ConvergedPercent"]) == (0, 2, 0, 100)
+
+
+def test_failed_and_rejected_count_as_failed_and_an_instance_that_cannot_boot_only_lowers_convergence() -> None:
+    cannot_boot = report_entry("i-4", api(7), RECENT)
+    assert cannot_boot.report is not None
+    cannot_boot = replace(cannot_boot, report=replace(cannot_boot.report, boot_error="AwsError: AccessDenied"))
+    rows = fleet_rows(
+        [
+            report_entry("i-1", api(7), RECENT),
+            report_entry("i-2", api(7, ComponentState.FAILED), RECENT),
+            report_entry("i-3", api(7, ComponentState.REJECTED), RECENT),
+            cannot_boot,
+        ],
+        now=NOW,
+        pointers={Channel("prod", "web", "api"): make_deploy(seq=7)},
+    )
+    found = gauges_of(fleet_gauges(rows, NOW))
+    assert (found["OnCurrent"], found["Failed"], found["Live"], found["ConvergedPercent"]) == (1, 2, 4, 25)
+
+
+def test_warmed_and_terminated_instances_are_in_no_gauge() -> None:
+    rows = fleet_rows(
+        [
+            report_entry("i-1", api(3), RECENT),
+            report_entry("i-2", api(2), RECENT, lifecycle=Lifecycle.WARMED),
+            report_entry("i-3", api(2), HOURS_AGO, lifecycle=Lifecycle.TERMINATED),
+        ],
+        now=NOW,
+        pointers={Channel("prod", "web", "api"): make_deploy(seq=3)},
+    )
+    found = gauges_of(fleet_gauges(rows, NOW))
+    assert (found["Live"], found["Stale"], found["ConvergedPercent"]) == (1, 0, 100)
+
+
+def test_without_a_pointer_the_newest_seq_reported_is_current_as_in_the_summary() -> None:
+    rows = fleet_rows([report_entry("i-1", api(41), RECENT), report_entry("i-2", api(40), RECENT)], now=NOW)
+    found = gauges_of(fleet_gauges(rows, NOW))
+    assert (found["OnCurrent"], found["Behind"], found["ConvergedPercent"]) == (1, 0, 50)
+    assert summary(rows) == ["prod/web/api: 1/2 on seq 41, 0 failed"]
+
+
+def test_each_channel_has_its_own_six_gauges_and_an_unreadable_report_counts_in_none() -> None:
+    both = {**api(2), "assets": ComponentStatus(state=ComponentState.OK, release_id="a", seq=9)}
+    rows = fleet_rows(
+        [
+            report_entry("i-1", both, RECENT),
+            report_entry("i-2", api(2), RECENT, role="worker"),
+            report_entry("i-bad", {}, RECENT, error="not JSON"),
+        ],
+        now=NOW,
+    )
+    gauges = fleet_gauges(rows, NOW)
+    channels = {tuple(value for _, value in g.dimensions) for g in gauges}
+    assert channels == {("prod", "web", "api"), ("prod", "web", "assets"), ("prod", "worker", "api")}
+    assert len(gauges) == 6 * len(channels)
+    assert {name for g in gauges for name, _ in g.dimensions} == {"Stage", "Role", "Component"}
+    assert sum(g.value for g in gauges if g.name == "Live") == 3  # i-bad is in no channel
+    assert fleet_gauges([], NOW) == []

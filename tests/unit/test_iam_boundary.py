@@ -74,6 +74,8 @@ CI = Principal(
     Role.CI, f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-ci/job", "AROACIEXAMPLE0000001:job", Scope(BUCKET, TOPIC)
 )
 CI_DEV = replace(CI, scope=Scope(BUCKET, TOPIC, stage="dev"))
+CHAT = f"arn:aws:sns:{REGION}:{ACCOUNT}:deploys-chat"
+CI_NEWS = replace(CI, scope=Scope(BUCKET, TOPIC, event_bus="default", notify_topics=(CHAT,)))
 GC = Principal(
     Role.GC, f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-gc/gc", "AROAGCEXAMPLE0000001:gc", Scope(BUCKET, TOPIC)
 )
@@ -168,11 +170,15 @@ def place(who: Principal, **overrides: Any) -> Place:
         deregister=True,
         sign_keys=who.scope.sign_keys,
         target_groups=who.scope.target_groups,
+        event_bus=who.scope.event_bus,
+        notify_topics=who.scope.notify_topics,
         **overrides,
     )
 
 
-@pytest.mark.parametrize("who", [A, CI, GC, TRUST_HOLDER], ids=["instance", "ci", "gc", "trust"])
+@pytest.mark.parametrize(
+    "who", [A, CI, CI_NEWS, GC, TRUST_HOLDER], ids=["instance", "ci", "ci-events-notify", "gc", "trust"]
+)
 def test_every_call_a_role_makes_is_allowed_by_the_policy_generated_for_it(who: Principal) -> None:
     attempts = [(f"{c.service}:{c.operation}:{i}", who, c) for i, c in enumerate(expected_calls(who.role, place(who)))]
     decided = decide(attempts)
@@ -298,7 +304,47 @@ CROSS_OWNER_AND_CI_ONLY: list[tuple[str, Principal, Call]] = [
     ("a pipeline stores a trust version", CI, s3("PutObject", "trust/3.json", IfNoneMatch="*")),
     ("a pipeline writes a pointer unconditionally", CI, s3("PutObject", "channels/prod/web/api/latest.json")),
     ("gc moves a pointer", GC, s3("PutObject", "channels/prod/web/api/latest.json", IfMatch='"e"')),
+    # PutMetricData takes no resource: the namespace condition is all that confines it.
+    ("a pipeline puts metrics into another namespace", CI, call("cloudwatch", "PutMetricData", Namespace="Billing")),
+    ("gc puts metrics into an AWS service's namespace", GC, call("cloudwatch", "PutMetricData", Namespace="AWS/EC2")),
+    ("an instance puts the fleet's gauges", A, call("cloudwatch", "PutMetricData", Namespace="Deployer")),
     ("a trust key holder moves a pointer", TRUST_HOLDER, s3("PutObject", "channels/prod/web/api/latest.json")),
+    # Instance events: an object under the writer's own name, written once; no bus at all.
+    (
+        "A tells a failure in B's name",
+        A,
+        s3("PutObject", f"events/instance-deploy-failed/prod/web/d1/{B.userid}.json", IfNoneMatch="*"),
+    ),
+    ("A rewrites an event it told", A, s3("PutObject", f"events/instance-deploy-failed/prod/web/d1/{A.userid}.json")),
+    (
+        "A sends an event to the bus",
+        A,
+        call("events", "PutEvents", Entries=[{"Source": "deployer", "DetailType": "Rollout Succeeded"}]),
+    ),
+    (
+        "a pipeline without --event-bus sends an event",
+        CI,
+        call("events", "PutEvents", Entries=[{"Source": "deployer", "DetailType": "Wave Started"}]),
+    ),
+    (
+        "a pipeline poses as S3 on the bus",
+        CI_NEWS,
+        call("events", "PutEvents", Entries=[{"Source": "aws.s3", "DetailType": "Object Created"}]),
+    ),
+    (
+        "a pipeline sends to another bus",
+        CI_NEWS,
+        call(
+            "events",
+            "PutEvents",
+            Entries=[{"Source": "deployer", "DetailType": "Wave Started", "EventBusName": "billing"}],
+        ),
+    ),
+    (
+        "a pipeline tells a topic it was not given",
+        CI_NEWS,
+        call("sns", "Publish", TopicArn=f"arn:aws:sns:{REGION}:{ACCOUNT}:billing-alerts"),
+    ),
 ]
 
 
