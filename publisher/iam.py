@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.protocol.errors import ConfigError
-from deployer.protocol.events import EVENT_SOURCE
+from deployer.protocol.events import EVENT_SOURCE, EventType
 from deployer.protocol.layout import (
     ARTIFACTS,
     CHANNELS,
@@ -346,6 +346,18 @@ def _instance(scope: Scope) -> list[dict[str, Any]]:
             {
                 "StringLike": {
                     "s3:prefix": [scope.key_pattern(CHANNELS, *scope.fleet, "*"), scope.key_pattern(TRUST, "*")]
+                }
+            },
+        ),
+        # A rollout's pre-authorised abort: how many instances of its own stage and role told that
+        # a deploy failed, read from the keys alone (never the markers' content, never status/).
+        _allow(
+            "CountFailureMarkers",
+            ["s3:ListBucket"],
+            scope.bucket_arn,
+            {
+                "StringLike": {
+                    "s3:prefix": [scope.key_pattern(EVENTS, EventType.INSTANCE_DEPLOY_FAILED.slug, *scope.fleet, "*")]
                 }
             },
         ),

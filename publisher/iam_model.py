@@ -82,6 +82,8 @@ ANY_KEY = "00000000-0000-4000-8000-00000000c0de"
 #: https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
 NO_PERMISSION = frozenset({("sts", "GetCallerIdentity")})
 
+#: A deploy id standing for any, in keys that name one (failure markers).
+EXAMPLE_DEPLOY = "6b1e0000-0000-4000-8000-000000000000"
 #: Auto Scaling group ARNs carry a UUID the product never learns; a policy names the group by
 #: `autoScalingGroup:*:autoScalingGroupName/NAME`, so any UUID stands in for it.
 GROUP_UUID = "00000000-0000-4000-8000-000000000000"
@@ -607,6 +609,14 @@ def _instance_calls(
         s3("GetObject", *release, MANIFEST_NAME),
         s3("GetObject", *blob),
         s3("GetObject", TRUST, "2.json", missing=True),
+        call(
+            "s3",
+            "ListObjectsV2",
+            Bucket=place.bucket,
+            Prefix=Layout(place.prefix).event_prefix(
+                EventType.INSTANCE_DEPLOY_FAILED.slug, place.stage, place.role, EXAMPLE_DEPLOY
+            ),
+        ),
         s3("PutObject", STATUS, place.stage, place.role, f"{place.userid}{REPORT_SUFFIX}"),
         s3(
             "PutObject",
@@ -614,7 +624,7 @@ def _instance_calls(
             EventType.INSTANCE_DEPLOY_FAILED.slug,
             place.stage,
             place.role,
-            "6b1e0000-0000-4000-8000-000000000000",
+            EXAMPLE_DEPLOY,
             f"{place.userid}{REPORT_SUFFIX}",
             IfNoneMatch="*",
         ),

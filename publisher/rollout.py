@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from deployer.aws.elb import Membership
+from deployer.aws.events import failed_instances
 from deployer.aws.reports import ReportEntry, ReportReader
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import get_document, put_conditional, read_pointer
@@ -82,6 +83,8 @@ class Gates:
     #: least this share of each `--target-group`'s registered targets stays healthy.
     min_healthy_percent: float = 0.0
     target_groups: tuple[str, ...] = ()
+    #: `--abort-after K`: the pre-authorised abort the signed plan carries (Plan.abort_after).
+    abort_after: int | None = None
 
 
 #: Reads each `--target-group`'s membership (deployer.aws.elb.membership); injected, like alarms.
@@ -200,6 +203,7 @@ class Staging:
                 bake_s=self.gates.bake_s,
                 max_failed=self.gates.max_failed,
                 progress_deadline_s=self.gates.progress_deadline_s,
+                abort_after=self.gates.abort_after,
             )
             plan.failure_budget(len(self.live))  # a malformed --max-failed fails before anything is written
         except ValueError as exc:
@@ -464,7 +468,11 @@ class Driver:
             self.sleep(self.gates.poll_s)
 
     def _gate(self, tally: WaveCount, wave: int, waiting_since: float | None) -> str | None:
-        """Why the rollout must stop now, if it must: an alarm, too many failures, a missed deadline."""
+        """Why the rollout must stop now, if it must: the plan's own rule (which the fleet may
+        already be carrying out), an alarm, too many failures, a missed deadline."""
+        pre_authorised = self._pre_authorised()
+        if pre_authorised is not None:
+            return pre_authorised
         alarming = list(self.alarms())
         if alarming:
             return f"alarm(s) in ALARM: {', '.join(alarming)}"
@@ -475,6 +483,16 @@ class Driver:
         if waiting_since is not None and self.clock() - waiting_since > self.plan.progress_deadline_s:
             return f"wave {wave} missed its progress deadline of {self.plan.progress_deadline_s:.0f}s"
         return None
+
+    def _pre_authorised(self) -> str | None:
+        """The plan's abort rule, counted from the failure markers as every agent counts them."""
+        if self.plan.abort_after is None:
+            return None
+        p = self.publisher
+        failed = failed_instances(
+            p.clients.s3, p.bucket, p.layout, self.deploy.stage, self.deploy.role, self.deploy.deploy_id, p.policy
+        )
+        return self.plan.abort_fired(self.deploy.deploy_id, self._cursor, failed)
 
     def _tell(self, kind: EventType, wave: int, reason: str | None = None) -> None:
         """An event about this rollout, with the last poll's tallies when they are about `wave`."""

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -29,6 +29,7 @@ from deployer.apply.confirmation import Confirmation
 from deployer.apply.engine import IN_PLACE, Applier, Cutover, Milestone, is_active
 from deployer.apply.fetch import fetch_release_manifest
 from deployer.apply.lock import ApplyLock
+from deployer.aws.events import failed_instances
 from deployer.aws.retry import RetryPolicy
 from deployer.aws.s3 import get_document
 from deployer.aws.secrets import SecretReader
@@ -45,7 +46,7 @@ from deployer.protocol.layout import Layout
 from deployer.protocol.manifest import Manifest, Traffic
 from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState
-from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, RolloutState, Side, base_id, side_for
+from deployer.protocol.rollout import STABLE_SUFFIX, Cursor, Plan, RolloutState, Side, base_id, side_for
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
 
 if TYPE_CHECKING:
@@ -74,11 +75,14 @@ INSTANCE_EVENTS = {
 
 class History(Protocol):
     """What CI wrote that a deploy is checked against before anything of it happens: the channel's
-    history entries and a rollout's cursor (bytes as stored; None when there is none)."""
+    history entries and a rollout's cursor (bytes as stored; None when there is none); and who
+    told that a rollout's candidate failed (its pre-authorised abort counts them)."""
 
     def entry(self, channel: Channel, seq: int) -> bytes | None: ...
 
     def cursor(self, channel: Channel, deploy_id: str) -> bytes | None: ...
+
+    def failed(self, channel: Channel, deploy_id: str) -> frozenset[str]: ...
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class BucketHistory:
 
     def cursor(self, channel: Channel, deploy_id: str) -> bytes | None:
         return self._get(self.layout.cursor_key(channel, deploy_id))
+
+    def failed(self, channel: Channel, deploy_id: str) -> frozenset[str]:
+        return failed_instances(self.s3, self.bucket, self.layout, channel.stage, channel.role, deploy_id, self.policy)
 
     def _get(self, key: str) -> bytes | None:
         found = get_document(self.s3, self.bucket, key, self.policy)
@@ -427,6 +434,7 @@ class DeployRunner:
         assert plan is not None
         try:
             cursor = self._cursor(deploy)
+            cursor = self._pre_authorised_abort(deploy, plan, cursor)
         except Exception as exc:  # noqa: BLE001 - a network failure decides nothing; the message is retried
             return outcome_of(exc), f"cannot read the rollout cursor: {exc}"
         current = state.channels.get(deploy.channel)
@@ -462,6 +470,19 @@ class DeployRunner:
         if outcome is Outcome.APPLIED and waiting:
             self._report(target, ComponentState.WAITING)
         return outcome, why
+
+    def _pre_authorised_abort(self, deploy: Deploy, plan: Plan, cursor: Cursor | None) -> Cursor | None:
+        """The cursor as this instance must act on it: aborted, when the plan's own rule says so
+        (enough distinct admitted instances told that the candidate failed), whether or not a
+        driver is alive to write that down. The rule can only send the fleet to the stable
+        release the signed plan names: it is the cursor's ABORTED, nothing else."""
+        if plan.abort_after is None or cursor is None or cursor.state is not RolloutState.ROLLING:
+            return cursor
+        why = plan.abort_fired(deploy.deploy_id, cursor, self.history.failed(deploy.channel, deploy.deploy_id))
+        if why is None:
+            return cursor
+        log.warning("rollout_aborted_by_its_plan", reason=why, next="every instance returns to the stable release")
+        return replace(cursor, state=RolloutState.ABORTED, reason=why)
 
     def _cursor(self, deploy: Deploy) -> Cursor | None:
         """The rollout's cursor, or None when there is none yet or it is not CI's (never admitted by a forgery)."""

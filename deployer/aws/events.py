@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.protocol.events import EVENT_SOURCE, FLEET_RULE, INSTANCE_RULE, DeployEvent
+from deployer.protocol.events import EVENT_SOURCE, FLEET_RULE, INSTANCE_RULE, DeployEvent, EventType
+from deployer.protocol.layout import Layout
+from deployer.protocol.rollout import MAX_ABORT_AFTER
 
 if TYPE_CHECKING:
     from mypy_boto3_events import EventBridgeClient
@@ -38,6 +40,29 @@ def put_event(events: EventBridgeClient, bus: str, event: DeployEvent, policy: R
         return str(entry["EventId"])
 
     return policy.call(attempt)
+
+
+def failed_instances(
+    s3: S3Client,
+    bucket: str,
+    layout: Layout,
+    stage: str,
+    role: str,
+    deploy_id: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> frozenset[str]:
+    """The instances that told that `deploy_id` failed on them, from their markers' keys (one LIST
+    of at most MAX_ABORT_AFTER keys: enough to know whether a plan's limit is reached). A key is
+    named by its writer, whom IAM confines to its own name; a key that does not parse counts for
+    nobody."""
+    prefix = layout.event_prefix(EventType.INSTANCE_DEPLOY_FAILED.slug, stage, role, deploy_id)
+    answer = policy.call(s3.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=MAX_ABORT_AFTER)
+    found = set()
+    for stored in answer.get("Contents", []):
+        parsed = layout.event_object(stored["Key"])
+        if parsed is not None and parsed[2] == deploy_id:
+            found.add(parsed[1].instance_id)
+    return frozenset(found)
 
 
 def fleet_pattern() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from deployer.protocol.errors import DeployerError
 from deployer.protocol.layout import Layout
 from deployer.protocol.names import DEFAULT_PREFIX, DEFAULT_QUEUE_PREFIX, TARGET_GROUP_ARN, Channel, check_name
 from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
+from deployer.protocol.rollout import MAX_ABORT_AFTER
 
 if TYPE_CHECKING:
     from deployer.aws.clients import Clients
@@ -276,6 +277,7 @@ def rollout_options(func: Command) -> Command:
         lease: float,
         target_groups: tuple[str, ...],
         min_healthy_percent: float,
+        abort_after: int | None,
         **kwargs: Any,
     ) -> Any:
         gates = None
@@ -292,7 +294,10 @@ def rollout_options(func: Command) -> Command:
                 lease,
                 min_healthy_percent=min_healthy_percent,
                 target_groups=target_groups,
+                abort_after=abort_after,
             )
+        elif abort_after is not None:
+            raise click.UsageError("--abort-after is a staged rollout's rule: it needs --waves")
         elif target_groups:
             raise click.UsageError("--target-group and --min-healthy-percent hold waves: they need --waves")
         return func(*args, gates=gates, **kwargs)
@@ -340,6 +345,14 @@ def rollout_options(func: Command) -> Command:
                 show_default=True,
                 type=click.FloatRange(min=1),
                 help="Seconds a driver's claim on the rollout lasts unrenewed.",
+            ),
+            click.option(
+                "--abort-after",
+                type=click.IntRange(min=1, max=MAX_ABORT_AFTER),
+                metavar="K",
+                help="Pre-authorised abort, signed into the plan: once K distinct admitted instances report the "
+                "candidate failed, every instance returns to stable by itself, even with no driver running "
+                "(agents must be upgraded first). K ≥ 2 tolerates a forged failure.",
             ),
         ],
     )

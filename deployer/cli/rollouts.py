@@ -79,6 +79,19 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
         f"driver {cursor.driver} until {cursor.lease_until:%Y-%m-%dT%H:%M:%SZ}"
         + (f"; reason: {cursor.reason}" if cursor.reason else "")
     )
+    if plan.abort_after is not None:
+        from deployer.aws.events import failed_instances
+
+        failed = failed_instances(
+            store.clients.s3, store.bucket, store.layout, channel.stage, channel.role, deploy.deploy_id
+        )
+        fired = plan.abort_fired(deploy.deploy_id, cursor, failed)
+        click.echo(
+            f"  {fired}; the fleet is returning to stable by itself, the next driver records it"
+            if fired
+            else f"  pre-authorised abort after {plan.abort_after} failed instance(s): "
+            f"{len(plan.failures_counted(deploy.deploy_id, cursor, failed))} counted so far"
+        )
     now = datetime.now(UTC)
     # At the last wave every live instance is admitted: who is in which wave, and how it fares;
     # at the cursor's wave, who still holds stable.

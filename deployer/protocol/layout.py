@@ -191,6 +191,10 @@ class Layout:
         `…/<deploy_id>/` counts how many distinct instances reported it."""
         return self.key(EVENTS, slug, who.stage, who.role, deploy_id, f"{who.owner.userid}{REPORT_SUFFIX}")
 
+    def event_prefix(self, slug: str, stage: str, role: str, deploy_id: str) -> str:
+        """Every instance's event of one kind for one deploy: one LIST counts who told it."""
+        return self.key(EVENTS, slug, stage, role, deploy_id) + "/"
+
     def event_object(self, key: str) -> tuple[str, ReportKey, str] | None:
         """Parse an event key into (event slug, who, deploy id); None for anything else. Pure."""
         head = self.events_prefix()

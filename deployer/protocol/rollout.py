@@ -29,7 +29,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,8 +52,12 @@ _WAVE_SPEC = re.compile(r"^(\d{1,6})(%?)$")
 _ZONE_SPEC = re.compile(r"^az(?::(\d{1,2}))?$")
 MAX_ZONES = 64
 _PLAN_KEYS = frozenset(
-    {"waves", "first", "thresholds", "stable", "bake_s", "max_failed", "progress_deadline_s", "zones"}
+    {"waves", "first", "thresholds", "stable", "bake_s", "max_failed", "progress_deadline_s", "zones", "abort_after"}
 )
+#: A pre-authorised abort counts at most one page of failure markers (ListObjectsV2's 1,000 keys).
+MAX_ABORT_AFTER = 1000
+#: How a cursor's reason starts once the plan's own rule aborted the rollout (not a driver's gate).
+PRE_AUTHORISED = "aborted (pre-authorised)"
 _STABLE_KEYS = frozenset({"release_id", "manifest_key", "manifest_sha256", "artifact_sha256", "artifact_size"})
 _CURSOR_KEYS = frozenset({"v", "deploy_id", "wave", "state", "updated_at", "driver", "lease_until", "reason"})
 
@@ -100,6 +104,9 @@ class Plan:
     progress_deadline_s: float = 900.0
     #: Zonal waves: the zones each wave after `first` admits (empty: waves by bucket thresholds).
     zones: tuple[tuple[str, ...], ...] = ()
+    #: The pre-authorised abort: once this many distinct admitted instances told that the candidate
+    #: failed, every instance returns to stable by itself, driver or not (None: only a driver aborts).
+    abort_after: int | None = None
 
     def wave_of(self, deploy_id: str, instance_id: str, zone: str | None = None) -> int:
         """The first wave that admits this instance: 0 if it was chosen for wave 0, else by its
@@ -145,9 +152,33 @@ class Plan:
             "bake_s": self.bake_s,
             "max_failed": self.max_failed,
             "progress_deadline_s": self.progress_deadline_s,
-            # Written only for zonal waves: agents before them know no such key.
+            # Written only for zonal waves (and an abort rule): agents before them know no such key.
             **({"zones": [list(group) for group in self.zones]} if self.zones else {}),
+            **({"abort_after": self.abort_after} if self.abort_after is not None else {}),
         }
+
+    def failures_counted(self, deploy_id: str, cursor: Cursor, failed: Iterable[str]) -> list[str]:
+        """The told failures the abort rule counts: distinct instances the cursor's wave admits
+        (any, for zonal waves: an instance's zone is not in its marker). Pure."""
+        return sorted({i for i in failed if self.zones or self.admits(deploy_id, i, cursor.wave)})
+
+    def abort_fired(self, deploy_id: str, cursor: Cursor | None, failed: Iterable[str]) -> str | None:
+        """Why the plan's own rule aborts the rollout now, or None. Pure.
+
+        `failed`: the instances whose failure markers exist for this deploy. Only a rolling
+        rollout can be aborted so (a finished one stays finished, an aborted one already is), only
+        distinct instances count (a marker is named by its writer, whom IAM confines to its own
+        name: K markers are K instances), and, where admission is computable from the id alone
+        (waves by bucket), only instances the cursor's wave admits: a marker from an instance that
+        never ran the candidate is not a verdict on it.
+        """
+        if self.abort_after is None or cursor is None or cursor.state is not RolloutState.ROLLING:
+            return None
+        counted = self.failures_counted(deploy_id, cursor, failed)
+        if len(counted) < self.abort_after:
+            return None
+        shown = ", ".join(counted[:5]) + (", …" if len(counted) > 5 else "")
+        return f"{PRE_AUTHORISED}: {len(counted)} admitted instance(s) failed, the plan's limit is {self.abort_after} ({shown})"
 
 
 def bucket(deploy_id: str, instance_id: str) -> int:
@@ -304,7 +335,16 @@ def plan_from_dict(value: Any) -> Plan:
         max_failed=str(max_failed),
         progress_deadline_s=numbers["progress_deadline_s"],
         zones=zones,
+        abort_after=_abort_after(value.get("abort_after")),
     )
+
+
+def _abort_after(value: Any) -> int | None:
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ABORT_AFTER
+    ):
+        raise InvalidMessage(f"rollout.abort_after must be an instance count from 1 to {MAX_ABORT_AFTER}")
+    return value
 
 
 def _zones(value: Any) -> tuple[tuple[str, ...], ...]:

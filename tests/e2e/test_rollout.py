@@ -15,8 +15,9 @@ import boto3
 
 from deployer.aws.s3 import read_pointer
 from deployer.protocol.deploy import Deploy
+from deployer.protocol.layout import ReportKey
 from deployer.protocol.names import Channel
-from deployer.protocol.rollout import Cursor, RolloutState, parse_cursor
+from deployer.protocol.rollout import PRE_AUTHORISED, Cursor, RolloutState, parse_cursor
 from publisher.rollout import EXIT_ROLLED_BACK
 from tests.support import REGION, AgentProcess, Fleet, artifact, cli, kill_hard, publish_args, template_file, wait_until
 
@@ -187,3 +188,109 @@ def test_zonal_waves_finish_one_availability_zone_before_the_next_starts(
     report = agents[0].status()
     assert report is not None
     assert report.zone == "us-east-1a"
+
+
+#: Agents that reconcile every 3 s: the pre-authorised abort is carried out at a reconcile.
+RECONCILING = {**FLEET, "reconcile_interval_seconds": 3}
+
+
+def rollout_cli(fleet: Fleet, verb: str, *extra: str) -> list[str]:
+    return ["rollout", verb, "--bucket", fleet.bucket, "--topic-arn", fleet.topic_arn,
+            "--stage", "prod", "--role", "web", "--component", "api", *extra]  # fmt: skip
+
+
+def test_with_the_driver_dead_k_failures_send_every_admitted_instance_back_to_stable_by_themselves(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**RECONCILING) for _ in range(6)]
+    by_id = {a.instance_id: a for a in agents}
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    manifest = template_file(tmp_path / "health.yml", f'test ! -e "{flags}/fail-$DEPLOYER_INSTANCE_ID"')
+    staged_args = ("--manifest", str(manifest), "--waves", "1,60%,100%", "--abort-after", "2", "--bake", "1")
+    started = cli(*publish_args(fleet, artifact(tmp_path, "v2", "v2"), *staged_args, "--lease", "2"))
+    assert started.returncode == 0, started.stdout + started.stderr
+    deploy = current(fleet)
+    plan = deploy.rollout
+    assert plan is not None
+    assert plan.abort_after == 2
+    # Two instances of wave 1 will fail the candidate's health check; wave 0 passes, so a driver advances.
+    wave1 = sorted(i for i in by_id if plan.wave_of(deploy.deploy_id, i or "") == 1)
+    assert len(wave1) >= 2, wave1
+    failing = wave1[:2]
+    for instance in failing:
+        (flags / f"fail-{instance}").touch()
+    admitted = [i for i in by_id if plan.admits(deploy.deploy_id, i or "", 1)]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "deployer", *rollout_cli(fleet, "resume", "--force", "--lease", "2", *FAST)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: read_cursor(fleet, deploy).wave == 1 or driver.poll() is not None, "wave 1 admitted")
+    finally:
+        driver.kill()  # CI dies with wave 1 admitted
+        out, err = driver.communicate(timeout=10)
+    assert read_cursor(fleet, deploy).wave == 1, out + err
+    markers = fleet.layout.event_prefix("instance-deploy-failed", "prod", "web", deploy.deploy_id)
+
+    def told() -> list[str]:
+        listed = fleet.clients.s3.list_objects_v2(Bucket=fleet.bucket, Prefix=markers).get("Contents", [])
+        return [str(o["Key"]) for o in listed]
+
+    wait_until(lambda: len(told()) >= 2, "the two failures to be told")
+    kth_failure = time.monotonic()
+    # Within one reconcile interval (3 s ± 10 %, after a 1 s poll) plus the switch itself, with no CI running.
+    wait_until(lambda: all(by_id[i].served() == "v1" for i in admitted), "every admitted instance on stable", 12)
+    took = time.monotonic() - kth_failure
+    assert driver.returncode is not None
+    assert took < 3 * 1.1 + 1 + 5, took
+    assert all(a.served() == "v1" for a in agents)
+    assert read_cursor(fleet, deploy).state is RolloutState.ROLLING  # agents never write the cursor
+    status = cli(*rollout_cli(fleet, "status"))
+    assert "aborted (pre-authorised): 2 admitted instance(s) failed" in status.stdout, status.stdout + status.stderr
+    # The next driver writes down what the fleet already did.
+    time.sleep(2.5)  # the killed driver's lease lapses
+    resumed = cli(*rollout_cli(fleet, "resume", *FAST))
+    assert resumed.returncode == EXIT_ROLLED_BACK, resumed.stdout + resumed.stderr
+    cursor = read_cursor(fleet, deploy)
+    assert cursor.state is RolloutState.ABORTED
+    assert cursor.reason is not None
+    assert cursor.reason.startswith(PRE_AUTHORISED)
+    assert all(failing_id in cursor.reason for failing_id in failing)
+
+
+def test_forged_failure_markers_below_k_or_from_one_owner_move_nothing(
+    fleet: Fleet, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agents = [start_agent(**RECONCILING) for _ in range(4)]
+    by_id = {a.instance_id: a for a in agents}
+    assert cli(*publish_args(fleet, artifact(tmp_path, "v1", "v1"), "--wait", *FAST)).returncode == 0
+    started = cli(*publish_args(fleet, artifact(tmp_path, "v2", "v2"), "--waves", "2,100%", "--abort-after", "2"))
+    assert started.returncode == 0, started.stdout + started.stderr
+    deploy = current(fleet)
+    assert deploy.rollout is not None
+    first, second = deploy.rollout.first
+    outsider = next(i for i in by_id if i not in deploy.rollout.first)
+    wait_until(lambda: by_id[first].served() == by_id[second].served() == "v2", "wave 0 on the candidate")
+    forged = [
+        # K markers from one owner: the same instance under two role ids (IAM lets an instance write
+        # only its own name, so on AWS these could not even both exist).
+        (first, "AROAFORGEDROLE000001"),
+        (first, "AROAFORGEDROLE000002"),
+        # An instance that never ran the candidate.
+        (outsider, "AROAFORGEDROLE000001"),
+    ]
+    for instance, role_id in forged:
+        key = fleet.layout.event_key(
+            "instance-deploy-failed", ReportKey("prod", "web", instance or "", role_id), deploy.deploy_id
+        )
+        fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=key, Body=b"{}", IfNoneMatch="*")
+    # Another deploy's marker for the second admitted instance counts for that deploy only.
+    other = fleet.layout.event_key("instance-deploy-failed", by_id[second].who, "another-deploy")
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=other, Body=b"{}", IfNoneMatch="*")
+    time.sleep(3 * 3 * 1.1 + 1)  # three reconcile intervals
+    assert by_id[first].served() == by_id[second].served() == "v2"
+    assert not any(a.events("rollout_aborted_by_its_plan") for a in agents)
+    status = cli(*rollout_cli(fleet, "status"))
+    assert "pre-authorised abort after 2 failed instance(s): 1 counted so far" in status.stdout, status.stdout

@@ -105,7 +105,9 @@ def test_an_instance_writes_no_object_but_its_own_status_report_and_its_own_even
 
 
 @pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
-def test_an_instance_cannot_reattribute_a_subscription_send_to_others_or_list_status(scope: Scope) -> None:
+def test_an_instance_cannot_reattribute_a_subscription_send_to_others_or_list_status_or_events_of_other_kinds(
+    scope: Scope,
+) -> None:
     policy = policy_for(Audience.INSTANCE, scope)
     assert "sns:SetSubscriptionAttributes" not in actions(policy)
     assert "sns:Publish" not in actions(policy)
@@ -113,9 +115,14 @@ def test_an_instance_cannot_reattribute_a_subscription_send_to_others_or_list_st
     assert send["Resource"].endswith("--dlq")
     [subscribe] = [s for s in policy["Statement"] if "sns:Subscribe" in s["Action"]]
     assert subscribe["Condition"]["StringEquals"] == {"sns:Protocol": "sqs"}
-    [listing] = [s for s in policy["Statement"] if "s3:ListBucket" in s["Action"]]
-    assert all("/channels/" in p or "/trust/" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
-    assert not any("/status" in p for p in listing["Condition"]["StringLike"]["s3:prefix"])
+    prefixes = [
+        prefix
+        for s in policy["Statement"]
+        if "s3:ListBucket" in s["Action"]
+        for prefix in s["Condition"]["StringLike"]["s3:prefix"]
+    ]
+    assert all("/channels/" in p or "/trust/" in p or "/events/instance-deploy-failed/" in p for p in prefixes)
+    assert not any("/status" in p for p in prefixes)
 
 
 @pytest.mark.parametrize(("mine", "theirs"), [("web", "web-admin"), ("web-admin", "web"), ("web", "web_1")])

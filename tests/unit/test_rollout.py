@@ -19,6 +19,8 @@ from deployer.protocol.names import Channel
 from deployer.protocol.report import ComponentState, ComponentStatus
 from deployer.protocol.rollout import (
     BUCKETS,
+    MAX_ABORT_AFTER,
+    PRE_AUTHORISED,
     STABLE_SUFFIX,
     Cursor,
     Plan,
@@ -231,3 +233,36 @@ def test_a_wave_starts_only_if_it_leaves_the_minimum_healthy_share_of_each_group
     assert capacity_refusal([_group(1, 1)], ["i-0"], 90) is None
     assert capacity_refusal([_group(0, 0)], ["i-0"], 100) is None
     assert capacity_refusal([four, _group(4, 2)], ["i-0"], 75) is not None  # every group counts
+
+
+def test_the_pre_authorised_abort_fires_on_k_distinct_admitted_failures_of_a_rolling_rollout_only() -> None:
+    plan = replace(Plan(("1", "50%", "100%"), ("i-canary",), (5000, BUCKETS), STABLE), abort_after=2)
+    admitted = [i for i in (f"i-{n:04d}" for n in range(200)) if plan.wave_of("d-1", i) == 1][:3]
+    outsider = next(i for i in (f"i-{n:04d}" for n in range(200)) if plan.wave_of("d-1", i) == 2)
+    rolling = cursor(wave=1)
+    assert plan.abort_fired("d-1", rolling, [admitted[0]]) is None  # K − 1
+    assert plan.abort_fired("d-1", rolling, [admitted[0], admitted[0], outsider]) is None  # one owner, an outsider
+    fired = plan.abort_fired("d-1", rolling, ["i-canary", admitted[1]])
+    assert fired is not None
+    assert fired.startswith(PRE_AUTHORISED)
+    assert fired.endswith(
+        f"2 admitted instance(s) failed, the plan's limit is 2 ({', '.join(sorted(['i-canary', admitted[1]]))})"
+    )
+    # Not before its wave admits them, not once the rollout is done or already aborted, not without a rule.
+    assert plan.abort_fired("d-1", cursor(wave=0), admitted[:2]) is None
+    assert plan.abort_fired("d-1", cursor(wave=1, state=RolloutState.DONE), admitted) is None
+    assert plan.abort_fired("d-1", cursor(wave=1, state=RolloutState.ABORTED), admitted) is None
+    assert plan.abort_fired("d-1", None, admitted) is None
+    assert replace(plan, abort_after=None).abort_fired("d-1", rolling, admitted) is None
+
+
+def test_the_abort_rule_is_signed_into_the_plan_and_a_bad_one_is_refused_by_name() -> None:
+    plan = Plan(("1", "100%"), ("i-0123456789abcdef0",), (BUCKETS,), STABLE, abort_after=3)
+    deploy = make_deploy(rollout=plan)
+    assert parse_deploy(deploy.to_json()) == deploy
+    assert "abort_after" not in json.dumps(make_deploy(rollout=replace(plan, abort_after=None)).to_dict())
+    doc = json.loads(deploy.to_json())
+    for bad in (0, -1, "3", True, MAX_ABORT_AFTER + 1):
+        doc["rollout"]["abort_after"] = bad
+        with pytest.raises(InvalidMessage, match=r"rollout\.abort_after must be an instance count"):
+            parse_deploy(json.dumps(doc))

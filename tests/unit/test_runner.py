@@ -43,12 +43,17 @@ class Published:
 
     entries: dict[tuple[Channel, int], bytes] = field(default_factory=dict)
     cursors: dict[tuple[Channel, str], bytes] = field(default_factory=dict)
+    #: Who told that a rollout's candidate failed (failure markers), by channel and deploy id.
+    failures: dict[tuple[Channel, str], frozenset[str]] = field(default_factory=dict)
 
     def entry(self, channel: Channel, seq: int) -> bytes | None:
         return self.entries.get((channel, seq))
 
     def cursor(self, channel: Channel, deploy_id: str) -> bytes | None:
         return self.cursors.get((channel, deploy_id))
+
+    def failed(self, channel: Channel, deploy_id: str) -> frozenset[str]:
+        return self.failures.get((channel, deploy_id), frozenset())
 
     def publish(self, deploy: Deploy) -> Deploy:
         self.entries[(deploy.channel, deploy.seq)] = deploy.to_json().encode()
