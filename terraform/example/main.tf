@@ -26,6 +26,13 @@ module "deployer" {
   force_destroy    = var.force_destroy
   ci_stage         = var.stage
 
+  # Deploy events: CI sends its own to event_bus, and on the default bus the module's rules
+  # deliver them (and the instances' event objects) to the target, whose policy must admit
+  # EventBridge (terraform/README.md, "Deploy events").
+  event_bus         = var.event_bus
+  events_target     = var.events_target_arn == null ? null : { arn = var.events_target_arn }
+  notify_topic_arns = var.notify_topic_arns
+
   ci_role = var.github_repository == null ? null : {
     name = "deployer-ci"
     assume_role_policy = jsonencode({

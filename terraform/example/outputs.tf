@@ -57,3 +57,13 @@ output "bucket_policy_json" {
   description = "The bucket policy (attached unless bucket_policy is false)."
   value       = module.deployer.bucket_policy_json
 }
+
+output "fleet_events_rule_arn" {
+  description = "The rule that routes the CLI's deploy events (null without events_target_arn)."
+  value       = module.deployer.fleet_events_rule_arn
+}
+
+output "instance_events_rule_arn" {
+  description = "The rule that routes the instances' event objects (null without events_target_arn)."
+  value       = module.deployer.instance_events_rule_arn
+}

@@ -61,6 +61,24 @@ variable "deregister_on_shutdown" {
   default     = false
 }
 
+variable "event_bus" {
+  description = "The bus CI sends deploy events to (`default` for the rules of events_target_arn to see them); null: none."
+  type        = string
+  default     = null
+}
+
+variable "events_target_arn" {
+  description = "An SQS queue, SNS topic or log group the deploy events are routed to; its policy must let events.amazonaws.com deliver. null: no rules."
+  type        = string
+  default     = null
+}
+
+variable "notify_topic_arns" {
+  description = "SNS topics (a chat integration's) the CI role may tell of holds, rollbacks, failures and successes."
+  type        = list(string)
+  default     = []
+}
+
 # Switches for the emulator (tests/provision/test_terraform.py); leave them at their defaults on AWS.
 
 variable "bucket_lifecycle" {

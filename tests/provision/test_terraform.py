@@ -1,5 +1,6 @@
 """The Terraform module, for real: its policies are the CLI's, and terraform applies the example
-against moto on 127.0.0.1, an agent converges on what it created, and destroy leaves nothing.
+against moto on 127.0.0.1, an agent converges on what it created, deploy events reach a queue
+through the rules and the bucket notification it made, and destroy leaves nothing.
 
 Terraform and the hashicorp/aws provider come from the machine (`terraform` on PATH, the provider
 in a plugin directory, `DEPLOYER_TF_PLUGIN_DIR`, default /opt/tf-plugins); without them these
@@ -27,8 +28,10 @@ import pytest
 import yaml
 
 from deployer.aws.clients import make_clients
+from deployer.aws.events import fleet_pattern, instance_pattern
 from deployer.local.emulator import Emulator
-from deployer.protocol.layout import Layout
+from deployer.protocol.events import FLEET_RULE, INSTANCE_RULE, EventType
+from deployer.protocol.layout import Layout, ReportKey
 from publisher.iam import Audience, Scope, policy_for
 from tests.asg_fake import LifecycleFake, lifecycle_proxy
 from tests.provision.conftest import REPO, SCRIPTS, run
@@ -38,7 +41,7 @@ TERRAFORM = REPO / "terraform"
 PLUGIN_DIR_ENV = "DEPLOYER_TF_PLUGIN_DIR"
 DEFAULT_PLUGIN_DIR = Path("/opt/tf-plugins")
 #: Every AWS service the module's resources (and the provider's own lookups) call.
-SERVICES = ("autoscaling", "ec2", "iam", "s3", "sns", "sqs", "sts")
+SERVICES = ("autoscaling", "ec2", "events", "iam", "s3", "sns", "sqs", "sts")
 #: One of moto's built-in AMIs (listing them all costs seconds).
 AMI = "ami-03cf127a"
 #: init, validate, apply and destroy each start the provider; on 2 cores that is seconds apiece.
@@ -200,11 +203,14 @@ def policies_in_place(endpoint: str, out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cli_policies(out: dict[str, Any]) -> dict[str, Any]:
+def cli_policies(out: dict[str, Any], notify_topic_arn: str) -> dict[str, Any]:
     """What `deployer iam-policy` prints for the names Terraform chose."""
     scope = Scope(bucket=out["bucket_name"], topic_arn=out["topic_arn"], prefix=out["prefix"])
     return {
-        "ci": policy_for(Audience.CI, replace(scope, stage="prod")),
+        # --stage prod --event-bus default --notify TOPIC: the base template and both options' templates.
+        "ci": policy_for(
+            Audience.CI, replace(scope, stage="prod", event_bus="default", notify_topics=(notify_topic_arn,))
+        ),
         "instance": policy_for(
             Audience.INSTANCE,
             replace(
@@ -223,6 +229,31 @@ def cli_policies(out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def event_rules(endpoint: str) -> dict[str, Any]:
+    """The default bus's rules: ARN, pattern, state and targets."""
+    events = boto3.client("events", region_name=REGION, endpoint_url=endpoint)
+    return {
+        rule["Name"]: {
+            "arn": rule["Arn"],
+            "pattern": json.loads(rule["EventPattern"]),
+            "state": rule["State"],
+            "targets": [(t["Id"], t["Arn"]) for t in events.list_targets_by_rule(Rule=rule["Name"])["Targets"]],
+        }
+        for rule in events.list_rules(EventBusName="default")["Rules"]
+    }
+
+
+def drain(endpoint: str, queue_url: str) -> list[dict[str, Any]]:
+    """Every message in the queue (moto delivers EventBridge targets before PutEvents returns)."""
+    sqs = boto3.client("sqs", region_name=REGION, endpoint_url=endpoint)
+    bodies = []
+    while messages := sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            bodies.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return bodies
+
+
 def leftovers(endpoint: str) -> dict[str, list[Any]]:
     """Everything of the kinds the module creates (and the agent registers) still in the emulator."""
     client = {name: boto3.client(name, region_name=REGION, endpoint_url=endpoint) for name in SERVICES}  # type: ignore[call-overload]
@@ -236,6 +267,7 @@ def leftovers(endpoint: str) -> dict[str, list[Any]]:
         "instance_profiles": client["iam"].list_instance_profiles()["InstanceProfiles"],
         "launch_templates": client["ec2"].describe_launch_templates()["LaunchTemplates"],
         "groups": client["autoscaling"].describe_auto_scaling_groups()["AutoScalingGroups"],
+        "rules": client["events"].list_rules()["Rules"],
     }
 
 
@@ -251,6 +283,17 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     terraform: Terraform, aws_env: Emulator, hook_fake: LifecycleFake, tmp_path: Path, fake_imds: str
 ) -> None:
     terraform("validate")
+    # What deploy events go to, which the module does not own: a chat integration's topic the CI
+    # role may tell, and the queue the rules deliver to. The test makes them: the provider waits
+    # about 25 s for a queue's attributes, and as long again for a queue policy, to read back the
+    # same several times in a row, and moto evaluates no queue policy anyway.
+    sns = boto3.client("sns", region_name=REGION, endpoint_url=aws_env.url)
+    sqs = boto3.client("sqs", region_name=REGION, endpoint_url=aws_env.url)
+    chat_topic_arn = sns.create_topic(Name="deploy-chat")["TopicArn"]
+    events_queue = sqs.create_queue(QueueName="deploy-events")["QueueUrl"]
+    events_queue_arn = sqs.get_queue_attributes(QueueUrl=events_queue, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     variables = {
         "region": REGION,
         "bucket_name": "tf-deploys",
@@ -261,6 +304,9 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
         "github_oidc_provider_arn": "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com",
         "gc_role": True,
         "deregister_on_shutdown": True,
+        "event_bus": "default",
+        "events_target_arn": events_queue_arn,
+        "notify_topic_arns": [chat_topic_arn],
         # The emulator's gaps (terraform/README.md): the provider waits a minute for a lifecycle
         # header moto never sends; moto enforces the bucket policy's Denies without their
         # conditions, so every publish would be refused; a bucket with releases in it is deleted
@@ -275,7 +321,27 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     assert out["ci_role_arn"].endswith(":role/deployer-ci")
     assert out["gc_role_arn"].endswith(":role/deployer-gc")
     # The templates, rendered with Terraform's names, are the CLI's policies for those names.
-    assert policies_in_place(aws_env.url, out) == cli_policies(out)
+    assert policies_in_place(aws_env.url, out) == cli_policies(out, chat_topic_arn)
+
+    # Deploy events: the rules `deployer init --events-target` puts (deployer/aws/events.py), on
+    # the default bus, to the queue. moto's GetBucketNotificationConfiguration leaves out
+    # EventBridgeConfiguration (terraform/README.md), so the bucket's notification is shown below
+    # by an event object's delivery instead.
+    events_prefix = Layout(out["prefix"]).events_prefix()
+    assert event_rules(aws_env.url) == {
+        FLEET_RULE: {
+            "arn": out["fleet_events_rule_arn"],
+            "pattern": fleet_pattern(),
+            "state": "ENABLED",
+            "targets": [("deployer", events_queue_arn)],
+        },
+        INSTANCE_RULE: {
+            "arn": out["instance_events_rule_arn"],
+            "pattern": instance_pattern(out["bucket_name"], events_prefix),
+            "state": "ENABLED",
+            "targets": [("deployer", events_queue_arn)],
+        },
+    }
 
     # The instance's config is the one its launch template carries, IMDSv2 only.
     metadata, user_data = launch_template(aws_env.url, out["web_launch_template_id"])
@@ -291,12 +357,15 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     # CI publishes with the environment the module outputs: one release before the instance boots
     # (boot replay), one while its agent runs (the topic Terraform made delivers it).
     ci_env = out["cli_environment"]
+    assert (ci_env["DEPLOYER_EVENT_BUS"], ci_env["DEPLOYER_NOTIFY"]) == ("default", chat_topic_arn)
 
     def publish(component: str, text: str) -> None:
         build = make_tree(tmp_path / f"build-{component}", {"index.html": text})
         args = ["--stage", "prod", "--role", "web", "--component", component, "--artifact", str(build)]
         result = cli("publish", *args, env=ci_env)
         assert result.returncode == 0, result.stderr
+        # Both sinks cli_environment names took the event (a refused one is only logged).
+        assert "event_not_delivered" not in result.stderr, result.stderr
 
     publish("provision", "provisioned")
     fleet = Fleet(
@@ -333,9 +402,28 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     # deregister_on_shutdown: the agent took its queues, subscription and report with it.
     assert code == 0, agent.log_path.read_text()
     left = leftovers(aws_env.url)
-    assert (left["queues"], left["subscriptions"]) == ([], []), left
+    assert (left["queues"], left["subscriptions"]) == ([events_queue], []), left
+
+    # An instance event object, at the key an agent writes it to (only a failed or rejected deploy
+    # makes one), reaches the queue through the bucket's notification and the instance rule, as
+    # both publishes' events did through the fleet rule; nothing else did.
+    s3 = boto3.client("s3", region_name=REGION, endpoint_url=aws_env.url)
+    who = ReportKey("prod", "web", instance_id, role.role_id)
+    event_key = Layout(out["prefix"]).event_key(EventType.INSTANCE_DEPLOY_FAILED.slug, who, "d-terraform")
+    s3.put_object(Bucket=out["bucket_name"], Key=event_key, Body=b"{}")
+    delivered = [
+        (e["source"], e["detail-type"], e["detail"].get("component") or e["detail"]["object"]["key"])
+        for e in drain(aws_env.url, events_queue)
+    ]
+    assert sorted(delivered) == [
+        ("aws.s3", "Object Created", event_key),
+        ("deployer", EventType.DEPLOY_PUBLISHED.value, "api"),
+        ("deployer", EventType.DEPLOY_PUBLISHED.value, "provision"),
+    ]
 
     # The state is the one apply just wrote (the agent removed only its own registrations).
     terraform("destroy", "-auto-approve", "-refresh=false")
+    sns.delete_topic(TopicArn=chat_topic_arn)
+    sqs.delete_queue(QueueUrl=events_queue)
     left = leftovers(aws_env.url)
     assert left == {kind: [] for kind in left}

@@ -58,11 +58,25 @@ output "gc_role_arn" {
   value       = one(aws_iam_role.gc[*].arn)
 }
 
+output "fleet_events_rule_arn" {
+  description = "The rule deployer-fleet-events on the default bus (the CLI's deploy events to events_target); null unless events_target is set."
+  value       = one(aws_cloudwatch_event_rule.fleet[*].arn)
+}
+
+output "instance_events_rule_arn" {
+  description = "The rule deployer-instance-events on the default bus (the objects agents write under `<prefix>/events/` to events_target); null unless events_target is set."
+  value       = one(aws_cloudwatch_event_rule.instance[*].arn)
+}
+
 output "cli_environment" {
-  description = "The environment `deployer publish|status|history|rollback|gc` read."
-  value = {
-    DEPLOYER_BUCKET    = aws_s3_bucket.deploys.id
-    DEPLOYER_TOPIC_ARN = aws_sns_topic.deploys.arn
-    DEPLOYER_PREFIX    = var.prefix
-  }
+  description = "The environment `deployer publish|status|history|rollback|gc` read; with event_bus and notify_topic_arns, DEPLOYER_EVENT_BUS and DEPLOYER_NOTIFY (space-separated) too."
+  value = merge(
+    {
+      DEPLOYER_BUCKET    = aws_s3_bucket.deploys.id
+      DEPLOYER_TOPIC_ARN = aws_sns_topic.deploys.arn
+      DEPLOYER_PREFIX    = var.prefix
+    },
+    var.event_bus == null ? {} : { DEPLOYER_EVENT_BUS = var.event_bus },
+    length(var.notify_topic_arns) == 0 ? {} : { DEPLOYER_NOTIFY = join(" ", var.notify_topic_arns) },
+  )
 }

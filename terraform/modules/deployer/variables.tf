@@ -77,6 +77,48 @@ variable "ci_sign_key_arns" {
   default     = []
 }
 
+variable "metrics_namespace" {
+  description = "The CloudWatch namespace `deployer status --metrics` puts the fleet's gauges into (its `--metrics-namespace`, env DEPLOYER_METRICS_NAMESPACE): the CI and gc policies grant cloudwatch:PutMetricData in it only."
+  type        = string
+  default     = "Deployer"
+  validation {
+    condition     = can(regex("^[0-9A-Za-z._#:/ -]{1,255}$", var.metrics_namespace)) && !startswith(var.metrics_namespace, "AWS/") && !startswith(var.metrics_namespace, ":") && trimspace(var.metrics_namespace) != ""
+    error_message = "metrics_namespace is 1 to 255 of letters, digits, '.', '-', '_', '/', '#', ':' and spaces, not starting with ':' or 'AWS/' (a CloudWatch namespace)."
+  }
+}
+
+variable "event_bus" {
+  description = "The EventBridge bus CI sends deploy events to (`deployer publish|rollback|rollout … --event-bus`): its name (`default`, or a bus of the topic's account and region) or ARN. The CI policy then allows events:PutEvents on it with source `deployer` only (`iam-policy --event-bus`), and cli_environment sets DEPLOYER_EVENT_BUS. The rules of events_target are on the default bus, so they see the CLI's events only if this is `default`. null: no events permission."
+  type        = string
+  default     = null
+  validation {
+    condition     = var.event_bus == null || can(regex("^([A-Za-z0-9._-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:[0-9]{12}:event-bus/[A-Za-z0-9._/-]{1,256})$", var.event_bus))
+    error_message = "event_bus is an event bus name (letters, digits, '.', '_', '-') or an event bus ARN (arn:aws:events:REGION:ACCOUNT:event-bus/NAME)."
+  }
+}
+
+variable "notify_topic_arns" {
+  description = "SNS topics CI tells of holds, rollbacks, failures and successes (`--notify TOPIC_ARN`): the CI policy allows sns:Publish on them (`iam-policy --notify`), and cli_environment sets DEPLOYER_NOTIFY. Webhooks need no permission and are not listed here."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for arn in var.notify_topic_arns : can(regex("^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}$", arn))])
+    error_message = "notify_topic_arns are SNS topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)."
+  }
+}
+
+variable "events_target" {
+  description = "Route deploy events to this SQS queue, SNS topic or CloudWatch Logs log group (`arn`), as `deployer init --events-target` does: turns on the bucket's EventBridge notifications (this module then owns the bucket's whole notification configuration) and creates the rules deployer-fleet-events (source `deployer`) and deployer-instance-events (S3 Object Created under `<prefix>/events/` of this bucket) on the default bus, each with this target. The target's resource policy must let events.amazonaws.com deliver (an SQS queue policy allowing sqs:SendMessage, an SNS topic policy allowing sns:Publish, a CloudWatch Logs resource policy; conditioned on the rule ARNs this module outputs), and a KMS-encrypted queue or topic needs its key to allow it too: the module does not own the target and writes none of these (terraform/example/ writes a queue's). An object, not a string, so that whether it is set is known at plan even when the ARN is of a resource created in the same apply. null: no rules, no notification."
+  type = object({
+    arn = string
+  })
+  default = null
+  validation {
+    condition     = var.events_target == null || can(regex("^arn:aws[a-z-]*:(sqs|sns|logs):[a-z0-9-]+:[0-9]{12}:", var.events_target.arn))
+    error_message = "events_target.arn is an SQS queue, SNS topic or CloudWatch Logs log group ARN."
+  }
+}
+
 variable "ci_role" {
   description = "Create a CI role with the CI policy attached: its name and trust policy (e.g. GitHub's OIDC provider, see terraform/README.md). It is also made the topic's publisher. null: create none."
   type = object({
