@@ -72,6 +72,8 @@ class Row:
     behind: bool = False
     #: The wave that admits this instance, while the channel's pointer is a staged rollout.
     wave: int | None = None
+    #: Since when no valid signed timestamp vouches for its pointer (the trust's freshness).
+    pointer_stale_since: str | None = None
 
 
 def fleet_rows(
@@ -139,6 +141,7 @@ def fleet_rows(
                     pointer_seq=pointer,
                     behind=behind,
                     wave=wave,
+                    pointer_stale_since=status.stale_since,
                 )
             )
     rows.sort(key=lambda r: (r.stage, r.role, r.component, r.instance_id))
@@ -222,25 +225,22 @@ def summary(rows: Iterable[Row]) -> list[str]:
         top = max((r.seq for r in everyone if r.seq is not None), default=None)
         on_top = sum(1 for r in members if r.seq == top and r.state == ComponentState.OK)
         failed = sum(1 for r in members if r.state in FAILING)
-        unbooted = sum(1 for r in members if r.state == BOOT_FAILED)
-        waiting = sum(1 for r in members if r.state == ComponentState.WAITING)
-        stale = sum(1 for r in members if r.stale)
-        behind = sum(1 for r in members if r.behind)
         pointer = next((r.pointer_seq for r in everyone if r.pointer_seq is not None), None)
         if pointer is not None:
             top = pointer
             on_top = sum(1 for r in members if r.seq == pointer and r.state == ComponentState.OK)
         line = f"{stage}/{role}/{component}: {on_top}/{len(members)} on seq {top if top is not None else '-'}, {failed} failed"
-        if waiting:
-            line += f", {waiting} waiting for their wave"
-        if unbooted:
-            line += f", {unbooted} cannot boot"
-        if behind:
-            line += f", {behind} behind"
-        if stale:
-            line += f", {stale} stale"
-        line += "".join(f", {n} {state}" for state, n in apart.items() if n)
-        lines.append(line)
+        notes = {
+            "waiting for their wave": sum(1 for r in members if r.state == ComponentState.WAITING),
+            "cannot boot": sum(1 for r in members if r.state == BOOT_FAILED),
+            "behind": sum(1 for r in members if r.behind),
+            "stale": sum(1 for r in members if r.stale),
+            "with a stale pointer (timestamp expired)": sum(
+                1 for r in members if r.pointer_stale_since and not r.stale
+            ),
+            **apart,
+        }
+        lines.append(line + "".join(f", {n} {what}" for what, n in notes.items() if n))
     for (stage, role), count in sorted(unreadable.items()):
         lines.append(f"{stage}/{role}: {count} unreadable report(s) (see the ERROR column)")
     return lines
@@ -259,6 +259,8 @@ def format_age(seconds: float | None) -> str:
 def _note(row: Row) -> str:
     if row.stale:
         return " (stale)"
+    if row.pointer_stale_since:
+        return " (stale pointer)"
     if row.behind:
         return f" (behind {row.pointer_seq})"
     return f" (wave {row.wave})" if row.wave is not None else ""

@@ -42,6 +42,7 @@ from deployer.protocol.layout import (
     REPORT_SUFFIX,
     ROLLOUTS,
     STATUS,
+    TIMESTAMP_NAME,
     TRUST,
     Layout,
 )
@@ -504,6 +505,7 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             s3("DeleteObject", *release, "condemned.json"),
             s3("GetObject", CHANNELS, *channel, POINTER_NAME, missing=True),
             s3("PutObject", CHANNELS, *channel, POINTER_NAME, IfMatch='"etag"'),
+            s3("PutObject", CHANNELS, *channel, TIMESTAMP_NAME),
             s3("GetObject", CHANNELS, *channel, HISTORY, "8.json", missing=True),
             s3("PutObject", CHANNELS, *channel, HISTORY, "8.json", IfNoneMatch="*"),
             s3("GetObject", CHANNELS, *channel, ROLLOUTS, "deploy.json", missing=True),
@@ -604,6 +606,7 @@ def _instance_calls(
         call("sqs", "ChangeMessageVisibility", owner, QueueUrl=url),
         call("sqs", "SendMessage", owner, QueueUrl=url + DLQ_SUFFIX),
         s3("GetObject", CHANNELS, *channel, POINTER_NAME, missing=True),
+        s3("GetObject", CHANNELS, *channel, TIMESTAMP_NAME, missing=True),
         s3("GetObject", CHANNELS, *channel, HISTORY, "8.json"),
         s3("GetObject", CHANNELS, *channel, ROLLOUTS, "deploy.json", missing=True),
         s3("GetObject", *release, MANIFEST_NAME),

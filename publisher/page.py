@@ -222,6 +222,8 @@ def _cell(row: Row | None, cursor: Cursor | None, kinds: Counter[Kind]) -> str:
         notes.append(f"behind {row.pointer_seq}")
     if row.stale:
         notes.append("stale")
+    elif row.pointer_stale_since:
+        notes.append(f"stale pointer: no timestamp vouches for it since {row.pointer_stale_since}")
     wave = f' <span class="wave">wave {row.wave}</span>' if row.wave is not None else ""
     tip = f"{row.component}: {row.release_id} {seq}, {', '.join(notes)}" + (f", wave {row.wave}" if wave else "")
     return (

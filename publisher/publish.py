@@ -40,6 +40,7 @@ from deployer.aws.s3 import (
 from deployer.protocol.deploy import Deploy, inlinable, new_deploy_id
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE
 from deployer.protocol.errors import AwsError, ConfigError, PreconditionFailed, PublishError, ReleaseConflict
+from deployer.protocol.freshness import Timestamp
 from deployer.protocol.layout import Layout
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES, MAX_SNS_MESSAGE_BYTES
 from deployer.protocol.manifest import Manifest, parse_manifest
@@ -49,6 +50,7 @@ from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
+from publisher.freshness import vouch
 from publisher.pack import Artifact, check_artifact, file_artifact, sniff
 from publisher.retention import ReleaseCondemned, check_not_condemned, take_back
 from publisher.signing import Signer, sign
@@ -434,6 +436,9 @@ class Publisher:
         deploy, body = self._claim_and_point(template_deploy)
         # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
         message_id, sns_error = self._notify(deploy, body)
+        # 5. A signed fleet's timestamp: the new pointer is current as of now (deployer.protocol.freshness).
+        if self.signers:
+            self.vouch(deploy)
         return PublishResult(deploy, release_reused=release_reused, sns_message_id=message_id, sns_error=sns_error)
 
     def _same_content(self, key: str, sha256: str) -> None:
@@ -520,6 +525,22 @@ class Publisher:
     def _history(self, channel: Channel, seq: int) -> tuple[Deploy, bytes] | None:
         found = get_document(self.clients.s3, self.bucket, self.layout.history_key(channel, seq), self.policy)
         return (UNVERIFIED.open(found[0]), found[0]) if found else None
+
+    def vouch(self, deploy: Deploy) -> Timestamp | None:
+        """Sign and store the channel's timestamp for `deploy`. Best effort: agents whose trust sets
+        freshness report the channel stale until a later timestamp lands (`deployer trust refresh`,
+        scheduled, writes one); nothing of the deploy depends on it."""
+        try:
+            return vouch(self.clients.s3, self.bucket, self.layout, self.signers, deploy, self.policy)
+        except Exception as exc:  # noqa: BLE001 - the pointer already moved; the next refresh vouches for it
+            log.warning(
+                "timestamp_not_written",
+                key=self.layout.timestamp_key(deploy.channel),
+                seq=deploy.seq,
+                error=str(exc),
+                next="run `deployer trust refresh`; agents with freshness report the channel stale meanwhile",
+            )
+            return None
 
     def announce(self, channel: Channel) -> str | None:
         """Publish the channel's pointer to SNS again, byte for byte: how a rollout's cursor move

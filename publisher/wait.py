@@ -122,6 +122,8 @@ class Progress:
     errors: Mapping[str, str]
     elapsed_s: float
     allow_lost: bool = False
+    #: Expected instances whose pointer no valid signed timestamp vouches for (the trust's freshness).
+    stale_pointers: frozenset[str] = frozenset()
 
     def count(self, *outcomes: Convergence) -> int:
         return sum(1 for o in self.outcomes.values() if o in outcomes)
@@ -143,6 +145,7 @@ class Progress:
             f"{self.count(Convergence.PENDING)} pending"
             + (f", {unreadable} unreadable" if (unreadable := self.count(Convergence.UNREADABLE)) else "")
             + (f", {left} left (scale-in)" if (left := self.count(Convergence.LEFT)) else "")
+            + (f", {len(self.stale_pointers)} with a stale pointer" if self.stale_pointers else "")
             + f" ({self.elapsed_s:.0f}s)"
         )
 
@@ -189,7 +192,15 @@ def assess(
                 errors[instance] = _behind(entry.report.components.get(deploy.component))
         elif outcome is Convergence.LOST:
             errors[instance] = _lost_reason(entry)
-    return Progress(deploy, outcomes, errors, elapsed_s, allow_lost)
+    stale = frozenset(
+        instance
+        for instance in outcomes
+        if (entry := entries.get(instance)) is not None
+        and entry.report is not None
+        and (status := entry.report.components.get(deploy.component)) is not None
+        and status.stale_since
+    )
+    return Progress(deploy, outcomes, errors, elapsed_s, allow_lost, stale)
 
 
 def _behind(status: ComponentStatus | None) -> str:

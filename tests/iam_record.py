@@ -87,6 +87,9 @@ STRONG: tuple[tuple[str, str, str], ...] = (
     ("deployer.cli.fleet", "gc_releases", "gc"),
     ("deployer.cli.fleet", "doctor", "operator"),
     ("publisher.trust_update", "", "trust"),
+    # Timestamps are signed with the deploy keys and written beside the pointers: CI's work.
+    ("publisher.freshness", "", "ci"),
+    ("deployer.cli.keys", "trust_refresh", "ci"),
     ("deployer.cli.keys", "", "trust"),
     ("deployer.cli.ci", "init", "operator"),
     ("deployer.cli.ci", "", "ci"),

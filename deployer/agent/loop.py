@@ -95,6 +95,8 @@ class Trusts(Protocol):
 
     def refresh(self) -> object: ...
 
+    def staleness(self, channel: Channel, since: str | None = None) -> str | None: ...
+
 
 class Runner(Protocol):
     """What the loop needs of `DeployRunner` (the port unit tests fake)."""
@@ -114,6 +116,10 @@ class Reporter(Protocol):
     def flush(self) -> None: ...
 
     def reject_message(self, message_id: str, reason: str) -> None: ...
+
+    def vouched(self, component: str, stale_since: str | None) -> None: ...
+
+    def stale_since(self, component: str) -> str | None: ...
 
 
 #: What a failed step of the loop leads to, for its log line.
@@ -244,6 +250,9 @@ class Agent:
             if self.stop.is_set():
                 return
             try:
+                # Before the pointer: a timestamp read now raises the floor this pointer is held to.
+                stale = self.trust.staleness(channel, since=self.reporter.stale_since(channel.component))
+                self.reporter.vouched(channel.component, stale)
                 deploy = self.pointer(channel)
             except RejectedInput as exc:  # malformed, or not signed as the trust requires
                 log.error(
@@ -264,6 +273,7 @@ class Agent:
                 log.info("pointer_absent", channel=str(channel), reason=reason)
                 continue
             self._catch_up(channel, deploy, reason)
+        self.reporter.flush()  # what reconcile learnt without applying anything (a timestamp's verdict)
 
     def _catch_up(self, channel: Channel, deploy: Deploy, reason: str) -> None:
         """Apply the channel's pointer if this instance is behind it (or a rollout's cursor moved)."""
@@ -568,8 +578,18 @@ def trust_store(config: AgentConfig, clients: Clients, layout: Layout, policy: R
         found = get_document(clients.s3, config.bucket, layout.trust_key(version), policy)
         return found[0] if found else None
 
+    def fetch_timestamp(channel: Channel) -> bytes | None:
+        found = get_document(clients.s3, config.bucket, layout.timestamp_key(channel), policy)
+        return found[0] if found else None
+
     baked = load_trust_file(config.trust_file)
-    return TrustStore(baked, required=config.require_signatures, cache=config.state_dir / TRUST_CACHE_NAME, fetch=fetch)
+    return TrustStore(
+        baked,
+        required=config.require_signatures,
+        cache=config.state_dir / TRUST_CACHE_NAME,
+        fetch=fetch,
+        fetch_timestamp=fetch_timestamp,
+    )
 
 
 def boot_until_ready(

@@ -16,7 +16,7 @@ from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import put_conditional
 from deployer.protocol.errors import PreconditionFailed
-from deployer.protocol.events import DeployEvent, boot_failed_event
+from deployer.protocol.events import DeployEvent, EventType, boot_failed_event
 from deployer.protocol.layout import Layout, ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, Lifecycle, Rejection, StatusReport
 from deployer.protocol.timestamps import utc_now_iso
@@ -82,6 +82,36 @@ class StatusReporter:
             changes["last_error"] = changes["error"]
         self.components[component] = replace(current, updated_at=utc_now_iso(), **changes)
         self.unwritten = True
+
+    def stale_since(self, component: str) -> str | None:
+        status = self.components.get(component)
+        return status.stale_since if status else None
+
+    def vouched(self, component: str, stale_since: str | None) -> None:
+        """Say whether a signed timestamp vouches for the component's pointer (None: yes), written
+        with the next flush or heartbeat; not a change of the deploy's, so `updated_at` stays.
+        Going stale is also told, once, as an `Instance Pointer Stale` event about the deploy it runs."""
+        current = self.components.get(component, ComponentStatus())
+        if current.stale_since == stale_since:
+            return
+        self.components[component] = replace(current, stale_since=stale_since)
+        self.unwritten = True
+        told = current.deploy_id and current.seq and current.release_id
+        if stale_since is not None and current.stale_since is None and told:
+            self.tell(
+                DeployEvent(
+                    type=EventType.INSTANCE_POINTER_STALE,
+                    at=utc_now_iso(),
+                    stage=self.who.stage,
+                    role=self.who.role,
+                    component=component,
+                    seq=current.seq,
+                    deploy_id=current.deploy_id,
+                    release_id=current.release_id,
+                    instance=self.who.instance_id,
+                    reason=f"no valid signed timestamp vouches for this channel's pointer since {stale_since}",
+                )
+            )
 
     def flush(self) -> None:
         """Write the report if a noted change is not written yet."""

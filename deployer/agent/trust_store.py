@@ -11,13 +11,16 @@ fall back to the baked one. A refused update changes nothing and is logged with 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
+from deployer.agent.vouched import VOUCHED_NAME, Vouched
 from deployer.apply.fsutil import write_atomic
 from deployer.protocol.envelope import parse_envelope
-from deployer.protocol.errors import ConfigError, InvalidMessage, InvalidTrust
+from deployer.protocol.errors import ConfigError, InvalidMessage, InvalidTrust, RejectedInput
+from deployer.protocol.names import Channel
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier, Trust, parse_trust
 
 log = structlog.get_logger(__name__)
@@ -46,15 +49,49 @@ class TrustStore:
         required: bool,
         cache: Path,
         fetch: Callable[[int], bytes | None],
+        vouched: Vouched | None = None,
+        fetch_timestamp: Callable[[Channel], bytes | None] = lambda _channel: None,
     ) -> None:
-        """`fetch(version)` returns the stored envelope of a trust version, or None if there is none."""
+        """`fetch(version)` returns the stored envelope of a trust version, or None if there is
+        none; `fetch_timestamp(channel)` the channel's stored timestamp envelope, likewise."""
         self.required = required
         self.cache = cache
         self.fetch = fetch
         self.current = self._cached_or(baked)
+        self.vouched = vouched or Vouched(cache.with_name(VOUCHED_NAME))
+        self.fetch_timestamp = fetch_timestamp
 
     def verifier(self) -> DeployVerifier:
-        return DeployVerifier(self.current, self.required)
+        return DeployVerifier(self.current, self.required, self.vouched.floors())
+
+    def staleness(self, channel: Channel, since: str | None = None) -> str | None:
+        """Read and verify the channel's timestamp, keep it if newer, and say since when no valid
+        timestamp vouches for the channel's pointer (None: one does, or the trust sets no
+        freshness). A timestamp that cannot be read or is not signed as the trust requires is
+        logged and changes nothing: the newest valid one held still decides."""
+        trust = self.current
+        if trust is None or trust.freshness is None:
+            return None
+        try:
+            raw = self.fetch_timestamp(channel)
+            if raw is not None and self.vouched.record(self.verifier().open_timestamp(raw, channel)):
+                log.info("timestamp_accepted", channel=str(channel), next="pointers below its seq are refused")
+        except RejectedInput as exc:
+            log.error(
+                "timestamp_rejected",
+                channel=str(channel),
+                error=str(exc),
+                next="ignored; the newest valid timestamp held still decides",
+            )
+        stale = self.vouched.stale_since(channel, trust.freshness, datetime.now(UTC), since)
+        if stale is not None and since is None:
+            log.warning(
+                "pointer_not_vouched",
+                channel=str(channel),
+                since=stale,
+                next="reported stale: CI's timestamps stopped (run `deployer trust refresh`) or are withheld",
+            )
+        return stale
 
     def refresh(self) -> Trust | None:
         """Take every newer trust version the bucket holds, each signed by the one before it."""
@@ -95,6 +132,9 @@ class _NoTrust:
 
     def verifier(self) -> DeployVerifier:
         return UNVERIFIED
+
+    def staleness(self, channel: Channel, since: str | None = None) -> str | None:  # noqa: ARG002
+        return None  # nothing to vouch with
 
     def refresh(self) -> None:
         return None

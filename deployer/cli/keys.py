@@ -1,13 +1,17 @@
-"""Commands for the keys that sign deploys: `deployer keygen` and `deployer trust new|show|sign-update`."""
+"""Commands for the keys that sign deploys: `deployer keygen` and `deployer trust new|show|sign-update|refresh`."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from deployer.cli.options import Store, quiet, sign_key_option, store_options
+from deployer.cli.options import Store, name_callback, quiet, sign_key_option, store_options
 from deployer.protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deployer.protocol.freshness import Freshness
 
 
 @click.command()
@@ -63,6 +67,12 @@ def trust() -> None:
 @click.option(
     "--floor", "floors", multiple=True, metavar="STAGE/ROLE/COMPONENT=SEQ", help="A channel's minimum seq; repeatable."
 )
+@click.option(
+    "--freshness",
+    metavar="EXPIRES_S/REFRESH_S",
+    help="Make every channel's signed timestamp matter: agents report a channel stale once its newest "
+    "timestamp is older than EXPIRES_S, and `deployer trust refresh` runs every REFRESH_S, e.g. 86400/21600.",
+)
 @click.option("--region", envvar=["AWS_REGION", "AWS_DEFAULT_REGION"], help="AWS region (for kms: keys).")
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="AWS endpoint (for kms: keys).")
 def trust_new(
@@ -72,6 +82,7 @@ def trust_new(
     trust_threshold: int,
     version: int,
     floors: tuple[str, ...],
+    freshness: str | None,
     region: str | None,
     endpoint_url: str | None,
 ) -> None:
@@ -97,6 +108,7 @@ def trust_new(
             TRUST_ROLE: Role(frozenset(k.keyid for k in trusters), trust_threshold),
         },
         floors=seqs,
+        freshness=_freshness(freshness) if freshness else None,
     )
     click.echo(parse_trust(document.to_json()).to_json())  # what an agent will parse, checked now
 
@@ -149,6 +161,11 @@ def trust_show(config_path: Path, as_json: bool) -> None:
             click.echo(f"    {keyid}  {current.keys[keyid].scheme}")
     for channel, seq in sorted(current.floors.items(), key=lambda item: str(item[0])):
         click.echo(f"  floor {channel}: seq {seq}")
+    if current.freshness is not None:
+        click.echo(
+            f"  freshness: a timestamp vouches for {current.freshness.expires_s}s, refreshed every "
+            f"{current.freshness.refresh_s}s"
+        )
 
 
 @trust.command("sign-update")
@@ -178,6 +195,46 @@ def trust_sign_update(store: Store, trust_doc: Path, sign_keys: tuple[str, ...])
         f"stored trust version {stored.version} as s3://{store.bucket}/{stored.key}, "
         f"now signed by {len(stored.envelope.signatures)} key(s)"
     )
+
+
+@trust.command("refresh")
+@store_options
+@click.option("--stage", callback=name_callback("stage"), help="Only this stage's channels.")
+@click.option("--role", callback=name_callback("role"), help="Only this role's channels (with --stage).")
+@click.option("--component", callback=name_callback("component"), help="Only this component's channels.")
+@sign_key_option("Sign the timestamps with this deploy key.")
+@quiet
+def trust_refresh(
+    store: Store, stage: str | None, role: str | None, component: str | None, sign_keys: tuple[str, ...]
+) -> None:
+    """Vouch again for every channel's current pointer: a signed timestamp saying it is current now.
+
+    Run it on a schedule more often than the trust's freshness.refresh_s (with the CI role: it
+    reads pointers and writes `channels/…/timestamp.json`). While it runs, no agent reports its
+    channel stale; when it stops (or its writes are withheld), every agent does within expires_s.
+    """
+    from publisher.freshness import channels_with_pointers, refresh
+
+    channels = [
+        channel
+        for channel in channels_with_pointers(store.clients.s3, store.bucket, store.layout)
+        if (stage or channel.stage, role or channel.role, component or channel.component)
+        == (channel.stage, channel.role, channel.component)
+    ]
+    stamps = refresh(store.clients.s3, store.bucket, store.layout, store.signers(sign_keys), channels)
+    for stamp in stamps:
+        click.echo(f"{stamp.channel}: seq {stamp.seq} vouched for at {stamp.signed_at:%Y-%m-%dT%H:%M:%SZ}")
+    click.echo(f"{len(stamps)} channel(s) refreshed")
+
+
+def _freshness(spec: str) -> Freshness:
+    from deployer.protocol.freshness import freshness_from_dict
+
+    expires, _, refresh = spec.partition("/")
+    try:
+        return freshness_from_dict({"expires_s": int(expires), "refresh_s": int(refresh)})
+    except ValueError as exc:
+        raise ConfigError(f"--freshness {spec!r}: {exc} (EXPIRES_S/REFRESH_S, e.g. 86400/21600)") from None
 
 
 COMMANDS = (keygen, trust)

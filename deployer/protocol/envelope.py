@@ -27,6 +27,7 @@ from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 DEPLOY_PAYLOAD_TYPE = "application/vnd.deployer.deploy+json"
 TRUST_PAYLOAD_TYPE = "application/vnd.deployer.trust+json"
 ROLLOUT_PAYLOAD_TYPE = "application/vnd.deployer.rollout+json"
+TIMESTAMP_PAYLOAD_TYPE = "application/vnd.deployer.timestamp+json"
 #: An envelope is small: a deploy document, or a trust document of a few keys, plus signatures.
 MAX_ENVELOPE_BYTES = MAX_DEPLOY_MESSAGE_BYTES
 #: More signatures than any sane threshold needs; a longer list is an attempt to make us work.

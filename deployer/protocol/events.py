@@ -62,6 +62,8 @@ class EventType(enum.StrEnum):
     INSTANCE_DEPLOY_FAILED = "Instance Deploy Failed"
     INSTANCE_DEPLOY_REJECTED = "Instance Deploy Rejected"
     INSTANCE_BOOT_FAILED = "Instance Boot Failed"
+    #: No valid signed timestamp vouches for the instance's pointer any more (the trust's freshness).
+    INSTANCE_POINTER_STALE = "Instance Pointer Stale"
 
     @property
     def slug(self) -> str:

@@ -9,6 +9,7 @@
 <prefix>/channels/<stage>/<role>/<component>/latest.json     the pointer (conditional writes)
 <prefix>/channels/<stage>/<role>/<component>/history/<seq>.json
 <prefix>/channels/<stage>/<role>/<component>/rollouts/<deploy_id>.json   a rollout's cursor
+<prefix>/channels/<stage>/<role>/<component>/timestamp.json  CI's signed word that the pointer is current
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
 <prefix>/events/<event>/<stage>/<role>/<deploy_id>/<owner>.json   an instance's event (write-once)
 <prefix>/trust/<version>.json                                 signed trust updates (immutable)
@@ -30,6 +31,7 @@ ARTIFACT_NAME = "artifact.tar.gz"
 MANIFEST_NAME = "manifest.yml"
 CONDEMNED_NAME = "condemned.json"
 POINTER_NAME = "latest.json"
+TIMESTAMP_NAME = "timestamp.json"
 RELEASES = "releases"
 ARTIFACTS = "artifacts"
 #: The digest that names an artifact under artifacts/.
@@ -160,6 +162,10 @@ class Layout:
 
     def history_prefix(self, channel: Channel) -> str:
         return f"{self.channel_dir(channel)}/{HISTORY}/"
+
+    def timestamp_key(self, channel: Channel) -> str:
+        """The channel's signed timestamp (deployer.protocol.freshness), rewritten by CI."""
+        return f"{self.channel_dir(channel)}/{TIMESTAMP_NAME}"
 
     def cursor_key(self, channel: Channel, deploy_id: str) -> str:
         """A staged rollout's cursor, written by CI only (conditionally)."""

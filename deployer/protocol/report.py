@@ -59,7 +59,7 @@ _TOP_KEYS = frozenset(
     }
 )
 _COMPONENT_KEYS = frozenset(
-    {"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at", "last_error"}
+    {"state", "release_id", "seq", "deploy_id", "error", "output_tail", "updated_at", "last_error", "stale_since"}
 )
 _REJECTION_KEYS = frozenset({"message_id", "reason", "at"})
 
@@ -99,6 +99,9 @@ class ComponentStatus:
     #: The most recent failure on this component, kept after a later success: why an instance
     #: that is behind its channel's pointer is behind.
     last_error: str | None = None
+    #: Set while no valid signed timestamp vouches for the channel's pointer (the trust's
+    #: freshness): since when. Its pointer may be old and nobody would know (docs/design.md, "Freshness").
+    stale_since: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class StatusReport:
                     "output_tail": status.output_tail,
                     "updated_at": status.updated_at,
                     "last_error": status.last_error,
+                    # Written only when set: older readers know no such key.
+                    **({"stale_since": status.stale_since} if status.stale_since else {}),
                 }
                 for name, status in self.components.items()
             },
@@ -232,6 +237,7 @@ def _component(name: object, value: object) -> ComponentStatus:
         output_tail=_optional_str(value, "output_tail", where),
         updated_at=_matching(value, "updated_at", where, PRINTABLE),
         last_error=_optional_str(value, "last_error", where),
+        stale_since=_matching(value, "stale_since", where, PRINTABLE),
     )
 
 

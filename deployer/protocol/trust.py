@@ -5,7 +5,8 @@
  "keys": {"<keyid>": {"scheme": "ed25519", "public_key": "<base64 DER SubjectPublicKeyInfo>"}},
  "roles": {"deploy": {"keyids": ["<keyid>"], "threshold": 1},
            "trust": {"keyids": ["<keyid>"], "threshold": 1}},
- "floors": {"prod/web/api": 12}}
+ "floors": {"prod/web/api": 12},
+ "freshness": {"expires_s": 86400, "refresh_s": 21600}}
 ```
 
 A key id is the sha256 of the key's DER encoding, checked here, so an id can never name another
@@ -13,7 +14,8 @@ key. The `deploy` role signs deploy documents; the `trust` role signs the next t
 (rotation without re-baking: the instance accepts version N+1 only when the threshold of N's
 `trust` keys signed it). `floors` are per-channel minimum seqs: a signed document below its
 channel's floor is an old one replayed and is refused. The copy baked into the AMI is the
-floor of trust itself: a newer version may replace it, an older one never.
+floor of trust itself: a newer version may replace it, an older one never. `freshness`, when
+present, makes each channel's signed timestamp matter (`deployer.protocol.freshness`).
 
 Verification is offline, with `cryptography` only (loaded on first use: an agent without a
 trust file never pays for it): no KMS call, no IAM permission, no network.
@@ -39,12 +41,14 @@ from deployer.protocol.envelope import (
     DEPLOY_PAYLOAD_TYPE,
     KEYID_PATTERN,
     ROLLOUT_PAYLOAD_TYPE,
+    TIMESTAMP_PAYLOAD_TYPE,
     TRUST_PAYLOAD_TYPE,
     Envelope,
     envelope_from_dict,
     is_envelope,
 )
 from deployer.protocol.errors import InvalidMessage, InvalidTrust, Unauthentic
+from deployer.protocol.freshness import Freshness, Timestamp, freshness_from_dict, parse_timestamp_document
 from deployer.protocol.limits import MAX_DEPLOY_MESSAGE_BYTES
 from deployer.protocol.names import Channel
 from deployer.protocol.rollout import Cursor, parse_cursor
@@ -59,7 +63,7 @@ DEPLOY_ROLE = "deploy"
 TRUST_ROLE = "trust"
 ROLES = (DEPLOY_ROLE, TRUST_ROLE)
 MAX_TRUST_BYTES = 64 * 1024
-_TOP_KEYS = frozenset({"v", "version", "keys", "roles", "floors"})
+_TOP_KEYS = frozenset({"v", "version", "keys", "roles", "floors", "freshness"})
 
 
 def keyid_of(der: bytes) -> str:
@@ -124,6 +128,8 @@ class Trust:
     keys: Mapping[str, PublicKey]
     roles: Mapping[str, Role]
     floors: Mapping[Channel, int] = field(default_factory=dict)
+    #: How long a channel's signed timestamp vouches for its pointer; None: timestamps are not used.
+    freshness: Freshness | None = None
 
     def floor(self, channel: Channel) -> int:
         return self.floors.get(channel, 0)
@@ -164,6 +170,8 @@ class Trust:
                 name: {"keyids": sorted(role.keyids), "threshold": role.threshold} for name, role in self.roles.items()
             },
             "floors": {str(channel): seq for channel, seq in sorted(self.floors.items(), key=lambda i: str(i[0]))},
+            # Written only when set: agents before freshness know no such key.
+            **({"freshness": self.freshness.to_dict()} if self.freshness else {}),
         }
 
     def to_json(self) -> str:
@@ -194,7 +202,13 @@ def parse_trust(raw: str | bytes) -> Trust:
         raise InvalidTrust(f"version must be a positive integer, got {version!r}")
     keys = _keys(doc.get("keys"))
     roles = {name: _role(name, doc.get("roles"), keys) for name in ROLES}
-    return Trust(version=version, keys=keys, roles=roles, floors=_floors(doc.get("floors", {})))
+    freshness = None
+    if "freshness" in doc:
+        try:
+            freshness = freshness_from_dict(doc["freshness"])
+        except ValueError as exc:
+            raise InvalidTrust(str(exc)) from None
+    return Trust(version=version, keys=keys, roles=roles, floors=_floors(doc.get("floors", {})), freshness=freshness)
 
 
 def _keys(value: Any) -> dict[str, PublicKey]:
@@ -257,6 +271,9 @@ class DeployVerifier:
 
     trust: Trust | None = None
     required: bool = False
+    #: Per channel, the highest seq a valid timestamp vouched for (the agent's memory of them):
+    #: a pointer below it is an older one put back, and is refused like one below a floor.
+    vouched: Mapping[Channel, int] = field(default_factory=dict)
 
     def open(self, raw: str | bytes) -> Deploy:
         """The deploy in `raw` (an envelope or, unless required, a bare document), checked in order:
@@ -271,7 +288,18 @@ class DeployVerifier:
             floor = self.trust.floor(deploy.channel)
             if deploy.seq < floor:
                 raise Unauthentic(f"seq {deploy.seq} is below the floor {floor} the trust sets for {deploy.channel}")
+            vouched = self.vouched.get(deploy.channel, 0)
+            if deploy.seq < vouched:
+                raise Unauthentic(
+                    f"seq {deploy.seq} is older than seq {vouched}, which a signed timestamp vouched for "
+                    f"{deploy.channel}: an older pointer put back"
+                )
         return deploy
+
+    def open_timestamp(self, raw: str | bytes, channel: Channel) -> Timestamp:
+        """A channel's timestamp, signed by the deploy keys with its own payload type."""
+        payload, _ = self._open(raw, "timestamp", TIMESTAMP_PAYLOAD_TYPE)
+        return parse_timestamp_document(payload, channel)
 
     def open_cursor(self, raw: str | bytes, deploy_id: str) -> Cursor:
         """A rollout's cursor, held to the same rule as deploys: signed by the deploy keys (its own

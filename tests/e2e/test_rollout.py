@@ -216,7 +216,7 @@ def test_with_the_driver_dead_k_failures_send_every_admitted_instance_back_to_st
     assert plan is not None
     assert plan.abort_after == 2
     # Two instances of wave 1 will fail the candidate's health check; wave 0 passes, so a driver advances.
-    wave1 = sorted(i for i in by_id if plan.wave_of(deploy.deploy_id, i or "") == 1)
+    wave1 = sorted(i for i in by_id if i and plan.wave_of(deploy.deploy_id, i) == 1)
     assert len(wave1) >= 2, wave1
     failing = wave1[:2]
     for instance in failing:

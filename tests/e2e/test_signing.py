@@ -4,17 +4,22 @@ the trusted keys signed, and every forged, tampered or replayed document changes
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
+from deployer.protocol.deploy import Deploy
 from deployer.protocol.envelope import DEPLOY_PAYLOAD_TYPE, TRUST_PAYLOAD_TYPE, Envelope, parse_envelope
+from deployer.protocol.freshness import Freshness, Timestamp
 from deployer.protocol.names import Channel
 from deployer.protocol.trust import DEPLOY_ROLE, TRUST_ROLE, UNVERIFIED, Role, Trust
+from publisher.freshness import vouch
 from publisher.publish import Publisher
 from publisher.signing import FileSigner, keygen, public_key, sign
 from tests.awsproxy import aws_proxy
@@ -296,3 +301,70 @@ def test_a_forged_rollout_cursor_admits_nobody_and_only_a_signed_one_moves_the_f
                   "--role", "web", "--component", "api", "--force", *key, *fast)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert all(a.served() == "v2" for a in agents)
+
+
+class PastPublisher(Publisher):
+    """Publishes like any, but vouches for its pointers `age_s` ago: a timestamp about to expire."""
+
+    age_s = 55.0
+
+    def vouch(self, deploy: Deploy) -> Timestamp | None:
+        then = datetime.now(UTC) - timedelta(seconds=self.age_s)
+        return vouch(self.clients.s3, self.bucket, self.layout, self.signers, deploy, self.policy, now=then)
+
+
+def test_an_expired_timestamp_makes_every_agent_report_stale_and_a_replayed_older_pointer_is_refused(
+    fleet: Fleet, tmp_path: Path, release_key: FileSigner, start_agent: Callable[..., AgentProcess]
+) -> None:
+    fresh = replace(trust_of(release_key), freshness=Freshness(expires_s=60, refresh_s=30))
+    trust = write_trust(tmp_path / "trust.json", fresh)
+    agents = [
+        start_agent(trust_file=str(trust), require_signatures=True, reconcile_interval_seconds=1) for _ in range(2)
+    ]
+
+    def stale(agent: AgentProcess) -> str | None:
+        return agent.component().stale_since
+
+    first = publish_on(signed_publisher(fleet, release_key), API, artifact(tmp_path, "v1", "v1"), "rel-1")
+    wait_until(lambda: all(a.on_seq(first.seq) and stale(a) is None for a in agents), "v1, vouched for")
+    # CI vouches for seq 2 one last time, 55 s before the 60 s expiry, and then stops.
+    second = publish_on(
+        PastPublisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout, signers=[release_key]),
+        API,
+        artifact(tmp_path, "v2", "v2"),
+        "rel-2",
+    )
+    wait_until(lambda: all(a.on_seq(second.seq) for a in agents), "v2 applied")
+    wait_until(lambda: all(stale(a) is not None for a in agents), "every agent to report its pointer stale", 20)
+    status = cli("status", "--bucket", fleet.bucket)
+    assert "2 with a stale pointer (timestamp expired)" in status.stdout, status.stdout
+    assert "ok (stale pointer)" in status.stdout
+    told = fleet.clients.s3.list_objects_v2(
+        Bucket=fleet.bucket, Prefix=fleet.layout.key("events", "instance-pointer-stale")
+    )
+    assert len(told.get("Contents", [])) == 2  # each told once
+
+    # Someone with write access to the bucket puts the validly signed seq-1 pointer back.
+    old = fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=fleet.layout.history_key(API, first.seq))["Body"].read()
+    current = fleet.clients.s3.get_object(Bucket=fleet.bucket, Key=fleet.layout.pointer_key(API))["Body"].read()
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=fleet.layout.pointer_key(API), Body=old)
+    wait_until(
+        lambda: all(
+            any("older than seq 2" in e.get("error", "") for e in a.events("pointer_rejected")) for a in agents
+        ),
+        "the replayed pointer to be refused",
+    )
+    assert all(a.served() == "v2" and a.on_seq(second.seq) for a in agents)
+    # A refresh vouches for what the pointer says: seq 1 now, which cannot lower what agents hold.
+    assert (
+        cli("trust", "refresh", "--bucket", fleet.bucket, "--sign-key", f"file:{tmp_path / 'release.pem'}").returncode
+        == 0
+    )
+    time.sleep(2.5)
+    assert all(a.served() == "v2" and stale(a) is not None for a in agents)
+    # The real pointer restored and vouched for again: fresh everywhere.
+    fleet.clients.s3.put_object(Bucket=fleet.bucket, Key=fleet.layout.pointer_key(API), Body=current)
+    refreshed = cli("trust", "refresh", "--bucket", fleet.bucket, "--sign-key", f"file:{tmp_path / 'release.pem'}")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert "prod/web/api: seq 2 vouched for at" in refreshed.stdout
+    wait_until(lambda: all(stale(a) is None for a in agents), "every agent fresh again")

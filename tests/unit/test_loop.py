@@ -68,6 +68,8 @@ class FakeReporter:
     rejections: list[tuple[str, str]] = field(default_factory=list)
     #: Called on every flush (the runner notes an outcome, the loop flushes it).
     on_flush: Callable[[], None] = lambda: None
+    #: What the loop said of each component's timestamp (None: vouched for, or no freshness).
+    stale: dict[str, str | None] = field(default_factory=dict)
 
     def write(self) -> None:
         self.writes += 1
@@ -77,6 +79,12 @@ class FakeReporter:
 
     def reject_message(self, message_id: str, reason: str) -> None:
         self.rejections.append((message_id, reason))
+
+    def vouched(self, component: str, stale_since: str | None) -> None:
+        self.stale[component] = stale_since
+
+    def stale_since(self, component: str) -> str | None:
+        return self.stale.get(component)
 
 
 @dataclass
