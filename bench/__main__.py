@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import apply, boot, fanout, idle, publish, rollout, scale, traffic
+from bench import apply, boot, events, fanout, idle, publish, rollout, scale, traffic
 from bench.common import REPO, Bench, aws_env, cpu_seconds
 from bench.report import Section, code_state, print_section, render
 from deployer import logs
@@ -28,6 +28,7 @@ FIGURES: dict[str, Callable[[Bench], Section]] = {
     "scale": scale.run,
     "rollout": rollout.run,
     "traffic": traffic.run,
+    "events": events.run,
 }
 
 

@@ -114,18 +114,27 @@ class Herald:
     policy: RetryPolicy = NOTIFY_POLICY
     post: Callable[[str, str], None] = post_webhook
     sent: list[DeployEvent] = field(default_factory=list)
+    _client: EventBridgeClient | None = field(default=None, repr=False)
 
     def emit(self, event: DeployEvent, *, notify: bool | None = None) -> None:
         """Send `event`; `notify` overrides whether `--notify` targets hear of it. Never raises."""
         event = replace(event, page=event.page or self.page, by=event.by or self.by).fitted()
         self.sent.append(event)
         if self.bus is not None and self.events_client is not None:
-            bus, client = self.bus, self.events_client
+            bus, client = self.bus, self._events
             self._attempt(f"EventBridge bus {bus}", lambda: put_event(client(), bus, event, self.policy), event)
         if not (event.type in NOTIFIED if notify is None else notify):
             return
         for target in self.targets:
             self._attempt(str(target), functools.partial(self._tell, target, event), event)
+
+    def _events(self) -> EventBridgeClient:
+        """One client for the command's life, made at the first event (40-80 ms of botocore setup
+        that would otherwise delay every event after its decision)."""
+        if self._client is None:
+            assert self.events_client is not None
+            self._client = self.events_client()
+        return self._client
 
     def _tell(self, target: NotifyTarget, event: DeployEvent) -> None:
         text = event.chat_text()

@@ -15,6 +15,7 @@ count the requests a command makes.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -66,11 +67,14 @@ def decode(method: str, path: str, headers: Mapping[str, str], body: bytes) -> C
     service = found.group(1) if found else "s3"
     target = headers.get("X-Amz-Target", "")
     params: Mapping[str, Any] = {}
+    # botocore gzips large request bodies (PutMetricData from ~10 KiB); rules read them plain,
+    # and the request is still forwarded as sent.
+    plain = gzip.decompress(body) if headers.get("Content-Encoding", "").lower() == "gzip" and body else body
     if target:
         action = target.rsplit(".", 1)[-1]
-        params = json.loads(body or b"{}")
-    elif service in ("sns", "sts", "autoscaling", "iam", "elasticloadbalancing") and method == "POST":
-        params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
+        params = json.loads(plain or b"{}")
+    elif service in ("sns", "sts", "autoscaling", "iam", "elasticloadbalancing", "monitoring") and method == "POST":
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(plain.decode(), keep_blank_values=True).items()}
         action = str(params.get("Action", ""))
     else:
         query = urllib.parse.urlsplit(path).query
