@@ -67,6 +67,8 @@ def place_for(scope: Scope, instance_id: str = "i-0123456789abcdef0") -> Place:
         metrics_namespace=scope.metrics_namespace,
         event_bus=scope.event_bus,
         notify_topics=scope.notify_topics,
+        assume_roles=scope.assume_roles,
+        external_id=scope.external_id,
     )
 
 

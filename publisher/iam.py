@@ -45,6 +45,7 @@ from deployer.protocol.layout import (
     RELEASES,
     REPORT_SUFFIX,
     STATUS,
+    TARGETS,
     TRUST,
     Layout,
 )
@@ -87,6 +88,7 @@ class Audience(enum.StrEnum):
     TRUST = "trust"  # deployer trust sign-update, by a holder of a trust key
     BUCKET = "bucket"  # a bucket policy: conditional writes enforced
     TOPIC = "topic"  # the topic policy `deployer init` sets
+    TARGET_TRUST = "target-trust"  # the trust policy of a target account's CI role (`publish --targets`)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ class Scope:
     event_bus: str | None = None
     #: CI: the SNS topics `--notify` tells (webhooks need no permission).
     notify_topics: tuple[str, ...] = ()
+    #: CI: the roles it assumes in the other accounts of `publish --targets`; target-trust: the
+    #: external id that role's trust policy asks for.
+    assume_roles: tuple[str, ...] = ()
+    external_id: str | None = None
 
     def __post_init__(self) -> None:
         check_metrics_namespace(self.metrics_namespace)
@@ -268,6 +274,7 @@ def policy_for(audience: Audience, scope: Scope) -> dict[str, Any]:
         Audience.TRUST: _trust,
         Audience.BUCKET: _bucket,
         Audience.TOPIC: _topic,
+        Audience.TARGET_TRUST: _target_trust,
     }
     return {"Version": POLICY_VERSION, "Statement": builders[audience](scope)}
 
@@ -300,9 +307,39 @@ def _ci(scope: Scope) -> list[dict[str, Any]]:
         _allow("ReadAlarmsForRollouts", ["cloudwatch:DescribeAlarms"], scope.alarms),
         # `--waves --target-group`: how many targets are healthy before a wave starts.
         _allow("ReadTargetHealthForWaves", ["elasticloadbalancing:DescribeTargetHealth"], "*"),
+        # `publish --targets`: the record of a publish across targets, in the first target's bucket.
+        _allow(
+            "RecordPublishesAcrossTargets",
+            ["s3:GetObject", "s3:PutObject"],
+            scope.objects(TARGETS, stage, "*"),
+        ),
+        # Options only add statements, each written the same way, after these: a policy for several
+        # options is the union of theirs by Sid (how the Terraform module composes them).
         *_signing(scope),
         *_news(scope),
+        *_assume(scope),
     ]
+
+
+def _assume(scope: Scope) -> list[dict[str, Any]]:
+    """`publish --targets` with targets in other accounts: their CI roles, and nothing else."""
+    return [_allow("AssumeTargetRoles", ["sts:AssumeRole"], sorted(scope.assume_roles))] if scope.assume_roles else []
+
+
+def _target_trust(scope: Scope) -> list[dict[str, Any]]:
+    """The trust policy of a target account's CI role: the source account's CI principals may
+    assume it, with the external id (the confused-deputy guard), and nobody else."""
+    if not scope.publishers:
+        raise ConfigError("--for target-trust needs --publisher-arn: the CI role(s) that assume this one")
+    statement: dict[str, Any] = {
+        "Sid": "SourceCiAssumesThisRole",
+        "Effect": "Allow",
+        "Principal": {"AWS": sorted(scope.publishers)},
+        "Action": "sts:AssumeRole",
+    }
+    if scope.external_id:
+        statement["Condition"] = {"StringEquals": {"sts:ExternalId": scope.external_id}}
+    return [statement]
 
 
 def _news(scope: Scope) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from deployer.protocol.layout import (
     REPORT_SUFFIX,
     ROLLOUTS,
     STATUS,
+    TARGETS,
     TIMESTAMP_NAME,
     TRUST,
     Layout,
@@ -414,6 +415,14 @@ OPERATIONS: dict[tuple[str, str], Rule] = {
     # https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutBucketNotificationConfiguration.html
     ("s3", "GetBucketNotificationConfiguration"): lambda call: [Need("s3:GetBucketNotification", bucket_arn(call))],
     ("s3", "PutBucketNotificationConfiguration"): lambda call: [Need("s3:PutBucketNotification", bucket_arn(call))],
+    # A target in another account (`publish --targets`): its CI role, with the external id its trust asks for.
+    ("sts", "AssumeRole"): lambda call: [
+        Need(
+            "sts:AssumeRole",
+            str(call.params["RoleArn"]),
+            {"sts:ExternalId": str(call.params["ExternalId"])} if "ExternalId" in call.params else {},
+        )
+    ],
     ("iam", "SimulatePrincipalPolicy"): lambda call: [
         Need("iam:SimulatePrincipalPolicy", str(call.params["PolicySourceArn"]))
     ],
@@ -465,6 +474,9 @@ class Place:
     #: CI: the EventBridge bus `--event-bus` names, and the SNS topics `--notify` names.
     event_bus: str | None = None
     notify_topics: tuple[str, ...] = ()
+    #: CI: the roles of targets in other accounts (`publish --targets`), and their external id.
+    assume_roles: tuple[str, ...] = ()
+    external_id: str | None = None
 
 
 def expected_calls(role: Role, place: Place) -> list[Call]:
@@ -521,6 +533,16 @@ def expected_calls(role: Role, place: Place) -> list[Call]:
             call("elbv2", "DescribeTargetHealth", TargetGroupArn="arn:aws:elasticloadbalancing:::targetgroup/web/0"),
             *(call("sns", "Publish", TopicArn=arn) for arn in place.notify_topics),
         ]
+        calls += [
+            s3("GetObject", TARGETS, *channel, "record.json", missing=True),
+            s3("PutObject", TARGETS, *channel, "record.json", IfNoneMatch="*"),
+            call("s3", "ListObjectsV2", Bucket=place.bucket, Prefix=layout.key(TARGETS, *channel) + "/"),
+        ]
+        for role_arn in place.assume_roles:
+            assumed = call("sts", "AssumeRole", RoleArn=role_arn, RoleSessionName="deployer")
+            if place.external_id:
+                assumed = replace(assumed, params={**assumed.params, "ExternalId": place.external_id})
+            calls.append(assumed)
         if place.event_bus:
             entry = {
                 "Source": EVENT_SOURCE,

@@ -191,6 +191,30 @@ class Publisher:
             taken.result()
             return self._publish(channel, artifact, release_id, stored.result(), checking, template, origin, staged)
 
+    def store(self, channel: Channel, artifact: Artifact, *, template: Manifest, release_id: str) -> None:
+        """Store the release (artifact and manifest) as `publish` would, and move no pointer: the
+        first half of a publish across several targets, done everywhere before any fleet moves
+        (`publisher.targets`); `publish_existing` is the second half."""
+        self.check_resources()
+        if not RELEASE_ID_PATTERN.match(release_id):
+            raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
+        self._take_back_from_gc(channel.component, release_id)
+        with ThreadPoolExecutor(1, thread_name_prefix="store") as pool:
+            checking = (
+                pool.submit(lambda: None)
+                if artifact.checked
+                else pool.submit(check_artifact, artifact.path, artifact.compression)
+            )
+            stored = self._stored(artifact.sha256, artifact.s3_checksum)
+            artifact_key, _ = self._store_artifact(channel.component, release_id, artifact, stored, checking)
+        manifest = replace(
+            template,
+            src=f"s3://{self.bucket}/{artifact_key}",
+            checksum=artifact.sha256,
+            dest=template.dest or f"/opt/{channel.component}/current",
+        )
+        self._put_manifest(self.layout.manifest_key(channel.component, release_id), manifest)
+
     def _stored(self, sha256: str, checksum: str | None = None) -> bool | None:
         """Is the content-addressed artifact stored (True), absent (False), or being collected by
         gc (None: its mark is past the reprieve)? The mark is read first: a sweep deletes the

@@ -195,6 +195,12 @@ class World:
             return policy_for(Audience.BUCKET, scope)
         if call.service == "kms":
             return default_key_policy(call.partition, call.account)
+        if call.service == "sts" and call.operation == "AssumeRole":
+            # The target role's trust, as `iam-policy --for target-trust` prints it for this CI role.
+            ci_role = SESSIONS[Role.CI][0].format(account=call.account)
+            ci_role = ci_role.replace(":sts::", ":iam::").replace(":assumed-role/", ":role/").rsplit("/", 1)[0]
+            trusting = replace(scope, publishers=(ci_role,), external_id=call.params.get("ExternalId"))
+            return {**policy_for(Audience.TARGET_TRUST, trusting)}
         return None
 
 
@@ -222,7 +228,7 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
             # What the operator would pass as --secrets: the ones this test's instances read.
             secrets=_secrets_read(test_records, topic_arn.split(":")[4]),
         )
-    bucket, prefix, keys, namespace, bus, notified = "", None, set(), None, None, set()
+    bucket, prefix, keys, namespace, bus, notified, assumed = "", None, set(), None, None, set(), set()
     for other in test_records:
         if other.role is not record.role:
             continue
@@ -239,6 +245,8 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
         prefix = prefix if prefix is not None else (_prefix(str(key)) if key else None)
         if other.call.service == "kms" and "KeyId" in other.call.params:
             keys.add(f"kms:{other.call.params['KeyId']}")
+        if other.call.operation == "AssumeRole":
+            assumed.add(str(other.call.params["RoleArn"]))
     return Scope(
         bucket=bucket or "unknown-bucket",
         topic_arn=topic_arn,
@@ -247,6 +255,7 @@ def scope_of(record: Record, test_records: Iterable[Record], topic_arn: str) -> 
         metrics_namespace=str(namespace or DEFAULT_METRICS_NAMESPACE),
         event_bus=bus,
         notify_topics=tuple(sorted(notified)),
+        assume_roles=tuple(sorted(assumed)),
     )
 
 
@@ -271,10 +280,11 @@ def _target_groups(value: object) -> tuple[str, ...]:
     return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
 
-def _topic(records: Iterable[Record]) -> str:
+def _topic(records: Iterable[Record], account: str | None = None) -> str:
+    """The test's topic (the first one named), or the first one in `account`."""
     for record in records:
         arn = record.call.params.get("TopicArn")
-        if isinstance(arn, str):
+        if isinstance(arn, str) and (account is None or arn.split(":")[4] == account):
             return arn
         if record.scope and "topic_arn" in record.scope:
             return str(record.scope["topic_arn"])
@@ -337,10 +347,38 @@ class Batch:
         self.keys.add(key)
         request_id = str(len(self.requests))
         self.requests.append(
-            iameval.Request(request_id, principal[0], (identity,), resource, need.action, need.resource, context)
+            iameval.Request(
+                request_id,
+                principal[0],
+                (identity,),
+                resource,
+                need.action,
+                need.resource,
+                context,
+                iameval.account_in(need.resource),
+            )
         )
         self.about[request_id] = (record, need)
         return True
+
+
+def _account_of(record: Record, default: str) -> str:
+    """The account a call was made in: its caller's (an agent's instance-role session, CI's session
+    in a target's account under `publish --targets`), else the test's deployment's."""
+    if record.caller.get("Account"):
+        return record.caller["Account"]
+    arn = record.caller.get("Arn", "")
+    return arn.split(":")[4] if arn.count(":") >= 5 and arn.split(":")[4] else default
+
+
+def _scope_in(record: Record, test_records: list[Record], topic_arn: str, account: str) -> Scope:
+    """The record's scope: in another account, built from that account's own calls and topic (a
+    target's CI role there is granted that target's bucket and topic, not the first one's)."""
+    if account == topic_arn.split(":")[4]:
+        return scope_of(record, test_records, topic_arn)
+    default = topic_arn.split(":")[4]
+    local = [r for r in test_records if _account_of(r, default) == account]
+    return scope_of(record, local, _topic(local, account))
 
 
 def _in_account(record: Record, account: str) -> Record:
@@ -360,7 +398,9 @@ def check(directory: Path) -> Findings:
         world, topic_arn = World(), _topic(test_records)
         account = topic_arn.split(":")[4]
         for listed in test_records:
-            record = _in_account(listed, account)
+            here = _account_of(listed, account)
+            record = _in_account(listed, here)
+            scope = _scope_in(record, test_records, topic_arn, here)
             call = replace(record.call, resource_tags=world.tags(record.call), missing=record.status == 404)
             world.learn(call, record)
             outcome.seen[record.role].add((call.service, call.operation))
@@ -370,7 +410,6 @@ def check(directory: Path) -> Findings:
                 if record.role is Role.INSTANCE and _principal(record) is None:
                     outcome.unconfined.add(record.test)
                 continue
-            scope = scope_of(record, test_records, topic_arn)
             identity = policy_for(AUDIENCE[record.role], scope)
             outcome.evaluated[record.role].add((call.service, call.operation))
             for need in needs(call):
@@ -410,6 +449,8 @@ def unlisted(outcome: Findings) -> list[str]:
             ),
             event_bus="default",
             notify_topics=(f"arn:aws:sns:{REGION}:{ACCOUNT}:chat",),
+            assume_roles=("arn:aws:iam::222222222222:role/deployer-ci",),
+            external_id="x-1",
         )
         for group in ("web", None)
     ]

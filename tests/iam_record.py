@@ -58,6 +58,8 @@ KEPT_PARAMS = frozenset(
         "SecretId",
         "TargetGroupArns",
         "PolicySourceArn",
+        "RoleArn",
+        "ExternalId",
         "Attributes",
         "AttributeName",
         "AttributeValue",
@@ -78,6 +80,7 @@ STRONG: tuple[tuple[str, str, str], ...] = (
     ("publisher.rollback", "", "ci"),
     ("publisher.rollout", "", "ci"),
     ("publisher.notify", "", "ci"),
+    ("publisher.targets", "", "ci"),
     ("publisher.wait", "", "ci"),
     ("publisher.history", "", "ci"),
     ("publisher.fleet", "", "ci"),
@@ -252,6 +255,16 @@ class _ClientRecorder:
             with _lock:
                 _callers[self.access_key()] = caller
             record["caller"] = caller
+        if record["operation"] == "AssumeRole" and http_response.status_code == 200 and record["role"] == "ci":
+            # CI in a target's account (`publish --targets`): every later call with these
+            # credentials is that account's CI role's, judged there.
+            user = parsed.get("AssumedRoleUser", {})
+            with _lock:
+                _callers[str(parsed.get("Credentials", {}).get("AccessKeyId", ""))] = {
+                    "UserId": str(user.get("AssumedRoleId", "")),
+                    "Arn": str(user.get("Arn", "")),
+                    "Account": str(record["params"].get("RoleArn", "")).split(":")[4],
+                }
         _write({**record, "status": http_response.status_code})
 
     def failed(self, context: dict[str, Any], **_: Any) -> None:

@@ -58,6 +58,13 @@ class Request:
     resource_account: str | None = None
 
 
+def account_in(arn: str) -> str | None:
+    """The account an ARN names (a role in another account: a cross-account request, which both
+    the identity and the resource policy must allow); None for ARNs without one (S3 objects)."""
+    parts = arn.split(":")
+    return parts[4] if len(parts) > 5 and parts[4].isdigit() else None
+
+
 @dataclass(frozen=True)
 class Decision:
     id: str

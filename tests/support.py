@@ -394,8 +394,21 @@ class AgentProcess:
         return ReportKey(self.config["stage"], self.config["role"], self.instance_id or "", self.role_id)
 
     def status(self) -> StatusReport | None:
-        """This agent's status report, parsed by the protocol's one parser (None if there is none)."""
-        return read_report(self.fleet, self.who)
+        """This agent's status report, parsed by the protocol's one parser (None if there is none);
+        read with the agent's own credentials where it reports to a bucket of its own (another
+        account's fleet)."""
+        if self.config["bucket"] == self.fleet.bucket:
+            return read_report(self.fleet, self.who)
+        env = self._env or {}
+        session = boto3.session.Session(
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID", "test"),
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "test"),
+            aws_session_token=env.get("AWS_SESSION_TOKEN"),
+            region_name=self.config["region"],
+        )
+        s3 = session.client("s3", endpoint_url=self.fleet.endpoint_url)
+        found = get_document(s3, self.config["bucket"], self.fleet.layout.status_key(self.who))
+        return parse_report(found[0], self.who) if found else None
 
     def component(self, name: str = "api") -> ComponentStatus:
         status = self.status()

@@ -67,6 +67,7 @@ REQUIRED_OUTPUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("kms", "GetPublicKey"): ("PublicKey", "KeyId"),
     ("kms", "Sign"): ("Signature",),
     ("iam", "SimulatePrincipalPolicy"): ("EvaluationResults",),
+    ("sts", "AssumeRole"): ("Credentials",),
 }
 #: Protocols whose successful answers are never empty (JSON at least `{}`, XML a root element).
 NON_EMPTY_PROTOCOLS = frozenset({"json", "query"})
@@ -132,9 +133,12 @@ def _config() -> Config:
     )
 
 
-def make_clients(region: str | None = None, endpoint_url: str | None = None) -> Clients:
-    """Build clients. endpoint_url (or AWS_ENDPOINT_URL, which boto3 reads itself) points at the emulator."""
-    session = boto3.session.Session(region_name=resolve_region(region))
+def make_clients(
+    region: str | None = None, endpoint_url: str | None = None, session: boto3.session.Session | None = None
+) -> Clients:
+    """Build clients. endpoint_url (or AWS_ENDPOINT_URL, which boto3 reads itself) points at the
+    emulator; `session` carries other credentials (a role assumed in another account)."""
+    session = session or boto3.session.Session(region_name=resolve_region(region))
     config = _config()
     return Clients(
         s3=_checked(session.client("s3", endpoint_url=endpoint_url, config=config)),
@@ -158,6 +162,50 @@ def caller_userid(
     `${aws:userid}` is for it. https://docs.aws.amazon.com/STS/latest/APIReference/API_GetCallerIdentity.html
     """
     return str(policy.call(sts_client(region, endpoint_url).get_caller_identity)["UserId"])
+
+
+#: How long an assumed role's credentials last; botocore refreshes them before they expire.
+#: https://docs.aws.amazon.com/STS/latest/APIReference/API_AssumeRole.html (DurationSeconds, 900-43200)
+ASSUMED_ROLE_SECONDS = 3600
+
+
+def assumed_session(
+    region: str,
+    endpoint_url: str | None,
+    role_arn: str,
+    external_id: str | None,
+    session_name: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> boto3.session.Session:
+    """A session in `region` as `role_arn` (another account's CI role), its credentials assumed with
+    `external_id` and refreshed before they expire, so a long rollout never runs out of them."""
+    from botocore.credentials import RefreshableCredentials
+    from botocore.session import get_session
+
+    sts = sts_client(region, endpoint_url)
+    params: dict[str, Any] = {
+        "RoleArn": role_arn,
+        "RoleSessionName": session_name[:64],
+        "DurationSeconds": ASSUMED_ROLE_SECONDS,
+    }
+    if external_id:
+        params["ExternalId"] = external_id
+
+    def fetch() -> dict[str, str]:
+        creds = policy.call(sts.assume_role, **params)["Credentials"]
+        return {
+            "access_key": creds["AccessKeyId"],
+            "secret_key": creds["SecretAccessKey"],
+            "token": creds["SessionToken"],
+            "expiry_time": creds["Expiration"].isoformat(),
+        }
+
+    credentials = RefreshableCredentials.create_from_metadata(fetch(), fetch, "sts-assume-role")
+    core = get_session()
+    # botocore has no public setter for refreshable credentials (set_credentials makes static
+    # ones that would expire mid-rollout); get_credentials() returns this attribute.
+    core._credentials = credentials  # type: ignore[attr-defined]
+    return boto3.session.Session(botocore_session=core, region_name=region)
 
 
 def autoscaling_client(region: str | None = None, endpoint_url: str | None = None) -> AutoScalingClient:

@@ -27,6 +27,7 @@ from deployer.cli.options import (
     rollout_options,
     sign_key_option,
     store_options,
+    targets_store_options,
     topic_option,
     wait_options,
 )
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from deployer.aws.elb import Membership
     from deployer.aws.reports import ReportReader
     from deployer.protocol.deploy import Deploy
+    from deployer.protocol.targets import Target
     from publisher.notify import Herald
     from publisher.publish import Publisher, PublishResult
     from publisher.rollout import Capacity, Gates, Staging
@@ -98,8 +100,8 @@ def init(
 
 
 @click.command()
-@store_options
-@topic_option()
+@targets_store_options
+@topic_option(required=False)
 @channel_options
 @click.option(
     "--artifact",
@@ -135,6 +137,7 @@ def init(
 @quiet
 def publish(
     store: Store,
+    targets: tuple[Target, ...],
     topic_arn: str,
     channel: Channel,
     artifact: Path,
@@ -155,6 +158,10 @@ def publish(
     the component, heartbeat younger than --heartbeat-ttl), and with --asg every InService
     instance of the group, until each converged, failed, was rejected or was lost; exit 0 all
     converged, 4 any failed/rejected/lost, 5 timeout.
+
+    With --targets (or --target …), the release is stored in every target first, then the
+    targets move as waves, each converging (its own --waves inside it) before the next; a
+    failed target rolls back every target already moved: exit 0 everywhere, 6 rolled back.
     """
     from publisher.pack import Artifact, Compression, pack_directory
     from publisher.publish import ci_origin
@@ -165,6 +172,10 @@ def publish(
         template = dataclasses.replace(template, sync_strategy=SyncStrategy(sync_strategy or "symlink"))
     if dest:
         template = dataclasses.replace(template, dest=dest)
+    if targets:
+        spread_publish(
+            store, targets, channel, artifact, compression, template, release_id, sign_keys, gates, wait, news
+        )
     members = group_members(store, wait)
     publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest)
     staging = stage(publisher, store, channel, gates, wait)
@@ -248,6 +259,38 @@ def history(store: Store, channel: Channel, limit: int, as_json: bool) -> None:
         click.echo(f"{channel} has no deploys yet")
         return
     click.echo(format_history(deploys, current))
+
+
+def spread_publish(
+    store: Store,
+    targets: tuple[Target, ...],
+    channel: Channel,
+    artifact: Path,
+    compression: str,
+    template: Manifest,
+    release_id: str | None,
+    sign_keys: tuple[str, ...],
+    gates: Gates | None,
+    wait: WaitOptions | None,
+    news: News,
+) -> None:
+    """`publish --targets`: pack once, store everywhere, move the targets as waves; exits."""
+    from publisher.pack import Compression, file_artifact, pack_directory, sniff
+    from publisher.publish import ci_origin, default_release_id
+    from publisher.targets import Spread, connect
+
+    if wait is None:
+        raise click.UsageError("--targets moves the targets one wave after another: it needs --wait")
+    signers = store.signers(sign_keys)
+    reaches = [connect(target, store.aws.endpoint_url, signers) for target in targets]
+    with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
+        if artifact.is_dir():
+            packing = Compression(compression)
+            packed = pack_directory(artifact, Path(tmp) / f"artifact{packing.suffix}", compression=packing)
+        else:
+            packed = file_artifact(artifact, sniff(artifact))
+        spread = Spread(reaches, channel, wait, gates, origin=ci_origin(), herald=news.herald(store), echo=click.echo)
+        sys.exit(spread.publish(packed, template, release_id or default_release_id(packed.sha256)))
 
 
 def make_publisher(store: Store, topic_arn: str, sign_keys: tuple[str, ...], inline_manifest: bool) -> Publisher:

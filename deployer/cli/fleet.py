@@ -299,6 +299,8 @@ def scope_options(func: Command) -> Command:
         metrics_namespace: str,
         event_bus: str | None,
         notify_topics: tuple[str, ...],
+        assume_roles: tuple[str, ...],
+        external_id: str | None,
         **kwargs: Any,
     ) -> Any:
         from publisher.iam import Scope
@@ -322,6 +324,8 @@ def scope_options(func: Command) -> Command:
             metrics_namespace=metrics_namespace,
             event_bus=event_bus,
             notify_topics=notify_topics,
+            assume_roles=assume_roles,
+            external_id=external_id,
         )
         return func(*args, scope=scope, **kwargs)
 
@@ -393,6 +397,17 @@ def scope_options(func: Command) -> Command:
             help="CI: allow telling this SNS topic of holds, rollbacks, failures and successes; repeatable "
             "(webhooks need no permission).",
         ),
+        click.option(
+            "--assume-role",
+            "assume_roles",
+            multiple=True,
+            metavar="ROLE_ARN",
+            help="CI: allow assuming this target account's CI role (`publish --targets`); repeatable.",
+        ),
+        click.option(
+            "--external-id",
+            help="target-trust: the external id the role's trust policy requires (the targets' external_id).",
+        ),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -404,8 +419,9 @@ def scope_options(func: Command) -> Command:
     "--for",
     "audience",
     required=True,
-    type=click.Choice(["ci", "instance", "gc", "trust", "bucket", "topic"]),
-    help="Who the policy is for: an identity policy (ci, instance, gc, trust) or a resource policy (bucket, topic).",
+    type=click.Choice(["ci", "instance", "gc", "trust", "bucket", "topic", "target-trust"]),
+    help="Who the policy is for: an identity policy (ci, instance, gc, trust) or a resource policy (bucket, "
+    "topic; target-trust: the trust policy of a target account's CI role, for `publish --targets`).",
 )
 @scope_options
 def iam_policy(audience: str, scope: Scope) -> None:
@@ -479,6 +495,7 @@ def scope_flags(scope: Scope) -> str:
         flags.append(f"--metrics-namespace {shlex.quote(scope.metrics_namespace)}")
     flags += [f"--event-bus {scope.event_bus}"] if scope.event_bus else []
     flags += [f"--notify {topic}" for topic in scope.notify_topics]
+    flags += [f"--assume-role {role}" for role in scope.assume_roles]
     return "".join(f" {flag}" for flag in flags)
 
 

@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -167,14 +168,68 @@ def aws_options(func: Command) -> Command:
 
 def store_options(func: Command) -> Command:
     """--bucket, --prefix, --region and --endpoint-url, passed as `store`."""
+    return _store_options(func, required=True)
+
+
+def targets_store_options(func: Command) -> Command:
+    """`store_options` and --targets/--target, passed as `store` and `targets`, for the commands that
+    move a channel in one fleet or in several: --bucket is required only without targets (each
+    target names its own; --prefix, --region and --endpoint-url still say where the CLI itself is)."""
 
     @functools.wraps(func)
-    def wrapper(
-        *args: Any, bucket: str, prefix: str, region: str | None, endpoint_url: str | None, **kwargs: Any
-    ) -> Any:
-        return func(*args, store=Store(bucket, prefix, Aws(region, endpoint_url)), **kwargs)
+    def wrapper(*args: Any, targets_file: Path | None, target_specs: tuple[str, ...], **kwargs: Any) -> Any:
+        from deployer.protocol.targets import check_targets, parse_fleet_definition, parse_target_option
 
-    return _apply(wrapper, [bucket_option(), prefix_option(), *_aws_flags()])
+        if targets_file is not None and target_specs:
+            raise click.UsageError("give the targets in a file (--targets) or as --target options, not both")
+        targets: tuple[Any, ...] = ()
+        try:
+            if targets_file is not None:
+                targets = parse_fleet_definition(targets_file.read_bytes())
+            elif target_specs:
+                targets = check_targets([parse_target_option(spec) for spec in target_specs])
+        except DeployerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--targets/--target") from None
+        if not targets and not kwargs["store"].bucket:
+            raise click.UsageError("Missing option '--bucket' (or --targets / --target for several fleets)")
+        if not targets and "topic_arn" in kwargs and not kwargs["topic_arn"]:
+            raise click.UsageError("Missing option '--topic-arn' (or --targets / --target for several fleets)")
+        return func(*args, targets=targets, **kwargs)
+
+    return _store_options(
+        _apply(
+            wrapper,
+            [
+                click.option(
+                    "--targets",
+                    "targets_file",
+                    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                    help="A fleet definition (YAML): the regions and accounts the channel lives in, moved as waves.",
+                ),
+                click.option(
+                    "--target",
+                    "target_specs",
+                    multiple=True,
+                    metavar="name=…,region=…,bucket=…,topic=…[,role=…,external_id=…,wave=N]",
+                    help="One target of the fleet, in order; repeatable (instead of --targets).",
+                ),
+            ],
+        ),
+        required=False,
+    )
+
+
+def _store_options(func: Command, *, required: bool) -> Command:
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any, bucket: str | None, prefix: str, region: str | None, endpoint_url: str | None, **kwargs: Any
+    ) -> Any:
+        return func(*args, store=Store(bucket or "", prefix, Aws(region, endpoint_url)), **kwargs)
+
+    bucket = click.option(
+        "--bucket", envvar="DEPLOYER_BUCKET", required=required, help="Release/status bucket [env DEPLOYER_BUCKET]."
+    )
+    return _apply(wrapper, [bucket, prefix_option(), *_aws_flags()])
 
 
 def name_callback(kind: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:

@@ -16,7 +16,7 @@ from deployer.cli.options import (
     news_options,
     quiet,
     sign_key_option,
-    store_options,
+    targets_store_options,
     topic_option,
     wait_options,
 )
@@ -27,7 +27,9 @@ from deployer.protocol.report import DEFAULT_HEARTBEAT_TTL_SECONDS
 if TYPE_CHECKING:
     from deployer.aws.reports import ReportEntry
     from deployer.protocol.deploy import Deploy
+    from deployer.protocol.targets import Record, Target
     from publisher.publish import Publisher
+    from publisher.targets import Spread
     from publisher.wait import WaitOptions
 
 
@@ -50,14 +52,21 @@ def _staged(
 
 
 @rollout.command("status")
-@store_options
-@topic_option()
+@targets_store_options
+@topic_option(required=False)
 @channel_options
 @wait_options
 @quiet
-def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOptions | None) -> None:
-    """The plan, the cursor (wave, state, driver and lease) and where each wave's instances stand."""
+def rollout_status(
+    store: Store, targets: tuple[Target, ...], topic_arn: str, channel: Channel, wait: WaitOptions | None
+) -> None:
+    """The plan, the cursor (wave, state, driver and lease) and where each wave's instances stand;
+    with --targets, the last publish across them: each target's move and where its pointer is."""
     from datetime import UTC, datetime
+
+    if targets:
+        _targets_status(store, targets, channel)
+        return
 
     from deployer.aws.reports import ReportReader
     from publisher.rollout import Cursors, count
@@ -105,13 +114,56 @@ def rollout_status(store: Store, topic_arn: str, channel: Channel, wait: WaitOpt
         )
 
 
+def _targets_status(store: Store, targets: tuple[Target, ...], channel: Channel) -> None:
+    from deployer.aws.s3 import read_pointer
+    from publisher.targets import Records, connect
+
+    reaches = [connect(target, store.aws.endpoint_url) for target in targets]
+    found = Records(reaches[0]).latest(channel)
+    if found is None:
+        click.echo(f"{channel}: no publish across these targets is recorded")
+        return
+    record = found[0]
+    click.echo(
+        f"{channel} release {record.release_id} across {len(record.targets)} target(s): {record.state.value}"
+        + (f"; reason: {record.reason}" if record.reason else "")
+    )
+    for reach in reaches:
+        move = record.moves.get(reach.target.name)
+        p = reach.publisher
+        pointer = read_pointer(p.clients.s3, p.bucket, p.layout, channel, p.policy)
+        where = f"pointer at seq {pointer.deploy.seq} ({pointer.deploy.release_id})" if pointer else "no pointer"
+        moved = f"seq {move.seq} {move.state.value}" if move else "not moved"
+        click.echo(f"  [{reach.target.name}] {reach.label()}: {moved}; {where}")
+
+
+def _spread(
+    store: Store,
+    targets: tuple[Target, ...],
+    channel: Channel,
+    wait: WaitOptions | None,
+    sign_keys: tuple[str, ...] = (),
+) -> tuple[Spread, Record, str]:
+    """The publish across these targets recorded last, ready to resume or roll back."""
+    from publisher.targets import Records, Spread, connect
+    from publisher.wait import WaitOptions
+
+    signers = store.signers(sign_keys)
+    reaches = [connect(target, store.aws.endpoint_url, signers) for target in targets]
+    found = Records(reaches[0]).latest(channel)
+    if found is None:
+        raise ConfigError(f"{channel}: no publish across these targets is recorded")
+    options = wait or WaitOptions(900.0, DEFAULT_HEARTBEAT_TTL_SECONDS, 5.0)
+    return Spread(reaches, channel, options, echo=click.echo), *found
+
+
 def _zone(entry: ReportEntry | None) -> str | None:
     return entry.report.zone if entry is not None and entry.report is not None else None
 
 
 @rollout.command("resume")
-@store_options
-@topic_option()
+@targets_store_options
+@topic_option(required=False)
 @channel_options
 @sign_key_option("Sign the cursor like the deploy (needed when agents require signatures).")
 @wait_options
@@ -128,6 +180,7 @@ def _zone(entry: ReportEntry | None) -> str | None:
 @quiet
 def rollout_resume(
     store: Store,
+    targets: tuple[Target, ...],
     topic_arn: str,
     channel: Channel,
     sign_keys: tuple[str, ...],
@@ -138,10 +191,15 @@ def rollout_resume(
     min_healthy_percent: float,
     news: News,
 ) -> None:
-    """Continue the rollout from its cursor's wave to the end (or to an automatic rollback)."""
+    """Continue the rollout from its cursor's wave to the end (or to an automatic rollback); with
+    --targets, the last publish across them, from the targets its record says moved."""
     from deployer.aws.reports import ReportReader
     from deployer.cli.ci import drive
     from publisher.rollout import Gates
+
+    if targets:
+        spread, record, etag = _spread(store, targets, channel, wait, sign_keys)
+        sys.exit(spread.resume(record, etag))
 
     publisher, deploy = _staged(store, topic_arn, channel, sign_keys)
     plan = deploy.rollout
@@ -163,17 +221,27 @@ def rollout_resume(
 
 
 @rollout.command("abort")
-@store_options
-@topic_option()
+@targets_store_options
+@topic_option(required=False)
 @channel_options
 @sign_key_option("Sign the cursor like the deploy (needed when agents require signatures).")
 @click.option("--reason", default="aborted by an operator", show_default=True, help="Recorded in the cursor.")
 @news_options
 @quiet
 def rollout_abort(
-    store: Store, topic_arn: str, channel: Channel, sign_keys: tuple[str, ...], reason: str, news: News
+    store: Store,
+    targets: tuple[Target, ...],
+    topic_arn: str,
+    channel: Channel,
+    sign_keys: tuple[str, ...],
+    reason: str,
+    news: News,
 ) -> None:
-    """Roll the rollout back now: every instance returns to the stable release."""
+    """Roll the rollout back now: every instance returns to the stable release; with --targets,
+    every target the last publish across them moved returns to the release it replaced."""
+    if targets:
+        spread, record, etag = _spread(store, targets, channel, None, sign_keys)
+        sys.exit(spread.abort(record, etag, reason))
     from deployer.aws.reports import ReportReader
     from publisher.rollout import Driver, Gates
 

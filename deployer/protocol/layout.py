@@ -12,6 +12,7 @@
 <prefix>/channels/<stage>/<role>/<component>/timestamp.json  CI's signed word that the pointer is current
 <prefix>/status/<stage>/<role>/<owner>.json                  one report per instance
 <prefix>/events/<event>/<stage>/<role>/<deploy_id>/<owner>.json   an instance's event (write-once)
+<prefix>/targets/<stage>/<role>/<component>/<record id>.json  one publish across targets (first target's bucket)
 <prefix>/trust/<version>.json                                 signed trust updates (immutable)
 <prefix>/fleet/index.html                                     the fleet page (`deployer status --upload`)
 ```
@@ -43,6 +44,7 @@ STATUS = "status"
 EVENTS = "events"
 TRUST = "trust"
 FLEET = "fleet"
+TARGETS = "targets"
 FLEET_PAGE_NAME = "index.html"
 REPORT_SUFFIX = ".json"
 
@@ -170,6 +172,13 @@ class Layout:
     def cursor_key(self, channel: Channel, deploy_id: str) -> str:
         """A staged rollout's cursor, written by CI only (conditionally)."""
         return f"{self.channel_dir(channel)}/{ROLLOUTS}/{deploy_id}.json"
+
+    def targets_records_prefix(self, channel: Channel) -> str:
+        """The records of publishes of `channel` across targets (deployer.protocol.targets)."""
+        return self.key(TARGETS, channel.stage, channel.role, channel.component) + "/"
+
+    def targets_record_key(self, channel: Channel, record_id: str) -> str:
+        return f"{self.targets_records_prefix(channel)}{record_id}.json"
 
     def trust_key(self, version: int) -> str:
         """A signed trust update; zero-padded so a listing is in version order."""

@@ -61,7 +61,12 @@ def resources(policy: dict[str, Any]) -> set[str]:
     return {r for s in policy["Statement"] for r in as_list(s["Resource"])}
 
 
-@pytest.mark.parametrize("audience", list(Audience))
+#: A role's trust policy names a Principal and no Resource, which parliament (identity and resource
+#: policies) reports as malformed; its decisions are the evaluator's (test_iam_boundary.py).
+LINTED = [audience for audience in Audience if audience is not Audience.TARGET_TRUST]
+
+
+@pytest.mark.parametrize("audience", LINTED)
 @pytest.mark.parametrize("scope", SCOPES, ids=range(len(SCOPES)))
 def test_parliament_finds_no_unknown_action_resource_or_condition_key(audience: Audience, scope: Scope) -> None:
     findings = analyze_policy_string(json.dumps(policy_for(audience, scope)), include_community_auditors=False).findings
@@ -153,6 +158,7 @@ def test_ci_moves_only_its_stages_channels_never_touches_queues_and_deletes_only
         "arn:aws:s3:::b/team/deployer/artifacts/*",
         "arn:aws:s3:::b/team/deployer/channels/dev/*",
         "arn:aws:s3:::b/team/deployer/fleet/index.html",
+        "arn:aws:s3:::b/team/deployer/targets/dev/*",  # the record of a publish across targets
     }
     deletes = {r for s in statements(policy) if "s3:DeleteObject" in s["Action"] for r in as_list(s["Resource"])}
     assert deletes == {

@@ -76,6 +76,9 @@ CI = Principal(
 CI_DEV = replace(CI, scope=Scope(BUCKET, TOPIC, stage="dev"))
 CHAT = f"arn:aws:sns:{REGION}:{ACCOUNT}:deploys-chat"
 CI_NEWS = replace(CI, scope=Scope(BUCKET, TOPIC, event_bus="default", notify_topics=(CHAT,)))
+#: A target in another account (`publish --targets`): its CI role, and the external id its trust asks for.
+TARGET_ROLE, EXTERNAL_ID = "arn:aws:iam::222222222222:role/deployer-ci", "fleet-1"
+CI_TARGETS = replace(CI, scope=Scope(BUCKET, TOPIC, assume_roles=(TARGET_ROLE,), external_id=EXTERNAL_ID))
 GC = Principal(
     Role.GC, f"arn:aws:sts::{ACCOUNT}:assumed-role/deployer-gc/gc", "AROAGCEXAMPLE0000001:gc", Scope(BUCKET, TOPIC)
 )
@@ -113,6 +116,8 @@ def resource_policy(call: Call) -> Mapping[str, Any] | None:
         return policy_for(Audience.BUCKET, scope)
     if call.service == "kms":
         return default_key_policy("aws", ACCOUNT)
+    if call.service == "sts":
+        return policy_for(Audience.TARGET_TRUST, replace(scope, publishers=(CI_ROLE,), external_id=EXTERNAL_ID))
     return None
 
 
@@ -141,6 +146,7 @@ def decide(attempts: list[tuple[str, Principal, Call]]) -> dict[str, list[iameva
                     need.action,
                     need.resource,
                     request_context(need, who.userid, principal),
+                    iameval.account_in(need.resource),
                 )
             )
             labels[request_id] = label
@@ -172,12 +178,16 @@ def place(who: Principal, **overrides: Any) -> Place:
         target_groups=who.scope.target_groups,
         event_bus=who.scope.event_bus,
         notify_topics=who.scope.notify_topics,
+        assume_roles=who.scope.assume_roles,
+        external_id=who.scope.external_id,
         **overrides,
     )
 
 
 @pytest.mark.parametrize(
-    "who", [A, CI, CI_NEWS, GC, TRUST_HOLDER], ids=["instance", "ci", "ci-events-notify", "gc", "trust"]
+    "who",
+    [A, CI, CI_NEWS, CI_TARGETS, GC, TRUST_HOLDER],
+    ids=["instance", "ci", "ci-events-notify", "ci-targets", "gc", "trust"],
 )
 def test_every_call_a_role_makes_is_allowed_by_the_policy_generated_for_it(who: Principal) -> None:
     attempts = [(f"{c.service}:{c.operation}:{i}", who, c) for i, c in enumerate(expected_calls(who.role, place(who)))]
@@ -345,6 +355,27 @@ CROSS_OWNER_AND_CI_ONLY: list[tuple[str, Principal, Call]] = [
         CI_NEWS,
         call("sns", "Publish", TopicArn=f"arn:aws:sns:{REGION}:{ACCOUNT}:billing-alerts"),
     ),
+    # Targets in other accounts: only the roles given, only with the external id, only by CI.
+    (
+        "a pipeline assumes a target role it was not given",
+        CI,
+        call("sts", "AssumeRole", RoleArn=TARGET_ROLE, ExternalId=EXTERNAL_ID),
+    ),
+    (
+        "a pipeline assumes the target role without its external id",
+        CI_TARGETS,
+        call("sts", "AssumeRole", RoleArn=TARGET_ROLE),
+    ),
+    (
+        "a pipeline assumes it with another external id",
+        CI_TARGETS,
+        call("sts", "AssumeRole", RoleArn=TARGET_ROLE, ExternalId="guess"),
+    ),
+    (
+        "an instance assumes the target CI role",
+        A,
+        call("sts", "AssumeRole", RoleArn=TARGET_ROLE, ExternalId=EXTERNAL_ID),
+    ),
 ]
 
 
@@ -374,16 +405,27 @@ def test_no_instance_can_redrive_its_own_queue_into_another_instances_queue_or_d
 
 
 def test_every_generated_policy_uses_only_condition_keys_and_resources_its_actions_support() -> None:
+    target_role = f"arn:aws:iam::{ACCOUNT}:role/deployer-ci-eu"
     scopes = [
         Scope(BUCKET, TOPIC),
         Scope(BUCKET, TOPIC, stage="prod", role="web", deregister=True, asg_name="web-asg"),
-        Scope(BUCKET, TOPIC, lifecycle=True, publishers=(CI_ROLE,), sign_keys=("kms:1234abcd",)),
+        Scope(
+            BUCKET,
+            TOPIC,
+            lifecycle=True,
+            publishers=(CI_ROLE,),
+            sign_keys=("kms:1234abcd",),
+            event_bus="default",
+            assume_roles=(target_role,),
+            external_id="fleet-1",
+        ),
     ]
     identity = (Audience.CI, Audience.INSTANCE, Audience.GC, Audience.TRUST)
     policies = [
         (f"{audience}/{index}", policy_for(audience, scope), "identity" if audience in identity else "resource")
         for index, scope in enumerate(scopes)
         for audience in Audience
+        if audience is not Audience.TARGET_TRUST or scope.publishers  # a role's trust names who assumes it
     ]
     policies.append(("queue", json.loads(queue_policy(queue_arn(A), TOPIC)), "resource"))
     policies.append(("dlq", json.loads(dlq_policy(queue_arn(A, True), A.userid)), "resource"))
