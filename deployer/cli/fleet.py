@@ -25,6 +25,7 @@ from deployer.cli.options import (
     queue_prefix_option,
     quiet,
     store_options,
+    targets_store_options,
     topic_option,
 )
 from deployer.protocol.errors import ConfigError
@@ -35,6 +36,7 @@ from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, M
 if TYPE_CHECKING:
     from deployer.protocol.deploy import Deploy
     from deployer.protocol.names import Channel
+    from deployer.protocol.targets import Target
     from publisher.fleet import Row
     from publisher.iam import Scope
 
@@ -66,7 +68,7 @@ def metrics_namespace_option(help: str) -> Callable[[F], F]:
 
 
 @click.command()
-@store_options
+@targets_store_options
 @click.option("--stage", callback=name_callback("stage"))
 @click.option("--role", callback=name_callback("role"))
 @click.option("--component", callback=name_callback("component"))
@@ -98,6 +100,7 @@ def metrics_namespace_option(help: str) -> Callable[[F], F]:
 @quiet
 def status(
     store: Store,
+    targets: tuple[Target, ...],
     stage: str | None,
     role: str | None,
     component: str | None,
@@ -123,6 +126,11 @@ def status(
         raise click.UsageError("--json prints the fleet; --html/--upload render it as a page: choose one")
     if upload and (stage or role or component):
         raise click.UsageError("--upload replaces the whole fleet's page: drop --stage, --role and --component")
+    if targets:
+        if html_path or upload or metrics:
+            raise click.UsageError("--html, --upload and --metrics work on one fleet: run them per target")
+        _targets_status(store, targets, stage, role, component, stale_after, as_json)
+        return
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
     read_at = datetime.now(UTC)
     pointers = pointer_deploys(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
@@ -141,6 +149,57 @@ def status(
     if metrics:
         # After the view, so an operator sees the fleet even when CloudWatch refuses the gauges.
         _put_metrics(store, rows, read_at, metrics_namespace, err=as_json)
+
+
+def _targets_status(
+    store: Store,
+    targets: tuple[Target, ...],
+    stage: str | None,
+    role: str | None,
+    component: str | None,
+    stale_after: float,
+    as_json: bool,
+) -> None:
+    """Every target's fleet, read side by side, one section (or one JSON key) per target, each
+    saying its region and account."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployer.aws.reports import ReportReader
+    from publisher.fleet import channels_of, fleet_rows, format_table, summary
+    from publisher.history import pointer_deploys
+    from publisher.targets import Reach, connect
+
+    def read(target: Target) -> tuple[Reach, list[Row]]:
+        reach = connect(target, store.aws.endpoint_url)
+        p = reach.publisher
+        entries = ReportReader(p.clients.s3, p.bucket, p.layout, stage, role).refresh()
+        pointers = pointer_deploys(p.clients.s3, p.bucket, p.layout, channels_of(entries.values()))
+        return reach, fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+
+    with ThreadPoolExecutor(min(8, len(targets)), thread_name_prefix="status") as pool:
+        views = list(pool.map(read, targets))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    reach.target.name: {
+                        "region": reach.target.region,
+                        "account": reach.target.topic_arn.split(":")[4],
+                        "instances": [dataclasses.asdict(r) for r in rows],
+                        "summary": summary(rows),
+                    }
+                    for reach, rows in views
+                },
+                indent=2,
+            )
+        )
+        return
+    for reach, rows in views:
+        click.echo(f"== {reach.label()}")
+        click.echo(format_table(rows) if rows else "no instances have reported yet")
+        for line in summary(rows):
+            click.echo(line)
+        click.echo()
 
 
 def _put_metrics(store: Store, rows: list[Row], read_at: datetime, namespace: str, err: bool) -> None:

@@ -4,6 +4,8 @@ in order; a target that fails (its fleet, or its topic) rolls every moved target
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,10 @@ def test_a_release_reaches_two_regions_and_accounts_in_order_and_a_failing_one_r
     # West's wave starts once east's converged.
     assert max(first_apply(a, "rel-1") for a in east) < min(first_apply(a, "rel-1") for a in west)
     assert record_of(fleet) == {"state": RecordState.DONE, "east": (1, MoveState.PASSED), "west": (1, MoveState.PASSED)}
+    seen = cli("status", "--targets", str(targets))
+    assert "== east (us-east-1, 123456789012)" in seen.stdout, seen.stdout + seen.stderr
+    assert "== west (us-west-2, 222222222222)" in seen.stdout
+    assert seen.stdout.count("prod/web/api: 2/2 on seq 1, 0 failed") == 2
 
     flags = tmp_path / "flags"
     flags.mkdir()
@@ -178,3 +184,32 @@ def test_a_topic_that_refuses_the_deploy_stops_the_waves_and_moves_the_first_reg
         "east": (2, MoveState.ROLLED_BACK),
         "west": (2, MoveState.ROLLED_BACK),
     }
+
+
+def test_a_publish_whose_driver_died_between_targets_is_resumed_from_its_record(
+    fleet: Fleet, remote: Remote, tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    east = [start_agent(**FAST_AGENT) for _ in range(2)]
+    west = start_agent(
+        role=remote.role, bucket=remote.bucket, topic_arn=remote.topic_arn, region=OTHER_REGION, **FAST_AGENT
+    )
+    targets = fleet_file(tmp_path, fleet, remote)
+    args = ["publish", "--targets", str(targets), "--stage", "prod", "--role", "web", "--component", "api",
+            "--artifact", str(artifact(tmp_path, "v1", "v1")), "--release-id", "rel-1", "--wait", *FAST]  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-m", "deployer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _has_record(fleet) and "east" in record_of(fleet), "east to be moved")
+    finally:
+        driver.kill()  # CI dies with east moved and west untouched
+        driver.communicate(timeout=10)
+    assert "west" not in record_of(fleet)
+    resumed = cli("rollout", "resume", "--targets", str(targets), "--stage", "prod", "--role", "web",
+                  "--component", "api", "--wait", *FAST)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert record_of(fleet) == {"state": RecordState.DONE, "east": (1, MoveState.PASSED), "west": (1, MoveState.PASSED)}
+    assert all(a.served() == "v1" for a in [*east, west])
+
+
+def _has_record(fleet: Fleet) -> bool:
+    listed = fleet.clients.s3.list_objects_v2(Bucket=fleet.bucket, Prefix=fleet.layout.targets_records_prefix(API))
+    return bool(listed.get("Contents"))
