@@ -206,14 +206,27 @@ class Publisher:
                 else pool.submit(check_artifact, artifact.path, artifact.compression)
             )
             stored = self._stored(artifact.sha256, artifact.s3_checksum)
-            artifact_key, _ = self._store_artifact(channel.component, release_id, artifact, stored, checking)
+            self._store_release(channel, release_id, artifact, stored, checking, template)
+
+    def _store_release(
+        self,
+        channel: Channel,
+        release_id: str,
+        artifact: Artifact,
+        stored: bool | None,
+        checking: Future[None],
+        template: Manifest,
+    ) -> tuple[bytes, bool]:
+        """The artifact before the manifest that names it: (manifest body, whether anything was new)."""
+        artifact_key, uploaded = self._store_artifact(channel.component, release_id, artifact, stored, checking)
         manifest = replace(
             template,
             src=f"s3://{self.bucket}/{artifact_key}",
             checksum=artifact.sha256,
             dest=template.dest or f"/opt/{channel.component}/current",
         )
-        self._put_manifest(self.layout.manifest_key(channel.component, release_id), manifest)
+        body, manifest_new = self._put_manifest(self.layout.manifest_key(channel.component, release_id), manifest)
+        return body, uploaded or manifest_new
 
     def _stored(self, sha256: str, checksum: str | None = None) -> bool | None:
         """Is the content-addressed artifact stored (True), absent (False), or being collected by
@@ -253,23 +266,15 @@ class Publisher:
         origin: Mapping[str, str] | None,
         staged: Staged | None,
     ) -> PublishResult:
-        manifest_key = self.layout.manifest_key(channel.component, release_id)
         # 1. The release: the artifact before the manifest that names it.
-        artifact_key, uploaded = self._store_artifact(channel.component, release_id, artifact, stored, checking)
-        manifest = replace(
-            template,
-            src=f"s3://{self.bucket}/{artifact_key}",
-            checksum=artifact.sha256,
-            dest=template.dest or f"/opt/{channel.component}/current",
-        )
-        manifest_body, manifest_new = self._put_manifest(manifest_key, manifest)
+        manifest_body, new = self._store_release(channel, release_id, artifact, stored, checking, template)
         return self._deploy(
             channel,
             release_id,
-            manifest_key,
+            self.layout.manifest_key(channel.component, release_id),
             hashlib.sha256(manifest_body).hexdigest(),
             origin,
-            release_reused=not (uploaded or manifest_new),
+            release_reused=not new,
             artifact=(artifact.sha256, artifact.size),
             staged=staged,
             manifest_body=manifest_body,
