@@ -94,8 +94,6 @@ NOTIFIED = frozenset(
         EventType.DEPLOY_FAILED,
     }
 )
-#: The instance events' slugs, as object keys name them.
-INSTANCE_EVENT_SLUGS = {t.slug: t for t in EventType if t.from_instance}
 
 #: The step of the deploy's last event, beyond every wave's.
 _FINAL = 10_000
