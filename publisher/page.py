@@ -115,6 +115,17 @@ def _group(rows: Iterable[Row]) -> dict[tuple[str, str], _Group]:
     return dict(sorted(groups.items()))
 
 
+@dataclass(frozen=True)
+class FleetView:
+    """One fleet as the page shows it: its rows (from `fleet_rows`, with the same `pointers`, so
+    rows carry their waves), its pointers and rollout cursors, and what to call it."""
+
+    label: str
+    rows: Sequence[Row]
+    pointers: Mapping[Channel, Deploy] = field(default_factory=dict)
+    cursors: Mapping[Channel, Cursor] = field(default_factory=dict)
+
+
 def render_page(
     rows: Sequence[Row],
     *,
@@ -123,16 +134,31 @@ def render_page(
     cursors: Mapping[Channel, Cursor] | None = None,
     source: str = "",
 ) -> str:
-    """The whole page. `rows` come from `fleet_rows` (with the same `pointers`, so rows carry
-    their waves); `cursors` say which waves are admitted; `source` names where the fleet was read."""
-    pointers, cursors = pointers or {}, cursors or {}
-    groups = _group(rows)
+    """The whole page of one fleet. `cursors` say which waves are admitted; `source` names where
+    the fleet was read."""
+    return render_views([FleetView(source, rows, pointers or {}, cursors or {})], generated_at=generated_at)
+
+
+def render_views(views: Sequence[FleetView], *, generated_at: datetime) -> str:
+    """One page for one fleet, or for the targets of a channel that lives in several (regions,
+    accounts): one part per target, headed by its label, its stage/role groups inside."""
     kinds: Counter[Kind] = Counter()
-    sections = [_section(stage, role, group, pointers, cursors, kinds) for (stage, role), group in groups.items()]
-    instances = sum(len(group.instances) for group in groups.values())
-    stale = sum(1 for group in groups.values() for cells in group.instances.values() if _stale(cells))
-    head = f"{instances} instance(s) in {len(groups)} stage/role group(s), {stale} stale"
-    body = "\n".join(sections) if sections else '<p class="empty">no instances have reported yet</p>'
+    parts, instances, stale, groups_seen = [], 0, 0, 0
+    for view in views:
+        groups = _group(view.rows)
+        anchor = f"{view.label.split(' ')[0]}-" if len(views) > 1 else ""
+        sections = [
+            _section(stage, role, group, view.pointers, view.cursors, kinds, anchor)
+            for (stage, role), group in groups.items()
+        ]
+        if len(views) > 1:
+            parts.append(f'<h2 class="target">{_e(view.label)}</h2>')
+        parts.append("\n".join(sections) if sections else '<p class="empty">no instances have reported yet</p>')
+        instances += sum(len(group.instances) for group in groups.values())
+        stale += sum(1 for group in groups.values() for cells in group.instances.values() if _stale(cells))
+        groups_seen += len(groups)
+    head = f"{instances} instance(s) in {groups_seen} stage/role group(s), {stale} stale"
+    source = views[0].label if len(views) == 1 else f"{len(views)} targets"
     return _PAGE.format(
         csp=_e(CONTENT_SECURITY_POLICY),
         style=_STYLE,
@@ -141,7 +167,7 @@ def render_page(
         generated=_e(generated_at.strftime(TIMESTAMP_FORMAT)),
         head=_e(head),
         legend=_legend(kinds),
-        body=body,
+        body="\n".join(parts),
     )
 
 
@@ -165,6 +191,7 @@ def _section(
     pointers: Mapping[Channel, Deploy],
     cursors: Mapping[Channel, Cursor],
     kinds: Counter[Kind],
+    anchor: str = "",
 ) -> str:
     components = sorted(group.channels)
     panels = [
@@ -179,7 +206,7 @@ def _section(
         cursor_of = {c: cursors.get(Channel(stage, role, c)) for c in cells}
         lines.append(_instance_row(instance, cells, components, cursor_of, kinds))
     return (
-        f'<section id="{_e(stage)}-{_e(role)}"><details open><summary><h2>{_e(stage)}/{_e(role)}</h2> '
+        f'<section id="{_e(anchor)}{_e(stage)}-{_e(role)}"><details open><summary><h2>{_e(stage)}/{_e(role)}</h2> '
         f"<span>{len(group.instances)} instance(s), {len(components)} component(s)</span></summary>\n"
         f'<div class="channels">{"".join(panels)}</div>\n'
         f'<table class="grid"><thead><tr><th scope="col">instance</th><th scope="col">heartbeat</th>'

@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -237,28 +237,38 @@ def rollback(
 
 
 @click.command()
-@store_options
+@targets_store_options
 @channel_options
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Newest deploys to show.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet
-def history(store: Store, channel: Channel, limit: int, as_json: bool) -> None:
-    """Deploys of one channel, newest first: seq, release, deploy id, time, who and from where."""
+def history(store: Store, targets: tuple[Target, ...], channel: Channel, limit: int, as_json: bool) -> None:
+    """Deploys of one channel, newest first: seq, release, deploy id, time, who and from where;
+    with --targets, each target's (its own seqs), headed by its region and account."""
     from itertools import islice
 
     from deployer.aws.s3 import read_pointer
     from publisher.history import format_history, iter_history
 
-    deploys = list(islice(iter_history(store.clients.s3, store.bucket, store.layout, channel), limit))
-    pointer = read_pointer(store.clients.s3, store.bucket, store.layout, channel)
-    current = pointer.deploy.seq if pointer else None
+    places: list[tuple[str | None, Any, str, Any]] = [(None, store.clients.s3, store.bucket, store.layout)]
+    if targets:
+        from publisher.targets import connect
+
+        reaches = [connect(target, store.aws.endpoint_url) for target in targets]
+        places = [(r.label(), r.publisher.clients.s3, r.publisher.bucket, r.publisher.layout) for r in reaches]
+    found: dict[str | None, dict[str, Any]] = {}
+    for label, s3, bucket, layout in places:
+        deploys = list(islice(iter_history(s3, bucket, layout, channel), limit))
+        pointer = read_pointer(s3, bucket, layout, channel)
+        current = pointer.deploy.seq if pointer else None
+        found[label] = {"current_seq": current, "deploys": [d.to_dict() for d in deploys]}
+        if as_json:
+            continue
+        if label is not None:
+            click.echo(f"== {label}")
+        click.echo(format_history(deploys, current) if deploys else f"{channel} has no deploys yet")
     if as_json:
-        click.echo(json.dumps({"current_seq": current, "deploys": [d.to_dict() for d in deploys]}, indent=2))
-        return
-    if not deploys:
-        click.echo(f"{channel} has no deploys yet")
-        return
-    click.echo(format_history(deploys, current))
+        click.echo(json.dumps(found if targets else found[None], indent=2))
 
 
 def spread_publish(

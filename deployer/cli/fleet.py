@@ -24,7 +24,6 @@ from deployer.cli.options import (
     publisher_arn_option,
     queue_prefix_option,
     quiet,
-    store_options,
     targets_store_options,
     topic_option,
 )
@@ -34,7 +33,9 @@ from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
 from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, MIN_OLDER_THAN_DAYS
 
 if TYPE_CHECKING:
+    from deployer.aws.clients import Clients
     from deployer.protocol.deploy import Deploy
+    from deployer.protocol.layout import Layout
     from deployer.protocol.names import Channel
     from deployer.protocol.targets import Target
     from publisher.fleet import Row
@@ -127,9 +128,9 @@ def status(
     if upload and (stage or role or component):
         raise click.UsageError("--upload replaces the whole fleet's page: drop --stage, --role and --component")
     if targets:
-        if html_path or upload or metrics:
-            raise click.UsageError("--html, --upload and --metrics work on one fleet: run them per target")
-        _targets_status(store, targets, stage, role, component, stale_after, as_json)
+        if metrics:
+            raise click.UsageError("--metrics puts one fleet's gauges in its region: run it per target")
+        _targets_status(store, targets, stage, role, component, stale_after, as_json, html_path, upload)
         return
     entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
     read_at = datetime.now(UTC)
@@ -159,47 +160,64 @@ def _targets_status(
     component: str | None,
     stale_after: float,
     as_json: bool,
+    html_path: Path | None,
+    upload: bool,
 ) -> None:
-    """Every target's fleet, read side by side, one section (or one JSON key) per target, each
-    saying its region and account."""
+    """Every target's fleet, read side by side: one section (one JSON key, one part of the page)
+    per target, each saying its region and account; the page goes to the first target's bucket."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deployer.aws.reports import ReportReader
+    from deployer.aws.s3 import put_page
     from publisher.fleet import channels_of, fleet_rows, format_table, summary
     from publisher.history import pointer_deploys
+    from publisher.page import FleetView, render_views
+    from publisher.rollout import rollout_cursors
     from publisher.targets import Reach, connect
 
-    def read(target: Target) -> tuple[Reach, list[Row]]:
+    def read(target: Target) -> tuple[Reach, FleetView]:
         reach = connect(target, store.aws.endpoint_url)
         p = reach.publisher
         entries = ReportReader(p.clients.s3, p.bucket, p.layout, stage, role).refresh()
         pointers = pointer_deploys(p.clients.s3, p.bucket, p.layout, channels_of(entries.values()))
-        return reach, fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+        rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+        cursors = rollout_cursors(p.clients.s3, p.bucket, p.layout, pointers) if html_path or upload else {}
+        return reach, FleetView(reach.label(), rows, pointers, cursors)
 
     with ThreadPoolExecutor(min(8, len(targets)), thread_name_prefix="status") as pool:
         views = list(pool.map(read, targets))
-    if as_json:
+    if html_path or upload:
+        data = render_views([view for _, view in views], generated_at=datetime.now(UTC)).encode()
+        if html_path is not None:
+            html_path.write_bytes(data)
+            click.echo(f"wrote {html_path} ({len(views)} target(s), {len(data)} bytes)")
+        if upload:
+            first = views[0][0].publisher
+            put_page(first.clients.s3, first.bucket, first.layout.fleet_page_key(), data)
+            click.echo(f"uploaded s3://{first.bucket}/{first.layout.fleet_page_key()} ({len(views)} target(s))")
+    elif as_json:
         click.echo(
             json.dumps(
                 {
                     reach.target.name: {
                         "region": reach.target.region,
                         "account": reach.target.topic_arn.split(":")[4],
-                        "instances": [dataclasses.asdict(r) for r in rows],
-                        "summary": summary(rows),
+                        "instances": [dataclasses.asdict(r) for r in view.rows],
+                        "summary": summary(view.rows),
                     }
-                    for reach, rows in views
+                    for reach, view in views
                 },
                 indent=2,
             )
         )
-        return
-    for reach, rows in views:
-        click.echo(f"== {reach.label()}")
-        click.echo(format_table(rows) if rows else "no instances have reported yet")
-        for line in summary(rows):
-            click.echo(line)
-        click.echo()
+    else:
+        for _, view in views:
+            rows = list(view.rows)
+            click.echo(f"== {view.label}")
+            click.echo(format_table(rows) if rows else "no instances have reported yet")
+            for line in summary(rows):
+                click.echo(line)
+            click.echo()
 
 
 def _put_metrics(store: Store, rows: list[Row], read_at: datetime, namespace: str, err: bool) -> None:
@@ -261,8 +279,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 
 @gc.command("instances")
-@store_options
-@topic_option()
+@targets_store_options
+@topic_option(required=False)
 @queue_prefix_option
 @click.option(
     "--ttl",
@@ -274,25 +292,56 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 @dry_run_option
 @json_option
 @quiet
-def gc_instances(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dry_run: bool, as_json: bool) -> None:
+def gc_instances(
+    store: Store,
+    targets: tuple[Target, ...],
+    topic_arn: str,
+    queue_prefix: str,
+    ttl: float,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Remove subscriptions, then queues, then status reports of instances silent for longer than --ttl.
 
     Silent means both the report's heartbeat and the object's own LastModified are older than
-    --ttl: a heartbeat written into a body is only a claim.
+    --ttl: a heartbeat written into a body is only a claim. With --targets, in every target, one
+    after the other (a target in another account through its role, which then needs the gc policy).
     """
     from publisher.gc import Collector, describe
 
-    collector = Collector(store.clients, store.bucket, topic_arn, store.layout, queue_prefix)
-    removed = collector.run(ttl, dry_run=dry_run)
+    found: dict[str, list[Any]] = {}
+    for label, clients, bucket, topic, layout in _places(store, targets, topic_arn):
+        removed = Collector(clients, bucket, topic, layout, queue_prefix).run(ttl, dry_run=dry_run)
+        found[label] = [dataclasses.asdict(r) for r in removed]
+        if not as_json:
+            if targets:
+                click.echo(f"== {label}")
+            for line in describe(removed, dry_run=dry_run):
+                click.echo(line)
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "removed": [dataclasses.asdict(r) for r in removed]}, indent=2))
-        return
-    for line in describe(removed, dry_run=dry_run):
-        click.echo(line)
+        removed_json = found if targets else next(iter(found.values()))
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed_json}, indent=2))
+
+
+def _places(
+    store: Store, targets: tuple[Target, ...], topic_arn: str | None
+) -> list[tuple[str, Clients, str, str, Layout]]:
+    """Where a housekeeping command works: the one fleet, or each target (its label, clients as its
+    role, bucket, topic and key layout)."""
+    if not targets:
+        return [(store.bucket, store.clients, store.bucket, topic_arn or "", store.layout)]
+    from publisher.targets import connect
+
+    places = []
+    for target in targets:
+        reach = connect(target, store.aws.endpoint_url)
+        p = reach.publisher
+        places.append((reach.label(), p.clients, p.bucket, p.topic_arn, p.layout))
+    return places
 
 
 @gc.command("releases")
-@store_options
+@targets_store_options
 @click.option(
     "--keep",
     default=DEFAULT_KEEP,
@@ -313,7 +362,13 @@ def gc_instances(store: Store, topic_arn: str, queue_prefix: str, ttl: float, dr
 @json_option
 @quiet
 def gc_releases(
-    store: Store, keep: int, older_than_days: float, component: str | None, dry_run: bool, as_json: bool
+    store: Store,
+    targets: tuple[Target, ...],
+    keep: int,
+    older_than_days: float,
+    component: str | None,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Delete the releases nothing refers to.
 
@@ -324,14 +379,19 @@ def gc_releases(
     """
     from publisher.retention import ReleaseCollector, describe_releases
 
-    outcome = ReleaseCollector(store.clients, store.bucket, store.layout).run(
-        keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
-    )
+    found = {}
+    for label, clients, bucket, _topic, layout in _places(store, targets, None):
+        outcome = ReleaseCollector(clients, bucket, layout).run(
+            keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
+        )
+        found[label] = outcome.to_dict()
+        if not as_json:
+            if targets:
+                click.echo(f"== {label}")
+            for line in describe_releases(outcome):
+                click.echo(line)
     if as_json:
-        click.echo(json.dumps(outcome.to_dict(), indent=2))
-        return
-    for line in describe_releases(outcome):
-        click.echo(line)
+        click.echo(json.dumps(found if targets else next(iter(found.values())), indent=2))
 
 
 def scope_options(func: Command) -> Command:

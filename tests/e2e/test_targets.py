@@ -127,6 +127,19 @@ def test_a_release_reaches_two_regions_and_accounts_in_order_and_a_failing_one_r
     assert "== east (us-east-1, 123456789012)" in seen.stdout, seen.stdout + seen.stderr
     assert "== west (us-west-2, 222222222222)" in seen.stdout
     assert seen.stdout.count("prod/web/api: 2/2 on seq 1, 0 failed") == 2
+    page = tmp_path / "fleet.html"
+    drawn = cli("status", "--targets", str(targets), "--html", str(page))
+    assert drawn.returncode == 0, drawn.stderr
+    assert page.read_text().count('<h2 class="target">') == 2
+    assert "west (us-west-2, 222222222222)" in page.read_text()
+    told = cli("history", "--targets", str(targets), "--stage", "prod", "--role", "web", "--component", "api", "--json")
+    assert {name: doc["current_seq"] for name, doc in json.loads(told.stdout).items()} == {
+        "east (us-east-1, 123456789012)": 1,
+        "west (us-west-2, 222222222222)": 1,
+    }
+    swept = cli("gc", "releases", "--targets", str(targets), "--dry-run")
+    assert swept.returncode == 0, swept.stderr
+    assert "== west (us-west-2, 222222222222)" in swept.stdout
 
     flags = tmp_path / "flags"
     flags.mkdir()
