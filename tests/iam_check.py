@@ -372,13 +372,32 @@ def _account_of(record: Record, default: str) -> str:
 
 
 def _scope_in(record: Record, test_records: list[Record], topic_arn: str, account: str) -> Scope:
-    """The record's scope: in another account, built from that account's own calls and topic (a
-    target's CI role there is granted that target's bucket and topic, not the first one's)."""
-    if account == topic_arn.split(":")[4]:
-        return scope_of(record, test_records, topic_arn)
+    """The record's scope, built from its account's own calls: in another account, with that
+    account's topic too (a target's CI role there is granted that target's bucket and topic, not
+    the first one's, and CI at home the first one's, whichever target's bucket was named first)."""
     default = topic_arn.split(":")[4]
     local = [r for r in test_records if _account_of(r, default) == account]
-    return scope_of(record, local, _topic(local, account))
+    return scope_of(record, local, topic_arn if account == default else _topic(local, account))
+
+
+def _home(records: list[Record]) -> list[Record]:
+    """The records of the test's own deployment: not those CI made in a target's account as the
+    role it assumed there. `publish --targets` stores to its targets in parallel, so a target's
+    topic may be named before the test's own."""
+    assumed = {
+        (arn.split(":")[4], arn.rsplit("/", 1)[-1])
+        for r in records
+        if r.role is Role.CI and r.call.operation == "AssumeRole" and (arn := str(r.call.params.get("RoleArn", "")))
+    }
+    return [r for r in records if _session_role(r) not in assumed]
+
+
+def _session_role(record: Record) -> tuple[str, str] | None:
+    """The (account, role name) of the assumed-role session a call was made as, if it was."""
+    parts = record.caller.get("Arn", "").split(":", 5)  # arn:aws:sts::ACCOUNT:assumed-role/NAME/SESSION
+    if len(parts) == 6 and parts[5].startswith("assumed-role/"):
+        return parts[4], parts[5].split("/")[1]
+    return None
 
 
 def _in_account(record: Record, account: str) -> Record:
@@ -395,7 +414,7 @@ def check(directory: Path) -> Findings:
     for record in records:
         by_test[record.test].append(record)
     for test_records in by_test.values():
-        world, topic_arn = World(), _topic(test_records)
+        world, topic_arn = World(), _topic(_home(test_records))
         account = topic_arn.split(":")[4]
         for listed in test_records:
             here = _account_of(listed, account)

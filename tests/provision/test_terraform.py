@@ -1,6 +1,8 @@
 """The Terraform module, for real: its policies are the CLI's, and terraform applies the example
 against moto on 127.0.0.1, an agent converges on what it created, deploy events reach a queue
-through the rules and the bucket notification it made, and destroy leaves nothing.
+through the rules and the bucket notification it made, and destroy leaves nothing; it applies the
+targets example in two regions and two accounts, and `publish --targets` publishes to both with
+the fleet definition it outputs.
 
 Terraform and the hashicorp/aws provider come from the machine (`terraform` on PATH, the provider
 in a plugin directory, `DEPLOYER_TF_PLUGIN_DIR`, default /opt/tf-plugins); without them these
@@ -32,6 +34,8 @@ from deployer.aws.events import fleet_pattern, instance_pattern
 from deployer.local.emulator import Emulator
 from deployer.protocol.events import FLEET_RULE, INSTANCE_RULE, EventType
 from deployer.protocol.layout import Layout, ReportKey
+from deployer.protocol.names import Channel
+from deployer.protocol.targets import MoveState, RecordState, Target, parse_fleet_definition, parse_record
 from publisher.iam import Audience, Scope, policy_for
 from tests.asg_fake import LifecycleFake, lifecycle_proxy
 from tests.provision.conftest import REPO, SCRIPTS, run
@@ -46,6 +50,14 @@ SERVICES = ("autoscaling", "ec2", "events", "iam", "s3", "sns", "sqs", "sts")
 AMI = "ami-03cf127a"
 #: init, validate, apply and destroy each start the provider; on 2 cores that is seconds apiece.
 TERRAFORM_TIMEOUT_SECONDS = 180
+#: moto's account, the targets example's target A's; target B is in another account and region
+#: (moto's STS AssumeRole into a role ARN of an account hands out that account's credentials).
+ACCOUNT = "123456789012"
+OTHER_ACCOUNT, OTHER_REGION = "222222222222", "us-west-2"
+#: The role provider aws.b assumes to manage target B (moto needs no such role to exist).
+TERRAFORM_ROLE_ARN = f"arn:aws:iam::{OTHER_ACCOUNT}:role/terraform"
+EXTERNAL_ID = "fleet-deployer-tf"
+GITHUB_OIDC_PROVIDER_ARN = f"arn:aws:iam::{ACCOUNT}:oidc-provider/token.actions.githubusercontent.com"
 
 
 def terraform_binary() -> str:
@@ -111,12 +123,13 @@ class Terraform:
         return {name: value["value"] for name, value in json.loads(result.stdout).items()}
 
 
-def emulator_provider(endpoint: str) -> str:
-    """An override file (merged into the example's provider block) that points it at moto."""
+def emulator_provider(endpoint: str, alias: str | None = None, region: str | None = REGION) -> str:
+    """An override file's provider block (merged into the example's of the same alias) that points
+    it at moto; region None keeps the example's."""
     endpoints = "\n".join(f'    {service} = "{endpoint}"' for service in SERVICES)
+    settings = "".join(f'  {name:<27} = "{value}"\n' for name, value in (("alias", alias), ("region", region)) if value)
     return f"""provider "aws" {{
-  region                      = "{REGION}"
-  access_key                  = "testing"
+{settings}  access_key                  = "testing"
   secret_key                  = "testing"
   skip_credentials_validation = true
   skip_requesting_account_id  = true
@@ -130,16 +143,16 @@ def emulator_provider(endpoint: str) -> str:
 """
 
 
-@pytest.fixture
-def terraform(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
-    """The example in tmp_path (state and .terraform never land in the repository), with the
-    files the modules read from the repository beside it: the policy templates and cloud-init."""
+def initialised(example: str, override: str, tmp_path: Path, closed_port: int) -> Terraform:
+    """terraform/<example> in tmp_path (state and .terraform never land in the repository), with
+    the files the modules read from the repository beside it (the policy templates and cloud-init)
+    and the override file pointing its providers at the emulator, after `init`."""
     binary, plugins = terraform_binary(), plugin_dir()
     work = tmp_path / "tf"
     shutil.copytree(TERRAFORM, work / "terraform", ignore=shutil.ignore_patterns(".terraform*", "*.tfstate*"))
     shutil.copytree(SCRIPTS / "cloud-init", work / "scripts/cloud-init")
-    example = work / "terraform/example"
-    (example / "emulator_override.tf").write_text(emulator_provider(aws_env.url))
+    workdir = work / "terraform" / example
+    (workdir / "emulator_override.tf").write_text(override)
     cli_config = tmp_path / "terraformrc"
     cli_config.write_text("")
     proxy = f"http://127.0.0.1:{closed_port}"
@@ -153,9 +166,23 @@ def terraform(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
         HTTPS_PROXY=proxy,
         NO_PROXY="127.0.0.1",
     )
-    tf = Terraform(binary, example, env)
+    tf = Terraform(binary, workdir, env)
     tf("init", "-backend=false", f"-plugin-dir={plugins}")
     return tf
+
+
+@pytest.fixture
+def terraform(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
+    """terraform/example, initialised against the emulator."""
+    return initialised("example", emulator_provider(aws_env.url), tmp_path, closed_port)
+
+
+@pytest.fixture
+def terraform_targets(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
+    """terraform/example-targets, both of its providers (aws.a, aws.b) pointed at the emulator,
+    each in the region its variables name."""
+    override = "\n".join(emulator_provider(aws_env.url, alias, region=None) for alias in ("a", "b"))
+    return initialised("example-targets", override, tmp_path, closed_port)
 
 
 def default_subnet(endpoint: str) -> str:
@@ -188,14 +215,19 @@ def agent_yml(user_data: bytes, scratch: Path) -> dict[str, Any]:
     return dict(yaml.safe_load(content))
 
 
+def attached_policy(iam: Any, role_name: str) -> dict[str, Any]:
+    """The document of the one managed policy attached to the role, as the emulator holds it."""
+    (attached,) = iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]
+    version = iam.get_policy(PolicyArn=attached["PolicyArn"])["Policy"]["DefaultVersionId"]
+    return dict(iam.get_policy_version(PolicyArn=attached["PolicyArn"], VersionId=version)["PolicyVersion"]["Document"])
+
+
 def policies_in_place(endpoint: str, out: dict[str, Any]) -> dict[str, Any]:
     """Each policy as the emulator holds it (the bucket policy, which the test cannot attach, as rendered)."""
     iam = boto3.client("iam", region_name=REGION, endpoint_url=endpoint)
     sns = boto3.client("sns", region_name=REGION, endpoint_url=endpoint)
-    (ci,) = iam.list_attached_role_policies(RoleName="deployer-ci")["AttachedPolicies"]
-    ci_version = iam.get_policy(PolicyArn=ci["PolicyArn"])["Policy"]["DefaultVersionId"]
     return {
-        "ci": iam.get_policy_version(PolicyArn=ci["PolicyArn"], VersionId=ci_version)["PolicyVersion"]["Document"],
+        "ci": attached_policy(iam, "deployer-ci"),
         "instance": iam.get_role_policy(RoleName="deployer-prod-web", PolicyName="deployer-agent")["PolicyDocument"],
         "gc": iam.get_role_policy(RoleName="deployer-gc", PolicyName="deployer-gc")["PolicyDocument"],
         "topic": json.loads(sns.get_topic_attributes(TopicArn=out["topic_arn"])["Attributes"]["Policy"]),
@@ -301,7 +333,7 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
         "subnet_ids": [default_subnet(aws_env.url)],
         "desired_capacity": 1,
         "github_repository": "acme/api",
-        "github_oidc_provider_arn": "arn:aws:iam::123456789012:oidc-provider/token.actions.githubusercontent.com",
+        "github_oidc_provider_arn": GITHUB_OIDC_PROVIDER_ARN,
         "gc_role": True,
         "deregister_on_shutdown": True,
         "event_bus": "default",
@@ -427,3 +459,114 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
     sqs.delete_queue(QueueUrl=events_queue)
     left = leftovers(aws_env.url)
     assert left == {kind: [] for kind in left}
+
+
+def as_other_account(endpoint: str) -> boto3.session.Session:
+    """Credentials of OTHER_ACCOUNT, as provider aws.b gets them (moto's AssumeRole)."""
+    sts = boto3.client("sts", region_name=REGION, endpoint_url=endpoint)
+    creds = sts.assume_role(RoleArn=TERRAFORM_ROLE_ARN, RoleSessionName="test")["Credentials"]
+    return boto3.session.Session(
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+        region_name=OTHER_REGION,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.moto_only("a second account through STS AssumeRole, and a second region")
+def test_terraform_applies_the_targets_example_in_two_regions_and_accounts_and_its_fleet_yml_publishes_to_both(
+    terraform_targets: Terraform, aws_env: Emulator, tmp_path: Path
+) -> None:
+    terraform_targets("validate")
+    variables = {
+        "target_a": {"name": "east", "region": REGION, "bucket_name": "tf-deploys-east"},
+        "target_b": {
+            "name": "west",
+            "region": OTHER_REGION,
+            "bucket_name": "tf-deploys-west",
+            # Provider aws.b manages target B as a role of the other account.
+            "terraform_role_arn": TERRAFORM_ROLE_ARN,
+        },
+        "external_id": EXTERNAL_ID,
+        "github_repository": "acme/api",
+        "github_oidc_provider_arn": GITHUB_OIDC_PROVIDER_ARN,
+        # The emulator's gaps, as for the example above.
+        "bucket_lifecycle": False,
+        "bucket_policy": False,
+        "force_destroy": True,
+    }
+    (terraform_targets.workdir / "emulator.auto.tfvars.json").write_text(json.dumps(variables))
+    terraform_targets("apply", "-auto-approve")
+    out = terraform_targets.outputs()
+    source_role, target_role = out["source_ci_role_arn"], out["target_ci_role_arn"]
+    assert source_role == f"arn:aws:iam::{ACCOUNT}:role/deployer-ci"
+    assert target_role == f"arn:aws:iam::{OTHER_ACCOUNT}:role/deployer-ci-west"
+
+    # The fleet definition is `deployer publish --targets`' own format: A with the CLI's own
+    # credentials, B (in the other account, its other region) through its CI role.
+    a, b = out["target_a"], out["target_b"]
+    assert parse_fleet_definition(out["fleet_yml"]) == (
+        Target("east", REGION, a["bucket_name"], a["topic_arn"], a["prefix"]),
+        Target("west", OTHER_REGION, b["bucket_name"], b["topic_arn"], b["prefix"], target_role, EXTERNAL_ID),
+    )
+    assert b["topic_arn"] == f"arn:aws:sns:{OTHER_REGION}:{OTHER_ACCOUNT}:deployer-west"
+
+    # The policies in place are what `deployer iam-policy` prints for these names: the source CI
+    # role's with --assume-role, target B's CI role's for its own account and its trust policy, and
+    # each topic's, admitting the CI role that publishes there.
+    other = as_other_account(aws_env.url)
+    iam_a = boto3.client("iam", region_name=REGION, endpoint_url=aws_env.url)
+    iam_b = other.client("iam", endpoint_url=aws_env.url)
+    sns_a = boto3.client("sns", region_name=REGION, endpoint_url=aws_env.url)
+    sns_b = other.client("sns", endpoint_url=aws_env.url)
+    in_place = {
+        "source ci": attached_policy(iam_a, "deployer-ci"),
+        "target ci": attached_policy(iam_b, "deployer-ci-west"),
+        "target trust": iam_b.get_role(RoleName="deployer-ci-west")["Role"]["AssumeRolePolicyDocument"],
+        "topic a": json.loads(sns_a.get_topic_attributes(TopicArn=a["topic_arn"])["Attributes"]["Policy"]),
+        "topic b": json.loads(sns_b.get_topic_attributes(TopicArn=b["topic_arn"])["Attributes"]["Policy"]),
+    }
+    scope_a = Scope(bucket=a["bucket_name"], topic_arn=a["topic_arn"], prefix=a["prefix"], stage="prod")
+    scope_b = Scope(bucket=b["bucket_name"], topic_arn=b["topic_arn"], prefix=b["prefix"], stage="prod")
+    assert in_place == {
+        "source ci": policy_for(Audience.CI, replace(scope_a, assume_roles=(target_role,))),
+        "target ci": policy_for(Audience.CI, scope_b),
+        "target trust": policy_for(
+            Audience.TARGET_TRUST, replace(scope_b, publishers=(source_role,), external_id=EXTERNAL_ID)
+        ),
+        "topic a": policy_for(Audience.TOPIC, replace(scope_a, publishers=(source_role,))),
+        "topic b": policy_for(Audience.TOPIC, replace(scope_b, publishers=(target_role,))),
+    }
+    assert json.loads(out["target_trust_policy_json"]) == in_place["target trust"]
+
+    # `deployer publish --targets` with the output as it is: target B through its CI role and the
+    # external id, and both pointers move (no instance is expected: --wait has nothing to wait for).
+    fleet_yml = tmp_path / "fleet.yml"
+    fleet_yml.write_text(out["fleet_yml"])
+    build = make_tree(tmp_path / "build", {"index.html": "everywhere"})
+    channel = Channel("prod", "web", "api")
+    published = cli(
+        "publish", "--targets", str(fleet_yml), "--stage", channel.stage, "--role", channel.role,
+        "--component", channel.component, "--artifact", str(build), "--wait",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stdout + published.stderr
+    s3_a = boto3.client("s3", region_name=REGION, endpoint_url=aws_env.url)
+    s3_b = other.client("s3", endpoint_url=aws_env.url)
+    for s3, target in ((s3_a, a), (s3_b, b)):
+        s3.head_object(Bucket=target["bucket_name"], Key=Layout(target["prefix"]).pointer_key(channel))
+    (record_key,) = [
+        o["Key"]
+        for o in s3_a.list_objects_v2(
+            Bucket=a["bucket_name"], Prefix=Layout(a["prefix"]).targets_records_prefix(channel)
+        )["Contents"]
+    ]
+    record = parse_record(s3_a.get_object(Bucket=a["bucket_name"], Key=record_key)["Body"].read())
+    assert record.state == RecordState.DONE
+    assert {name: (move.seq, move.state) for name, move in record.moves.items()} == {
+        "east": (1, MoveState.PASSED),
+        "west": (1, MoveState.PASSED),
+    }
+    # No destroy: with two provider configurations each plan costs about 10 s on 2 cores, the
+    # emulator is reset before the next test anyway, and the example above shows the same module
+    # destroyed to nothing.

@@ -26,16 +26,19 @@ locals {
     )
     # The command lists them sorted.
     notify_topic_arns = sort(var.notify_topic_arns)
+    assume_role_arns  = sort(var.assume_role_arns)
   }
   publisher_arns = concat(aws_iam_role.ci[*].arn, var.publisher_arns)
   ci_variant     = "ci${var.ci_stage == null ? "" : "-stage"}${length(var.ci_sign_key_arns) > 0 ? "-sign" : ""}"
-  # `deployer iam-policy --for ci [--stage] [--sign-key] [--event-bus] [--notify]`: --event-bus and
-  # --notify only add statements, so the policy is the union by Sid of the base template and each
-  # option's (in the order the CLI writes them, first appearance kept), as the fleet module does.
+  # `deployer iam-policy --for ci [--stage] [--sign-key] [--event-bus] [--notify] [--assume-role]`:
+  # --event-bus, --notify and --assume-role only add statements, so the policy is the union by Sid
+  # of the base template and each option's (in the order the CLI writes them, first appearance
+  # kept), as the fleet module does.
   ci_policy_variants = concat(
     [local.ci_variant],
     var.event_bus == null ? [] : ["ci-events"],
     length(var.notify_topic_arns) > 0 ? ["ci-notify"] : [],
+    length(var.assume_role_arns) > 0 ? ["ci-assume"] : [],
   )
   ci_statements = flatten([
     for variant in local.ci_policy_variants :

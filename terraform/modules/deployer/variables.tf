@@ -107,6 +107,16 @@ variable "notify_topic_arns" {
   }
 }
 
+variable "assume_role_arns" {
+  description = "The CI roles of targets in other accounts that this account's CI assumes for `deployer publish --targets` (a fleet definition's `role`s): the CI policy allows sts:AssumeRole on them only (`iam-policy --for ci --assume-role`). Each role's trust policy must admit this account's CI principal (`iam-policy --for target-trust`; terraform/example-targets/ writes one)."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for arn in var.assume_role_arns : can(regex("^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$", arn))])
+    error_message = "assume_role_arns are IAM role ARNs (arn:aws:iam::ACCOUNT:role/NAME)."
+  }
+}
+
 variable "events_target" {
   description = "Route deploy events to this SQS queue, SNS topic or CloudWatch Logs log group (`arn`), as `deployer init --events-target` does: turns on the bucket's EventBridge notifications (this module then owns the bucket's whole notification configuration) and creates the rules deployer-fleet-events (source `deployer`) and deployer-instance-events (S3 Object Created under `<prefix>/events/` of this bucket) on the default bus, each with this target. The target's resource policy must let events.amazonaws.com deliver (an SQS queue policy allowing sqs:SendMessage, an SNS topic policy allowing sns:Publish, a CloudWatch Logs resource policy; conditioned on the rule ARNs this module outputs), and a KMS-encrypted queue or topic needs its key to allow it too: the module does not own the target and writes none of these (terraform/example/ writes a queue's). An object, not a string, so that whether it is set is known at plan even when the ARN is of a resource created in the same apply. null: no rules, no notification."
   type = object({
