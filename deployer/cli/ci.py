@@ -18,6 +18,7 @@ from deployer.cli.options import (
     aws_options,
     bucket_option,
     channel_options,
+    fleets,
     inline_manifest_option,
     news_options,
     prefix_option,
@@ -250,25 +251,20 @@ def history(store: Store, targets: tuple[Target, ...], channel: Channel, limit: 
     from deployer.aws.s3 import read_pointer
     from publisher.history import format_history, iter_history
 
-    places: list[tuple[str | None, Any, str, Any]] = [(None, store.clients.s3, store.bucket, store.layout)]
-    if targets:
-        from publisher.targets import connect
-
-        reaches = [connect(target, store.aws.endpoint_url) for target in targets]
-        places = [(r.label(), r.publisher.clients.s3, r.publisher.bucket, r.publisher.layout) for r in reaches]
-    found: dict[str | None, dict[str, Any]] = {}
-    for label, s3, bucket, layout in places:
-        deploys = list(islice(iter_history(s3, bucket, layout, channel), limit))
-        pointer = read_pointer(s3, bucket, layout, channel)
+    found: dict[str, dict[str, Any]] = {}
+    for where in fleets(store, targets):
+        s3 = where.clients.s3
+        deploys = list(islice(iter_history(s3, where.bucket, where.layout, channel), limit))
+        pointer = read_pointer(s3, where.bucket, where.layout, channel)
         current = pointer.deploy.seq if pointer else None
-        found[label] = {"current_seq": current, "deploys": [d.to_dict() for d in deploys]}
+        found[where.label] = {"current_seq": current, "deploys": [d.to_dict() for d in deploys]}
         if as_json:
             continue
-        if label is not None:
-            click.echo(f"== {label}")
+        if targets:
+            click.echo(f"== {where.label}")
         click.echo(format_history(deploys, current) if deploys else f"{channel} has no deploys yet")
     if as_json:
-        click.echo(json.dumps(found if targets else found[None], indent=2))
+        click.echo(json.dumps(found if targets else found[store.bucket], indent=2))
 
 
 def spread_publish(

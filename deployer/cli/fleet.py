@@ -19,6 +19,7 @@ from deployer.cli.options import (
     Store,
     aws_options,
     bucket_option,
+    fleets,
     name_callback,
     prefix_option,
     publisher_arn_option,
@@ -33,7 +34,8 @@ from deployer.protocol.report import DEFAULT_GC_TTL_SECONDS, MIN_GC_TTL_SECONDS
 from deployer.protocol.retention import DEFAULT_KEEP, DEFAULT_OLDER_THAN_DAYS, MIN_OLDER_THAN_DAYS
 
 if TYPE_CHECKING:
-    from deployer.aws.clients import Clients
+    from mypy_boto3_s3 import S3Client
+
     from deployer.protocol.deploy import Deploy
     from deployer.protocol.layout import Layout
     from deployer.protocol.names import Channel
@@ -119,9 +121,7 @@ def status(
     --metrics also puts each channel's gauges into CloudWatch, stamped with the time the reports
     were read, for an alarm on convergence (one line says what was put; on stderr with --json).
     """
-    from deployer.aws.reports import ReportReader
-    from publisher.fleet import channels_of, fleet_rows, format_table, summary
-    from publisher.history import pointer_deploys
+    from publisher.fleet import format_table, summary
 
     if as_json and (html_path or upload):
         raise click.UsageError("--json prints the fleet; --html/--upload render it as a page: choose one")
@@ -132,10 +132,10 @@ def status(
             raise click.UsageError("--metrics puts one fleet's gauges in its region: run it per target")
         _targets_status(store, targets, stage, role, component, stale_after, as_json, html_path, upload)
         return
-    entries = ReportReader(store.clients.s3, store.bucket, store.layout, stage, role).refresh()
     read_at = datetime.now(UTC)
-    pointers = pointer_deploys(store.clients.s3, store.bucket, store.layout, channels_of(entries.values()))
-    rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, now=read_at, pointers=pointers)
+    rows, pointers = _read_fleet(
+        store.clients.s3, store.bucket, store.layout, stage, role, component, stale_after, read_at
+    )
     if html_path or upload:
         _page(store, rows, pointers, html_path, upload)
     elif as_json:
@@ -167,10 +167,7 @@ def _targets_status(
     per target, each saying its region and account; the page goes to the first target's bucket."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from deployer.aws.reports import ReportReader
-    from deployer.aws.s3 import put_page
-    from publisher.fleet import channels_of, fleet_rows, format_table, summary
-    from publisher.history import pointer_deploys
+    from publisher.fleet import format_table, summary
     from publisher.page import FleetView, render_views
     from publisher.rollout import rollout_cursors
     from publisher.targets import Reach, connect
@@ -178,9 +175,8 @@ def _targets_status(
     def read(target: Target) -> tuple[Reach, FleetView]:
         reach = connect(target, store.aws.endpoint_url)
         p = reach.publisher
-        entries = ReportReader(p.clients.s3, p.bucket, p.layout, stage, role).refresh()
-        pointers = pointer_deploys(p.clients.s3, p.bucket, p.layout, channels_of(entries.values()))
-        rows = fleet_rows(entries.values(), component=component, stale_after_s=stale_after, pointers=pointers)
+        now = datetime.now(UTC)
+        rows, pointers = _read_fleet(p.clients.s3, p.bucket, p.layout, stage, role, component, stale_after, now)
         cursors = rollout_cursors(p.clients.s3, p.bucket, p.layout, pointers) if html_path or upload else {}
         return reach, FleetView(reach.label(), rows, pointers, cursors)
 
@@ -188,13 +184,8 @@ def _targets_status(
         views = list(pool.map(read, targets))
     if html_path or upload:
         data = render_views([view for _, view in views], generated_at=datetime.now(UTC)).encode()
-        if html_path is not None:
-            html_path.write_bytes(data)
-            click.echo(f"wrote {html_path} ({len(views)} target(s), {len(data)} bytes)")
-        if upload:
-            first = views[0][0].publisher
-            put_page(first.clients.s3, first.bucket, first.layout.fleet_page_key(), data)
-            click.echo(f"uploaded s3://{first.bucket}/{first.layout.fleet_page_key()} ({len(views)} target(s))")
+        first = views[0][0].publisher
+        _deliver_page(data, f"{len(views)} target(s)", html_path, upload, first.clients.s3, first.bucket, first.layout)
     elif as_json:
         click.echo(
             json.dumps(
@@ -235,22 +226,51 @@ def _put_metrics(store: Store, rows: list[Row], read_at: datetime, namespace: st
 
 def _page(store: Store, rows: list[Row], pointers: Mapping[Channel, Deploy], path: Path | None, upload: bool) -> None:
     """Render the fleet page once; write it to `path` and/or put it next to the status reports."""
-    from deployer.aws.s3 import put_page
     from publisher.page import render_page
     from publisher.rollout import rollout_cursors
 
     cursors = rollout_cursors(store.clients.s3, store.bucket, store.layout, pointers)
     source = f"s3://{store.bucket}/{store.layout.key()}".rstrip("/")
     body = render_page(rows, generated_at=datetime.now(UTC), pointers=pointers, cursors=cursors, source=source)
-    data = body.encode()
     instances = len({(r.stage, r.role, r.instance_id) for r in rows})
+    _deliver_page(body.encode(), f"{instances} instance(s)", path, upload, store.clients.s3, store.bucket, store.layout)
+
+
+def _deliver_page(
+    data: bytes, what: str, path: Path | None, upload: bool, s3: S3Client, bucket: str, layout: Layout
+) -> None:
+    """Write the rendered page to `path` and/or put it beside the status reports, saying where."""
+    from deployer.aws.s3 import put_page
+
     if path is not None:
         path.write_bytes(data)
-        click.echo(f"wrote {path} ({instances} instance(s), {len(data)} bytes)")
+        click.echo(f"wrote {path} ({what}, {len(data)} bytes)")
     if upload:
-        key = store.layout.fleet_page_key()
-        put_page(store.clients.s3, store.bucket, key, data)
-        click.echo(f"uploaded s3://{store.bucket}/{key} ({instances} instance(s), {len(data)} bytes)")
+        key = layout.fleet_page_key()
+        put_page(s3, bucket, key, data)
+        click.echo(f"uploaded s3://{bucket}/{key} ({what}, {len(data)} bytes)")
+
+
+def _read_fleet(
+    s3: S3Client,
+    bucket: str,
+    layout: Layout,
+    stage: str | None,
+    role: str | None,
+    component: str | None,
+    stale_after: float,
+    now: datetime,
+) -> tuple[list[Row], dict[Channel, Deploy]]:
+    """One fleet's rows (every report, compared with its channel's pointer) and those pointers."""
+    from deployer.aws.reports import ReportReader
+    from publisher.fleet import channels_of, fleet_rows
+    from publisher.history import pointer_deploys
+
+    entries = ReportReader(s3, bucket, layout, stage, role).refresh()
+    pointers = pointer_deploys(s3, bucket, layout, channels_of(entries.values()))
+    return fleet_rows(
+        entries.values(), component=component, stale_after_s=stale_after, now=now, pointers=pointers
+    ), pointers
 
 
 class GcGroup(click.Group):
@@ -310,34 +330,19 @@ def gc_instances(
     from publisher.gc import Collector, describe
 
     found: dict[str, list[Any]] = {}
-    for label, clients, bucket, topic, layout in _places(store, targets, topic_arn):
-        removed = Collector(clients, bucket, topic, layout, queue_prefix).run(ttl, dry_run=dry_run)
-        found[label] = [dataclasses.asdict(r) for r in removed]
+    for where in fleets(store, targets, topic_arn):
+        removed = Collector(where.clients, where.bucket, where.topic_arn, where.layout, queue_prefix).run(
+            ttl, dry_run=dry_run
+        )
+        found[where.label] = [dataclasses.asdict(r) for r in removed]
         if not as_json:
             if targets:
-                click.echo(f"== {label}")
+                click.echo(f"== {where.label}")
             for line in describe(removed, dry_run=dry_run):
                 click.echo(line)
     if as_json:
         removed_json = found if targets else next(iter(found.values()))
         click.echo(json.dumps({"dry_run": dry_run, "removed": removed_json}, indent=2))
-
-
-def _places(
-    store: Store, targets: tuple[Target, ...], topic_arn: str | None
-) -> list[tuple[str, Clients, str, str, Layout]]:
-    """Where a housekeeping command works: the one fleet, or each target (its label, clients as its
-    role, bucket, topic and key layout)."""
-    if not targets:
-        return [(store.bucket, store.clients, store.bucket, topic_arn or "", store.layout)]
-    from publisher.targets import connect
-
-    places = []
-    for target in targets:
-        reach = connect(target, store.aws.endpoint_url)
-        p = reach.publisher
-        places.append((reach.label(), p.clients, p.bucket, p.topic_arn, p.layout))
-    return places
 
 
 @gc.command("releases")
@@ -380,14 +385,14 @@ def gc_releases(
     from publisher.retention import ReleaseCollector, describe_releases
 
     found = {}
-    for label, clients, bucket, _topic, layout in _places(store, targets, None):
-        outcome = ReleaseCollector(clients, bucket, layout).run(
+    for where in fleets(store, targets):
+        outcome = ReleaseCollector(where.clients, where.bucket, where.layout).run(
             keep=keep, older_than_days=older_than_days, component=component, dry_run=dry_run
         )
-        found[label] = outcome.to_dict()
+        found[where.label] = outcome.to_dict()
         if not as_json:
             if targets:
-                click.echo(f"== {label}")
+                click.echo(f"== {where.label}")
             for line in describe_releases(outcome):
                 click.echo(line)
     if as_json:

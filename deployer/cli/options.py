@@ -219,6 +219,33 @@ def targets_store_options(func: Command) -> Command:
     )
 
 
+@dataclass(frozen=True)
+class Where:
+    """One fleet a command works on: its label (for a header), clients (as the target's role),
+    bucket, topic and key layout."""
+
+    label: str
+    clients: Clients
+    bucket: str
+    topic_arn: str
+    layout: Layout
+
+
+def fleets(store: Store, targets: tuple[Any, ...], topic_arn: str | None = None) -> list[Where]:
+    """The fleets a command works on: the store's one, or each target, connected (a target in
+    another account through its role)."""
+    if not targets:
+        return [Where(store.bucket, store.clients, store.bucket, topic_arn or "", store.layout)]
+    from publisher.targets import connect  # only commands given targets load the publisher
+
+    found = []
+    for target in targets:
+        reach = connect(target, store.aws.endpoint_url)
+        p = reach.publisher
+        found.append(Where(reach.label(), p.clients, p.bucket, p.topic_arn, p.layout))
+    return found
+
+
 def _store_options(func: Command, *, required: bool) -> Command:
     @functools.wraps(func)
     def wrapper(
