@@ -29,7 +29,7 @@ from deployer.protocol.rollout import MAX_ABORT_AFTER
 
 if TYPE_CHECKING:
     from deployer.aws.clients import Clients
-    from publisher.notify import Herald
+    from publisher.notify import Herald, NotifyTarget
     from publisher.signing import Signer
 
 Command = Callable[..., Any]
@@ -485,19 +485,18 @@ class News:
     """Who hears of a deploy: an EventBridge bus (name or ARN) and `--notify` targets, checked."""
 
     bus: str | None = None
-    notify: tuple[str, ...] = ()
+    notify: tuple[NotifyTarget, ...] = ()
 
     def herald(self, store: Store, by: str | None = None) -> Herald:
         """The sender for these sinks; clients are made only for the sinks that are set."""
         from deployer.aws.clients import events_client
-        from publisher.notify import Herald, Topic, parse_notify_target
+        from publisher.notify import Herald, Topic
 
-        targets = [parse_notify_target(spec) for spec in self.notify]
         return Herald(
             bus=self.bus,
-            targets=targets,
+            targets=self.notify,
             events_client=functools.partial(events_client, store.aws.region, store.aws.endpoint_url),
-            sns=store.clients.sns if any(isinstance(t, Topic) for t in targets) else None,
+            sns=store.clients.sns if any(isinstance(t, Topic) for t in self.notify) else None,
             page=store.page_url,
             by=by,
         )
@@ -510,13 +509,11 @@ def news_options(func: Command) -> Command:
     def wrapper(*args: Any, event_bus: str | None, notify: tuple[str, ...], **kwargs: Any) -> Any:
         from publisher.notify import parse_notify_target
 
-        specs = tuple(spec for value in notify for spec in value.split())
-        for spec in specs:
-            try:
-                parse_notify_target(spec)
-            except DeployerError as exc:
-                raise click.BadParameter(str(exc), param_hint="--notify") from None
-        return func(*args, news=News(event_bus or None, specs), **kwargs)
+        try:
+            targets = tuple(parse_notify_target(spec) for value in notify for spec in value.split())
+        except DeployerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--notify") from None
+        return func(*args, news=News(event_bus or None, targets), **kwargs)
 
     return _apply(
         wrapper,
