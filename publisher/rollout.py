@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -58,6 +58,8 @@ from publisher.signing import sign
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+    from publisher.wait import WaitOptions
+
 log = structlog.get_logger(__name__)
 
 #: How long a driver's claim on a rollout lasts without renewal; renewed every third of it.
@@ -85,6 +87,16 @@ class Gates:
     target_groups: tuple[str, ...] = ()
     #: `--abort-after K`: the pre-authorised abort the signed plan carries (Plan.abort_after).
     abort_after: int | None = None
+
+    @classmethod
+    def of_plan(cls, plan: Plan, **knobs: Any) -> Gates:
+        """The gates a published plan fixed (waves, bake, max-failed, deadline), for a driver that
+        did not publish it (`rollout resume`, a publish across targets); `knobs` are its own."""
+        return cls(plan.waves, plan.bake_s, plan.max_failed, plan.progress_deadline_s, **knobs)
+
+    def watching(self, wait: WaitOptions | None) -> Gates:
+        """These gates, polling and judging liveness as `--wait`'s flags say (unchanged without --wait)."""
+        return self if wait is None else replace(self, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
 
 
 #: Reads each `--target-group`'s membership (deployer.aws.elb.membership); injected, like alarms.

@@ -233,7 +233,7 @@ class Spread:
         before = read_pointer(p.clients.s3, p.bucket, p.layout, self.channel, p.policy)
         staging = None
         if self.gates is not None and self.gates.waves:
-            gates = replace(self.gates, heartbeat_ttl_s=self.wait.heartbeat_ttl_s, poll_s=self.wait.poll_s)
+            gates = self.gates.watching(self.wait)
             staging = prepare(
                 p, self.channel, gates, {who.instance_id: e for who, e in reach.reader(self.channel).refresh().items()}
             )
@@ -253,8 +253,7 @@ class Spread:
         deploy = pointer.deploy
         if deploy.rollout is not None:
             plan = deploy.rollout
-            gates = self.gates or Gates(plan.waves, plan.bake_s, plan.max_failed, plan.progress_deadline_s)
-            gates = replace(gates, heartbeat_ttl_s=self.wait.heartbeat_ttl_s, poll_s=self.wait.poll_s)
+            gates = (self.gates or Gates.of_plan(plan)).watching(self.wait)
             driver = Driver(
                 p, reach.reader(self.channel), gates, deploy, echo=self._prefixed(reach), herald=self.herald
             )

@@ -329,8 +329,7 @@ def stage(
     from deployer.aws.reports import ReportReader
     from publisher.rollout import prepare
 
-    if wait is not None:
-        gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
+    gates = gates.watching(wait)
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
     staging = prepare(publisher, channel, gates, {who.instance_id: e for who, e in reader.refresh().items()})
     return dataclasses.replace(staging, capacity=capacity_watch(store, gates))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
@@ -204,18 +203,9 @@ def rollout_resume(
     publisher, deploy = _staged(store, topic_arn, channel, sign_keys)
     plan = deploy.rollout
     assert plan is not None
-    gates = Gates(
-        plan.waves,
-        plan.bake_s,
-        plan.max_failed,
-        plan.progress_deadline_s,
-        (),
-        lease,
-        min_healthy_percent=min_healthy_percent,
-        target_groups=target_groups,
-    )
-    if wait is not None:
-        gates = dataclasses.replace(gates, heartbeat_ttl_s=wait.heartbeat_ttl_s, poll_s=wait.poll_s)
+    gates = Gates.of_plan(
+        plan, lease_s=lease, min_healthy_percent=min_healthy_percent, target_groups=target_groups
+    ).watching(wait)
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, channel.stage, channel.role)
     sys.exit(drive(publisher, store, reader, gates, deploy, news.herald(store), force=force))
 
