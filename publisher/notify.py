@@ -113,13 +113,11 @@ class Herald:
     by: str | None = None
     policy: RetryPolicy = NOTIFY_POLICY
     post: Callable[[str, str], None] = post_webhook
-    sent: list[DeployEvent] = field(default_factory=list)
     _client: EventBridgeClient | None = field(default=None, repr=False)
 
     def emit(self, event: DeployEvent, *, notify: bool | None = None) -> None:
         """Send `event`; `notify` overrides whether `--notify` targets hear of it. Never raises."""
         event = replace(event, page=event.page or self.page, by=event.by or self.by).fitted()
-        self.sent.append(event)
         if self.bus is not None and self.events_client is not None:
             bus, client = self.bus, self._events
             self._attempt(f"EventBridge bus {bus}", lambda: put_event(client(), bus, event, self.policy), event)

@@ -26,8 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from deployer.protocol.decoding import json_object, yaml_mapping
 from deployer.protocol.errors import ConfigError, InvalidMessage
 from deployer.protocol.names import BUCKET_PATTERN, NAME_PATTERN, TopicArn
@@ -254,8 +252,3 @@ def _move(name: str, move: Any, names: set[str]) -> Move:
         return Move(seq, deploy_id, replaced, MoveState(move["state"]))
     except ValueError:
         raise InvalidMessage(f"targets record moves.{name}.state {move['state']!r} is unknown") from None
-
-
-def dump_fleet_definition(targets: Sequence[Target]) -> str:
-    """A fleet definition file for these targets (what `--target` options amount to)."""
-    return yaml.safe_dump({"targets": [t.to_dict() for t in targets]}, sort_keys=False)

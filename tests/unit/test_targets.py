@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from deployer.protocol.errors import ConfigError, InvalidMessage
 from deployer.protocol.targets import (
@@ -13,7 +14,6 @@ from deployer.protocol.targets import (
     Record,
     RecordState,
     Target,
-    dump_fleet_definition,
     parse_fleet_definition,
     parse_record,
     parse_target_option,
@@ -37,7 +37,7 @@ def test_a_fleet_definition_lists_its_targets_in_order_and_the_options_say_the_s
     assert (us.role_arn, us.external_id) == ("arn:aws:iam::222222222222:role/deployer-ci", "fleet-1")
     spec = "name=us,region=us-east-1,bucket=deploys-us,topic=arn:aws:sns:us-east-1:222222222222:deployer,role=arn:aws:iam::222222222222:role/deployer-ci,external_id=fleet-1"
     assert parse_target_option(spec) == us
-    assert parse_fleet_definition(dump_fleet_definition([eu, us])) == (eu, us)
+    assert parse_fleet_definition(yaml.safe_dump({"targets": [eu.to_dict(), us.to_dict()]})) == (eu, us)
 
 
 @pytest.mark.parametrize(
