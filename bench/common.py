@@ -47,6 +47,42 @@ def aws_env(endpoint_url: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Venv:
+    """A Python to run the product's processes with: its interpreter and what its environment adds."""
+
+    name: str
+    python: str
+    env: dict[str, str]
+
+
+#: This process's venv (`scripts/_venv.sh`: the project editable, with the dev extras: moto, pytest,
+#: import-linter and with it rich, which structlog then imports too).
+DEV = Venv("dev", PYTHON, {})
+
+
+def baked_venv(workdir: Path) -> Venv:
+    """The venv the base image carries (`scripts/provision.sh`: `python -m venv`, then `pip install`
+    of the project): its core dependencies only. Made once per dependency list, under `workdir`;
+    the project itself comes from this checkout on PYTHONPATH, so it is the code measured."""
+    import hashlib
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    digest = hashlib.sha256("\n".join(sorted(dependencies)).encode()).hexdigest()[:12]
+    home = workdir / f"baked-venv-{digest}"
+    python = home / "bin" / "python"
+    if not (home / ".complete").exists():
+        shutil.rmtree(home, ignore_errors=True)
+        print(f"  making the baked venv {home} ({len(dependencies)} dependencies)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(home)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *dependencies], check=True
+        )
+        (home / ".complete").touch()
+    return Venv("baked", str(python), {"PYTHONPATH": str(REPO)})
+
+
 @dataclass
 class Bench:
     """What every figure gets: the emulator, a work directory, clients and the run mode."""
@@ -57,9 +93,17 @@ class Bench:
     clients: Clients = field(init=False)
     topic_arn: str = ""
     layout: Layout = field(default_factory=Layout)
+    _baked: Venv | None = None
 
     def __post_init__(self) -> None:
         self.clients = make_clients(REGION, self.emulator.url)
+
+    @property
+    def baked(self) -> Venv:
+        """The base image's venv (`baked_venv`), made on first use."""
+        if self._baked is None:
+            self._baked = baked_venv(self.workdir)
+        return self._baked
 
     def fresh(self) -> None:
         """Empty emulator (moto grows in memory and slows down), then bucket + topic again."""
@@ -246,8 +290,11 @@ def event_time(event: dict[str, Any]) -> float:
 class AgentProc:
     """One real `deployer agent` (or `boot`) process with its own root, state dir and instance id."""
 
-    def __init__(self, bench: Bench, home: Path, instance_id: str, components: list[str], **overrides: Any) -> None:
+    def __init__(
+        self, bench: Bench, home: Path, instance_id: str, components: list[str], venv: Venv = DEV, **overrides: Any
+    ) -> None:
         self.home = home
+        self.venv = venv
         home.mkdir(parents=True, exist_ok=True)
         self.instance_id = instance_id
         self.root = home / "root"
@@ -269,12 +316,12 @@ class AgentProc:
         config.update(overrides)
         self.config_path = home / "agent.yml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.env = {**os.environ, **aws_env(bench.emulator.url)}
+        self.env = {**os.environ, **aws_env(bench.emulator.url), **venv.env}
         self.process: subprocess.Popen[bytes] | None = None
         self.watcher = LogWatcher(self.log_path)
 
     def command(self, verb: str = "agent") -> list[str]:
-        return [PYTHON, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
+        return [self.venv.python, "-m", "deployer", verb, "--config", str(self.config_path), "--log-json"]
 
     def start(self) -> AgentProc:
         with open(self.log_path, "ab") as log:

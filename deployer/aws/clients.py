@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
+import botocore.session
 from botocore.config import Config
+from botocore.loaders import Loader
 
 from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
@@ -134,6 +136,59 @@ def _config() -> Config:
     )
 
 
+#: The endpoint prefixes of the services the deployer calls (S3, SNS, SQS, STS, Auto Scaling, ELBv2,
+#: SSM, Secrets Manager, KMS, CloudWatch, EventBridge, IAM): `tests/unit/test_clients.py` checks
+#: that every client factory here names one of them.
+ENDPOINT_PREFIXES = frozenset(
+    {
+        "s3",
+        "sns",
+        "sqs",
+        "sts",
+        "autoscaling",
+        "elasticloadbalancing",
+        "ssm",
+        "secretsmanager",
+        "kms",
+        "monitoring",
+        "events",
+        "iam",
+    }
+)
+
+
+class _OurServicesLoader(Loader):
+    """botocore's data loader, with its endpoint table cut to `ENDPOINT_PREFIXES`.
+
+    The table (`endpoints.json`) lists every service of every partition: ~6.7 MiB of dicts per
+    session, kept for the life of the process, of which a client reads its own service's entry
+    only. Cut, an idle agent's RSS drops by ~5.5 MiB (docs/benchmarks.md, figure 4) and every
+    CLI start parses less. The entries kept are botocore's own, unchanged, so each of our clients
+    resolves exactly as before; a service missing from the cut would be resolved by botocore's
+    fallback (`<prefix>.<region>.amazonaws.com`), which is why the prefixes are tested.
+    """
+
+    def load_data_with_path(self, name: str) -> tuple[Any, str]:
+        data, path = super().load_data_with_path(name)  # cached per loader: trimmed once, in place
+        if name == "endpoints":
+            for partition in data.get("partitions", []):
+                services = partition.get("services", {})
+                for prefix in [prefix for prefix in services if prefix not in ENDPOINT_PREFIXES]:
+                    del services[prefix]
+        return data, path
+
+
+def _botocore_session() -> botocore.session.Session:
+    """A botocore session whose data loader is `_OurServicesLoader`, set up as botocore's own is."""
+    core = botocore.session.get_session()
+    search_path = core.get_config_variable("data_path")
+    extra = (
+        [os.path.expanduser(os.path.expandvars(path)) for path in search_path.split(os.pathsep)] if search_path else []
+    )
+    core.register_component("data_loader", _OurServicesLoader(extra_search_paths=extra))
+    return core
+
+
 #: One boto3 session per region for the whole process, and the lock its client creation takes
 #: (a session is not safe to make clients from in two threads at once).
 _SESSIONS: dict[tuple[str, str | None, str | None], boto3.session.Session] = {}
@@ -151,7 +206,7 @@ def shared_session(region: str | None = None) -> boto3.session.Session:
     key = (name, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
     with _SESSIONS_LOCK:
         if key not in _SESSIONS:
-            _SESSIONS[key] = boto3.session.Session(region_name=name)
+            _SESSIONS[key] = boto3.session.Session(botocore_session=_botocore_session(), region_name=name)
         return _SESSIONS[key]
 
 
@@ -206,7 +261,6 @@ def assumed_session(
     """A session in `region` as `role_arn` (another account's CI role), its credentials assumed with
     `external_id` and refreshed before they expire, so a long rollout never runs out of them."""
     from botocore.credentials import RefreshableCredentials
-    from botocore.session import get_session
 
     sts = sts_client(region, endpoint_url)
     params: dict[str, Any] = {
@@ -227,7 +281,7 @@ def assumed_session(
         }
 
     credentials = RefreshableCredentials.create_from_metadata(fetch(), fetch, "sts-assume-role")
-    core = get_session()
+    core = _botocore_session()
     # botocore has no public setter for refreshable credentials (set_credentials makes static
     # ones that would expire mid-rollout); get_credentials() returns this attribute.
     core._credentials = credentials  # type: ignore[attr-defined]

@@ -1,0 +1,48 @@
+"""The process's boto3 sessions: one per region, with botocore's endpoint table cut to our services."""
+
+from __future__ import annotations
+
+import inspect
+
+import botocore.session
+import pytest
+
+from deployer.aws import clients
+from deployer.aws.clients import ENDPOINT_PREFIXES, _botocore_session
+
+#: Partitions and regions whose endpoint rules differ (global STS and IAM, S3's us-east-1, China, GovCloud).
+REGIONS = ["us-east-1", "eu-west-1", "ap-southeast-2", "cn-north-1", "us-gov-west-1"]
+
+
+def _factory_services() -> set[str]:
+    """Every service a client factory in deployer.aws.clients builds (`<service>_client`, and make_clients)."""
+    services = {"s3", "sns", "sqs"}  # make_clients
+    for name, _ in inspect.getmembers(clients, inspect.isfunction):
+        if name.endswith("_client") and not name.startswith("_"):
+            services.add(name.removesuffix("_client"))
+    return services
+
+
+def test_every_service_the_deployer_builds_a_client_for_keeps_its_endpoints() -> None:
+    core = botocore.session.get_session()
+    prefixes = {core.get_service_model(service).endpoint_prefix for service in _factory_services()}
+    assert prefixes <= ENDPOINT_PREFIXES, prefixes - ENDPOINT_PREFIXES
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_our_services_resolve_exactly_as_with_botocores_whole_endpoint_table(region: str) -> None:
+    # botocore's own resolver over each table (a private component: there is no public handle on it).
+    full = botocore.session.get_session()._get_internal_component("endpoint_resolver")  # type: ignore[attr-defined]
+    cut = _botocore_session()._get_internal_component("endpoint_resolver")  # type: ignore[attr-defined]
+    for prefix in sorted(ENDPOINT_PREFIXES):
+        for fips in (False, True):
+            assert cut.construct_endpoint(prefix, region, use_fips_endpoint=fips) == full.construct_endpoint(
+                prefix, region, use_fips_endpoint=fips
+            ), (prefix, region, fips)
+
+
+def test_the_cut_table_keeps_no_other_service() -> None:
+    loader = _botocore_session().get_component("data_loader")
+    kept = {prefix for partition in loader.load_data("endpoints")["partitions"] for prefix in partition["services"]}
+    assert kept <= ENDPOINT_PREFIXES
+    assert {"s3", "sqs", "sns"} <= kept
