@@ -96,7 +96,7 @@ def pack_directory(
     """
     if not source.is_dir():
         raise PublishError(f"{source} is not a directory")
-    paths = _walk(source)
+    paths = walk(source)
     stamp = source_date_epoch if source_date_epoch is not None else _source_date_epoch()
     if stamp is None:
         stamp = max((int(path.lstat().st_mtime) for path in paths), default=0)
@@ -132,7 +132,7 @@ def _tar_writer(sink: Any) -> tarfile.TarFile:
     return tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, bufsize=HASH_CHUNK)
 
 
-def _walk(source: Path) -> list[Path]:
+def walk(source: Path) -> list[Path]:
     """Every entry under `source`, in a stable order (each directory's subdirectories, then its files)."""
     found: list[Path] = []
     for root, dirs, files in os.walk(source):

@@ -50,6 +50,7 @@ from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
+from publisher.cache import PublishCache
 from publisher.freshness import vouch
 from publisher.pack import Artifact, check_artifact, file_artifact, sniff
 from publisher.retention import ReleaseCondemned, check_not_condemned, take_back
@@ -117,12 +118,14 @@ class Publisher:
         signers: Sequence[Signer] = (),
         grace: Grace = DEFAULT_GRACE,
         inline_manifests: bool = False,
+        cache: PublishCache | None = None,
     ):
         """With `signers`, every deploy document is written (history, pointer, SNS) as an envelope
         they signed, and pins the artifact's sha256 and size. `grace` is release gc's protocol
         (publisher/retention.py): every publish takes its release back from gc before it claims a seq.
         With `inline_manifests`, a small manifest also travels inside the deploy document, saving
-        every agent a GET; off by default because agents older than it refuse the document."""
+        every agent a GET; off by default because agents older than it refuse the document. With
+        `cache`, bytes whose check passed before on this machine are not checked again."""
         self.clients = clients
         self.bucket = bucket
         self.topic_arn = topic_arn
@@ -131,6 +134,7 @@ class Publisher:
         self.signers = tuple(signers)
         self.grace = grace
         self.inline_manifests = inline_manifests
+        self.cache = cache
 
     def check_resources(self) -> None:
         """One clear error for a missing bucket or topic, before anything is uploaded."""
@@ -164,8 +168,9 @@ class Publisher:
         The artifact is stored once per content, at `artifacts/sha256/<hex>`: a publish that finds
         it there uploads nothing (a CI retry, a rebuild of the same tree, a promotion to another
         stage). A tarball CI built is checked as every agent would check it, in a thread of its
-        own from the start, while the file is hashed and then uploaded; a failed check cancels the
-        upload and publishes nothing. The manifest, history and pointer are written conditionally.
+        own while the file is uploaded (unless the cache saw these bytes pass); a failed check
+        cancels the upload and publishes nothing. The manifest, history and pointer are written
+        conditionally.
 
         The reads that decide what to write run side by side (the bucket and topic check, gc's
         marks, whether the artifact is stored): on the way to the SNS call every round trip counts.
@@ -173,15 +178,9 @@ class Publisher:
         with ThreadPoolExecutor(4, thread_name_prefix="publish") as pool:
             resources = pool.submit(self.check_resources)
             if isinstance(artifact, Path):
-                compression = sniff(artifact)
-                checking = pool.submit(check_artifact, artifact, compression)
-                artifact = file_artifact(artifact, compression)
-            else:
-                checking = (
-                    pool.submit(lambda: None)
-                    if artifact.checked
-                    else pool.submit(check_artifact, artifact.path, artifact.compression)
-                )
+                artifact = file_artifact(artifact, sniff(artifact))
+            artifact = self._known(artifact)
+            checking = pool.submit(self._check, artifact)
             release_id = release_id or default_release_id(artifact.sha256)
             if not RELEASE_ID_PATTERN.match(release_id):
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
@@ -200,13 +199,24 @@ class Publisher:
             raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
         self._take_back_from_gc(channel.component, release_id)
         with ThreadPoolExecutor(1, thread_name_prefix="store") as pool:
-            checking = (
-                pool.submit(lambda: None)
-                if artifact.checked
-                else pool.submit(check_artifact, artifact.path, artifact.compression)
-            )
+            checking = pool.submit(self._check, self._known(artifact))
             stored = self._stored(artifact.sha256, artifact.s3_checksum)
             self._store_release(channel, release_id, artifact, stored, checking, template)
+
+    def _known(self, artifact: Artifact) -> Artifact:
+        """`artifact`, marked checked if the cache saw these very bytes (by sha256) pass the check."""
+        if artifact.checked or self.cache is None or not self.cache.checked(artifact.sha256):
+            return artifact
+        log.info("artifact_check_cached", sha256=artifact.sha256, next="not checking these bytes again")
+        return replace(artifact, checked=True)
+
+    def _check(self, artifact: Artifact) -> None:
+        """`check_artifact`, unless it is known to pass; a pass is remembered in the cache."""
+        if artifact.checked:
+            return
+        check_artifact(artifact.path, artifact.compression)
+        if self.cache is not None:
+            self.cache.remember_checked(artifact.sha256)
 
     def _store_release(
         self,

@@ -127,9 +127,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def aws_env(emulator: Emulator | LocalStack, monkeypatch: pytest.MonkeyPatch) -> Emulator | LocalStack:
-    """A clean emulator and an environment pointing every boto3 client (and subprocess) at it."""
+def aws_env(emulator: Emulator | LocalStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Emulator | LocalStack:
+    """A clean emulator and an environment pointing every boto3 client (and subprocess) at it;
+    `publish`'s cache in the test's own directory, so no test sees another's."""
     emulator.reset()
+    monkeypatch.setenv("DEPLOYER_CACHE_DIR", str(tmp_path / "deployer-cache"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", emulator.url)
     # test/test: LocalStack checks a presigned URL of an access key it does not know against the
     # secret "test" (and refuses it otherwise); moto takes any.

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from deployer.aws.reports import ReportReader
     from deployer.protocol.deploy import Deploy
     from deployer.protocol.targets import Target
+    from publisher.cache import PublishCache
     from publisher.notify import Herald
     from publisher.publish import Publisher, PublishResult
     from publisher.rollout import Capacity, Gates, Staging
@@ -130,6 +131,14 @@ def init(
     help="Override the template's strategy [default: symlink].",
 )
 @click.option("--release-id", help="Release id [default: <UTC time>-<commit or artifact hash>].")
+@click.option(
+    "--cache/--no-cache",
+    "use_cache",
+    default=True,
+    show_default=True,
+    help="Reuse this machine's pack of an unchanged directory and its check of the same bytes "
+    "(in $DEPLOYER_CACHE_DIR, else ~/.cache/deployer).",
+)
 @sign_key_option("Sign the deploy (history, pointer and message become a signed envelope).")
 @inline_manifest_option
 @rollout_options
@@ -147,6 +156,7 @@ def publish(
     dest: str | None,
     sync_strategy: str | None,
     release_id: str | None,
+    use_cache: bool,
     sign_keys: tuple[str, ...],
     inline_manifest: bool,
     gates: Gates | None,
@@ -164,9 +174,12 @@ def publish(
     targets move as waves, each converging (its own --waves inside it) before the next; a
     failed target rolls back every target already moved: exit 0 everywhere, 6 rolled back.
     """
+    from publisher.cache import PublishCache, default_cache_dir
     from publisher.pack import Artifact, Compression, pack_directory
     from publisher.publish import ci_origin
 
+    cache_dir = default_cache_dir() if use_cache else None
+    cache = PublishCache(cache_dir) if cache_dir is not None else None
     template = parse_manifest(manifest_path.read_bytes()) if manifest_path else Manifest()
     if manifest_path is None or sync_strategy:
         # Manifests we write default to symlink; a user's template keeps its own (stretcher: rsync).
@@ -178,13 +191,17 @@ def publish(
             store, targets, channel, artifact, compression, template, release_id, sign_keys, gates, wait, news
         )
     members = group_members(store, wait)
-    publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest)
+    publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest, cache)
     staging = stage(publisher, store, channel, gates, wait)
     with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
         packed: Path | Artifact = artifact
         if artifact.is_dir():
             packing = Compression(compression)
-            packed = pack_directory(artifact, Path(tmp) / f"artifact{packing.suffix}", compression=packing)
+            packed = (
+                cache.pack(artifact, packing, Path(tmp))
+                if cache is not None
+                else pack_directory(artifact, Path(tmp) / f"artifact{packing.suffix}", compression=packing)
+            )
         result = publisher.publish(
             channel, packed, template=template, release_id=release_id, origin=ci_origin(), staged=staging
         )
@@ -299,13 +316,21 @@ def spread_publish(
         sys.exit(spread.publish(packed, template, release_id or default_release_id(packed.sha256)))
 
 
-def make_publisher(store: Store, topic_arn: str, sign_keys: tuple[str, ...], inline_manifest: bool) -> Publisher:
+def make_publisher(
+    store: Store, topic_arn: str, sign_keys: tuple[str, ...], inline_manifest: bool, cache: PublishCache | None = None
+) -> Publisher:
     """The publisher `publish` and `rollback` share: the store's clients, its signers, inlining as asked."""
     from publisher.publish import Publisher
 
     signers = store.signers(sign_keys)
     return Publisher(
-        store.clients, store.bucket, topic_arn, store.layout, signers=signers, inline_manifests=inline_manifest
+        store.clients,
+        store.bucket,
+        topic_arn,
+        store.layout,
+        signers=signers,
+        inline_manifests=inline_manifest,
+        cache=cache,
     )
 
 

@@ -304,10 +304,11 @@ def wait_options(func: Command) -> Command:
         asg: str | None,
         **kwargs: Any,
     ) -> Any:
-        from publisher.wait import WaitOptions  # only commands that publish load the publisher
+        if not wait:  # the waiter and the fleet reader it brings are loaded only to wait
+            return func(*args, wait=None, **kwargs)
+        from publisher.wait import WaitOptions
 
-        options = WaitOptions(timeout, heartbeat_ttl, poll_interval, allow_lost, asg) if wait else None
-        return func(*args, wait=options, **kwargs)
+        return func(*args, wait=WaitOptions(timeout, heartbeat_ttl, poll_interval, allow_lost, asg), **kwargs)
 
     return _apply(
         wrapper,

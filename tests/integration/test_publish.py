@@ -242,3 +242,44 @@ def test_a_release_published_before_artifacts_were_content_addressed_is_republis
     again = publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="old").deploy
     manifest = parse_manifest(fleet.clients.s3.get_object(Bucket=BUCKET, Key=again.manifest_key)["Body"].read())
     assert manifest.src == f"s3://{BUCKET}/{old_key}", "the stored release is kept as it was"
+
+
+def test_bytes_whose_check_passed_on_this_machine_are_not_checked_again(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import publisher.publish as publishing
+    from publisher import pack
+    from publisher.cache import PublishCache
+    from publisher.pack import Compression
+
+    cache = PublishCache(tmp_path / "cache")
+    artifact, digest = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    cached = Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout, cache=cache)
+    checked: list[Path] = []
+    real_check = pack.check_artifact
+
+    def counting_check(path: Path, compression: Compression) -> None:
+        checked.append(path)
+        real_check(path, compression)
+
+    monkeypatch.setattr(publishing, "check_artifact", counting_check)
+    cached.publish(API, artifact, template=SYMLINK, release_id="r1")
+    assert cache.checked(digest)
+    assert checked == [artifact]
+    cached.publish(API, artifact, template=SYMLINK, release_id="r2")
+    assert checked == [artifact]  # the same bytes: the cache's verdict
+    publisher(fleet).publish(API, artifact, template=SYMLINK, release_id="r3")
+    assert checked == [artifact, artifact]  # no cache, no shortcut
+
+
+def test_an_unsafe_artifact_is_refused_every_time_however_often_it_is_published(fleet: Fleet, tmp_path: Path) -> None:
+    from publisher.cache import PublishCache
+
+    cache = PublishCache(tmp_path / "cache")
+    evil = tmp_path / "evil.tar.gz"
+    evil.write_bytes(tar_bytes(lambda archive: add_file(archive, "../outside", b"x")))
+    cached = Publisher(fleet.clients, fleet.bucket, fleet.topic_arn, fleet.layout, cache=cache)
+    for attempt in ("evil-1", "evil-2"):
+        with pytest.raises(PublishError, match=r"unsafe member"):
+            cached.publish(API, evil, template=SYMLINK, release_id=attempt)
+    assert not cache.checked(file_artifact(evil, sniff(evil)).sha256)

@@ -125,3 +125,51 @@ def test_an_artifact_file_is_recognised_by_content_and_checked_member_by_member(
     truncated.write_bytes(packed.path.read_bytes()[:-40])
     with pytest.raises(PublishError, match=r"is not a readable \.tar\.zst"):
         check_artifact(truncated, sniff(truncated))
+
+
+def test_an_unchanged_tree_is_packed_once_and_its_cached_artifact_reused(tmp_path: Path) -> None:
+    from publisher.cache import PublishCache
+
+    cache = PublishCache(tmp_path / "cache")
+    tree = build(tmp_path / "build", 1_790_000_000)
+    first = cache.pack(tree, Compression.ZSTD, tmp_path)
+    again = cache.pack(tree, Compression.ZSTD, tmp_path)
+    assert again == first
+    assert again.checked
+    assert (first.sha256, first.size) == (sha256_file(first.path), first.path.stat().st_size)
+
+
+def test_a_tree_changed_in_any_file_is_packed_again(tmp_path: Path) -> None:
+    from publisher.cache import PublishCache
+
+    cache = PublishCache(tmp_path / "cache")
+    tree = build(tmp_path / "build", 1_790_000_000)
+    first = cache.pack(tree, Compression.ZSTD, tmp_path)
+    (tree / "static/app.js").write_text("JS")  # same size; mtime put back: ctime still moves
+    os.utime(tree / "static/app.js", (1_790_000_000, 1_790_000_000))
+    changed = cache.pack(tree, Compression.ZSTD, tmp_path)
+    assert changed.sha256 != first.sha256
+    assert changed.sha256 == pack_directory(tree, tmp_path / "fresh.tar.zst").sha256
+
+
+def test_a_damaged_cached_pack_is_never_published_but_packed_again(tmp_path: Path) -> None:
+    from publisher.cache import PublishCache
+
+    cache = PublishCache(tmp_path / "cache")
+    tree = build(tmp_path / "build", 1_790_000_000)
+    first = cache.pack(tree, Compression.GZIP, tmp_path)
+    damaged = bytearray(first.path.read_bytes())
+    damaged[-1] ^= 0xFF
+    first.path.write_bytes(bytes(damaged))
+    again = cache.pack(tree, Compression.GZIP, tmp_path)
+    assert again.sha256 == first.sha256 == sha256_file(again.path)
+
+
+def test_an_unwritable_cache_costs_a_pack_in_a_temporary_file_not_the_publish(tmp_path: Path) -> None:
+    from publisher.cache import PublishCache
+
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache directory should be")
+    tree = build(tmp_path / "build", 1_790_000_000)
+    packed = PublishCache(blocked).pack(tree, Compression.ZSTD, tmp_path)
+    assert packed.sha256 == pack_directory(tree, tmp_path / "fresh.tar.zst").sha256
