@@ -27,6 +27,7 @@ import structlog
 from deployer.aws.clients import Clients
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
 from deployer.aws.s3 import (
+    Pointer,
     Upload,
     bucket_exists,
     checksums_match,
@@ -186,9 +187,14 @@ class Publisher:
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
             taken = pool.submit(self._take_back_from_gc, channel.component, release_id)
             stored = pool.submit(self._stored, artifact.sha256, artifact.s3_checksum)
+            # The claim starts from the pointer: read now, beside the rest, it costs no round trip
+            # of its own; if another publish moves it meanwhile, the claim's round simply fails.
+            pointer = pool.submit(read_pointer, self.clients.s3, self.bucket, self.layout, channel, self.policy)
             resources.result()  # a missing bucket or topic: one clear error before anything is written
             taken.result()
-            return self._publish(channel, artifact, release_id, stored.result(), checking, template, origin, staged)
+            return self._publish(
+                channel, artifact, release_id, stored.result(), checking, template, origin, staged, pointer
+            )
 
     def store(self, channel: Channel, artifact: Artifact, *, template: Manifest, release_id: str) -> None:
         """Store the release (artifact and manifest) as `publish` would, and move no pointer: the
@@ -275,6 +281,7 @@ class Publisher:
         template: Manifest,
         origin: Mapping[str, str] | None,
         staged: Staged | None,
+        pointer: Future[Pointer | None] | None = None,
     ) -> PublishResult:
         # 1. The release: the artifact before the manifest that names it.
         manifest_body, new = self._store_release(channel, release_id, artifact, stored, checking, template)
@@ -288,6 +295,7 @@ class Publisher:
             artifact=(artifact.sha256, artifact.size),
             staged=staged,
             manifest_body=manifest_body,
+            pointer=pointer,
         )
 
     def _store_artifact(
@@ -441,9 +449,11 @@ class Publisher:
         artifact: tuple[str, int] | None,
         staged: Staged | None = None,
         manifest_body: bytes | None = None,
+        pointer: Future[Pointer | None] | None = None,
     ) -> PublishResult:
         """Claim the next seq for the release and announce it. `manifest_body` (the bytes that hash
-        to `manifest_sha256`) is carried inline when inlining is on and the document stays small."""
+        to `manifest_sha256`) is carried inline when inlining is on and the document stays small;
+        `pointer`, the channel's pointer read ahead, saves the claim's first read."""
         signed = bool(self.signers and artifact)
         deploy_id = new_deploy_id()
         template_deploy = Deploy(
@@ -472,7 +482,7 @@ class Publisher:
         if staged is not None:
             staged.start(template_deploy)  # the cursor exists before any agent can see the deploy
         # 2 + 3. History (the seq claim), then the pointer.
-        deploy, body = self._claim_and_point(template_deploy)
+        deploy, body = self._claim_and_point(template_deploy, pointer)
         # 4. Fan-out. Agents that miss it still converge by reconcile, so a failure here is reported, not fatal.
         message_id, sns_error = self._notify(deploy, body)
         # 5. A signed fleet's timestamp: the new pointer is current as of now (deployer.protocol.freshness).
@@ -495,10 +505,13 @@ class Publisher:
         payload = deploy.to_json().encode()
         return sign(payload, DEPLOY_PAYLOAD_TYPE, self.signers).to_json().encode() if self.signers else payload
 
-    def _claim_and_point(self, template: Deploy) -> tuple[Deploy, bytes]:
+    def _claim_and_point(self, template: Deploy, ahead: Future[Pointer | None] | None = None) -> tuple[Deploy, bytes]:
         channel = template.channel
         for _ in range(MAX_CLAIM_ROUNDS):
-            pointer = read_pointer(self.clients.s3, self.bucket, self.layout, channel, self.policy)
+            if ahead is not None:
+                pointer, ahead = ahead.result(), None
+            else:
+                pointer = read_pointer(self.clients.s3, self.bucket, self.layout, channel, self.policy)
             seq = pointer.deploy.seq + 1 if pointer else 1
             deploy = replace(template, seq=seq)
             body = self._document(deploy)

@@ -282,8 +282,9 @@ class DeployRunner:
                     return self._settle_start(deploy, start, record, started)
 
                 def begin() -> None:
+                    waiting = time.monotonic()
                     authentic.require()
-                    self._begin(deploy, start, record, later)
+                    self._begin(deploy, start, record, later, waited=time.monotonic() - waiting)
 
                 # What the applier waits for before anything takes effect: history, then the start record.
                 begun = Confirmation(begin)
@@ -399,12 +400,17 @@ class DeployRunner:
         self._resume(deploy, record)
         return self._completed(deploy, started, reused=True, output_tail="")
 
-    def _begin(self, deploy: Deploy, start: Start, record: DeployRecord | None, later: ExitStack) -> None:
-        """The deploy is CI's: record that it started (fsync'd) and report `applying` if it runs long."""
+    def _begin(
+        self, deploy: Deploy, start: Start, record: DeployRecord | None, later: ExitStack, waited: float
+    ) -> None:
+        """The deploy is CI's: record that it started (fsync'd) and report `applying` if it runs long.
+
+        `waited` is how long the apply stood still for history's answer once the release was
+        staged: ~0 when the history GET, sent beside the download, is off the critical path."""
         if start is Start.RESUME:
             assert record is not None
             self._resume(deploy, record)
-        log.info("apply_started", release_id=deploy.release_id)
+        log.info("apply_started", release_id=deploy.release_id, history_waited_ms=round(waited * 1000, 1))
         self.ledger.mark(deploy, DeployStatus.IN_PROGRESS, Milestone.STARTED, authenticated=True)
         later.enter_context(self._report_applying_if_slow(deploy))
         if self.protection is not None:
