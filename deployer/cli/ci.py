@@ -372,9 +372,7 @@ def conclude(
     """What `publish` and `rollback` share after moving a pointer: report a failed fan-out, tell
     the event bus (and `--notify`, when nothing follows), then follow the fleet if asked (a
     staged rollout: drive it); exits with the verdict's code."""
-    from deployer.aws.reports import ReportReader
     from deployer.protocol.events import EventType, deploy_event
-    from publisher.wait import ProgressPrinter, Waiter
 
     deploy = result.deploy
     herald = news.herald(store, by=staging.driver if staging else None)
@@ -396,6 +394,9 @@ def conclude(
         return
     if wait is None:
         return
+    from deployer.aws.reports import ReportReader  # the fleet reader and the waiter: only to follow the fleet
+    from publisher.wait import ProgressPrinter, Waiter
+
     reader = ReportReader(store.clients.s3, store.bucket, store.layout, deploy.stage, deploy.role)
     if staging is not None:
         sys.exit(drive(publisher, store, reader, staging.gates, deploy, herald, staging.driver))

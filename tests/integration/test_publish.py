@@ -283,3 +283,30 @@ def test_an_unsafe_artifact_is_refused_every_time_however_often_it_is_published(
         with pytest.raises(PublishError, match=r"unsafe member"):
             cached.publish(API, evil, template=SYMLINK, release_id=attempt)
     assert not cache.checked(file_artifact(evil, sniff(evil)).sha256)
+
+
+#: What a CI job must not pay for: the agent, the apply engine, the fleet reader of --wait.
+NOT_FOR_PUBLISHING = ("deployer.agent", "deployer.apply.engine", "deployer.apply.extract", "publisher.wait")
+
+
+def test_help_and_publish_load_neither_the_agent_nor_the_apply_engine(fleet: Fleet, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    script = (
+        "import sys\n"
+        "from deployer.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({NOT_FOR_PUBLISHING!r})), file=sys.stderr)\n"
+    )
+    publish = ["publish", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--stage", "prod", "--role", "web"]
+    for argv in (["--help"], [*publish, "--component", "api", "--artifact", str(artifact)]):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=dict(os.environ), check=True
+        )
+        assert done.stderr.strip().splitlines()[-1] == "[]", (argv[0], done.stderr[-2000:])
