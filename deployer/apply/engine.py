@@ -385,7 +385,11 @@ class _Apply:
             if manifest.dest_mode is not None:
                 staging.chmod(manifest.dest_mode)
             # The release must be durable before anything points at it: a power cut after the
-            # symlink swap must not find empty files.
+            # symlink swap must not find empty files. The extraction already started each file's
+            # writeback (`start_writeback`), which only makes this wait shorter: it is this
+            # syncfs, data and metadata, that the rename below waits for. A crash before it
+            # returns leaves a hidden staging directory that nothing points at (removed on the
+            # next apply); a crash after it finds the whole release on disk.
             sync_filesystem(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

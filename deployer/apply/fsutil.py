@@ -40,6 +40,39 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     return syncfs
 
 
+#: sync_file_range(2)'s SYNC_FILE_RANGE_WRITE: start writing the dirty pages, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a just-written file's data to disk now, without waiting for it.
+
+    Durability still comes from `sync_filesystem` before the release is used; this only moves
+    the disk writes earlier, so they overlap the rest of the extraction instead of all waiting in
+    that one final flush (syncfs went from ~0.11 s to ~0.01 s for the 179 MiB release of figure 2).
+    A kill -9 at any point still leaves a staging directory that nothing points at. A no-op where
+    libc has no sync_file_range (not Linux) or it fails: syncfs then does all the work, as before.
+    """
+    sync_file_range = _libc_sync_file_range()
+    if sync_file_range is not None:
+        sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range, or None (Python has no os.sync_file_range)."""
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    sync_file_range: Callable[[int, int, int, int], int] = function
+    return sync_file_range
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

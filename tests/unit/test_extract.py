@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployer.apply.extract import DEFAULT_LIMITS, ExtractLimits, extract_verified
+from deployer.apply.extract import DEFAULT_LIMITS, READ_CHUNK, ExtractLimits, _decompressed, extract_verified
 from deployer.protocol.errors import ArtifactError
 from tests.support import add_file, add_special, release_tarball, tar_bytes
 
@@ -192,3 +193,33 @@ def test_many_files_hardlinks_and_dirs_extract_exactly(tmp_path: Path) -> None:
         assert (tmp_path / "r" / name).read_text() == text
     assert (tmp_path / "r" / "hard").read_text() == files["d1/sub1/f1.txt"]
     assert (tmp_path / "r" / "big.bin").stat().st_size == 5 * 1024 * 1024
+
+
+def test_zstd_archives_extract_like_gzip_ones(tmp_path: Path) -> None:
+    import zstandard
+
+    plain = tar_bytes(lambda t: add_file(t, "lib/app.py", b"print(1)"), mode="w")
+    extract(zstandard.ZstdCompressor().compress(plain), tmp_path / "r")
+    assert (tmp_path / "r" / "lib" / "app.py").read_text() == "print(1)"
+
+
+def test_a_gzip_whose_crc_does_not_match_its_content_is_not_a_readable_archive(tmp_path: Path) -> None:
+    data = bytearray(release_tarball({"a.txt": "content"}))
+    data[-8] ^= 0xFF  # the trailer's CRC32; the published checksum covers the damage, so only gzip can tell
+    with pytest.raises(ArtifactError, match="not a readable tar archive"):
+        extract(bytes(data), tmp_path / "r")
+
+
+def test_bytes_after_the_compressed_archive_are_still_covered_by_the_checksum(tmp_path: Path) -> None:
+    data = release_tarball({"a.txt": "content"}) + b"trailing bytes a mirror appended"
+    stats = extract(data, tmp_path / "r")
+    assert stats.downloaded == len(data)  # type: ignore[attr-defined]
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        extract(data, tmp_path / "r2", digest=hashlib.sha256(data[:-1]).hexdigest())
+
+
+def test_a_decompression_bomb_reaches_the_parser_in_bounded_pieces() -> None:
+    bomb = gzip.compress(bytes(32 * READ_CHUNK))  # 8 MiB of zeros in ~8 KiB
+    pieces = list(_decompressed(io.BytesIO(bomb)))
+    assert max(len(piece) for piece in pieces) <= READ_CHUNK
+    assert sum(len(piece) for piece in pieces) == 32 * READ_CHUNK

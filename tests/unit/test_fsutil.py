@@ -45,3 +45,27 @@ def test_libc_syncfs_is_found_and_flushes_on_linux(tmp_path: Path) -> None:
         assert syncfs(fd) == 0
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self"), reason="sync_file_range is Linux's")
+def test_writeback_of_a_written_file_starts_at_once_and_needs_no_wait(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 100_000)
+        assert fsutil._libc_sync_file_range() is not None
+        fsutil.start_writeback(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 100_000
+
+
+def test_without_sync_file_range_starting_writeback_is_left_to_the_final_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fsutil, "_libc_sync_file_range", lambda: None)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsutil.start_writeback(fd)  # nothing to call, nothing raised
+    finally:
+        os.close(fd)
