@@ -3,11 +3,14 @@
 10,000 synthetic status reports are written to the emulator, next to a few real agents that
 booted and converged on a deploy. Each read is measured twice: straight to the emulator (wall
 time, CPU, peak RSS) and through the counting proxy of the test suite (requests by kind). The
-projection to real S3 replaces the emulator's latency with S3's (see `ASSUMED_*`).
+projection to real S3 replaces the emulator's latency with S3's (see `ASSUMED_*`) and follows
+the structure of the read (`projection`, `status_projection`); for `status` a third run of the
+same read (`read_probe`) says how its CPU splits between the parent and the worker processes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +38,14 @@ from bench.common import (
 )
 from bench.report import Section, Table, Target
 from deployer.aws.clients import make_clients
-from deployer.aws.reports import FLEET_READ_CONCURRENCY, ReportReader
+from deployer.aws.reports import (
+    FLEET_READ_CONCURRENCY,
+    LARGE_READ_CONCURRENCY,
+    LARGE_READ_RATE,
+    ReadStats,
+    ReportReader,
+    read_processes,
+)
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.limits import S3_LIST_PAGE_KEYS
 from deployer.protocol.manifest import Manifest, SyncStrategy
@@ -56,7 +66,7 @@ CHANGED = 50
 REAL_AGENTS = 3
 #: The issue's targets.
 STATUS_EMULATOR_TARGET_S = 120.0
-STATUS_PROJECTED_TARGET_S = 10.0
+STATUS_PROJECTED_TARGET_S = 5.0
 STATUS_RSS_TARGET_MB = 150.0
 
 
@@ -67,15 +77,66 @@ class Measured:
     gets: int
 
     def projected(self) -> float:
-        """Wall time on S3 (see `projection`), with the client's CPU as measured here."""
+        """Wall time on S3 of a read in one process (see `projection`), with its CPU as measured here."""
         return projection(self.lists, self.gets, self.run.cpu)
 
 
 def projection(lists: int, gets: int, cpu: float) -> float:
-    """LIST pages one after another (each needs the previous one's token), then the GETs: in flight
-    `FLEET_READ_CONCURRENCY` at a time, so they take the longer of their latency and the client's
-    CPU (one Python process: parsing and signing do not overlap each other, only the waits)."""
+    """A read in one process (gc, a `--wait` poll): LIST pages one after another (each needs the
+    previous one's token), then the GETs, `FLEET_READ_CONCURRENCY` in flight, taking the longer of
+    their latency and the client's CPU (one Python process: parsing and signing do not overlap
+    each other, only the waits). A `--wait` poll's GETs in fact start behind each page; counting
+    them after the listing only overstates it."""
     return lists * ASSUMED_LIST_PAGE_S + max(cpu, ceil(gets / FLEET_READ_CONCURRENCY) * ASSUMED_GET_S)
+
+
+def status_projection(lists: int, gets: int, command_cpu: float, probe: ReadStats, cores: int) -> float:
+    """`status` on S3, as its read is built (`deployer.aws.reports`): the parent lists page after
+    page and hands each page's GETs out at once, to worker processes for a large read.
+
+    - The command's CPU outside the read (interpreter, imports, clients, the pointers, the rows and
+      the JSON) is `command_cpu` minus the read's CPU in every process (`probe`), counted as if
+      nothing overlapped it.
+    - The read takes the longest of: the chain of LIST pages, with all of the parent's CPU during
+      the read on it (parsing a page delays the next request), then the last page's GETs (their
+      latency rounds, or their share of the busiest worker's CPU); the GETs themselves, C in
+      flight from the first page on; the pacing (`LARGE_READ_RATE`); the first page and then the
+      busiest worker's CPU; and all the read's CPU spread over this machine's `cores`.
+    """
+    parallel = probe.processes > 0
+    in_flight = LARGE_READ_CONCURRENCY if parallel else FLEET_READ_CONCURRENCY
+    busiest = max(probe.worker_cpu_s, default=0.0) if parallel else probe.cpu_s
+    read_cpu = probe.cpu_s + sum(probe.worker_cpu_s)
+    last_share = probe.last_page_gets / probe.gets if probe.gets else 0.0
+    tail = max(ceil(probe.last_page_gets / in_flight) * ASSUMED_GET_S, busiest * last_share if parallel else 0.0)
+    read = max(
+        lists * ASSUMED_LIST_PAGE_S + probe.cpu_s + tail,
+        ASSUMED_LIST_PAGE_S + ceil(gets / in_flight) * ASSUMED_GET_S,
+        gets / LARGE_READ_RATE if parallel else 0.0,
+        ASSUMED_LIST_PAGE_S + busiest,
+        read_cpu / cores,
+    )
+    return max(0.0, command_cpu - read_cpu) + read
+
+
+#: The read `deployer status` makes, in a child like the command, printing what it cost.
+PROBE = """
+import dataclasses, json, sys
+from deployer import logs
+from deployer.aws.clients import make_clients
+from deployer.aws.reports import ReportReader
+from deployer.protocol.layout import Layout
+logs.configure(level="warning")
+reader = ReportReader(make_clients().s3, sys.argv[1], Layout())
+reader.refresh()
+print(json.dumps(dataclasses.asdict(reader.stats)))
+"""
+
+
+def read_probe(env: dict[str, str]) -> ReadStats:
+    """`status`'s read alone (`ReportReader.refresh`), with its CPU per process."""
+    found = json.loads(run_child([PYTHON, "-c", PROBE, BUCKET], env=env, cwd=REPO).stdout)
+    return ReadStats(**{**found, "worker_cpu_s": tuple(found["worker_cpu_s"])})
 
 
 def synthetic_report(n: int, now: datetime) -> tuple[str, bytes]:
@@ -133,7 +194,10 @@ def run(bench: Bench) -> Section:
         env = {**os.environ, **aws_env(bench.emulator.url)}
         with aws_proxy(bench.emulator.url) as proxy:
             status = measured(proxy, [PYTHON, "-m", "deployer", "status", "--bucket", BUCKET, "--json"], env)
-            print(f"  status: {sec(status.run.wall)}, {status.lists} LIST + {status.gets} GET", flush=True)
+            probe = read_probe(env)
+            cores = read_processes()
+            status_projected = status_projection(status.lists, status.gets, status.run.cpu, probe, cores)
+            print(f"  status: {sec(status.run.wall)}, {status.lists} LIST + {status.gets} GET; {probe}", flush=True)
             gc = measured(
                 proxy,
                 [PYTHON, "-m", "deployer", "gc", "--bucket", BUCKET, "--topic-arn", bench.topic_arn, "--dry-run"],
@@ -150,7 +214,7 @@ def run(bench: Bench) -> Section:
     table = Table(
         ["read", "emulator wall", "CPU", "peak RSS", "LIST", "GET", "projected on S3"],
         [
-            _row("`deployer status --json`", status),
+            _row("`deployer status --json`", status, status_projected),
             _row("`deployer gc --dry-run` (scan, nothing stale)", gc),
             [
                 f"one `--wait` poll ({CHANGED} reports changed)",
@@ -163,9 +227,18 @@ def run(bench: Bench) -> Section:
             ],
         ],
         caption=(
-            f"{n:,} synthetic reports + {REAL_AGENTS} real agents (converged on seq {deploy.seq}), one stage/role; "
-            f"reads {FLEET_READ_CONCURRENCY} at a time. Projection on S3: LIST pages × {ASSUMED_LIST_PAGE_S * 1000:.0f} ms + "
-            f"max(client CPU measured here, GETs / {FLEET_READ_CONCURRENCY} × {ASSUMED_GET_S * 1000:.0f} ms)."
+            f"{n:,} synthetic reports + {REAL_AGENTS} real agents (converged on seq {deploy.seq}), one stage/role. "
+            f"S3 assumed at {ASSUMED_LIST_PAGE_S * 1000:.0f} ms per LIST page and {ASSUMED_GET_S * 1000:.0f} ms per GET. "
+            f"`status` read its {status.gets - 1:,} reports in {probe.processes or 'no'} worker process(es) "
+            f"(parent {sec(probe.cpu_s)} of CPU during the read, workers "
+            f"{', '.join(sec(cpu) for cpu in probe.worker_cpu_s) or '-'}; {cores} core(s) here), "
+            f"{LARGE_READ_CONCURRENCY if probe.processes else FLEET_READ_CONCURRENCY} in flight"
+            f"{f', at most {LARGE_READ_RATE:,.0f}/s' if probe.processes else ''}, each page's GETs behind it; projected as "
+            f"its CPU outside the read + max(LIST pages × {ASSUMED_LIST_PAGE_S * 1000:.0f} ms + the parent's read CPU + the "
+            f"last page's GETs, 1 page + GETs / in flight × {ASSUMED_GET_S * 1000:.0f} ms, GETs / rate, 1 page + the busiest "
+            f"worker's CPU, the read's CPU / cores). gc and the poll read in one process, {FLEET_READ_CONCURRENCY} in flight: "
+            f"LIST pages × {ASSUMED_LIST_PAGE_S * 1000:.0f} ms + max(client CPU, GETs / {FLEET_READ_CONCURRENCY} × "
+            f"{ASSUMED_GET_S * 1000:.0f} ms)."
         ),
     )
     meaning = (
@@ -186,9 +259,9 @@ def run(bench: Bench) -> Section:
             sec(status.run.wall),
         ),
         Target(
-            "`status` projected on S3 < 10 s",
-            status.projected() < STATUS_PROJECTED_TARGET_S,
-            sec(status.projected()),
+            f"`status` projected on S3 ≤ {STATUS_PROJECTED_TARGET_S:.0f} s",
+            status_projected <= STATUS_PROJECTED_TARGET_S,
+            sec(status_projected),
         ),
         Target(
             "`status` peak RSS < 150 MB",
@@ -199,7 +272,9 @@ def run(bench: Bench) -> Section:
     notes = [
         f"Requests are counted by the loopback proxy of the test suite (`tests/awsproxy.py`), on a second run of "
         f"the same command; `status` also reads the channel's pointer (one GET). `{REGION}` emulator, "
-        f"{FLEET_READ_CONCURRENCY} concurrent reads (`deployer.aws.reports.FLEET_READ_CONCURRENCY`).",
+        f"{FLEET_READ_CONCURRENCY} concurrent reads in one process (`deployer.aws.reports.FLEET_READ_CONCURRENCY`), "
+        f"{LARGE_READ_CONCURRENCY} between the workers of a large read (`LARGE_READ_CONCURRENCY`). The split of "
+        f"`status`'s CPU comes from a third run of its read alone (`ReportReader.stats`).",
     ]
     return Section("scale", "6. Fleet reads at 10,000 instances", meaning, [table], targets, notes)
 
@@ -217,7 +292,7 @@ def one_wait_poll(bench: Bench, proxy: AwsProxy, n: int) -> tuple[float, float, 
     return wall, cpu, proxy.count("s3", "LIST"), proxy.count("s3", "GET")
 
 
-def _row(name: str, m: Measured) -> list[str]:
+def _row(name: str, m: Measured, projected: float | None = None) -> list[str]:
     return [
         name,
         sec(m.run.wall),
@@ -225,5 +300,5 @@ def _row(name: str, m: Measured) -> list[str]:
         mib(m.run.max_rss_kib),
         str(m.lists),
         str(m.gets),
-        sec(m.projected()),
+        sec(m.projected() if projected is None else projected),
     ]

@@ -46,10 +46,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from deployer.aws.clients import Clients
+from deployer.aws.clients import CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS, Clients
+from deployer.aws.rawget import BucketAddress, SignedGetter
 from deployer.aws.reports import FLEET_READ_CONCURRENCY, ReportReader
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
-from deployer.aws.s3 import ObjectReader, delete_object, get_document, head, list_objects, put_conditional
+from deployer.aws.s3 import delete_object, get_document, head, list_objects, put_conditional
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.errors import DeployerError, PreconditionFailed, PublishError
 from deployer.protocol.layout import ARTIFACTS, CONDEMNED_NAME, MANIFEST_NAME, Layout
@@ -374,9 +375,12 @@ class ReleaseCollector:
         """The artifacts the manifests of these releases name (one GET per manifest, concurrent).
         A manifest that cannot be parsed names something unknown: no artifact is collected."""
         manifests = [key for r in releases for key, _ in r.objects if key.endswith(f"/{MANIFEST_NAME}")]
-        reader = ObjectReader(self.clients.s3, self.bucket, self.policy)
-        with ThreadPoolExecutor(min(FLEET_READ_CONCURRENCY, max(1, len(manifests)))) as pool:
-            bodies = list(pool.map(reader.get, manifests))
+        if not manifests:
+            return References({ARTIFACTS: frozenset()}, frozenset())
+        where = BucketAddress.of(self.clients.s3, self.bucket, manifests[0])
+        getter = SignedGetter(where, FLEET_READ_CONCURRENCY, (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        with ThreadPoolExecutor(min(FLEET_READ_CONCURRENCY, len(manifests))) as pool:
+            bodies = list(pool.map(lambda key: self.policy.call(getter.get, key), manifests))
         named: set[str] = set()
         unknown: set[str] = set()
         for key, found in zip(manifests, bodies, strict=True):

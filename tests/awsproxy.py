@@ -202,12 +202,20 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Listening(ThreadingHTTPServer):
+    """The proxy's server, with a listen backlog for a fleet read's burst of connects: a large read
+    opens hundreds at once (`deployer.aws.reports.LARGE_READ_CONCURRENCY`), and the default
+    backlog of 5 left some of them waiting out a 30 s read timeout."""
+
+    request_queue_size = 1024
+
+
 @contextmanager
 def aws_proxy(upstream: str, *rules: Rule) -> Iterator[AwsProxy]:
     """An AwsProxy on 127.0.0.1 for the duration of the block; `.url` is its endpoint."""
     proxy = AwsProxy(upstream, rules)
     handler = type("Handler", (_Handler,), {"proxy": proxy})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Listening(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, name="aws-proxy", daemon=True)

@@ -16,14 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from botocore.awsrequest import AWSRequest
 from botocore.exceptions import ClientError
-from botocore.httpsession import URLLib3Session
 
-from deployer.aws.clients import CONNECT_TIMEOUT_SECONDS, MAX_POOL_CONNECTIONS, READ_TIMEOUT_SECONDS
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy, is_transient
 from deployer.protocol.deploy import Deploy
-from deployer.protocol.errors import AwsError, FetchError, IncompleteAnswer, PreconditionFailed, TransientFetchError
+from deployer.protocol.errors import AwsError, FetchError, PreconditionFailed
 from deployer.protocol.layout import Layout
 from deployer.protocol.names import Channel
 from deployer.protocol.trust import UNVERIFIED, DeployVerifier
@@ -37,8 +34,6 @@ NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 #: ConditionalRequestConflict: a concurrent conditional write is in flight. Same meaning.
 #: https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-requests.html
 PRECONDITION_STATUSES = frozenset({409, 412})
-#: A presigned GET is used at once; a short life limits what a leaked URL could read.
-PRESIGNED_TTL_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -361,58 +356,3 @@ def create_bucket(s3: S3Client, bucket: str, policy: RetryPolicy = DEFAULT_POLIC
         policy.call(s3.create_bucket, **kwargs)
     except AwsError as exc:
         raise AwsError(f"cannot create bucket {bucket}: {exc.code or exc}", code=exc.code, status=exc.status) from None
-
-
-class ObjectReader:
-    """GETs many small objects of one bucket for less than half of botocore's CPU per call.
-
-    A botocore call costs ~2 ms of CPU (endpoint rules, event hooks, header and response parsing)
-    whatever the object's size: 20 s for 10,000 status reports, more than S3's own latency with
-    64 in flight. Here each GET is signed by the client itself (`generate_presigned_url`, no
-    request) and sent over botocore's own HTTP session (its TLS, proxy and timeout handling), and
-    only what a small-object read needs is checked: the status, the ETag and a body as long as
-    announced. Thread-safe; used by fleet reads (`deployer.aws.reports`).
-    """
-
-    def __init__(self, s3: S3Client, bucket: str, policy: RetryPolicy = DEFAULT_POLICY) -> None:
-        self.s3 = s3
-        self.bucket = bucket
-        self.policy = policy
-        self.http = URLLib3Session(
-            # (connect, read), as botocore's endpoints pass it; the stubs only know a number.
-            timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS),  # type: ignore[arg-type]
-            max_pool_connections=MAX_POOL_CONNECTIONS,
-        )
-
-    def get(self, key: str, limit: int | None = None) -> tuple[bytes, str, int] | None:
-        """(body, etag, size) of `key`, or None if it does not exist; transient failures are retried.
-
-        With `limit`, at most `limit` + 1 bytes are downloaded (a `Range` request): an object the
-        reader would refuse anyway costs no memory, however large its writer made it. `size` is
-        the object's whole size (from `Content-Range`), so the caller can say by how much.
-        """
-        return self.policy.call(self._attempt, key, limit)
-
-    def _attempt(self, key: str, limit: int | None) -> tuple[bytes, str, int] | None:
-        url = self.s3.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=PRESIGNED_TTL_SECONDS
-        )
-        headers = {"Range": f"bytes=0-{limit}"} if limit is not None else {}
-        response = self.http.send(AWSRequest(method="GET", url=url, headers=headers).prepare())
-        status = response.status_code
-        if status == 404:
-            return None
-        if status == 429 or status >= 500:
-            raise TransientFetchError(f"S3 answered HTTP {status} for s3://{self.bucket}/{key}")
-        if status == 416:  # a Range on an empty object
-            return b"", response.headers.get("etag", ""), 0
-        if status not in (200, 206):
-            raise AwsError(f"cannot read s3://{self.bucket}/{key}: HTTP {status}", code=str(status), status=status)
-        body, declared = response.content, response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) != len(body):
-            raise IncompleteAnswer(f"s3://{self.bucket}/{key}: {len(body)} of {declared} bytes: the connection was cut")
-        etag = response.headers.get("etag")
-        if not etag:
-            raise IncompleteAnswer(f"s3://{self.bucket}/{key}: an answer without an ETag: the connection was cut")
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        return body, etag, int(total) if total.isdigit() else len(body)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+import urllib.parse
 from collections.abc import Callable
 
 from deployer.agent.reporter import StatusReporter
+from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportReader
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.manifest import Hook
-from tests.support import BUCKET, AgentProcess, Fleet, wait_until
+from tests.awsproxy import Answer, Call, aws_proxy
+from tests.support import BUCKET, REGION, AgentProcess, Fleet, wait_until
 
 
 def writes(fleet: Fleet, agent: AgentProcess) -> int:
@@ -46,18 +49,25 @@ def test_polling_the_fleet_downloads_only_the_reports_that_changed(fleet: Fleet)
     for reporter in reporters:
         reporter.write()
     gets: list[str] = []
-    fleet.clients.s3.meta.events.register(
-        "provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"])
-    )
-    reader = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, "prod", "web")
-    everyone = {ReportKey("prod", "web", i) for i in ("i-a", "i-b", "i-c")}
-    assert set(reader.refresh()) == everyone
-    assert len(gets) == 3
-    assert set(reader.refresh()) == everyone
-    assert len(gets) == 3  # nothing changed: one LIST, no GET
-    reporters[1].update("api", seq=1)
-    fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key(ReportKey("prod", "web", "i-c")))
-    entries = reader.refresh()
+
+    class RecordGets:
+        """The objects GET asks for, as they reach the wire (fleet reads sign their own GETs)."""
+
+        def before(self, call: Call) -> Answer | None:
+            if call.action == "GET":
+                gets.append(urllib.parse.unquote(call.path.split("?")[0]).removeprefix(f"/{BUCKET}/"))
+            return None
+
+    with aws_proxy(fleet.endpoint_url, RecordGets()) as proxy:
+        reader = ReportReader(make_clients(REGION, proxy.url).s3, BUCKET, fleet.layout, "prod", "web")
+        everyone = {ReportKey("prod", "web", i) for i in ("i-a", "i-b", "i-c")}
+        assert set(reader.refresh()) == everyone
+        assert len(gets) == 3
+        assert set(reader.refresh()) == everyone
+        assert len(gets) == 3  # nothing changed: one LIST, no GET
+        reporters[1].update("api", seq=1)
+        fleet.clients.s3.delete_object(Bucket=BUCKET, Key=fleet.layout.status_key(ReportKey("prod", "web", "i-c")))
+        entries = reader.refresh()
     assert gets[3:] == [fleet.layout.status_key(ReportKey("prod", "web", "i-b"))]
     assert {who.instance_id for who in entries} == {"i-a", "i-b"}
     report = entries[ReportKey("prod", "web", "i-b")].report

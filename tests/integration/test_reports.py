@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from deployer.agent.reporter import StatusReporter
+from deployer.aws import reports
 from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportReader
 from deployer.protocol.errors import InvalidReport
@@ -19,7 +20,7 @@ from deployer.protocol.layout import ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
 from publisher.gc import Collector
 from publisher.wait import EXIT_TIMEOUT
-from tests.awsproxy import aws_proxy
+from tests.awsproxy import Answer, Call, aws_proxy
 from tests.support import BUCKET, FAST_POLICY, REGION, Fleet, cli, make_tree, publish_args
 
 WHO = ReportKey("prod", "web", "i-good")
@@ -104,13 +105,40 @@ def test_a_report_that_vanishes_between_list_and_get_is_simply_absent(fleet: Fle
     write_report(fleet, ReportKey("prod", "web", "i-leaving"))
     leaving = fleet.layout.status_key(ReportKey("prod", "web", "i-leaving"))
 
-    def delete_first(params: dict[str, Any], **_: Any) -> None:
-        if params["Key"] == leaving:  # gc (or a deregistering agent) wins the race
-            fleet.clients.s3.delete_object(Bucket=BUCKET, Key=leaving)
+    class DeleteFirst:
+        """gc (or a deregistering agent) wins the race: the object is gone when its GET arrives."""
 
-    fleet.clients.s3.meta.events.register("provide-client-params.s3.GetObject", delete_first)
-    entries = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+        def before(self, call: Call) -> Answer | None:
+            if call.method == "GET" and call.action == "GET" and call.path.split("?")[0].endswith(leaving):
+                fleet.clients.s3.delete_object(Bucket=BUCKET, Key=leaving)
+            return None
+
+    with aws_proxy(fleet.endpoint_url, DeleteFirst()) as proxy:
+        reader = ReportReader(make_clients(REGION, proxy.url).s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        entries = reader.refresh()
     assert set(entries) == {WHO}
+    assert fleet.clients.s3.list_objects_v2(Bucket=BUCKET, Prefix=leaving)["KeyCount"] == 0
+
+
+def test_a_large_read_in_worker_processes_finds_what_one_process_finds_with_the_same_requests(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(24):
+        put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
+    put_raw(fleet, "i-hostile", hostile_report("i-hostile", "a newline in a release id"))
+    with aws_proxy(fleet.endpoint_url) as proxy:
+        s3 = make_clients(REGION, proxy.url).s3
+        here = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
+        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        proxy.reset_counts()
+        reader = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        spread = reader.refresh()
+        assert (proxy.count("s3", "LIST"), proxy.count("s3", "GET")) == (1, 25)
+    assert reader.stats.processes == 2
+    assert len(reader.stats.worker_cpu_s) == 2
+    assert spread == here
+    assert [str(e.who) for e in spread.values() if e.report is None] == ["prod/web/i-hostile"]
 
 
 def test_publish_wait_counts_an_unreadable_report_as_not_converged_and_times_out(fleet: Fleet, tmp_path: Path) -> None:
