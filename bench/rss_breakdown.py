@@ -30,7 +30,7 @@ def main() -> None:
     from deployer.aws.clients import make_clients
 
     make_clients(os.environ.get("AWS_REGION", "us-east-1"), os.environ.get("AWS_ENDPOINT_URL"))
-    steps.append(("+ the three clients (S3, SNS, SQS: models, endpoint rules)", rss_mib()))
+    steps.append(("+ the three clients (S3, SNS, SQS: models, endpoint rules, the endpoint table cut)", rss_mib()))
     import deployer.agent.loop
     import deployer.cli  # noqa: F401
 

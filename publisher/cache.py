@@ -20,6 +20,7 @@ an empty `DEPLOYER_CACHE_DIR` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,13 +61,27 @@ class PublishCache:
         """Whether `check_artifact` passed on the bytes with this sha256."""
         return (self.root / f"v{CACHE_VERSION}" / "checked" / sha256).exists()
 
-    def remember_checked(self, sha256: str) -> None:
-        marker = self.root / f"v{CACHE_VERSION}" / "checked" / sha256
+    def remember_checked(self, sha256: str, path: Path | None = None) -> None:
+        """Record that the bytes with this sha256 passed the check (and that `path`, as it is now,
+        held them: `seen_checked`'s hint)."""
+        markers = [self.root / f"v{CACHE_VERSION}" / "checked" / sha256]
+        if path is not None:
+            with contextlib.suppress(OSError):  # a file gone since: no hint, nothing else lost
+                markers.append(self.root / f"v{CACHE_VERSION}" / "files" / file_signature(path))
+        for marker in markers:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError as exc:
+                log.warning("cache_unwritable", path=str(marker), error=str(exc), next="the next publish checks again")
+
+    def seen_checked(self, path: Path) -> bool:
+        """Whether this file, unchanged by its stat fields, was checked before: a hint of whether
+        to start the check before the hash is known, never the verdict (`checked` is)."""
         try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        except OSError as exc:
-            log.warning("cache_unwritable", path=str(marker), error=str(exc), next="the next publish checks it again")
+            return (self.root / f"v{CACHE_VERSION}" / "files" / file_signature(path)).exists()
+        except OSError:
+            return False
 
     # -- packed directories ------------------------------------------------------------------
 
@@ -123,6 +138,13 @@ def tree_signature(source: Path, compression: Compression) -> str:
             fields.append(os.readlink(path))
         digest.update(json.dumps(fields).encode() + b"\n")
     return digest.hexdigest()
+
+
+def file_signature(path: Path) -> str:
+    """A digest of a file's place and the lstat fields that change when it is written."""
+    st = path.lstat()
+    fields = [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 def _source_key(source: Path, compression: Compression) -> str:

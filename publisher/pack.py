@@ -157,11 +157,8 @@ def artifact_file(path: Path) -> Artifact:
 
 
 def file_artifact(path: Path, compression: Compression) -> Artifact:
-    """A file as an `Artifact` still to be checked: one read for its sha256, size and S3 checksum."""
-    digests = ObjectChecksum()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digests.update(chunk)
+    """A file as an `Artifact` still to be checked: its sha256, size and S3 checksum."""
+    digests = ObjectChecksum.of_file(path, HASH_CHUNK)
     return Artifact(path, digests.whole.hexdigest(), digests.size, compression, False, digests.value)
 
 

@@ -176,12 +176,12 @@ class Publisher:
         The reads that decide what to write run side by side (the bucket and topic check, gc's
         marks, whether the artifact is stored): on the way to the SNS call every round trip counts.
         """
-        with ThreadPoolExecutor(4, thread_name_prefix="publish") as pool:
+        with ThreadPoolExecutor(5, thread_name_prefix="publish") as pool:
             resources = pool.submit(self.check_resources)
             if isinstance(artifact, Path):
-                artifact = file_artifact(artifact, sniff(artifact))
-            artifact = self._known(artifact)
-            checking = pool.submit(self._check, artifact)
+                artifact, checking = self._hash_and_check(pool, artifact)
+            else:
+                checking = pool.submit(self._check, self._known(artifact))
             release_id = release_id or default_release_id(artifact.sha256)
             if not RELEASE_ID_PATTERN.match(release_id):
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
@@ -209,6 +209,33 @@ class Publisher:
             stored = self._stored(artifact.sha256, artifact.s3_checksum)
             self._store_release(channel, release_id, artifact, stored, checking, template)
 
+    def _hash_and_check(self, pool: ThreadPoolExecutor, path: Path) -> tuple[Artifact, Future[None]]:
+        """Hash a tarball CI built, and check it unless the cache saw these bytes pass.
+
+        Which of the two it is is known only once the file is hashed; the check of a file the
+        cache has not seen checked (by its path and stat fields: a hint, never the verdict) starts
+        at once, beside the hashing, as a first publish always did. One the cache has seen is
+        hashed first and checked only if its sha256 turns out not to be the one that passed.
+        """
+        compression = sniff(path)
+        if self.cache is not None and self.cache.seen_checked(path):
+            artifact = self._known(file_artifact(path, compression))
+            return artifact, pool.submit(self._check, artifact)
+        hashed: Future[Artifact] = Future()
+
+        def check_now() -> None:
+            check_artifact(path, compression)
+            if self.cache is not None:
+                self.cache.remember_checked(hashed.result().sha256, path)
+
+        checking = pool.submit(check_now)
+        try:
+            hashed.set_result(file_artifact(path, compression))
+        except BaseException as exc:
+            hashed.set_exception(exc)
+            raise
+        return hashed.result(), checking
+
     def _known(self, artifact: Artifact) -> Artifact:
         """`artifact`, marked checked if the cache saw these very bytes (by sha256) pass the check."""
         if artifact.checked or self.cache is None or not self.cache.checked(artifact.sha256):
@@ -222,7 +249,7 @@ class Publisher:
             return
         check_artifact(artifact.path, artifact.compression)
         if self.cache is not None:
-            self.cache.remember_checked(artifact.sha256)
+            self.cache.remember_checked(artifact.sha256, artifact.path)
 
     def _store_release(
         self,

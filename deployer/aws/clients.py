@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
 import botocore.session
 from botocore.config import Config
 from botocore.loaders import Loader
+from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from deployer import __version__
 from deployer.aws.retry import DEFAULT_POLICY, RetryPolicy
@@ -178,14 +181,29 @@ class _OurServicesLoader(Loader):
         return data, path
 
 
+def parse_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with a fast path for the ISO 8601 form S3's XML answers carry
+    (`2026-12-07T21:00:00.000Z`): `datetime.fromisoformat`, ~20× faster than the dateutil parse
+    botocore makes of every timestamp, which was most of the CPU a fleet read spends on its LIST
+    pages (one LastModified per report, 10,000 in `deployer status`). Any other form, and any
+    string fromisoformat refuses, goes to botocore's parser, which knows them all."""
+    if isinstance(value, str) and len(value) >= 20 and value[10] == "T" and value[-1] == "Z":
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value)
+    parsed: datetime = botocore_parse_timestamp(value)
+    return parsed
+
+
 def _botocore_session() -> botocore.session.Session:
-    """A botocore session whose data loader is `_OurServicesLoader`, set up as botocore's own is."""
+    """A botocore session whose data loader is `_OurServicesLoader` (set up as botocore's own is)
+    and whose answers' timestamps go through `parse_timestamp`."""
     core = botocore.session.get_session()
     search_path = core.get_config_variable("data_path")
     extra = (
         [os.path.expanduser(os.path.expandvars(path)) for path in search_path.split(os.pathsep)] if search_path else []
     )
     core.register_component("data_loader", _OurServicesLoader(extra_search_paths=extra))
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
     return core
 
 

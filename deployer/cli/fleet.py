@@ -139,7 +139,7 @@ def status(
     if html_path or upload:
         _page(store, rows, pointers, html_path, upload)
     elif as_json:
-        click.echo(json.dumps({"instances": [dataclasses.asdict(r) for r in rows], "summary": summary(rows)}, indent=2))
+        click.echo(json.dumps({"instances": [r.as_dict() for r in rows], "summary": summary(rows)}, indent=2))
     elif not rows:
         click.echo("no instances have reported yet")
     else:
@@ -193,7 +193,7 @@ def _targets_status(
                     reach.target.name: {
                         "region": reach.target.region,
                         "account": reach.target.topic_arn.split(":")[4],
-                        "instances": [dataclasses.asdict(r) for r in view.rows],
+                        "instances": [r.as_dict() for r in view.rows],
                         "summary": summary(view.rows),
                     }
                     for reach, view in views

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import botocore.session
 import pytest
@@ -46,3 +47,30 @@ def test_the_cut_table_keeps_no_other_service() -> None:
     kept = {prefix for partition in loader.load_data("endpoints")["partitions"] for prefix in partition["services"]}
     assert kept <= ENDPOINT_PREFIXES
     assert {"s3", "sqs", "sns"} <= kept
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-12-07T21:00:00.000Z",
+        "2026-12-07T21:00:00Z",
+        "2026-12-07T21:00:00.123456Z",
+        "2026-12-07T21:00:00+01:00",
+        "Mon, 07 Dec 2026 21:00:00 GMT",
+        1796677577,
+        "1796677577",
+        "2026-13-07T21:00:00.000Z",  # no such month: botocore's parser says so, as before
+    ],
+)
+def test_timestamps_parse_as_botocore_parses_them(value: str | int) -> None:
+    from botocore.utils import parse_timestamp as botocores
+
+    from deployer.aws.clients import parse_timestamp
+
+    try:
+        expected = botocores(value)
+    except ValueError as refused:
+        with pytest.raises(ValueError, match=re.escape(str(refused))):
+            parse_timestamp(value)
+        return
+    assert parse_timestamp(value) == expected
