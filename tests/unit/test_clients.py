@@ -68,7 +68,7 @@ def test_timestamps_parse_as_botocore_parses_them(value: str | int) -> None:
     from deployer.aws.clients import parse_timestamp
 
     try:
-        expected = botocores(value)
+        expected = botocores(value)  # type: ignore[arg-type]  # epoch numbers too (its docstring), not in the stubs
     except ValueError as refused:
         with pytest.raises(ValueError, match=re.escape(str(refused))):
             parse_timestamp(value)
