@@ -216,9 +216,9 @@ def run(bench: Bench) -> Section:
         "(`sync_file_range`), so the final `syncfs` waits ~0.01 s instead of ~0.1 s; no pipeline drain at "
         "directories; tarfile's `data` filter only where a path passes through an extracted symlink. Left: more "
         "cores, and fewer, larger files in the artifact. Peak RSS is mostly the interpreter, structlog and "
-        "botocore with its S3 model; the apply's own buffers are bounded at about 4.5 MiB (1 MiB of decompressed "
-        "read-ahead and the 256 KiB compressed chunk behind it, 2 MiB waiting for the writers, a file of up to "
-        "1 MiB being read)."
+        "botocore with its S3 model (the child frees what imports and client setup left behind, as an agent does "
+        "once booted); the apply's own buffers are bounded at about 4 MiB (512 KiB of decompressed read-ahead and "
+        "the 256 KiB compressed chunk behind it, 2 MiB waiting for the writers, a file of up to 1 MiB being read)."
     )
     return Section("apply", "2. Apply throughput", meaning, [table], targets, notes, moves)
 

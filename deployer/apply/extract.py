@@ -40,10 +40,11 @@ from deployer.protocol.errors import ArtifactError, TransientFetchError
 #: read-ahead's memory low. Also the most one decompression step may produce: a decompression bomb
 #: (256 KiB of gzip can inflate to 256 MiB) is fed to the parser in pieces of this size, never whole.
 READ_CHUNK = 256 * 1024
-#: Decompressed chunks read ahead of the tar parser: bounds the queue to 1 MiB. Decompressing (ISA-L,
+#: Decompressed chunks read ahead of the tar parser: bounds the queue to 512 KiB. Decompressing (ISA-L,
 #: zstd) outruns file creation several times over, so the queue is full nearly all the time and a
-#: deeper one only costs memory (8 deep: +1 MiB peak RSS, no faster; figure 2).
-PREFETCH_DEPTH = 4
+#: deeper one only costs memory (4 deep: +0.3 MiB of an agent's peak RSS, which that put over 60 MB;
+#: 8 deep: +1 MiB; neither faster; figure 2).
+PREFETCH_DEPTH = 2
 #: File writer threads, the largest file they take, and how many bytes may wait for them. Every
 #: pending byte is resident: 2 MiB (~35 files of figure 2's release) keeps both writers busy; the
 #: writers are the slowest stage, so a bigger window is always full: 4 MiB cost 2 MiB of peak RSS
@@ -380,7 +381,7 @@ class Prefetcher:
     Socket reads, sha256 and the decompressors all release the GIL, so on two cores the transfer
     and its decompression run beside the tar parsing and the file writers instead of adding to
     them (gzip was a third of a single-threaded apply). Bounded: at most PREFETCH_DEPTH chunks of
-    at most READ_CHUNK decompressed bytes wait in the queue (1 MiB); the thread itself holds one
+    at most READ_CHUNK decompressed bytes wait in the queue (512 KiB); the thread itself holds one
     compressed chunk (256 KiB) and the decompressor's state: 32 KiB of gzip window, 900 KiB of
     bzip2 block, xz's dictionary (8 MiB at xz -6), zstd's window (2 MiB as `publish` packs, 8 MiB at
     zstd -19, at most the library's 128 MiB limit for `--long`). An error in the thread (network,
