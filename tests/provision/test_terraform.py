@@ -171,6 +171,13 @@ def initialised(example: str, override: str, tmp_path: Path, closed_port: int) -
     return tf
 
 
+#: The emulator's gaps (terraform/README.md), set in every apply against it: the provider waits a
+#: minute for a lifecycle header moto never sends; moto enforces the bucket policy's Denies without
+#: their conditions, so every publish would be refused; a bucket with releases in it is deleted only
+#: when forced.
+EMULATOR_GAPS = {"bucket_lifecycle": False, "bucket_policy": False, "force_destroy": True}
+
+
 @pytest.fixture
 def terraform(aws_env: Emulator, tmp_path: Path, closed_port: int) -> Terraform:
     """terraform/example, initialised against the emulator."""
@@ -339,13 +346,7 @@ def test_terraform_applies_the_example_an_agent_converges_on_it_and_destroy_leav
         "event_bus": "default",
         "events_target_arn": events_queue_arn,
         "notify_topic_arns": [chat_topic_arn],
-        # The emulator's gaps (terraform/README.md): the provider waits a minute for a lifecycle
-        # header moto never sends; moto enforces the bucket policy's Denies without their
-        # conditions, so every publish would be refused; a bucket with releases in it is deleted
-        # only when forced.
-        "bucket_lifecycle": False,
-        "bucket_policy": False,
-        "force_destroy": True,
+        **EMULATOR_GAPS,
     }
     (terraform.workdir / "emulator.auto.tfvars.json").write_text(json.dumps(variables))
     terraform("apply", "-auto-approve")
@@ -491,10 +492,7 @@ def test_terraform_applies_the_targets_example_in_two_regions_and_accounts_and_i
         "external_id": EXTERNAL_ID,
         "github_repository": "acme/api",
         "github_oidc_provider_arn": GITHUB_OIDC_PROVIDER_ARN,
-        # The emulator's gaps, as for the example above.
-        "bucket_lifecycle": False,
-        "bucket_policy": False,
-        "force_destroy": True,
+        **EMULATOR_GAPS,
     }
     (terraform_targets.workdir / "emulator.auto.tfvars.json").write_text(json.dumps(variables))
     terraform_targets("apply", "-auto-approve")
