@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from deployer.protocol.deploy import Deploy
 from deployer.protocol.manifest import Commands, Hook, Manifest, SyncStrategy
 from publisher.pack import pack_directory
@@ -108,6 +110,10 @@ def test_an_http_manifest_is_refused_unless_allowed_by_flag_or_config(tmp_path: 
 # -- crash safety -------------------------------------------------------------------------------
 
 KILLS = 32
+#: The kills run as this many tests of KILLS // KILL_BATCHES kills each, so pytest-xdist spreads
+#: them over its workers (one test of 32 took ~100 s of a 120 s test timeout on a busy machine);
+#: every batch calibrates itself and kills at its share of the same 32 instants.
+KILL_BATCHES = 4
 
 
 def _tree(seed: int) -> dict[str, str]:
@@ -138,7 +144,8 @@ def _complete(current: Path, files: dict[str, str]) -> bool:
     return all((current / name).is_file() and (current / name).read_text() == text for name, text in files.items())
 
 
-def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", range(KILL_BATCHES))
+def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(tmp_path: Path, batch: int) -> None:
     old_files, new_files = _tree(1), _tree(2)
     old_manifest, new_manifest = (
         _write_manifest(tmp_path, "old", old_files),
@@ -166,12 +173,14 @@ def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(
     startup = time.monotonic() - began
 
     rng = random.Random(20261126)
+    instants = [rng.random() for _ in range(KILLS)]  # where in [start-up, the whole apply] each kill lands
+    per_batch = KILLS // KILL_BATCHES
     outcomes = {"old": 0, "new": 0}
-    for kill in range(KILLS):
+    for kill in range(batch * per_batch, (batch + 1) * per_batch):
         home = tmp_path / f"kill-{kill}"
         shutil.copytree(baseline, home, symlinks=True)
         process = start(home)
-        time.sleep(rng.uniform(startup * 0.9, duration * 1.05))
+        time.sleep(startup * 0.9 + (duration * 1.05 - startup * 0.9) * instants[kill])
         os.killpg(process.pid, signal.SIGKILL)  # the apply and any hook it was running
         process.wait(10)
         current = home / "root" / "opt" / "app" / "current"
@@ -189,8 +198,10 @@ def test_sigkill_at_any_instant_leaves_a_complete_release_and_a_rerun_converges(
         leftovers = [p.name for p in (current.parent / "releases").iterdir() if p.name.startswith(".incoming")]
         assert leftovers == [], f"kill {kill}: staging left behind: {leftovers}"
         shutil.rmtree(home)
-    assert sum(outcomes.values()) == KILLS
-    print(f"kill outcomes over {KILLS} kills in a {duration:.2f}s apply ({startup:.2f}s start-up): {outcomes}")
+    assert sum(outcomes.values()) == per_batch
+    print(
+        f"kill outcomes over kills {batch * per_batch}-{kill} of {KILLS} in a {duration:.2f}s apply ({startup:.2f}s start-up): {outcomes}"
+    )
 
 
 def test_a_write_failure_mid_extraction_removes_the_partial_release_and_keeps_current(tmp_path: Path) -> None:
