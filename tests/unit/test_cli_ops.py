@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 from click.testing import CliRunner
 
-from deployer.cli import main
+from deployer.cli import SECTIONS, main
 
 
 def options(command: str) -> dict[str, click.Option]:
-    found = main.commands[command]
+    found = main.get_command(click.Context(main), command)
+    assert found is not None
     return {p.name: p for p in found.params if isinstance(p, click.Option) and p.name}
 
 
@@ -28,3 +31,16 @@ def test_help_names_the_exit_codes_ci_can_branch_on() -> None:
         assert "0 every expected instance converged" in text
         assert "4 some failed, were rejected or were lost" in text
         assert "5 timed out" in text
+
+
+def test_every_command_is_listed_under_the_module_that_defines_it_and_only_there() -> None:
+    for module, listed in SECTIONS.items():
+        defined = importlib.import_module(f"deployer.cli.{module}").COMMANDS
+        assert tuple(command.name for command in defined) == listed, module
+    assert main.list_commands(click.Context(main)) == sorted(name for names in SECTIONS.values() for name in names)
+
+
+def test_an_unknown_command_is_named_in_the_error() -> None:
+    result = CliRunner().invoke(main, ["pubish"])
+    assert result.exit_code == 2
+    assert "No such command 'pubish'" in result.output
