@@ -15,13 +15,15 @@ from deployer.agent.reporter import StatusReporter
 from deployer.aws import reports
 from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportReader
+from deployer.aws.retry import RetryPolicy
 from deployer.protocol.errors import InvalidReport
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
 from publisher.gc import Collector
 from publisher.wait import EXIT_TIMEOUT
 from tests.awsproxy import Answer, Call, aws_proxy
-from tests.support import BUCKET, FAST_POLICY, REGION, Fleet, cli, make_tree, publish_args
+from tests.faultproxy import FaultProxy, random_faults
+from tests.support import BUCKET, FAST_POLICY, FLAKY_RATE, REGION, Fleet, cli, make_tree, publish_args
 
 WHO = ReportKey("prod", "web", "i-good")
 
@@ -45,6 +47,31 @@ def write_report_doc(instance: str) -> bytes:
         components={"api": ComponentStatus(state=ComponentState.OK, seq=1)},
     )
     return report.to_json()
+
+
+def test_reports_read_through_a_network_that_cuts_connections_at_every_point_are_what_a_clean_read_finds(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset, or an answer cut inside its headers or its body, is the network's doing: retried,
+    never a row marked unreadable or a read that fails, in one process or in worker processes."""
+    for n in range(100):
+        put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
+    clean = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+    assert len(clean) == 100
+    assert all(entry.report is not None for entry in clean.values())
+    # Enough attempts that the faults cannot exhaust them (0.22 ** 12 per read).
+    patient = RetryPolicy(max_attempts=12, base_seconds=0.01, cap_seconds=0.05, deadline_seconds=60)
+    with FaultProxy.to(fleet.endpoint_url, rule=random_faults(FLAKY_RATE, seed=20261208)) as network:
+        s3 = make_clients(REGION, network.url).s3
+        assert ReportReader(s3, BUCKET, fleet.layout, policy=patient).refresh() == clean
+        in_one_process = network.injured
+        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
+        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        reader = ReportReader(s3, BUCKET, fleet.layout, policy=patient)
+        assert reader.refresh() == clean
+    assert reader.stats.processes == 2
+    assert in_one_process > 0
+    assert network.injured > in_one_process
 
 
 @pytest.mark.parametrize(
