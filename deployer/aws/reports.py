@@ -9,7 +9,7 @@ At fleet scale the reads are what costs: one LIST per 1,000 keys, then one GET p
 report (docs/design.md, "Scale"). Three things keep 10,000 reports within seconds on S3
 (docs/benchmarks.md, figure 6):
 
-- **Signed GETs, not botocore calls** (`deployer.aws.rawget`): the same s3:GetObject, ~0.35 ms
+- **Signed GETs, not botocore calls** (`deployer.aws.rawget`): the same s3:GetObject, ~0.3 ms
   of CPU per report on one thread instead of ~0.8 ms.
 - **GETs behind the listing.** Each LIST page's changed reports are handed out as soon as the
   page arrives, so the GETs run while the next pages are listed; the chain of pages (each needs
