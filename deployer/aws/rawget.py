@@ -15,9 +15,9 @@ http.client's header parsing:
   same s3:GetObject by the same principal, so IAM sees nothing new;
 - it goes over a bounded pool of keep-alive http.client connections (TLS verified against
   botocore's CA bundle; through urllib3 when the environment names a proxy), and only what a
-  small-object read needs is checked: the status, the ETag and a body as long as announced. Errors are S3's: 404 is "no such object", 429 and
-  5xx (503 SlowDown) are transient and left to the caller's retry policy, anything else is an
-  `AwsError` naming the object.
+  small-object read needs is checked: the status, the ETag and a body as long as announced.
+  Errors are S3's: 404 is "no such object", 429 and 5xx (503 SlowDown) are transient and left
+  to the caller's retry policy, anything else is an `AwsError` naming the object.
 
 A worker (`serve`) is a spawned interpreter that imports only this module's needs (no boto3):
 it receives batches of keys, GETs them `concurrency` at a time at most `rate` per second, parses
