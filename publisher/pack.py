@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from deployer.aws.s3 import ObjectChecksum
+from deployer.aws.checksum import ObjectChecksum
 from deployer.protocol.artifact import check_member
 from deployer.protocol.errors import PublishError
 

@@ -51,9 +51,10 @@ from deployer.protocol.retention import DEFAULT_GRACE, Grace
 from deployer.protocol.rollout import Plan
 from deployer.protocol.timestamps import utc_now_iso
 from deployer.protocol.trust import UNVERIFIED
+from publisher.artifact_file import ArtifactFile, check, known
 from publisher.cache import PublishCache
 from publisher.freshness import vouch
-from publisher.pack import Artifact, check_artifact, file_artifact, sniff
+from publisher.pack import Artifact
 from publisher.retention import ReleaseCondemned, check_not_condemned, take_back
 from publisher.signing import Signer, sign
 
@@ -157,14 +158,15 @@ class Publisher:
     def publish(
         self,
         channel: Channel,
-        artifact: Path | Artifact,
+        artifact: Path | ArtifactFile | Artifact,
         *,
         template: Manifest,
         release_id: str | None = None,
         origin: Mapping[str, str] | None = None,
         staged: Staged | None = None,
     ) -> PublishResult:
-        """Publish `artifact` (a packed `Artifact`, or a tarball CI built) as a new release.
+        """Publish `artifact` (a packed `Artifact`, or a tarball CI built: its path, or the
+        `ArtifactFile` already hashing it) as a new release.
 
         The artifact is stored once per content, at `artifacts/sha256/<hex>`: a publish that finds
         it there uploads nothing (a CI retry, a rebuild of the same tree, a promotion to another
@@ -176,12 +178,15 @@ class Publisher:
         The reads that decide what to write run side by side (the bucket and topic check, gc's
         marks, whether the artifact is stored): on the way to the SNS call every round trip counts.
         """
-        with ThreadPoolExecutor(5, thread_name_prefix="publish") as pool:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(5, thread_name_prefix="publish") as pool:
             resources = pool.submit(self.check_resources)
             if isinstance(artifact, Path):
-                artifact, checking = self._hash_and_check(pool, artifact)
+                artifact = stack.enter_context(ArtifactFile(artifact, self.cache))
+            if isinstance(artifact, ArtifactFile):
+                checking = artifact.checking
+                artifact = artifact.result()
             else:
-                checking = pool.submit(self._check, self._known(artifact))
+                checking = pool.submit(check, known(artifact, self.cache), self.cache)
             release_id = release_id or default_release_id(artifact.sha256)
             if not RELEASE_ID_PATTERN.match(release_id):
                 raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
@@ -205,51 +210,9 @@ class Publisher:
             raise PublishError(f"release id {release_id!r} does not match {RELEASE_ID_PATTERN.pattern}")
         self._take_back_from_gc(channel.component, release_id)
         with ThreadPoolExecutor(1, thread_name_prefix="store") as pool:
-            checking = pool.submit(self._check, self._known(artifact))
+            checking = pool.submit(check, known(artifact, self.cache), self.cache)
             stored = self._stored(artifact.sha256, artifact.s3_checksum)
             self._store_release(channel, release_id, artifact, stored, checking, template)
-
-    def _hash_and_check(self, pool: ThreadPoolExecutor, path: Path) -> tuple[Artifact, Future[None]]:
-        """Hash a tarball CI built, and check it unless the cache saw these bytes pass.
-
-        Which of the two it is is known only once the file is hashed; the check of a file the
-        cache has not seen checked (by its path and stat fields: a hint, never the verdict) starts
-        at once, beside the hashing, as a first publish always did. One the cache has seen is
-        hashed first and checked only if its sha256 turns out not to be the one that passed.
-        """
-        compression = sniff(path)
-        if self.cache is not None and self.cache.seen_checked(path):
-            artifact = self._known(file_artifact(path, compression))
-            return artifact, pool.submit(self._check, artifact)
-        hashed: Future[Artifact] = Future()
-
-        def check_now() -> None:
-            check_artifact(path, compression)
-            if self.cache is not None:
-                self.cache.remember_checked(hashed.result().sha256, path)
-
-        checking = pool.submit(check_now)
-        try:
-            hashed.set_result(file_artifact(path, compression))
-        except BaseException as exc:
-            hashed.set_exception(exc)
-            raise
-        return hashed.result(), checking
-
-    def _known(self, artifact: Artifact) -> Artifact:
-        """`artifact`, marked checked if the cache saw these very bytes (by sha256) pass the check."""
-        if artifact.checked or self.cache is None or not self.cache.checked(artifact.sha256):
-            return artifact
-        log.info("artifact_check_cached", sha256=artifact.sha256, next="not checking these bytes again")
-        return replace(artifact, checked=True)
-
-    def _check(self, artifact: Artifact) -> None:
-        """`check_artifact`, unless it is known to pass; a pass is remembered in the cache."""
-        if artifact.checked:
-            return
-        check_artifact(artifact.path, artifact.compression)
-        if self.cache is not None:
-            self.cache.remember_checked(artifact.sha256, artifact.path)
 
     def _store_release(
         self,

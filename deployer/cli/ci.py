@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -174,9 +175,9 @@ def publish(
     targets move as waves, each converging (its own --waves inside it) before the next; a
     failed target rolls back every target already moved: exit 0 everywhere, 6 rolled back.
     """
+    from publisher.artifact_file import ArtifactFile
     from publisher.cache import PublishCache, default_cache_dir
     from publisher.pack import Artifact, Compression, pack_directory
-    from publisher.publish import ci_origin
 
     cache_dir = default_cache_dir() if use_cache else None
     cache = PublishCache(cache_dir) if cache_dir is not None else None
@@ -190,12 +191,17 @@ def publish(
         spread_publish(
             store, targets, channel, artifact, compression, template, release_id, sign_keys, gates, wait, news
         )
-    members = group_members(store, wait)
-    publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest, cache)
-    staging = stage(publisher, store, channel, gates, wait)
-    with tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
-        packed: Path | Artifact = artifact
-        if artifact.is_dir():
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="deployer-publish-") as tmp:
+        packed: ArtifactFile | Artifact | None = None
+        if not artifact.is_dir():
+            # Hashed (and checked) while boto3 is imported and the clients are made (figure 5).
+            packed = stack.enter_context(ArtifactFile(artifact, cache))
+        from publisher.publish import ci_origin
+
+        members = group_members(store, wait)
+        publisher = make_publisher(store, topic_arn, sign_keys, inline_manifest, cache)
+        staging = stage(publisher, store, channel, gates, wait)
+        if packed is None:
             packing = Compression(compression)
             packed = (
                 cache.pack(artifact, packing, Path(tmp))

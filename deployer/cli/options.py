@@ -508,12 +508,14 @@ def news_options(func: Command) -> Command:
 
     @functools.wraps(func)
     def wrapper(*args: Any, event_bus: str | None, notify: tuple[str, ...], **kwargs: Any) -> Any:
-        from publisher.notify import parse_notify_target
+        targets: tuple[NotifyTarget, ...] = ()
+        if notify:  # publisher.notify loads boto3, which `publish` imports while it hashes
+            from publisher.notify import parse_notify_target
 
-        try:
-            targets = tuple(parse_notify_target(spec) for value in notify for spec in value.split())
-        except DeployerError as exc:
-            raise click.BadParameter(str(exc), param_hint="--notify") from None
+            try:
+                targets = tuple(parse_notify_target(spec) for value in notify for spec in value.split())
+            except DeployerError as exc:
+                raise click.BadParameter(str(exc), param_hint="--notify") from None
         return func(*args, news=News(event_bus or None, targets), **kwargs)
 
     return _apply(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from deployer.aws.s3 import UPLOAD_PART_BYTES, checksums_match, read_pointer
+from deployer.aws.checksum import UPLOAD_PART_BYTES
+from deployer.aws.s3 import checksums_match, read_pointer
 from deployer.protocol.deploy import parse_deploy
 from deployer.protocol.errors import ConfigError, PublishError, ReleaseConflict
 from deployer.protocol.manifest import Manifest, SyncStrategy, parse_manifest
@@ -247,7 +251,7 @@ def test_a_release_published_before_artifacts_were_content_addressed_is_republis
 def test_bytes_whose_check_passed_on_this_machine_are_not_checked_again(
     fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import publisher.publish as publishing
+    import publisher.artifact_file as publishing
     from publisher import pack
     from publisher.cache import PublishCache
     from publisher.pack import Compression
@@ -289,24 +293,39 @@ def test_an_unsafe_artifact_is_refused_every_time_however_often_it_is_published(
 NOT_FOR_PUBLISHING = ("deployer.agent", "deployer.apply.engine", "deployer.apply.extract", "publisher.wait")
 
 
-def test_help_and_publish_load_neither_the_agent_nor_the_apply_engine(fleet: Fleet, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    artifact, _ = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
-    script = (
-        "import sys\n"
-        "from deployer.cli import main\n"
-        "try:\n"
-        "    main(sys.argv[1:])\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        f"print(sorted(m for m in sys.modules if m.startswith({NOT_FOR_PUBLISHING!r})), file=sys.stderr)\n"
+def _cli_in_python(fleet: Fleet, before: str, after: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`deployer ARGV` in a fresh interpreter (what it imports is what a CI job pays), with `before`
+    run ahead of the CLI's import and `after` once it exited."""
+    script = f"import sys\n{before}from deployer.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n{after}"
+    publish = ["--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--stage", "prod", "--role", "web"]
+    command = [*argv[:1], *(publish if argv[:1] == ("publish",) else []), *argv[1:]]
+    return subprocess.run(
+        [sys.executable, "-c", script, *command], capture_output=True, text=True, env=dict(os.environ)
     )
-    publish = ["publish", "--bucket", BUCKET, "--topic-arn", fleet.topic_arn, "--stage", "prod", "--role", "web"]
-    for argv in (["--help"], [*publish, "--component", "api", "--artifact", str(artifact)]):
-        done = subprocess.run(
-            [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=dict(os.environ), check=True
-        )
+
+
+def test_help_and_publish_load_neither_the_agent_nor_the_apply_engine(fleet: Fleet, tmp_path: Path) -> None:
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    loaded = f"    print(sorted(m for m in sys.modules if m.startswith({NOT_FOR_PUBLISHING!r})), file=sys.stderr)\n"
+    for argv in (["--help"], ["publish", "--component", "api", "--artifact", str(artifact)]):
+        done = _cli_in_python(fleet, "", loaded, *argv)
+        assert done.returncode == 0, done.stderr[-2000:]
         assert done.stderr.strip().splitlines()[-1] == "[]", (argv[0], done.stderr[-2000:])
+
+
+def test_publish_starts_hashing_its_artifact_before_it_loads_the_aws_sdk(fleet: Fleet, tmp_path: Path) -> None:
+    """Importing boto3 and making the clients overlaps the hash only if the hash starts first."""
+    artifact, _ = write_release(tmp_path / "a.tar.gz", {"index.html": "v1"})
+    noting = (
+        "import publisher.artifact_file as artifact_file\n"
+        "started = artifact_file.ArtifactFile.__init__\n"
+        "def noting(self, *args, **kwargs):\n"
+        "    print('sdk loaded when hashing started:', 'botocore' in sys.modules, file=sys.stderr)\n"
+        "    started(self, *args, **kwargs)\n"
+        "artifact_file.ArtifactFile.__init__ = noting\n"
+    )
+    argv = ["publish", "--component", "api", "--artifact", str(artifact), "--release-id", "hashed-first"]
+    done = _cli_in_python(fleet, noting, "    pass\n", *argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sdk loaded when hashing started: False" in done.stderr, done.stderr[-2000:]
+    assert "release hashed-first as seq 1" in done.stdout
