@@ -44,6 +44,37 @@ from publisher.signing import FileSigner, keygen, public_key, sign
 FLOOR_KEY = "floor/artifact.tar.gz"
 
 
+@dataclass(frozen=True)
+class CpuShare:
+    """CPU seconds per deploy of the processes that share the cores while a fan-out converges."""
+
+    agents: float
+    emulator: float
+    #: The benchmark's own process: the floor's loops, or the publisher and the agents' log watchers.
+    driver: float
+
+    @property
+    def total(self) -> float:
+        return self.agents + self.emulator + self.driver
+
+
+class CpuMeter:
+    """`CpuShare` over an interval: started before the first measured deploy, read after the last."""
+
+    def __init__(self, bench: Bench, agents: list[AgentProc]) -> None:
+        self.pids = [a.pid for a in agents]
+        self.emulator_pid = bench.emulator.process.pid if bench.emulator.process else None
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        emulator = cpu_seconds(self.emulator_pid) if self.emulator_pid else 0.0
+        return sum(cpu_seconds(pid) for pid in self.pids), emulator, time.process_time()
+
+    def per_deploy(self, deploys: int) -> CpuShare:
+        now = self._now()
+        return CpuShare(*((b - a) / deploys for a, b in zip(self.start, now, strict=True)))
+
+
 @dataclass
 class AgentRun:
     """What N real agents did over the measured deploys."""
@@ -57,13 +88,27 @@ class AgentRun:
     cpu_per_deploy: float
     #: How long each apply stood still for history's answer once its release was staged (`history_waited_ms`).
     history_waits: list[float]
+    #: CPU per deploy of every process on the machine's cores: the agents' sum, the emulator, this one.
+    cpu: CpuShare
+
+
+@dataclass
+class FloorRun:
+    """The floor's convergence times, and the CPU its process and the emulator spent per deploy."""
+
+    times: list[float]
+    cpu: CpuShare
 
 
 @dataclass
 class Samples:
     n: int
-    floor: list[float]
+    floor_run: FloorRun
     run: AgentRun
+
+    @property
+    def floor(self) -> list[float]:
+        return self.floor_run.times
 
     @property
     def ours(self) -> list[float]:
@@ -83,7 +128,7 @@ def _pause(n: int) -> None:
     time.sleep(0.3 + 0.01 * n + random.uniform(0, 0.2))
 
 
-def measure_floor(bench: Bench, n: int, deploys: int) -> list[float]:  # noqa: C901 - the baseline stays as measured
+def measure_floor(bench: Bench, n: int, deploys: int) -> FloorRun:  # noqa: C901 - the baseline stays as measured
     """N bare loops in threads: ReceiveMessage(20 s) → one S3 GET of the artifact → DeleteMessage."""
     bench.fresh()
     body = small_artifact(bench.workdir).read_bytes()
@@ -125,7 +170,10 @@ def measure_floor(bench: Bench, n: int, deploys: int) -> list[float]:  # noqa: C
     # A deploy-sized message (~450 bytes, like the real deploy document).
     filler = "x" * 300
     results = []
+    meter: CpuMeter | None = None
     for k in range(deploys + 1):  # k = 0 is a warm-up
+        if k == 1:
+            meter = CpuMeter(bench, [])
         started = time.time()
         sns.publish(TopicArn=bench.topic_arn, Message=json.dumps({"k": k, "filler": filler}))
         wait_for(lambda: all(k in d for d in done) or bool(errors), f"floor deploy {k} on {n} queues", 60)  # noqa: B023
@@ -134,10 +182,12 @@ def measure_floor(bench: Bench, n: int, deploys: int) -> list[float]:  # noqa: C
         if k:
             results.append(max(d[k] for d in done) - started)
         _pause(n)
+    assert meter is not None
+    cpu = meter.per_deploy(deploys)
     sns.publish(TopicArn=bench.topic_arn, Message=json.dumps({"stop": True}))
     for thread in threads:
         thread.join(timeout=30)
-    return results
+    return FloorRun(results, cpu)
 
 
 def measure_agents(bench: Bench, n: int, deploys: int, signed: bool = False) -> AgentRun:
@@ -163,7 +213,7 @@ def measure_agents(bench: Bench, n: int, deploys: int, signed: bool = False) -> 
     from_sns: list[float] = []
     phases: list[tuple[float, float, float, float]] = []
     waits: list[float] = []
-    cpu_at: list[float] = []
+    meter: CpuMeter | None = None
     try:
         for agent in agents:
             agent.start()
@@ -171,7 +221,7 @@ def measure_agents(bench: Bench, n: int, deploys: int, signed: bool = False) -> 
         time.sleep(1.0)
         for k in range(deploys + 1):  # k = 0 is a warm-up
             if k == 1:
-                cpu_at = [cpu_seconds(a.pid) for a in agents]
+                meter = CpuMeter(bench, agents)
             started = time.time()
             deploy = publisher.publish(channel, artifact, template=template, release_id=f"fan-{n}-{k}").deploy
             seq = deploy.seq
@@ -198,11 +248,12 @@ def measure_agents(bench: Bench, n: int, deploys: int, signed: bool = False) -> 
                     )
                 )
             _pause(n)
-        cpu = sum(cpu_seconds(a.pid) - before for a, before in zip(agents, cpu_at, strict=True)) / n / deploys
+        assert meter is not None
+        share = meter.per_deploy(deploys)
     finally:
         bench.clients.sns.meta.events.unregister("before-call.sns.Publish", on_publish)
         stop_all(agents, timeout=30)
-    return AgentRun(ours, from_sns, phases, cpu, waits)
+    return AgentRun(ours, from_sns, phases, share.agents / n, waits, share)
 
 
 def _release_key(home: Path) -> tuple[list[FileSigner], dict[str, Any]]:
@@ -272,7 +323,7 @@ def run(bench: Bench) -> Section:
         floor = measure_floor(bench, n, deploys)
         print(f"  fan-out N={n}: agents ...", flush=True)
         samples.append(Samples(n, floor, measure_agents(bench, n, deploys)))
-        print(f"  N={n}: floor p50 {ms(median(floor))}, ours p50 {ms(median(samples[-1].ours))}", flush=True)
+        print(f"  N={n}: floor p50 {ms(median(floor.times))}, ours p50 {ms(median(samples[-1].ours))}", flush=True)
     print("  fan-out N=10 signed: agents ...", flush=True)
     signed_run = measure_agents(bench, 10, deploys, signed=True)
     signed = signed_run.ours
@@ -339,6 +390,31 @@ def run(bench: Bench) -> Section:
         "~0 means that GET, sent beside the download, is off the critical path. *CPU*: each agent process's "
         "user + system time over the measured deploys, per deploy (long polls included).",
     )
+    cpu_rows = [(str(s.n), s.floor_run.cpu, s.run.cpu, median(s.ours) / median(s.floor)) for s in samples]
+    cpu_rows.append(("10, signed", unsigned.floor_run.cpu, signed_run.cpu, median(signed) / median(unsigned.floor)))
+    cpu_table = Table(
+        [
+            "N",
+            "floor: its process + the emulator",
+            "deployer: agents + the emulator + the publisher's process",
+            "CPU ratio",
+            "p50 ratio",
+        ],
+        [
+            [
+                name,
+                f"{ms(f.driver)} + {ms(f.emulator)} = {ms(f.total)}",
+                f"{ms(d.agents)} + {ms(d.emulator)} + {ms(d.driver)} = {ms(d.total)}",
+                f"{d.total / f.total:.2f}×",
+                f"{ratio:.2f}×",
+            ]
+            for name, f, d, ratio in cpu_rows
+        ],
+        caption="CPU per deploy of every process on the machine's cores (user + system, over the measured "
+        "deploys, pauses and long polls included): both sides are CPU-bound on 2 cores, so their p50 ratio "
+        "follows the ratio of their CPU. The floor's process is its N loops and the SNS call; the deployer's "
+        "third term is the benchmark's process: the publisher, and the threads reading the agents' logs.",
+    )
     by_n = {s.n: s for s in samples}
     targets = []
     at10 = by_n[10]
@@ -403,11 +479,16 @@ def run(bench: Bench) -> Section:
         growth.markdown(),
     ]
     moves = (
-        "the two requests per agent the floor does not make (the history GET, which is what makes a forged "
-        "message harmless, and the status PUT, now after the acknowledgement), jittering agents less against "
-        "each other (they all hit the emulator at the same instant), and on real AWS the request latency (tens of ms, but in parallel: AWS does not serialise "
-        "across queues, so the N-growth seen here is an emulator artefact). A bigger artifact moves it by the "
-        "apply time (figure 2)."
+        "the agents' own CPU, and little else. The CPU table shows why: on 2 cores both sides are CPU-bound, "
+        "so the p50 ratio tracks the ratio of the CPU every process spends per deploy. A cheaper emulator "
+        "would not help: it serves the floor's requests too, and the floor is mostly emulator, so the ratio "
+        "would grow. Neither would fewer publisher requests (its process is under a tenth of the total). "
+        "What is left is each agent's CPU per deploy against the floor's loop: five botocore calls (about "
+        "40 % of an agent's samples in a py-spy profile) where the floor makes three in one process that "
+        "pays its start-up once, and the work the floor skips (verify, extract, `syncfs`, fsync'd records, "
+        "logs). Reaching 2× would take roughly a third off that CPU: the agent's S3 requests signed and sent "
+        "without botocore (as `status` reads reports, `deployer.aws.rawget`), and fewer threads started per "
+        "apply. On real AWS the emulator's share leaves the instance, and each agent has its own cores."
     )
     signing = Table(
         ["N = 10", "deployer p50", "deployer p95"],
@@ -419,5 +500,11 @@ def run(bench: Bench) -> Section:
         "else (and its history entry verified again under the apply lock).",
     )
     return Section(
-        "fanout", "1. Fan-out convergence", meaning, [table, breakdown, signing, costs], targets, notes, moves
+        "fanout",
+        "1. Fan-out convergence",
+        meaning,
+        [table, breakdown, cpu_table, signing, costs],
+        targets,
+        notes,
+        moves,
     )
