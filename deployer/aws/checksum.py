@@ -1,7 +1,7 @@
 """The SHA256 checksum S3 keeps for an artifact `deployer.aws.s3.Upload` sends, computed locally.
 
 Apart from `deployer.aws.s3` so that hashing loads no AWS SDK: `deployer publish` starts hashing
-its artifact before it imports boto3 (`publisher.artifact_file`), and the two overlap.
+its artifact before it imports boto3 (`publisher.artifact_file`).
 """
 
 from __future__ import annotations
