@@ -4,8 +4,8 @@
 booted and converged on a deploy. Each read is measured twice: straight to the emulator (wall
 time, CPU, peak RSS) and through the counting proxy of the test suite (requests by kind). The
 projection to real S3 replaces the emulator's latency with S3's (see `ASSUMED_*`) and follows
-the structure of the read (`projection`, `status_projection`); for `status` a third run of the
-same read (`read_probe`) says how its CPU splits between the parent and the worker processes.
+the structure of the read (`projection`, `status_projection`); for `status` the timed run also
+says how its read's CPU split between the parent and the worker processes (`NOTING_STATUS`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from math import ceil
+from pathlib import Path
 
 from bench.common import (
     BUCKET,
@@ -119,23 +120,29 @@ def status_projection(lists: int, gets: int, command_cpu: float, probe: ReadStat
     return max(0.0, command_cpu - read_cpu) + read
 
 
-#: The read `deployer status` makes, in a child like the command, printing what it cost.
-PROBE = """
+#: `deployer status ARGS` run as the command runs, which also writes what its read cost
+#: (`ReportReader.stats`) to the file `sys.argv[1]` names: the read's CPU split taken from the
+#: very run whose CPU is measured, so the CPU outside the read is one run's, not the difference
+#: between two 10,000-GET runs (that difference swung between -0.5 s and +1.8 s).
+NOTING_STATUS = """
 import dataclasses, json, sys
-from deployer import logs
-from deployer.aws.clients import make_clients
-from deployer.aws.reports import ReportReader
-from deployer.protocol.layout import Layout
-logs.configure(level="warning")
-reader = ReportReader(make_clients().s3, sys.argv[1], Layout())
-reader.refresh()
-print(json.dumps(dataclasses.asdict(reader.stats)))
+from deployer.aws import reports
+from deployer.cli import main
+stats_path = sys.argv.pop(1)
+refresh = reports.ReportReader.refresh
+def noting(self, *args, **kwargs):
+    try:
+        return refresh(self, *args, **kwargs)
+    finally:
+        with open(stats_path, "w") as out:
+            json.dump(dataclasses.asdict(self.stats), out)
+reports.ReportReader.refresh = noting
+main(sys.argv[1:])
 """
 
 
-def read_probe(env: dict[str, str]) -> ReadStats:
-    """`status`'s read alone (`ReportReader.refresh`), with its CPU per process."""
-    found = json.loads(run_child([PYTHON, "-c", PROBE, BUCKET], env=env, cwd=REPO).stdout)
+def read_stats(path: Path) -> ReadStats:
+    found = json.loads(path.read_text())
     return ReadStats(**{**found, "worker_cpu_s": tuple(found["worker_cpu_s"])})
 
 
@@ -163,9 +170,11 @@ def write_reports(bench: Bench, first: int, count: int) -> None:
         list(pool.map(put, range(first, first + count)))
 
 
-def measured(proxy: AwsProxy, command: list[str], direct_env: dict[str, str]) -> Measured:
-    """The command straight to the emulator (timings), then through the proxy (requests)."""
-    run = run_child(command, env=direct_env, cwd=REPO)
+def measured(
+    proxy: AwsProxy, command: list[str], direct_env: dict[str, str], timed: list[str] | None = None
+) -> Measured:
+    """The command straight to the emulator (timings; as `timed` if given), then through the proxy (requests)."""
+    run = run_child(timed or command, env=direct_env, cwd=REPO)
     proxy.reset_counts()
     run_child(command, env={**direct_env, **aws_env(proxy.url)}, cwd=REPO)
     return Measured(run, proxy.count("s3", "LIST"), proxy.count("s3", "GET"))
@@ -193,8 +202,11 @@ def run(bench: Bench) -> Section:
         write_reports(bench, 0, n)
         env = {**os.environ, **aws_env(bench.emulator.url)}
         with aws_proxy(bench.emulator.url) as proxy:
-            status = measured(proxy, [PYTHON, "-m", "deployer", "status", "--bucket", BUCKET, "--json"], env)
-            probe = read_probe(env)
+            args = ["status", "--bucket", BUCKET, "--json"]
+            stats_path = bench.workdir / "status-read.json"
+            noting = [PYTHON, "-c", NOTING_STATUS, str(stats_path), *args]
+            status = measured(proxy, [PYTHON, "-m", "deployer", *args], env, timed=noting)
+            probe = read_stats(stats_path)
             cores = read_processes()
             status_projected = status_projection(status.lists, status.gets, status.run.cpu, probe, cores)
             print(f"  status: {sec(status.run.wall)}, {status.lists} LIST + {status.gets} GET; {probe}", flush=True)
