@@ -11,6 +11,11 @@ Rules are small objects with `before(call)` (answer instead of moto, or None) an
 
 Every call is also counted by service and action, which is how tests and `scripts/bench`
 count the requests a command makes.
+
+It also serves as the environment's HTTP proxy (`HTTP_PROXY`) for requests addressed to its
+upstream in absolute form (`GET http://127.0.0.1:PORT/key`), counted apart (`as_proxy`), so a
+test can read through the code paths a proxy selects; any other origin is refused with 403, so
+nothing reaches past this machine.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class AwsProxy:
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Answers given by rules instead of moto, by (service, action, status).
     refused: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    #: Requests that came addressed to the upstream in absolute form: as the environment's proxy.
+    as_proxy: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def handle(self, call: Call) -> Answer:
@@ -146,7 +153,9 @@ class AwsProxy:
 
     def forward(self, call: Call) -> Answer:
         headers = {
-            k: v for k, v in call.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")
+            k: v
+            for k, v in call.headers.items()
+            if k.lower() not in ("host", "content-length", "transfer-encoding", "proxy-connection")
         }
         data = call.body if call.method in ("POST", "PUT") else None
         request = urllib.request.Request(self.upstream + call.path, data=data, headers=headers, method=call.method)
@@ -164,6 +173,19 @@ class AwsProxy:
         with self._lock:
             self.calls.clear()
             self.refused.clear()
+            self.as_proxy = 0
+
+    def origin_form(self, target: str) -> str | None:
+        """A request target as the upstream expects it (`/key?query`); None for an absolute one
+        that names another origin, which a loopback proxy must never forward."""
+        if "://" not in target:
+            return target
+        parts = urllib.parse.urlsplit(target)
+        if f"{parts.scheme}://{parts.netloc}" != self.upstream:
+            return None
+        with self._lock:
+            self.as_proxy += 1
+        return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,8 +198,11 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             length = int(self.headers.get("Content-Length", "0") or 0)
             body = self.rfile.read(length) if length else b""
-        call = decode(self.command, self.path, dict(self.headers.items()), body)
-        answer = self.proxy.handle(call)
+        path = self.proxy.origin_form(self.path)
+        if path is None:
+            answer = Answer(403, b"this proxy forwards to its upstream only", {"Content-Type": "text/plain"})
+        else:
+            answer = self.proxy.handle(decode(self.command, path, dict(self.headers.items()), body))
         self.send_response(answer.status)
         for name, value in answer.headers.items():
             if name.lower() not in HOP_HEADERS:

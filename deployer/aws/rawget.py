@@ -278,12 +278,17 @@ class _Proxied:
         }
         if origin.startswith("https:"):
             options |= {"cert_reqs": "CERT_REQUIRED", "ca_certs": get_cert_path(True)}
-        self.pool = urllib3.proxy_from_url(proxy, **options).connection_from_url(origin)
+        self.origin = origin
+        self.manager = urllib3.proxy_from_url(proxy, **options)
 
     def get(self, path: str, headers: dict[str, str]) -> tuple[int, Callable[[str], str | None], bytes]:
-        """As `_Direct.get`; urllib3's errors are HTTPException's kin for the caller."""
+        """As `_Direct.get`; urllib3's errors are HTTPException's kin for the caller.
+
+        The manager, not one of its pools, is asked, with the absolute URL: it sends a plain-http
+        request to the proxy in absolute form (what a forward proxy needs), and tunnels https
+        through CONNECT. A pool asked directly sent `GET /bucket/key` to the proxy itself."""
         try:
-            response = self.pool.urlopen("GET", path, headers=headers, retries=False, redirect=False)
+            response = self.manager.urlopen("GET", self.origin + path, headers=headers, retries=False, redirect=False)
         except urllib3.exceptions.HTTPError as exc:
             raise http.client.HTTPException(f"{type(exc).__name__}: {exc}") from exc
         return response.status, response.headers.get, response.data

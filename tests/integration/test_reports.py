@@ -74,6 +74,32 @@ def test_reports_read_through_a_network_that_cuts_connections_at_every_point_are
     assert network.injured > in_one_process
 
 
+def test_reports_read_through_the_environments_http_proxy_are_what_a_direct_read_finds(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator behind an egress proxy (`HTTP_PROXY`): the read's own GETs take the proxied
+    transport, in one process and in worker processes, and find what a direct read finds."""
+    for n in range(40):
+        put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
+    clean = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+    with aws_proxy(fleet.endpoint_url) as proxy:
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        s3 = make_clients(REGION, fleet.endpoint_url).s3
+        in_one_process = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        assert in_one_process.refresh() == clean
+        assert (proxy.count("s3", "GET"), proxy.as_proxy) == (40, proxy.count("s3"))
+        proxy.reset_counts()
+        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
+        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        in_workers = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        assert in_workers.refresh() == clean
+        assert (proxy.count("s3", "GET"), proxy.as_proxy) == (40, proxy.count("s3"))
+    assert (in_one_process.stats.processes, in_workers.stats.processes) == (0, 2)
+
+
 @pytest.mark.parametrize(
     ("changes", "error"),
     [
