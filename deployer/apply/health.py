@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +18,22 @@ from deployer.protocol.errors import HealthCheckFailed, HookFailed
 from deployer.protocol.manifest import HealthCheck, Hook
 
 log = structlog.get_logger(__name__)
+
+#: For a health check of this machine's own loopback: never through a proxy. An instance with
+#: `HTTP_PROXY` and no `NO_PROXY` (urllib bypasses only what NO_PROXY names) would otherwise send
+#: `GET http://127.0.0.1:8080/health` to the proxy, whose loopback is another machine's: the
+#: check fails, or passes against whatever that machine serves there.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _on_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: the environment's proxy settings decide, as for any client
+        return False
 
 
 def run_health_check(
@@ -70,7 +88,8 @@ def _attempt(
         return True, output
     assert check.http is not None
     try:
-        with urllib.request.urlopen(check.http, timeout=check.timeout) as response:
+        opener = _DIRECT.open if _on_loopback(check.http) else urllib.request.urlopen
+        with opener(check.http, timeout=check.timeout) as response:
             body = response.read(4096).decode(errors="replace")
             return 200 <= response.status < 300, f"HTTP {response.status}: {body}"
     except urllib.error.HTTPError as exc:

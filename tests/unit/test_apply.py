@@ -253,9 +253,24 @@ def test_a_failing_health_check_rolls_back_and_reports_its_output(tmp_path: Path
     assert (current(applier) / "index.html").read_text() == "v1"
 
 
-def test_an_http_health_check_passes_on_2xx(tmp_path: Path, applier: Applier) -> None:
+@pytest.mark.parametrize("proxy", [False, True], ids=["no proxy", "an HTTP_PROXY that refuses every connection"])
+def test_an_http_health_check_passes_on_2xx_of_this_machines_loopback_never_through_a_proxy(
+    tmp_path: Path, applier: Applier, monkeypatch: pytest.MonkeyPatch, proxy: bool
+) -> None:
     import threading
+    import urllib.request
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from deployer.local.emulator import free_port
+
+    if proxy:  # nothing listens there: a check sent to it would fail
+        for name in ("HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        # urlopen's opener reads the environment once, when first built; an agent's is built after
+        # its environment was set, as this one is now.
+        monkeypatch.setattr(urllib.request, "_opener", None)
 
     class Ok(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
