@@ -79,6 +79,9 @@ class BucketAddress:
     path: str  # "/" (virtual-hosted) or "/<bucket>/" (path-style), before the encoded key
     region: str
     credentials: ReadOnlyCredentials
+    #: What the client verifies TLS against: its CA bundle's path (`AWS_CA_BUNDLE`, a profile's
+    #: `ca_bundle`, `REQUESTS_CA_BUNDLE`), True for botocore's own bundle, False if it does not.
+    verify: bool | str = True
 
     @classmethod
     def of(cls, s3: S3Client, bucket: str, key: str) -> BucketAddress:
@@ -96,6 +99,7 @@ class BucketAddress:
             raise AwsError(f"cannot address s3://{bucket}/{key}: the client's URL {parts.path!r} does not end with it")
         signer: Any = s3._request_signer  # type: ignore[attr-defined]  # the client's credentials live only here
         credentials = signer._credentials
+        endpoint: Any = s3._endpoint  # type: ignore[attr-defined]  # and its CA bundle only here
         if credentials is None:
             raise AwsError("no AWS credentials found (environment, profile or instance role)")
         return cls(
@@ -106,6 +110,9 @@ class BucketAddress:
             # Frozen once per read: a refreshable credential is at least 10 minutes from expiry
             # when botocore hands it out, and a read lasts seconds.
             credentials=credentials.get_frozen_credentials(),
+            # An operator behind a TLS-inspecting proxy names its CA for botocore; these GETs
+            # trust what botocore's do, or every one of them fails verification.
+            verify=endpoint.http_session._verify,
         )
 
 
@@ -200,14 +207,14 @@ class _Direct:
     urllib3's pool, request and response layers were ~30 % of a report GET's CPU (~0.83 → ~0.59
     ms per GET measured side by side); what they did for a small-object GET is here: a bounded
     pool (S3 sees exactly the concurrency asked for), separate connect and read timeouts, TLS
-    verified against botocore's CA bundle, and a pooled connection the server closed meanwhile
+    verified against the S3 client's CA bundle, and a pooled connection the server closed meanwhile
     dropped before it is reused. A proxy from the environment goes through urllib3 (`_Proxied`).
     """
 
-    def __init__(self, origin: str, size: int, timeout: tuple[float, float]) -> None:
+    def __init__(self, origin: str, size: int, timeout: tuple[float, float], verify: bool | str = True) -> None:
         parts = urllib.parse.urlsplit(origin)
         self.host, self.port = parts.hostname or "", parts.port
-        self.context = ssl.create_default_context(cafile=get_cert_path(True)) if parts.scheme == "https" else None
+        self.context = _tls_context(verify) if parts.scheme == "https" else None
         self.timeout = timeout
         self.slots = threading.BoundedSemaphore(size)
         self.idle: list[http.client.HTTPConnection] = []
@@ -265,10 +272,26 @@ def _readable(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """TLS as the S3 client has it: verified against its CA bundle (a file or a directory, as
+    botocore takes either; botocore's own when it names none), or not if the client does not verify."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    bundle = verify if isinstance(verify, str) else get_cert_path(True)
+    if bundle is not None and os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
+
+
 class _Proxied:
     """The same through the environment's proxy (urllib3's proxy support, CONNECT for https)."""
 
-    def __init__(self, origin: str, proxy: str, size: int, timeout: tuple[float, float]) -> None:
+    def __init__(
+        self, origin: str, proxy: str, size: int, timeout: tuple[float, float], verify: bool | str = True
+    ) -> None:
         options: dict[str, Any] = {
             "maxsize": size,
             # Never more connections than reads in flight: S3 sees exactly the concurrency asked for.
@@ -277,7 +300,7 @@ class _Proxied:
             "timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]),
         }
         if origin.startswith("https:"):
-            options |= {"cert_reqs": "CERT_REQUIRED", "ca_certs": get_cert_path(True)}
+            options["ssl_context"] = _tls_context(verify)
         self.origin = origin
         self.manager = urllib3.proxy_from_url(proxy, **options)
 
@@ -303,9 +326,9 @@ class SignedGetter:
         self.signer = GetSigner(where)
         proxy = get_environ_proxies(where.origin).get(where.origin.partition(":")[0])
         self.transport: _Direct | _Proxied = (
-            _Proxied(where.origin, proxy, connections, timeout)
+            _Proxied(where.origin, proxy, connections, timeout, where.verify)
             if proxy
-            else _Direct(where.origin, connections, timeout)
+            else _Direct(where.origin, connections, timeout, where.verify)
         )
 
     def get(self, key: str, limit: int | None = None) -> tuple[bytes, str, int] | None:

@@ -16,7 +16,7 @@ from deployer.aws import reports
 from deployer.aws.clients import make_clients
 from deployer.aws.reports import ReportReader
 from deployer.aws.retry import RetryPolicy
-from deployer.protocol.errors import InvalidReport
+from deployer.protocol.errors import InvalidReport, TransientFetchError
 from deployer.protocol.layout import ReportKey
 from deployer.protocol.report import ComponentState, ComponentStatus, StatusReport, parse_report
 from publisher.gc import Collector
@@ -24,6 +24,7 @@ from publisher.wait import EXIT_TIMEOUT
 from tests.awsproxy import Answer, Call, aws_proxy
 from tests.faultproxy import FaultProxy, random_faults
 from tests.support import BUCKET, FAST_POLICY, FLAKY_RATE, REGION, Fleet, cli, make_tree, publish_args
+from tests.tlsfront import tls_front
 
 WHO = ReportKey("prod", "web", "i-good")
 
@@ -98,6 +99,45 @@ def test_reports_read_through_the_environments_http_proxy_are_what_a_direct_read
         assert in_workers.refresh() == clean
         assert (proxy.count("s3", "GET"), proxy.as_proxy) == (40, proxy.count("s3"))
     assert (in_one_process.stats.processes, in_workers.stats.processes) == (0, 2)
+
+
+def test_reports_read_over_https_verify_against_the_ca_bundle_the_operator_names(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """S3 is https, and behind a TLS-inspecting proxy an operator names its CA in `AWS_CA_BUNDLE`:
+    the read's own GETs verify against it, as botocore's do, in one process and in workers."""
+    for n in range(40):
+        put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
+    clean = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
+    with tls_front(fleet.endpoint_url, tmp_path) as front:
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(front.certificate))
+        s3 = make_clients(REGION, front.url).s3
+        in_one_process = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        assert in_one_process.refresh() == clean
+        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
+        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        in_workers = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
+        assert in_workers.refresh() == clean
+        assert front.connections > 0
+    assert (in_one_process.stats.processes, in_workers.stats.processes) == (0, 2)
+
+
+def test_a_report_get_over_https_refuses_a_certificate_its_client_does_not_trust(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Verification is never off: with no bundle named, the client trusts botocore's own, which
+    does not hold the front's certificate, and the GET fails before a byte of the report is read."""
+    from deployer.aws.rawget import BucketAddress, SignedGetter
+
+    put_raw(fleet, "i-000", write_report_doc("i-000"))
+    key = fleet.layout.status_key(ReportKey("prod", "web", "i-000"))
+    with tls_front(fleet.endpoint_url, tmp_path) as front:
+        for name in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE"):
+            monkeypatch.delenv(name, raising=False)
+        where = BucketAddress.of(make_clients(REGION, front.url).s3, BUCKET, key)
+        assert where.verify is True
+        with pytest.raises(TransientFetchError, match="CERTIFICATE_VERIFY_FAILED"):
+            SignedGetter(where, 1, (5.0, 5.0)).get(key)
 
 
 @pytest.mark.parametrize(
