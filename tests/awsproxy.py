@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import socket
 import threading
 import urllib.error
 import urllib.parse
@@ -191,6 +192,13 @@ class AwsProxy:
 class _Handler(BaseHTTPRequestHandler):
     proxy: AwsProxy
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        # An answer leaves in two writes, headers then body. With Nagle's algorithm on, the body
+        # waits for the headers' ACK, which a keep-alive client delays by up to 40 ms: every GET
+        # through this proxy took ~48 ms against moto's ~5.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _serve(self) -> None:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
