@@ -142,7 +142,7 @@ class FaultProxy:
             upstream.sendall(head)
             pump = threading.Thread(target=_pump, args=(client, upstream), daemon=True)
             pump.start()
-            response = _read_all(upstream)
+            response = _read_response(upstream, head.startswith(b"HEAD "))
             if fault in CUTS:
                 _cut(client, response, fault, pump)
                 return
@@ -229,10 +229,34 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
         pass
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    parts = []
-    while chunk := sock.recv(CHUNK):
+def _read_response(sock: socket.socket, head_request: bool) -> bytes:
+    """The whole answer: up to its Content-Length when it states one, else up to the server's
+    close. Waiting for moto's close after an answer already whole cost ~9 ms per request."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(CHUNK)
+        if not chunk:
+            return data
+        data += chunk
+    header_end = data.find(b"\r\n\r\n") + 4
+    lines = data[:header_end].lower().split(b"\r\n")
+    status = lines[0].split(b" ")[1] if len(lines[0].split(b" ")) > 1 else b""
+    fields = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
+    if head_request or status in (b"204", b"304"):
+        length: int | None = 0
+    elif b"chunked" in fields.get(b"transfer-encoding", b""):
+        length = None
+    else:
+        stated = fields.get(b"content-length", b"").strip()
+        length = int(stated) if stated.isdigit() else None
+    parts = [data]
+    have = len(data) - header_end
+    while length is None or have < length:
+        chunk = sock.recv(CHUNK)
+        if not chunk:
+            break
         parts.append(chunk)
+        have += len(chunk)
     return b"".join(parts)
 
 
