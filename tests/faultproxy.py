@@ -194,14 +194,23 @@ def _chunked_cut(response: bytes, header_end: int) -> bytes:
     return chunked + b"%x\r\n%s" % (max(len(second), 2), second[: len(second) // 2])
 
 
-def _read_head(sock: socket.socket) -> bytes:
-    """The request's headers and, when it announces its length, its whole body (rules see the Action)."""
+def _through_headers(sock: socket.socket) -> bytes:
+    """What the peer sent up to the blank line after its headers (and any bytes after it); less
+    if it closed first."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(CHUNK)
         if not chunk:
-            return data
+            break
         data += chunk
+    return data
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    """The request's headers and, when it announces its length, its whole body (rules see the Action)."""
+    data = _through_headers(sock)
+    if b"\r\n\r\n" not in data:
+        return data
     headers, _, body = data.partition(b"\r\n\r\n")
     lines = headers.split(b"\r\n")
     if any(line.lower().replace(b" ", b"") == b"expect:100-continue" for line in lines):
@@ -232,15 +241,12 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
 def _read_response(sock: socket.socket, head_request: bool) -> bytes:
     """The whole answer: up to its Content-Length when it states one, else up to the server's
     close. Waiting for moto's close after an answer already whole cost ~9 ms per request."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(CHUNK)
-        if not chunk:
-            return data
-        data += chunk
+    data = _through_headers(sock)
+    if b"\r\n\r\n" not in data:
+        return data
     header_end = data.find(b"\r\n\r\n") + 4
     lines = data[:header_end].lower().split(b"\r\n")
-    status = lines[0].split(b" ")[1] if len(lines[0].split(b" ")) > 1 else b""
+    status = [*lines[0].split(b" "), b""][1]
     fields = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
     if head_request or status in (b"204", b"304"):
         length: int | None = 0
