@@ -64,6 +64,15 @@ FAST_POLICY = RetryPolicy(max_attempts=5, base_seconds=0.01, cap_seconds=0.05, d
 install_loopback_guard()
 
 
+def proxied_through(monkeypatch: pytest.MonkeyPatch, proxy_url: str) -> None:
+    """This process (and what it starts) as an instance behind an egress proxy: `HTTP_PROXY` set,
+    nothing exempted by `NO_PROXY`. Both spellings, as urllib reads either."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy_url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # -- the IAM check: every call the product makes, recorded in every process --------------------
 
 

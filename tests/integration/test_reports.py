@@ -23,7 +23,17 @@ from publisher.gc import Collector
 from publisher.wait import EXIT_TIMEOUT
 from tests.awsproxy import Answer, Call, aws_proxy
 from tests.faultproxy import FaultProxy, random_faults
-from tests.support import BUCKET, FAST_POLICY, FLAKY_RATE, REGION, Fleet, cli, make_tree, publish_args
+from tests.support import (
+    BUCKET,
+    FAST_POLICY,
+    FLAKY_RATE,
+    REGION,
+    Fleet,
+    cli,
+    make_tree,
+    proxied_through,
+    publish_args,
+)
 from tests.tlsfront import tls_front
 
 WHO = ReportKey("prod", "web", "i-good")
@@ -50,6 +60,12 @@ def write_report_doc(instance: str) -> bytes:
     return report.to_json()
 
 
+def read_large_in_two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, a read of 10 reports or more takes the large-read path, in 2 worker processes."""
+    monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
+    monkeypatch.setattr(reports, "read_processes", lambda: 2)
+
+
 def test_reports_read_through_a_network_that_cuts_connections_at_every_point_are_what_a_clean_read_finds(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,8 +82,7 @@ def test_reports_read_through_a_network_that_cuts_connections_at_every_point_are
         s3 = make_clients(REGION, network.url).s3
         assert ReportReader(s3, BUCKET, fleet.layout, policy=patient).refresh() == clean
         in_one_process = network.injured
-        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
-        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        read_large_in_two_workers(monkeypatch)
         reader = ReportReader(s3, BUCKET, fleet.layout, policy=patient)
         assert reader.refresh() == clean
     assert reader.stats.processes == 2
@@ -84,17 +99,13 @@ def test_reports_read_through_the_environments_http_proxy_are_what_a_direct_read
         put_raw(fleet, f"i-{n:03d}", write_report_doc(f"i-{n:03d}"))
     clean = ReportReader(fleet.clients.s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
     with aws_proxy(fleet.endpoint_url) as proxy:
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, proxy.url)
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
+        proxied_through(monkeypatch, proxy.url)
         s3 = make_clients(REGION, fleet.endpoint_url).s3
         in_one_process = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
         assert in_one_process.refresh() == clean
         assert (proxy.count("s3", "GET"), proxy.as_proxy) == (40, proxy.count("s3"))
         proxy.reset_counts()
-        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
-        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        read_large_in_two_workers(monkeypatch)
         in_workers = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
         assert in_workers.refresh() == clean
         assert (proxy.count("s3", "GET"), proxy.as_proxy) == (40, proxy.count("s3"))
@@ -114,8 +125,7 @@ def test_reports_read_over_https_verify_against_the_ca_bundle_the_operator_names
         s3 = make_clients(REGION, front.url).s3
         in_one_process = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
         assert in_one_process.refresh() == clean
-        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
-        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        read_large_in_two_workers(monkeypatch)
         in_workers = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
         assert in_workers.refresh() == clean
         assert front.connections > 0
@@ -222,8 +232,7 @@ def test_a_large_read_in_worker_processes_finds_what_one_process_finds_with_the_
     with aws_proxy(fleet.endpoint_url) as proxy:
         s3 = make_clients(REGION, proxy.url).s3
         here = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY).refresh()
-        monkeypatch.setattr(reports, "PROCESS_THRESHOLD", 10)
-        monkeypatch.setattr(reports, "read_processes", lambda: 2)
+        read_large_in_two_workers(monkeypatch)
         proxy.reset_counts()
         reader = ReportReader(s3, BUCKET, fleet.layout, policy=FAST_POLICY)
         spread = reader.refresh()

@@ -20,7 +20,7 @@ from deployer.protocol.errors import (
     ReleaseFailed,
 )
 from deployer.protocol.manifest import Commands, HealthCheck, Hook, Manifest, SyncStrategy
-from tests.support import write_release
+from tests.support import proxied_through, write_release
 
 ENV = {"DEPLOYER_SEQ": "1"}
 
@@ -264,10 +264,7 @@ def test_an_http_health_check_passes_on_2xx_of_this_machines_loopback_never_thro
     from deployer.local.emulator import free_port
 
     if proxy:  # nothing listens there: a check sent to it would fail
-        for name in ("HTTP_PROXY", "http_proxy"):
-            monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
+        proxied_through(monkeypatch, f"http://127.0.0.1:{free_port()}")
         # urlopen's opener reads the environment once, when first built; an agent's is built after
         # its environment was set, as this one is now.
         monkeypatch.setattr(urllib.request, "_opener", None)
