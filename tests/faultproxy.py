@@ -206,6 +206,24 @@ def _through_headers(sock: socket.socket) -> bytes:
     return data
 
 
+def _fields(head: bytes) -> dict[bytes, bytes]:
+    """A message head's header fields, names lowercased and values stripped."""
+    lines = (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    return {name.strip().lower(): value.strip() for name, colon, value in lines if colon}
+
+
+def _body(sock: socket.socket, already: bytes, length: int | None) -> bytes:
+    """`already`, then what the peer sends until the body holds `length` bytes (None: until it closes)."""
+    parts, have = [already], len(already)
+    while length is None or have < length:
+        chunk = sock.recv(CHUNK)
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
 def _read_head(sock: socket.socket) -> bytes:
     """The request's headers and, when it announces its length, its whole body (rules see the Action)."""
     data = _through_headers(sock)
@@ -218,16 +236,7 @@ def _read_head(sock: socket.socket) -> bytes:
         # body only after "100 Continue" (or a 1 s timeout), and we need the body for the rule.
         sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = b"\r\n".join(line for line in lines if not line.lower().startswith(b"expect:"))
-    length = next(
-        (int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length:")),
-        0,
-    )
-    while len(body) < length:
-        chunk = sock.recv(CHUNK)
-        if not chunk:
-            break
-        body += chunk
-    return headers + b"\r\n\r\n" + body
+    return headers + b"\r\n\r\n" + _body(sock, body, int(_fields(headers).get(b"content-length", b"0")))
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -244,26 +253,18 @@ def _read_response(sock: socket.socket, head_request: bool) -> bytes:
     data = _through_headers(sock)
     if b"\r\n\r\n" not in data:
         return data
-    header_end = data.find(b"\r\n\r\n") + 4
-    lines = data[:header_end].lower().split(b"\r\n")
-    status = [*lines[0].split(b" "), b""][1]
-    fields = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = [*head.split(b" ", 2), b""][1]
+    fields = _fields(head)
+    length: int | None
     if head_request or status in (b"204", b"304"):
-        length: int | None = 0
-    elif b"chunked" in fields.get(b"transfer-encoding", b""):
+        length = 0
+    elif b"chunked" in fields.get(b"transfer-encoding", b"").lower():
         length = None
     else:
-        stated = fields.get(b"content-length", b"").strip()
+        stated = fields.get(b"content-length", b"")
         length = int(stated) if stated.isdigit() else None
-    parts = [data]
-    have = len(data) - header_end
-    while length is None or have < length:
-        chunk = sock.recv(CHUNK)
-        if not chunk:
-            break
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
+    return head + b"\r\n\r\n" + _body(sock, body, length)
 
 
 def _reset(sock: socket.socket) -> None:
