@@ -84,12 +84,16 @@ class AgentRun:
     #: Per deploy: publisher's own part, SNS publish → first agent started applying, median per-agent apply,
     #: first → last agent done.
     phases: list[tuple[float, float, float, float]]
-    #: CPU (user + system) of one agent process per deploy, mean over the agents (the long polls included).
-    cpu_per_deploy: float
     #: How long each apply stood still for history's answer once its release was staged (`history_waited_ms`).
     history_waits: list[float]
     #: CPU per deploy of every process on the machine's cores: the agents' sum, the emulator, this one.
     cpu: CpuShare
+    agents: int
+
+    @property
+    def cpu_per_deploy(self) -> float:
+        """CPU (user + system) of one agent process per deploy, mean over the agents (the long polls included)."""
+        return self.cpu.agents / self.agents
 
 
 @dataclass
@@ -253,7 +257,7 @@ def measure_agents(bench: Bench, n: int, deploys: int, signed: bool = False) -> 
     finally:
         bench.clients.sns.meta.events.unregister("before-call.sns.Publish", on_publish)
         stop_all(agents, timeout=30)
-    return AgentRun(ours, from_sns, phases, share.agents / n, waits, share)
+    return AgentRun(ours, from_sns, phases, waits, share, n)
 
 
 def _release_key(home: Path) -> tuple[list[FileSigner], dict[str, Any]]:
